@@ -1,0 +1,1 @@
+"""Ray connection, resources and actor pools."""

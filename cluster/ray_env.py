@@ -1,0 +1,63 @@
+"""Connecting to Ray and sizing work to the cluster.
+
+``connect()`` reuses an initialised Ray (tests share one per session), joins the cluster named by
+``RAY_ADDRESS`` (or ``address``) when given — that is also what ``ray job submit`` sets — and
+otherwise starts an embedded local Ray sized to this machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None          # None: RAY_ADDRESS, else an embedded local Ray
+    num_cpus: int | None = None         # embedded Ray only
+    object_store_mb: int | None = None  # embedded Ray only
+    actor_cpus: float = 0.5             # fractional CPUs per extraction actor (2-core machines)
+    actors: int | None = None           # extraction actors (None: from cluster resources)
+
+
+def connect(cfg: RayConfig | None = None) -> dict:
+    """Initialise Ray if needed; returns the cluster's resources."""
+    cfg = cfg or RayConfig()
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            store = cfg.object_store_mb * 2**20 if cfg.object_store_mb else None
+            ray.init(num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False, **kwargs)
+    res = ray.cluster_resources()
+    log.info("ray cluster: %s", {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")})
+    return res
+
+
+@dataclass
+class ActorPlan:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+
+
+def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool = True) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs; else CPU actors with fractional CPUs.
+
+    CPU actors leave room for Ray Data's read tasks: at most ``CPU / actor_cpus − 1`` actors and
+    never more than the CPU count (torch already threads inside each actor).
+    """
+    res = resources if resources is not None else ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if prefer_gpu and gpus:
+        return ActorPlan(cfg.actors or gpus, 1.0, 1.0)
+    cpus = float(res.get("CPU", 1))
+    n = cfg.actors or max(1, min(int(cpus), int(cpus / cfg.actor_cpus) - 1))
+    return ActorPlan(n, cfg.actor_cpus, 0.0)

@@ -1,0 +1,116 @@
+"""Evaluation job: mAP and mP@k of search results against ground truth.
+
+``python -m jobs.evaluate --results RES --ground-truth G``
+
+Ground truth is either a manifest with a ``group`` column (positives of a query = the other
+database images of its group; nothing ignored) or revisited ``gnd_*.pkl`` (Easy / Medium / Hard
+setups with their ignored sets, :mod:`operators.metrics`). Queries and database images are matched
+to the ground truth by image name without folder or extension. Prints a table and writes
+``RES/metrics.json``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from jobs.config import parse
+from jobs.search import read_results
+from operators.metrics import evaluate, revisited_setups
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
+from storage.collection import load_collection, read_revisited
+
+
+@dataclass
+class EvaluateConfig:
+    results: str = ""
+    ground_truth: str = ""
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    storage: dict = field(default_factory=dict)
+
+
+def stem(name: str) -> str:
+    return os.path.splitext(os.path.basename(str(name)))[0]
+
+
+def _id_by_stem(database: pd.DataFrame) -> dict[str, int]:
+    stems = database["name"].map(stem)
+    if stems.duplicated().any():
+        raise ValueError(f"image names are ambiguous without folders: {stems[stems.duplicated()].tolist()[:5]}")
+    return dict(zip(stems, database["image_id"]))
+
+
+def group_ground_truth(gt: pd.DataFrame, database: pd.DataFrame, query_names: list[str]):
+    """Positives per query: database images of the query's group except the query's own image."""
+    group_of = dict(zip(gt["name"].map(stem), gt["group"]))
+    db = database.assign(group=database["name"].map(stem).map(group_of))
+    members = db.dropna(subset=["group"]).groupby("group")["image_id"].apply(np.asarray).to_dict()
+    own = _id_by_stem(database)
+    positives, ignore = [], []
+    for q in query_names:
+        g = group_of.get(stem(q))
+        pos = members.get(g, np.zeros(0, np.int64)) if g is not None else np.zeros(0, np.int64)
+        positives.append(pos[pos != own.get(stem(q), -1)])
+        ignore.append(np.zeros(0, np.int64))
+    return {"all": (positives, ignore)}
+
+
+def revisited_ground_truth(gnd: dict, database: pd.DataFrame, query_names: list[str]):
+    """E/M/H positives and ignored sets per result row, mapped to database ids by image name."""
+    db_id = _id_by_stem(database)
+    to_id = np.array([db_id.get(n, -1) for n in gnd["imlist"]], dtype=np.int64)
+    qpos = {n: i for i, n in enumerate(gnd["qimlist"])}
+    missing = [q for q in query_names if stem(q) not in qpos]
+    if missing:
+        raise ValueError(f"queries not in the ground truth's qimlist: {missing[:5]}")
+    rows = [qpos[stem(q)] for q in query_names]
+    out = {}
+    for setup, (pos, ign) in revisited_setups(gnd["gnd"]).items():
+        out[setup] = ([to_id[pos[r]] for r in rows], [to_id[ign[r]] for r in rows])
+    return out
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    table, run_info = read_results(cfg.results, cfg.storage)
+    database = ArtifactRoot(run_info["config"]["index"], cfg.storage).images()
+    names = table.column("query_name").to_pylist()
+    rankings = [np.asarray(r, np.int64) for r in table.column("ids").to_pylist()]
+    if cfg.ground_truth.lower().endswith(".pkl"):
+        setups = revisited_ground_truth(read_revisited(cfg.ground_truth, cfg.storage), database, names)
+    else:
+        gt = load_collection(cfg.ground_truth, "database", cfg.storage)
+        if gt["group"].isna().all():
+            raise SystemExit(f"{cfg.ground_truth} has no 'group' column: it cannot serve as ground truth")
+        setups = group_ground_truth(gt, database, names)
+    metrics = {s: evaluate(rankings, pos, ign, tuple(cfg.ks)) for s, (pos, ign) in setups.items()}
+    per_query = {s: m.pop("ap") for s, m in metrics.items()}
+    out = metrics["all"] if "all" in metrics else metrics
+    out = {**out, "per_query_ap": dict(zip(names, per_query["all"])) if "all" in per_query else
+           {s: dict(zip(names, v)) for s, v in per_query.items()}}
+    sfs.write_json(sfs.join(cfg.results, "metrics.json"), out, cfg.storage)
+    print_table(metrics, cfg.ks)
+    return out
+
+
+def print_table(metrics: dict, ks: list[int]) -> None:
+    head = f"{'setup':<8} {'queries':>7} {'mAP':>7} " + " ".join(f"{'mP@' + str(k):>7}" for k in ks)
+    print(head)
+    for setup, m in metrics.items():
+        print(f"{setup:<8} {m['queries']:>7} {100 * m['mAP']:>7.2f} " + " ".join(f"{100 * m[f'mP@{k}']:>7.2f}" for k in ks))
+
+
+FLAGS = {
+    "--results": ("results", str, "results folder written by jobs.search"),
+    "--ground-truth": ("ground_truth", str, "manifest with a group column, or revisited gnd_*.pkl"),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse(EvaluateConfig, argv, FLAGS, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Index job: runs every enabled stage over a collection into one artifact root.
+
+``python -m jobs.index --collection C --out ROOT`` runs, in order:
+
+- ``extract``: multi-scale GeM global + local features into Parquet shards (:mod:`jobs.extract`);
+- ``global``: the global descriptors gathered into one float32 matrix (optionally PCA-whitened to
+  ``global_whiten_dim``), memory-mapped by ``jobs.search``.
+
+Extraction resumes (committed shards are skipped); the cheap ``global`` stage is redone each run.
+ASMK, kNN-graph and diffusion stages slot in after these (``--set stages=[global]`` picks stages).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster.ray_env import connect
+from jobs.config import parse, to_dict
+from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
+from jobs.summary import JobSummary
+from operators.whitening import learn_pca_whitening
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
+from storage.schemas import global_matrix
+
+STAGES = ("extract", "global")
+
+
+@dataclass
+class IndexConfig(ExtractConfig):
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
+
+
+def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> None:
+    """Stream committed shards into ``global/vectors.npy`` (+ ``ids.npy``), never holding all shards."""
+    shards = root.shards()
+    records = shards.committed()
+    n = sum(r["ok"] for r in records.values())
+    if n == 0:
+        raise RuntimeError(f"{root.uri}: no successfully extracted images to index")
+    dim = int(shards.read_shard(min(records), ["global"]).schema.field("global").type.list_size)
+    whitening = None
+    if cfg.global_whiten_dim:
+        sample = np.concatenate([global_matrix(_ok(t)) for t in shards.iter_tables(["image_id", "status", "global"])][:200])
+        whitening = learn_pca_whitening(sample, cfg.global_whiten_dim)
+        root.write_whitening("global", whitening)
+        dim = whitening.dim
+    vectors, commit_v = root.open_array_writer("global/vectors.npy", (n, dim), np.float32)
+    ids = np.empty(n, np.int64)
+    at = 0
+    for table in shards.iter_tables(["image_id", "status", "global"]):
+        table = _ok(table)
+        x = global_matrix(table)
+        vectors[at:at + len(x)] = whitening(x) if whitening else x
+        ids[at:at + len(x)] = table.column("image_id").to_numpy()
+        at += len(x)
+    commit_v()
+    root.write_array("global/ids.npy", ids)
+    sfs.write_json(root.path("global", "meta.json"), {"count": n, "dim": dim, "whitened": bool(whitening)}, root.options)
+    summary.add(global_vectors=n)
+
+
+def _ok(table):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table.column("status"), "ok"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse(IndexConfig, argv, EXTRACT_FLAGS | {
+        "--global-whiten-dim": ("global_whiten_dim", int, "PCA-whiten global descriptors to this dimension")},
+        __doc__)
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; known: {STAGES}")
+    summary = JobSummary("index")
+    connect(cfg.ray)
+    root = ArtifactRoot(cfg.out, cfg.storage)
+    if "extract" in cfg.stages:
+        extract(cfg, summary)
+    if "global" in cfg.stages:
+        with summary.stage("global"):
+            build_global(cfg, root, summary)
+        root.record_stage("global", to_dict(cfg))
+    summary.info["index"] = cfg.out
+    return summary.finish(root.path("summary-index.json"), cfg.storage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Job summaries: counts, per-stage timings and peak memory, printed and stored as JSON."""
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+from storage import fs as sfs
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class JobSummary:
+    job: str
+    counts: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    worker_peak_rss_mb: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.time()
+        print(f"[{self.job}] {name} …", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.time() - t0, 3)
+            print(f"[{self.job}] {name} done in {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
+
+    def add(self, **counts) -> None:
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+    def worker_peak(self, mb: float) -> None:
+        self.worker_peak_rss_mb = max(self.worker_peak_rss_mb, float(mb))
+
+    def as_dict(self) -> dict:
+        return {"job": self.job, "counts": self.counts, "timings_s": self.timings,
+                "total_s": round(time.time() - self.started, 3), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+                "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1), **self.info}
+
+    def finish(self, uri: str | None = None, options: sfs.StorageOptions | None = None) -> dict:
+        d = self.as_dict()
+        if uri:
+            sfs.write_json(uri, d, options)
+        print(json.dumps(d, indent=2, default=str))
+        return d

@@ -1,0 +1,1 @@
+"""Pure compute: models, pooling, local features, whitening, kNN, metrics (no Ray, no I/O)."""

@@ -1,0 +1,124 @@
+"""The image describer: one batch callable producing the global and local descriptors of images.
+
+``Describer(cfg)`` loads its model once; ``describer(images)`` maps a list of RGB uint8 arrays to
+per-image dicts with ``global`` (L2-normalised multi-scale GeM, optionally PCA-whitened) and the
+local features of the chosen extractor (``rootsift`` or HOW-style ``how`` deep features). The same
+object serves a unit test, a plain loop and Ray Data's ``map_batches``.
+
+Images are resized to ``global_max_side`` / ``max_side`` (shrink only) and rescaled by each scale;
+a (side, scale) pass needed by both the global and the local descriptor runs once, and images
+whose rescaled shapes agree are forwarded as one batch.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from operators.backbones import build_backbone, to_tensor
+from operators.gem import gem, multiscale_gem
+from operators.how import merge_scales, select_local
+from operators.images import resize_max_side, rescale
+from operators.rootsift import RootSift
+from operators.whitening import Whitening
+
+HOW_SCALES = [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25]
+GEM_SCALES = [1.0, 1 / math.sqrt(2), 0.5]
+
+
+@dataclass
+class DescriptorConfig:
+    backbone: str = "efficientnet-lite0"
+    checkpoint: str | None = None          # local weights file (required for resnet50/101)
+    global_layer: str = "head"             # map pooled by GeM
+    global_scales: list[float] = field(default_factory=lambda: list(GEM_SCALES))
+    gem_p: float = 3.0
+    global_max_side: int = 1024            # image max side the global scales are relative to
+    max_side: int = 1024                   # image max side the local scales are relative to
+    local: str = "rootsift"                # rootsift | how | none
+    local_layer: str = "head"              # how: map giving local descriptors (head: stride 32; block10: stride 16)
+    local_scales: list[float] = field(default_factory=lambda: list(HOW_SCALES))
+    local_n: int = 1000                    # how: strongest features kept across scales
+    local_smoothing: int = 3
+    sift_n: int = 2000                     # rootsift: features per image
+    device: str = "auto"                   # auto | cpu | cuda
+
+
+class Describer:
+    """Batch callable: list of RGB images -> list of descriptor dicts (see module doc)."""
+
+    def __init__(self, cfg: DescriptorConfig, local_whitening: Whitening | None = None,
+                 global_whitening: Whitening | None = None):
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.net = build_backbone(cfg.backbone, cfg.checkpoint).to(self.device)
+        for name in (cfg.global_layer, cfg.local_layer):
+            if name not in self.net.maps:
+                raise ValueError(f"{cfg.backbone} has no map {name!r}; choose from {sorted(self.net.maps)}")
+        self.sift = RootSift(cfg.max_side, cfg.sift_n) if cfg.local == "rootsift" else None
+        self.local_whitening, self.global_whitening = local_whitening, global_whitening
+
+    @property
+    def global_dim(self) -> int:
+        return self.global_whitening.dim if self.global_whitening else self.net.maps[self.cfg.global_layer].channels
+
+    @property
+    def local_dim(self) -> int:
+        if self.cfg.local == "rootsift":
+            return RootSift.dim
+        if self.cfg.local == "how":
+            return self.local_whitening.dim if self.local_whitening else self.net.maps[self.cfg.local_layer].channels
+        return 1
+
+    def __call__(self, images: list[np.ndarray]) -> list[dict]:
+        cfg = self.cfg
+        rows: list[dict] = [{} for _ in images]
+        gem_parts: dict[int, list[torch.Tensor]] = defaultdict(list)
+        local_parts: dict[int, list] = defaultdict(list)
+        with torch.inference_mode():
+            for (side, scale), names in self._plan().items():
+                bases = [resize_max_side(img, side) for img in images]
+                for idx, maps in self._forward_scale([b[0] for b in bases], scale, names):
+                    if cfg.global_layer in maps and side == cfg.global_max_side and scale in cfg.global_scales:
+                        gem_parts[idx].append(gem(maps[cfg.global_layer][None], cfg.gem_p)[0])
+                    if cfg.local == "how" and side == cfg.max_side and scale in cfg.local_scales:
+                        d, w, p = select_local(maps[cfg.local_layer], cfg.local_n, cfg.local_smoothing)
+                        local_parts[idx].append((d.float().cpu().numpy(), w.float().cpu().numpy(),
+                                                 p.cpu().numpy(), scale, bases[idx][1]))
+        for i, row in enumerate(rows):
+            g = multiscale_gem([v[None].float() for v in gem_parts[i]], cfg.gem_p)[0].cpu().numpy()
+            row["global"] = self.global_whitening(g[None])[0] if self.global_whitening else g
+            if cfg.local == "how":
+                stride = self.net.maps[cfg.local_layer].stride
+                row.update(merge_scales([p[:4] for p in local_parts[i]], cfg.local_n, stride, local_parts[i][0][4]))
+                if self.local_whitening:
+                    row["local_desc"] = self.local_whitening(row["local_desc"], normalize=False)
+            elif self.sift is not None:
+                row.update(self.sift.describe(images[i]))
+        return rows
+
+    def _plan(self) -> dict[tuple[int, float], tuple[str, ...]]:
+        """Maps needed at each (max side, scale); a pass shared by global and local runs once."""
+        cfg, plan = self.cfg, defaultdict(list)
+        for s in cfg.global_scales:
+            plan[(cfg.global_max_side, s)].append(cfg.global_layer)
+        if cfg.local == "how":
+            for s in cfg.local_scales:
+                plan[(cfg.max_side, s)].append(cfg.local_layer)
+        return {k: tuple(dict.fromkeys(v)) for k, v in sorted(plan.items(), reverse=True)}
+
+    def _forward_scale(self, bases: list[np.ndarray], scale: float, names: tuple[str, ...]):
+        """Yield (image index, {name: (C, H, W)}) at one scale, batching images of equal shape."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        scaled = [rescale(b, scale) for b in bases]
+        for i, img in enumerate(scaled):
+            groups[img.shape].append(i)
+        for idxs in groups.values():
+            x = to_tensor([scaled[i] for i in idxs], self.device)
+            out = self.net(x, names)
+            for j, i in enumerate(idxs):
+                yield i, {n: m[j] for n, m in out.items()}

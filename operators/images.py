@@ -1,0 +1,56 @@
+"""Image decoding, resizing and cropping (numpy/OpenCV, RGB uint8 HxWx3)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image."""
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode JPEG/PNG/… bytes to an RGB uint8 array (EXIF orientation applied by OpenCV)."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise ImageDecodeError("cannot decode image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def crop(img: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
+    """Crop ``box = (x0, y0, x1, y1)`` in pixels (clipped to the image); ``None`` or NaN keeps it whole."""
+    if box is None or any(np.isnan(v) for v in box):
+        return img
+    h, w = img.shape[:2]
+    x0, y0 = int(np.clip(np.floor(box[0]), 0, w - 1)), int(np.clip(np.floor(box[1]), 0, h - 1))
+    x1, y1 = int(np.clip(np.ceil(box[2]), x0 + 1, w)), int(np.clip(np.ceil(box[3]), y0 + 1, h))
+    return img[y0:y1, x0:x1]
+
+
+def center_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float]:
+    """The central box covering ``fraction`` of the width and of the height."""
+    m = (1.0 - fraction) / 2.0
+    return (width * m, height * m, width * (1 - m), height * (1 - m))
+
+
+def resize_max_side(img: np.ndarray, max_side: int, upscale: bool = False) -> tuple[np.ndarray, float]:
+    """Resize so that the longer side is ``max_side`` (only shrinking unless ``upscale``).
+
+    Returns the image and the factor applied (new = old * factor).
+    """
+    h, w = img.shape[:2]
+    factor = max_side / max(h, w)
+    if factor >= 1.0 and not upscale:
+        return img, 1.0
+    return rescale(img, factor), factor
+
+
+def rescale(img: np.ndarray, factor: float) -> np.ndarray:
+    """Scale by ``factor`` (area interpolation when shrinking, bilinear when enlarging)."""
+    if factor == 1.0:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)

@@ -1,0 +1,57 @@
+"""PCA-whitening, learned on a sample and applied identically to database and queries.
+
+o(u) = P(u − m), P ∈ R^{d×D} from the PCA of the sample (HOW L9317-9333: local descriptors to
+d = 128; GeM/PCAw for global descriptors, L2804-2875, Table 2 L3273-3303). With eigen-pairs
+(λ_i, e_i) of the sample covariance, row i of P is λ_i^{-s/2} e_iᵀ; s = 1 is plain whitening and
+s < 1 the shrinkage variant of the HOW code [ext: ``pcawhitenlearn_shrinkage``].
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Whitening:
+    mean: np.ndarray  # (D,)
+    proj: np.ndarray  # (d, D)
+
+    @property
+    def dim(self) -> int:
+        return self.proj.shape[0]
+
+    def __call__(self, x: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Whiten rows of ``x`` (N, D) -> (N, d), L2-normalised unless ``normalize=False``."""
+        y = (np.asarray(x, np.float32) - self.mean) @ self.proj.T
+        if normalize:
+            y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return y.astype(np.float32)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, proj=self.proj)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Whitening":
+        z = np.load(io.BytesIO(data))
+        return cls(z["mean"].astype(np.float32), z["proj"].astype(np.float32))
+
+
+def learn_pca_whitening(x: np.ndarray, dim: int, shrinkage: float = 1.0, eps: float = 1e-9) -> Whitening:
+    """PCA-whitening to ``dim`` dimensions from samples ``x`` (N, D); ``dim`` is capped at min(N-1, D)."""
+    x = np.asarray(x, np.float64)
+    n, d_in = x.shape
+    if n < 2:
+        raise ValueError("PCA-whitening needs at least 2 samples")
+    dim = min(dim, d_in, n - 1)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / n
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1][:dim]
+    eigval, eigvec = np.maximum(eigval[order], eps), eigvec[:, order]
+    proj = (eigvec * eigval ** (-shrinkage / 2.0)).T
+    return Whitening(mean.astype(np.float32), proj.astype(np.float32))

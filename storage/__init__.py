@@ -1,0 +1,1 @@
+"""Storage: artifact layout, Parquet schemas, fsspec local/S3 I/O, manifests, resumability."""

@@ -1,0 +1,111 @@
+"""Image collections: a folder (local or ``s3://`` prefix), a CSV/Parquet manifest, or revisited ground truth.
+
+A collection is normalised to one table, :data:`COLLECTION_COLUMNS`:
+
+- ``image_id`` (int64): stable integer id. Taken from the manifest's ``image_id`` column when present,
+  else ``id_offset + row order`` (folders are listed in sorted order). Jobs record the table once
+  under the index root (``images.parquet``) and reuse it on reruns, so ids never change.
+- ``file``: absolute path or URI of the image; ``name``: the key it is known by (manifest path
+  as written, path relative to the folder, or the revisited image name).
+- ``group``: instance label (same group = same object), may be null.
+- ``x0, y0, x1, y1``: query crop box in pixels of the original image, NaN when absent.
+
+Revisited ground truth (``gnd_roxford5k.pkl``: ``imlist``, ``qimlist``, ``gnd[i].bbx``) is read with
+the images expected in ``<pkl folder>/jpg/<name>.jpg`` (the revisitop layout).
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import posixpath
+
+import numpy as np
+import pandas as pd
+
+from storage import fs as sfs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
+COLLECTION_COLUMNS = ["image_id", "file", "name", "group", *BOX_COLUMNS]
+
+
+class CollectionError(ValueError):
+    """The collection cannot be read (missing file column, unknown format, empty folder…)."""
+
+
+def load_collection(uri: str, role: str = "database", options: sfs.StorageOptions | None = None,
+                    id_offset: int = 0) -> pd.DataFrame:
+    """Read a collection as a :data:`COLLECTION_COLUMNS` table.
+
+    ``role`` matters only for revisited ``.pkl`` ground truth: ``"database"`` reads ``imlist``,
+    ``"queries"`` reads ``qimlist`` with the ``bbx`` crop boxes.
+    """
+    lower = uri.lower()
+    if lower.endswith(".pkl"):
+        df = _from_revisited(uri, role, options)
+    elif lower.endswith((".csv", ".parquet", ".pq")):
+        df = _from_manifest(uri, options)
+    else:
+        df = _from_folder(uri, options)
+    if df.empty:
+        raise CollectionError(f"collection {uri!r} holds no images")
+    if "image_id" not in df or df["image_id"].isna().any():
+        df["image_id"] = np.arange(len(df), dtype=np.int64) + id_offset
+    df["image_id"] = df["image_id"].astype(np.int64)
+    if df["image_id"].duplicated().any():
+        raise CollectionError(f"collection {uri!r}: duplicate image_id values")
+    for col in BOX_COLUMNS:
+        df[col] = df[col].astype(float) if col in df else np.nan
+    if "group" not in df:
+        df["group"] = None
+    df["group"] = df["group"].astype(object).where(df["group"].notna(), None)
+    return df[COLLECTION_COLUMNS].reset_index(drop=True)
+
+
+def _from_folder(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
+    fs, root = sfs.filesystem(uri, options)
+    if not fs.isdir(root):
+        raise CollectionError(f"{uri!r} is neither a folder nor a manifest (.csv/.parquet/.pkl)")
+    paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
+    names = [posixpath.relpath(p, root) if sfs.protocol(uri) != "file" else os.path.relpath(p, root) for p in paths]
+    files = [sfs.join(uri, n) for n in names]
+    return pd.DataFrame({"file": files, "name": names})
+
+
+def _from_manifest(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
+    data = sfs.read_bytes(uri, options)
+    df = pd.read_parquet(io.BytesIO(data)) if uri.lower().endswith((".parquet", ".pq")) else pd.read_csv(io.BytesIO(data))
+    if "file" not in df:
+        raise CollectionError(f"manifest {uri!r} has no 'file' column (columns: {list(df.columns)})")
+    base = uri.rsplit("/", 1)[0] if sfs.protocol(uri) != "file" else os.path.dirname(os.path.abspath(uri))
+    df = df.copy()
+    df["name"] = df["file"].astype(str)
+    df["file"] = [f if sfs.is_absolute(f) else sfs.join(base, f) for f in df["name"]]
+    return df
+
+
+def _from_revisited(uri: str, role: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
+    gnd = read_revisited(uri, options)
+    base = uri.rsplit("/", 1)[0] if sfs.protocol(uri) != "file" else os.path.dirname(os.path.abspath(uri))
+    if role == "queries":
+        names = list(gnd["qimlist"])
+        boxes = np.array([g["bbx"] for g in gnd["gnd"]], dtype=float).reshape(-1, 4)
+    elif role == "database":
+        names = list(gnd["imlist"])
+        boxes = np.full((len(names), 4), np.nan)
+    else:
+        raise CollectionError(f"role must be 'database' or 'queries', not {role!r}")
+    df = pd.DataFrame({"name": names, "file": [sfs.join(base, "jpg", f"{n}.jpg") for n in names]})
+    df[BOX_COLUMNS] = boxes
+    df["image_id"] = np.arange(len(df), dtype=np.int64)
+    return df
+
+
+def read_revisited(uri: str, options: sfs.StorageOptions | None = None) -> dict:
+    """The revisitop ground-truth dict (``imlist``, ``qimlist``, ``gnd``), validated."""
+    gnd = pickle.loads(sfs.read_bytes(uri, options))
+    missing = {"imlist", "qimlist", "gnd"} - set(gnd)
+    if missing:
+        raise CollectionError(f"{uri!r} is not revisited ground truth: missing keys {sorted(missing)}")
+    return gnd

@@ -1,0 +1,129 @@
+"""URIs and file systems: one code path for local folders and ``s3://`` prefixes (fsspec/s3fs).
+
+Every artifact lives under a root URI. ``StorageOptions`` carries what s3fs needs (endpoint,
+credentials); it is a plain dict so it travels to Ray workers inside job configs. The endpoint
+can also come from the environment (``S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import Any
+
+import fsspec
+
+StorageOptions = dict[str, Any]
+
+
+def protocol(uri: str) -> str:
+    """``"s3"`` for ``s3://…``, ``"file"`` for local paths."""
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def s3_options(options: StorageOptions | None = None) -> StorageOptions:
+    """s3fs keyword arguments: explicit options win, then the environment's endpoint."""
+    opts = dict(options or {})
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_url" not in opts.get("client_kwargs", {}):
+        opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+    return opts
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system for ``uri`` and the path inside it (no ``s3://``; local absolute)."""
+    proto = protocol(uri)
+    if proto == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return fsspec.filesystem("file"), os.path.abspath(path)
+    if proto == "s3":
+        fs = fsspec.filesystem("s3", **s3_options(options))
+        return fs, uri[len("s3://"):]
+    return fsspec.filesystem(proto, **(options or {})), uri.split("://", 1)[1]
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (POSIX separators for remote URIs)."""
+    if protocol(uri) == "file":
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri, *parts)
+
+
+def is_absolute(uri: str) -> bool:
+    return "://" in uri or os.path.isabs(uri)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write ``data`` so that readers never see a partial file.
+
+    Local: write a temporary sibling, then ``os.replace`` (atomic rename). S3: a PUT is atomic.
+    """
+    fs, path = filesystem(uri, options)
+    if protocol(uri) == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), options)
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any:
+    return json.loads(read_bytes(uri, options))
+
+
+def listdir(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Base names under ``uri`` (empty when it does not exist)."""
+    fs, path = filesystem(uri, options)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True) if protocol(uri) == "s3" else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def remove(uri: str, options: StorageOptions | None = None, recursive: bool = False) -> None:
+    fs, path = filesystem(uri, options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> str:
+    """A local path holding ``uri``'s bytes: the path itself when local, else a cached download.
+
+    Used to memory-map remote index files. The cache key is the URI plus its size and ETag/mtime,
+    so a rewritten object is fetched again.
+    """
+    if protocol(uri) == "file":
+        return filesystem(uri)[1]
+    fs, path = filesystem(uri, options)
+    info = fs.info(path)
+    key = hashlib.sha1(f"{uri}|{info.get('size')}|{info.get('ETag', info.get('LastModified', ''))}".encode()).hexdigest()[:16]
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "retrieval-cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    local = os.path.join(cache_dir, f"{key}-{posixpath.basename(path)}")
+    if not os.path.exists(local):
+        tmp = f"{local}.{uuid.uuid4().hex}"
+        fs.get(path, tmp)
+        os.replace(tmp, local)
+    return local

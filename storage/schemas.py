@@ -1,0 +1,115 @@
+"""Parquet schemas of the pipeline's artifacts (bump :data:`SCHEMA_VERSION` on any change).
+
+Feature shards (``features/part-NNNNN.parquet``), one row per image:
+
+| column | type | meaning |
+|---|---|---|
+| ``image_id`` | int64 | stable id from the collection table |
+| ``status`` | string | ``"ok"`` or ``"error"`` (then ``error`` says why and the arrays are empty) |
+| ``error`` | string | null when ok |
+| ``width``, ``height`` | int32 | original image size in pixels |
+| ``x0, y0, x1, y1`` | float32 | crop box actually used (pixels of the original), NaN when none |
+| ``global`` | fixed_size_list<float32, D> | L2-normalised multi-scale GeM descriptor |
+| ``local_desc`` | list<fixed_size_list<float16, d>> | local descriptors, strongest first |
+| ``local_xy`` | list<fixed_size_list<float32, 2>> | feature centre in pixels of the (cropped) original image |
+| ``local_scale`` | list<float32> | HOW: image scale factor of the feature's pyramid level; RootSIFT: keypoint size in original pixels |
+| ``local_strength`` | list<float32> | HOW: L2 norm of the activation; RootSIFT: detector response |
+
+Key-value metadata of each file: ``schema_version``, ``extractor`` (JSON of the config that made it).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None) -> pa.Schema:
+    fields = [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        *[pa.field(c, pa.float32()) for c in ("x0", "y0", "x1", "y1")],
+        pa.field("global", pa.list_(pa.float32(), global_dim)),
+        pa.field("local_desc", pa.list_(pa.list_(pa.float16(), local_dim))),
+        pa.field("local_xy", pa.list_(pa.list_(pa.float32(), 2))),
+        pa.field("local_scale", pa.list_(pa.float32())),
+        pa.field("local_strength", pa.list_(pa.float32())),
+    ]
+    meta = {"schema_version": str(SCHEMA_VERSION)}
+    if metadata:
+        meta.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()})
+    return pa.schema(fields, metadata=meta)
+
+
+def _nested(values: list[np.ndarray], width: int, dtype: pa.DataType) -> pa.Array:
+    """list<fixed_size_list<dtype, width>> from per-row (n_i, width) arrays, without Python loops over features."""
+    lengths = np.array([len(v) for v in values], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(v).reshape(-1, width) for v in values]) if len(values) else np.zeros((0, width))
+    np_dtype = dtype.to_pandas_dtype()
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np_dtype).ravel(), type=dtype), width)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def _flat(values: list[np.ndarray]) -> pa.Array:
+    lengths = np.array([len(v) for v in values], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in values]) if len(values) else np.zeros(0, np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
+
+
+def feature_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a feature shard from per-image dicts (see the module table for keys)."""
+    gdim = schema.field("global").type.list_size
+    ldim = schema.field("local_desc").type.value_type.list_size
+    n = len(rows)
+    get = lambda k, d: [r.get(k, d) for r in rows]  # noqa: E731
+    glob = np.stack([np.asarray(r["global"], np.float32) if r.get("global") is not None else np.zeros(gdim, np.float32)
+                     for r in rows]) if n else np.zeros((0, gdim), np.float32)
+    empty_d, empty_xy, empty_1 = np.zeros((0, ldim)), np.zeros((0, 2)), np.zeros(0)
+    cols = {
+        "image_id": pa.array(get("image_id", None), pa.int64()),
+        "status": pa.array(get("status", "ok"), pa.string()),
+        "error": pa.array(get("error", None), pa.string()),
+        "width": pa.array(get("width", 0), pa.int32()),
+        "height": pa.array(get("height", 0), pa.int32()),
+        **{c: pa.array(np.asarray(get(c, np.nan), dtype=np.float32), pa.float32()) for c in ("x0", "y0", "x1", "y1")},
+        "global": pa.FixedSizeListArray.from_arrays(pa.array(glob.ravel(), pa.float32()), gdim),
+        "local_desc": _nested([r.get("local_desc", empty_d) for r in rows], ldim, pa.float16()),
+        "local_xy": _nested([r.get("local_xy", empty_xy) for r in rows], 2, pa.float32()),
+        "local_scale": _flat([r.get("local_scale", empty_1) for r in rows]),
+        "local_strength": _flat([r.get("local_strength", empty_1) for r in rows]),
+    }
+    return pa.table(cols, schema=schema)
+
+
+def global_matrix(table: pa.Table) -> np.ndarray:
+    """(n, D) float32 view of the ``global`` column."""
+    col = table.column("global").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def local_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat local descriptors (N, d) float16, their image ids (N,) and per-image counts."""
+    col = table.column("local_desc").combine_chunks()
+    d = col.type.value_type.list_size
+    offsets = col.offsets.to_numpy()
+    desc = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, d)[offsets[0]:offsets[-1]]
+    counts = np.diff(offsets)
+    ids = np.repeat(table.column("image_id").to_numpy(), counts)
+    return desc, ids, counts
+
+
+RESULTS_SCHEMA = pa.schema([
+    pa.field("query_id", pa.int64(), nullable=False),
+    pa.field("query_name", pa.string()),
+    pa.field("ids", pa.list_(pa.int64())),
+    pa.field("scores", pa.list_(pa.float32())),
+], metadata={"schema_version": str(SCHEMA_VERSION)})
+"""Search results, one row per query: database ``ids`` ranked best first with their ``scores``."""

@@ -1,0 +1,88 @@
+"""Sharded Parquet datasets with commit records: a shard is visible only once complete.
+
+Layout under a dataset URI (e.g. ``ROOT/features``)::
+
+    part-00012.parquet        # written by a worker (atomic rename locally, single PUT on S3)
+    _commits/part-00012.json  # commit record, written after the shard: counts, timings, config hash
+
+Readers list ``_commits/`` and read only committed shards, so a shard whose writer was killed is
+invisible and is simply redone on the next run (``pending`` gives the work left). Each worker
+writes its own commit record, so no shared manifest file is ever rewritten concurrently.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import fs as sfs
+
+COMMITS = "_commits"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+@dataclass
+class ShardSet:
+    """A committed-shards dataset at ``uri`` (local folder or ``s3://`` prefix)."""
+
+    uri: str
+    options: sfs.StorageOptions = field(default_factory=dict)
+
+    def path(self, index: int) -> str:
+        return sfs.join(self.uri, f"{shard_name(index)}.parquet")
+
+    def commit_path(self, index: int) -> str:
+        return sfs.join(self.uri, COMMITS, f"{shard_name(index)}.json")
+
+    def committed(self) -> dict[int, dict]:
+        """Commit records of the complete shards, by shard index."""
+        out = {}
+        for name in sfs.listdir(sfs.join(self.uri, COMMITS), self.options):
+            if name.startswith("part-") and name.endswith(".json"):
+                out[int(name[5:-5])] = sfs.read_json(sfs.join(self.uri, COMMITS, name), self.options)
+        return out
+
+    def pending(self, indices: list[int]) -> list[int]:
+        done = self.committed()
+        return [i for i in indices if i not in done]
+
+    def write(self, index: int, table: pa.Table, record: dict | None = None) -> dict:
+        """Write shard ``index`` then its commit record; returns the record."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        sfs.write_bytes(self.path(index), buf.getvalue(), self.options)
+        rec = {"shard": index, "rows": table.num_rows, "bytes": buf.tell(), "committed_at": time.time(), **(record or {})}
+        sfs.write_json(self.commit_path(index), rec, self.options)
+        return rec
+
+    def read_shard(self, index: int, columns: list[str] | None = None) -> pa.Table:
+        data = sfs.read_bytes(self.path(index), self.options)
+        return pq.read_table(io.BytesIO(data), columns=columns)
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Committed shards in index order."""
+        for index in sorted(self.committed()):
+            yield self.read_shard(index, columns)
+
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        tables = list(self.iter_tables(columns))
+        if not tables:
+            raise FileNotFoundError(f"no committed shards under {self.uri}")
+        return pa.concat_tables(tables)
+
+    def schema_metadata(self) -> dict[str, str]:
+        """Key-value metadata of the first committed shard's schema."""
+        first = min(self.committed(), default=None)
+        if first is None:
+            return {}
+        fs, path = sfs.filesystem(self.path(first), self.options)
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        return {k.decode(): v.decode() for k, v in meta.items()}

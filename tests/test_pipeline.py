@@ -1,0 +1,100 @@
+"""End-to-end jobs on a subset of instance-mini: index -> search -> evaluate, errors, resume, S3."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs import evaluate as evaluate_job
+from jobs import index as index_job
+from jobs import search as search_job
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
+from tests.conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def collection(mini_subset, tmp_path_factory):
+    """The subset plus one corrupt file and one missing file."""
+    d = tmp_path_factory.mktemp("coll")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    df = pd.read_csv(mini_subset)
+    df = pd.concat([df, pd.DataFrame({"file": [str(d / "corrupt.jpg"), str(d / "missing.jpg")], "group": [None, None]})])
+    df.to_csv(d / "collection.csv", index=False)
+    return d / "collection.csv"
+
+
+@pytest.fixture(scope="module")
+def built_index(ray_session, collection, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index")
+    summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST])
+    return out, summary
+
+
+def test_index_records_errors_and_builds_global(built_index):
+    out, summary = built_index
+    assert summary["counts"]["images"] == 16
+    assert summary["counts"]["images_ok"] == 14 and summary["counts"]["images_error"] == 2
+    root = ArtifactRoot(str(out))
+    table = root.shards().read_all(["image_id", "status", "error"]).to_pandas()
+    errors = table[table.status == "error"].set_index("image_id")["error"]
+    assert set(errors.index) == {14, 15}
+    assert "decode" in errors[14] and "FileNotFoundError" in errors[15]
+    vectors, ids = root.load_array("global/vectors.npy"), root.load_array("global/ids.npy")
+    assert vectors.shape == (14, 1280) and sorted(ids.tolist()) == list(range(14))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    meta = root.meta()
+    assert meta["schema_version"] == 1 and meta["stages"]["extract"]["config"]["describe"]["local"] == "rootsift"
+    local = root.shards().read_all(["local_desc"]).column("local_desc")
+    assert 0 < len(local[0]) <= 300
+
+
+def test_rerun_resumes_only_missing_shards(built_index, collection):
+    out, _ = built_index
+    root = ArtifactRoot(str(out))
+    before = root.shards().committed()
+    sfs.remove(root.shards().commit_path(1))  # as if the job died while writing shard 1
+    summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST])
+    assert summary["counts"]["shards_skipped"] == len(before) - 1 and summary["counts"]["shards_written"] == 1
+    assert set(root.shards().committed()) == set(before)
+
+
+def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_path):
+    out, _ = built_index
+    for crop, floor in ((None, 0.9), (0.4, 0.3)):
+        res = tmp_path / f"res-{crop}"
+        args = ["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "50"]
+        search_job.main(args + (["--center-crop", str(crop)] if crop else []))
+        results = pd.read_parquet(res / "results.parquet")
+        assert len(results) == 14
+        for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
+            assert qid not in ids, "a database image never ranks itself"
+            assert len(ids) == 13 and np.all(np.diff(scores) <= 1e-6)
+        metrics = evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])
+        assert metrics["queries"] == 12  # the two distractors have no positives
+        assert json.loads((res / "metrics.json").read_text())["mAP"] == pytest.approx(metrics["mAP"])
+        assert metrics["mAP"] >= floor, (crop, metrics["mAP"])
+    qmeta = ArtifactRoot(str(tmp_path / "res-0.4" / "queries")).shards().read_all(["x0", "x1", "width"]).to_pandas()
+    assert np.allclose(qmeta.x0, qmeta.width * 0.3, atol=1) and np.allclose(qmeta.x1, qmeta.width * 0.7, atol=1)
+
+
+def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
+    """Index root and results on a real S3 API; images uploaded to S3 too."""
+    fs, _ = sfs.filesystem("s3://x", s3_server["options"])
+    df = pd.read_csv(mini_subset).head(6)
+    bucket = s3_server["bucket"]
+    for f in df.file:
+        fs.put(f, f"{bucket}/images/{f.rsplit('/', 1)[1]}")
+    df["file"] = [f.rsplit("/", 1)[1] for f in df.file]
+    fs.pipe(f"{bucket}/images/manifest.csv", df.to_csv(index=False).encode())
+    opts = ["--set", f"storage={json.dumps(s3_server['options'])}"]
+    summary = index_job.main(["--collection", f"s3://{bucket}/images/manifest.csv", "--out", f"s3://{bucket}/idx",
+                              *FAST, *opts])
+    assert summary["counts"]["images_ok"] == 6
+    search_job.main(["--index", f"s3://{bucket}/idx", "--queries", f"s3://{bucket}/images/manifest.csv",
+                     "--out", f"s3://{bucket}/res", "--topk", "3", *opts])
+    metrics = evaluate_job.main(["--results", f"s3://{bucket}/res", "--ground-truth", str(mini_subset), *opts])
+    assert metrics["queries"] == 6 and 0 < metrics["mAP"] <= 1
+    assert fs.exists(f"{bucket}/res/metrics.json") and fs.exists(f"{bucket}/idx/global/vectors.npy")

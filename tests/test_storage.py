@@ -1,0 +1,107 @@
+"""Storage against a local folder and a real S3 API (moto_server)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
+from storage.collection import CollectionError, load_collection
+from storage.schemas import feature_schema, feature_table, global_matrix, local_arrays
+from storage.shards import ShardSet
+from tests.conftest import REVISITED
+
+
+def _rows(n: int, gdim=4, ldim=3):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        k = i + 1
+        rows.append({"image_id": 100 + i, "status": "ok", "width": 10, "height": 20,
+                     "global": rng.normal(size=gdim), "local_desc": rng.normal(size=(k, ldim)),
+                     "local_xy": rng.normal(size=(k, 2)), "local_scale": np.ones(k), "local_strength": np.arange(k)[::-1]})
+    rows.append({"image_id": 999, "status": "error", "error": "cannot decode image"})
+    return rows
+
+
+def test_feature_table_roundtrip():
+    rows = _rows(3)
+    t = feature_table(rows, feature_schema(4, 3, {"extractor": {"local": "rootsift"}}))
+    assert t.schema.metadata[b"schema_version"] == b"1"
+    assert np.allclose(global_matrix(t)[:3], np.stack([r["global"] for r in rows[:3]]), atol=1e-6)
+    desc, ids, counts = local_arrays(t)
+    assert counts.tolist() == [1, 2, 3, 0] and ids.tolist() == [100, 101, 101, 102, 102, 102]
+    assert desc.dtype == np.float16 and np.allclose(desc[1:3], rows[1]["local_desc"], atol=1e-2)
+    assert t.column("error").to_pylist()[-1] == "cannot decode image"
+
+
+@pytest.fixture(params=["local", "s3"])
+def root_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root"), {}
+    s3 = request.getfixturevalue("s3_server")
+    return f"s3://{s3['bucket']}/{tmp_path.name}/root", s3["options"]
+
+
+def test_shards_commit_and_resume(root_uri):
+    uri, opts = root_uri
+    shards = ShardSet(sfs.join(uri, "features"), opts)
+    table = feature_table(_rows(2), feature_schema(4, 3))
+    shards.write(0, table, {"ok": 2})
+    # a shard file without its commit record (a killed writer) is invisible
+    sfs.write_bytes(shards.path(1), b"partial garbage", opts)
+    assert set(shards.committed()) == {0}
+    assert shards.pending([0, 1, 2]) == [1, 2]
+    shards.write(2, table)
+    assert shards.read_all().num_rows == 2 * table.num_rows
+    assert shards.schema_metadata()["schema_version"] == "1"
+
+
+def test_artifacts_arrays_and_meta(root_uri):
+    uri, opts = root_uri
+    root = ArtifactRoot(uri, opts)
+    arr, commit = root.open_array_writer("global/vectors.npy", (5, 3), np.float32)
+    arr[:] = np.arange(15).reshape(5, 3)
+    assert not sfs.exists(root.path("global", "vectors.npy"), opts), "invisible before commit"
+    commit()
+    assert np.array_equal(root.load_array("global/vectors.npy"), np.arange(15).reshape(5, 3))
+    root.record_stage("extract", {"a": 1})
+    assert root.stage_config("extract") == {"a": 1}
+
+
+def test_collection_formats(tmp_path, instance_mini):
+    # folder
+    for n in ("b.jpg", "a.png", "sub/c.jpeg", "notes.txt"):
+        p = tmp_path / "imgs" / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    df = load_collection(str(tmp_path / "imgs"), id_offset=10)
+    assert df["name"].tolist() == ["a.png", "b.jpg", "sub/c.jpeg"] and df["image_id"].tolist() == [10, 11, 12]
+    # manifest: relative paths resolve against the manifest folder, boxes and groups kept
+    pd.DataFrame({"file": ["b.jpg", "/abs/x.jpg"], "group": ["g", None], "x0": [1, None], "y0": [2, None],
+                  "x1": [3, None], "y1": [4, None]}).to_csv(tmp_path / "imgs" / "m.csv", index=False)
+    m = load_collection(str(tmp_path / "imgs" / "m.csv"))
+    assert m["file"].tolist() == [str(tmp_path / "imgs" / "b.jpg"), "/abs/x.jpg"]
+    assert m["group"].tolist() == ["g", None] and m.loc[0, ["x0", "y1"]].tolist() == [1.0, 4.0]
+    assert np.isnan(m.loc[1, "x0"])
+    # the real instance-mini manifest
+    mini = load_collection(str(instance_mini / "images.csv"))
+    raw = pd.read_csv(instance_mini / "images.csv")
+    assert len(mini) == len(raw) == 186 and mini["group"].tolist() == raw["group"].tolist()
+    # revisited ground truth as a collection
+    q = load_collection(str(REVISITED / "gnd_roxford5k.pkl"), role="queries")
+    assert len(q) == 70 and q.loc[0, "name"] == "all_souls_000013" and q.loc[0, "x0"] == pytest.approx(136.5)
+    assert q.loc[0, "file"].endswith("revisited/jpg/all_souls_000013.jpg")
+    assert len(load_collection(str(REVISITED / "gnd_roxford5k.pkl"))) == 4993
+    with pytest.raises(CollectionError):
+        load_collection(str(tmp_path / "imgs" / "notes.txt"))
+
+
+def test_collection_from_s3_prefix(s3_server, instance_mini):
+    fs, _ = sfs.filesystem("s3://x", s3_server["options"])
+    for name in ("one.jpg", "two.jpg"):
+        fs.put(str(next((instance_mini / "images").glob("sceaux*"))), f"{s3_server['bucket']}/coll/{name}")
+    df = load_collection(f"s3://{s3_server['bucket']}/coll", options=s3_server["options"])
+    assert df["file"].tolist() == [f"s3://{s3_server['bucket']}/coll/one.jpg", f"s3://{s3_server['bucket']}/coll/two.jpg"]
