@@ -22,6 +22,7 @@ class RayConfig:
     object_store_mb: int | None = None  # embedded Ray only
     actor_cpus: float = 0.5             # fractional CPUs per extraction actor (2-core machines)
     actors: int | None = None           # extraction actors (None: from cluster resources)
+    actor_memory_mb: int = 2500         # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
 
 
 def connect(cfg: RayConfig | None = None) -> dict:
@@ -46,6 +47,7 @@ class ActorPlan:
     actors: int
     num_cpus: float
     num_gpus: float
+    memory_mb: int = 0
 
 
 def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool = True) -> ActorPlan:
@@ -57,7 +59,12 @@ def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool 
     res = resources if resources is not None else ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     if prefer_gpu and gpus:
-        return ActorPlan(cfg.actors or gpus, 1.0, 1.0)
+        return ActorPlan(cfg.actors or gpus, 1.0, 1.0, cfg.actor_memory_mb)
     cpus = float(res.get("CPU", 1))
-    n = cfg.actors or max(1, min(int(cpus), int(cpus / cfg.actor_cpus) - 1))
-    return ActorPlan(n, cfg.actor_cpus, 0.0)
+    if cfg.actors:
+        return ActorPlan(cfg.actors, cfg.actor_cpus, 0.0, cfg.actor_memory_mb)
+    n = max(1, min(int(cpus), int(cpus / cfg.actor_cpus) - 1))
+    mem_mb = float(res.get("memory", 0)) / 2**20
+    if mem_mb:  # small machines: fewer actors rather than starved ones
+        n = max(1, min(n, int(0.8 * mem_mb // cfg.actor_memory_mb)))
+    return ActorPlan(n, cfg.actor_cpus, 0.0, cfg.actor_memory_mb)

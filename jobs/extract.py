@@ -50,6 +50,15 @@ class ExtractConfig:
     storage: dict = field(default_factory=dict)
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
+
+
 # ------------------------------------------------------------------------------------------
 # Worker side
 # ------------------------------------------------------------------------------------------
@@ -77,6 +86,7 @@ class ShardExtractor:
                                      {"extractor": {"describe": cfg["describe"], "center_crop": cfg["center_crop"]}})
         self.shards = ShardSet(shards_uri, cfg["storage"])
         self.io = ThreadPoolExecutor(4)
+        self.node = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: [] for k in ("shard", "ok", "errors", "seconds", "peak_rss_mb")}
@@ -86,7 +96,8 @@ class ShardExtractor:
             n_ok = sum(r["status"] == "ok" for r in rows)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.shards.write(int(shard), feature_table(rows, self.schema),
-                              {"ok": n_ok, "errors": len(rows) - n_ok, "seconds": time.time() - t0, "peak_rss_mb": peak})
+                              {"ok": n_ok, "errors": len(rows) - n_ok, "seconds": time.time() - t0, "peak_rss_mb": peak,
+                               "node": self.node})
             for k, v in zip(out, (int(shard), n_ok, len(rows) - n_ok, time.time() - t0, peak)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
@@ -171,6 +182,11 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
     return learn_pca_whitening(x, cfg.local_whiten_dim)
 
 
+def _spread() -> dict:
+    """Spread extraction actors over the nodes instead of packing the first one."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
 def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None,
                    summary: JobSummary) -> None:
     """Extract every pending shard of ``images`` into ``shards`` (resumes: committed shards are skipped)."""
@@ -184,10 +200,14 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
         return
     items = [{"shard": s, "items": it} for s, it in all_items if s in pending]
     plan = plan_actors(cfg.ray, prefer_gpu=cfg.describe.device != "cpu")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False          # one tqdm bar over shards instead of Ray Data's log lines
+    ctx.issue_detectors_config.detectors = []  # actor memory is reserved explicitly (RayConfig.actor_memory_mb)
     summary.info["actors"] = dataclasses.asdict(plan)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardExtractor, batch_size=1, batch_format="numpy", concurrency=min(plan.actors, len(items)),
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, ray_remote_args_fn=_spread,
+        memory=plan.memory_mb * 2**20 if plan.memory_mb else None,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "whitening": whitening.to_bytes() if whitening else None,
                                "shards_uri": shards.uri})
     with tqdm(total=len(items), desc="shards", unit="shard") as bar:

@@ -1,0 +1,92 @@
+"""The real cluster paths: ``ray job submit`` against a local head, and a multi-node cluster."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from storage.artifacts import ArtifactRoot
+from tests.conftest import FAST, REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_ray_config_is_a_valid_cluster_launcher_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "ray_config.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    assert any("pip install" in c and "retrieval-pipeline" in c for c in cfg["setup_commands"])
+
+
+def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
+    port, dash = free_port(), free_port()
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--include-dashboard=true", "--disable-usage-stats",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='r', dir='/tmp')}"],  # short: socket paths
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"),
+                            start_new_session=True)
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        client = None
+        for _ in range(120):
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+                break
+            except Exception:  # noqa: BLE001 - dashboard not up yet
+                time.sleep(0.5)
+        assert client is not None, "head did not come up: " + (tmp_path / "head.log").read_text()[-2000:]
+        out = tmp_path / "index"
+        cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+               "python", "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(out), *FAST,
+               "--set", "describe.local=none"]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        assert ArtifactRoot(str(out)).load_array("global/vectors.npy").shape == (14, 1280)
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(60)
+
+
+def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
+    """Two Ray nodes (ray.cluster_utils.Cluster); extraction actors must run on both."""
+    out = tmp_path / "index"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        import ray
+        ray.init(address=cluster.address)
+        from jobs import index
+        s = index.main(["--collection", {str(mini_subset)!r}, "--out", {str(out)!r},
+                        *{FAST!r}, "--set", "describe.local=none", "--set", "ray.actors=2"])
+        print("SUMMARY", json.dumps(s["counts"]))
+        ray.shutdown(); cluster.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.split("SUMMARY", 1)[1].splitlines()[0])
+    assert counts["images_ok"] == 14
+    nodes = {r["node"] for r in ArtifactRoot(str(out)).shards().committed().values()}
+    assert len(nodes) == 2, nodes
