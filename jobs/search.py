@@ -45,6 +45,7 @@ class SearchConfig:
     role: str = "queries"                 # revisited .pkl: queries (qimlist + bbx) or database
     center_crop: float | None = None      # crop queries without a box to this central fraction
     exclude_self: bool = True
+    reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
     query_block: int = 1024               # queries per Ray search task
     db_block: int = 65536                 # database rows per faiss call
     ray: RayConfig = field(default_factory=RayConfig)
@@ -59,16 +60,27 @@ def global_search_task(index_uri: str, options: dict, xq: np.ndarray, exclude: n
 
 
 def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary) -> tuple[pd.DataFrame, ArtifactRoot]:
-    """Extract the queries into ``RES/queries`` with the index's describer config."""
+    """Extract the queries that need it into ``RES/queries`` with the index's describer config.
+
+    A query that is an uncropped database image is not described again: its database features are
+    reused (``reuse`` column). Rerunning into a folder made with other query settings is refused.
+    """
     built = from_dict(ExtractConfig, {k: v for k, v in root.stage_config("extract").items()
                                       if k in ExtractConfig.__dataclass_fields__})
     qcfg = ExtractConfig(collection=cfg.queries, out=sfs.join(cfg.out, "queries"), role=cfg.role,
                          shard_size=built.shard_size, batch_size=built.batch_size, center_crop=cfg.center_crop,
                          describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
     qroot = ArtifactRoot(qcfg.out, cfg.storage)
+    previous = qroot.meta().get("stages", {}).get("extract", {}).get("config")
+    if previous and (previous["describe"] != to_dict(qcfg.describe) or previous["center_crop"] != cfg.center_crop):
+        raise SystemExit(f"{cfg.out} holds queries described with other settings; use a new --out")
     queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage)
+    queries["own"] = self_ids(queries, root.images())
+    uncropped = queries[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
+    queries["reuse"] = (queries["own"].to_numpy() >= 0) & uncropped & cfg.reuse_database_features
+    summary.add(queries_reusing_database_features=int(queries["reuse"].sum()))
     with summary.stage("extract queries"):
-        run_extraction(qcfg, queries, qroot.shards(), root.whitening("local"), summary)
+        run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), root.whitening("local"), summary)
     qroot.record_stage("extract", to_dict(qcfg), images=len(queries))
     return queries, qroot
 
@@ -79,30 +91,44 @@ def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
     return np.array([by_file.get(os.path.normpath(f), -1) for f in queries["file"]], dtype=np.int64)
 
 
+def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """Global descriptors of the successfully described queries, in the database's (whitened) space.
+
+    Returns the query rows (in output order) and their (n, D) matrix.
+    """
+    parts = []
+    if (~queries["reuse"]).any():
+        t = qroot.shards().read_all(["image_id", "status", "global"])
+        ok = np.array([s == "ok" for s in t.column("status").to_pylist()], bool)
+        x = global_matrix(t)[ok]
+        white = root.whitening("global")
+        parts.append((t.column("image_id").to_numpy()[ok], white(x) if white is not None else x))
+    reuse = queries[queries["reuse"]]
+    if len(reuse):
+        ids, vectors = root.load_array("global/ids.npy"), root.load_array("global/vectors.npy")
+        order = np.argsort(ids)
+        pos = order[np.searchsorted(ids, reuse["own"].to_numpy(), sorter=order)]
+        parts.append((reuse["image_id"].to_numpy(), np.asarray(vectors[pos])))
+    qids = np.concatenate([p[0] for p in parts])
+    xq = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    order = np.argsort(qids)
+    return queries.set_index("image_id").loc[qids[order]].reset_index(), xq[order]
+
+
 def run_global(cfg: SearchConfig, root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame,
                summary: JobSummary) -> pa.Table:
     import ray
 
-    table = qroot.shards().read_all(["image_id", "status", "error", "global"])
-    status = table.column("status").to_pylist()
-    failed = [q for q, s in zip(table.column("image_id").to_pylist(), status) if s != "ok"]
-    summary.add(queries=table.num_rows, queries_failed=len(failed))
-    qids = table.column("image_id").to_numpy()
-    xq = global_matrix(table)
-    white = root.whitening("global")
-    if white is not None:
-        xq = white(xq)
-    exclude = self_ids(queries.set_index("image_id").loc[qids].reset_index(), root.images()) if cfg.exclude_self \
-        else np.full(len(qids), -1)
+    rows, xq = query_globals(root, qroot, queries)
+    summary.add(queries=len(queries), queries_failed=len(queries) - len(rows))
+    exclude = rows["own"].to_numpy() if cfg.exclude_self else np.full(len(rows), -1)
     task = ray.remote(num_cpus=1)(global_search_task)
     futures = [task.remote(cfg.index, cfg.storage, xq[s:s + cfg.query_block], exclude[s:s + cfg.query_block],
                            cfg.topk, cfg.db_block) for s in range(0, len(xq), cfg.query_block)]
     parts = ray.get(futures)
     scores = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, cfg.topk), np.float32)
     ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, cfg.topk), np.int64)
-    ok = np.array([s == "ok" for s in status])
-    names = queries.set_index("image_id").loc[qids, "name"].tolist()
-    return results_table(qids[ok], [n for n, o in zip(names, ok) if o], ids[ok], scores[ok])
+    return results_table(rows["image_id"].to_numpy(), rows["name"].tolist(), ids, scores)
 
 
 def results_table(qids: np.ndarray, names: list[str], ids: np.ndarray, scores: np.ndarray) -> pa.Table:

@@ -80,6 +80,21 @@ def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_pat
     assert np.allclose(qmeta.x0, qmeta.width * 0.3, atol=1) and np.allclose(qmeta.x1, qmeta.width * 0.7, atol=1)
 
 
+def test_reused_database_features_equal_fresh_extraction(built_index, mini_subset, tmp_path):
+    out, _ = built_index
+    runs = {}
+    for reuse in (True, False):
+        res = tmp_path / f"res-{reuse}"
+        s = search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "5",
+                             "--set", f"reuse_database_features={str(reuse).lower()}"])
+        assert s["counts"]["queries_reusing_database_features"] == (14 if reuse else 0)
+        runs[reuse] = pd.read_parquet(res / "results.parquet")
+    a, b = runs[True], runs[False]
+    assert a.query_id.tolist() == b.query_id.tolist()
+    assert np.allclose(np.stack(a.scores), np.stack(b.scores), atol=1e-4)
+    assert [list(x) for x in a.ids] == [list(x) for x in b.ids]
+
+
 def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
     """Index root and results on a real S3 API; images uploaded to S3 too."""
     fs, _ = sfs.filesystem("s3://x", s3_server["options"])
