@@ -41,7 +41,7 @@ class ExtractConfig:
     role: str = "database"                 # revisited .pkl: database (imlist) or queries (qimlist)
     id_offset: int = 0
     shard_size: int = 32                   # images per Parquet shard
-    batch_size: int = 8                    # images per describer call
+    batch_size: int = 8                    # images read ahead and passed per describer call
     center_crop: float | None = None       # crop images without a box to this central fraction
     local_whiten_dim: int = 128            # how: PCA-whitening of local descriptors to this dim
     local_whiten_images: int = 200         # how: images sampled to learn it
@@ -182,11 +182,6 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
     return learn_pca_whitening(x, cfg.local_whiten_dim)
 
 
-def _spread() -> dict:
-    """Spread extraction actors over the nodes instead of packing the first one."""
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None,
                    summary: JobSummary) -> None:
     """Extract every pending shard of ``images`` into ``shards`` (resumes: committed shards are skipped)."""
@@ -206,7 +201,7 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
     summary.info["actors"] = dataclasses.asdict(plan)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardExtractor, batch_size=1, batch_format="numpy", concurrency=min(plan.actors, len(items)),
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, ray_remote_args_fn=_spread,
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
         memory=plan.memory_mb * 2**20 if plan.memory_mb else None,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "whitening": whitening.to_bytes() if whitening else None,
                                "shards_uri": shards.uri})

@@ -45,6 +45,8 @@ class DescriptorConfig:
     local_smoothing: int = 3
     sift_n: int = 2000                     # rootsift: features per image
     device: str = "auto"                   # auto | cpu | cuda
+    forward_batch: int = 0                 # max same-shape images per forward; 0: 16 on GPU, 1 on CPU
+                                           # (measured on 2 CPU cores: batching is 0.73x, see benchmarks/)
 
 
 class Describer:
@@ -117,7 +119,9 @@ class Describer:
         scaled = [rescale(b, scale) for b in bases]
         for i, img in enumerate(scaled):
             groups[img.shape].append(i)
-        for idxs in groups.values():
+        step = self.cfg.forward_batch or (16 if self.device.type == "cuda" else 1)
+        chunks = [idxs[s:s + step] for idxs in groups.values() for s in range(0, len(idxs), step)]
+        for idxs in chunks:
             x = to_tensor([scaled[i] for i in idxs], self.device)
             out = self.net(x, names)
             for j, i in enumerate(idxs):

@@ -63,7 +63,7 @@ def test_describer_batches_equal_single(lite0):
     imgs = [(rng.random((120, 160, 3)) * 255).astype(np.uint8) for _ in range(3)]
     imgs.append((rng.random((90, 160, 3)) * 255).astype(np.uint8))
     d = Describer(DescriptorConfig(local="how", local_layer="block10", local_n=50, max_side=160, global_max_side=160,
-                                   local_scales=[1.0, 0.5]))
+                                   local_scales=[1.0, 0.5], forward_batch=8))
     batch = d(imgs)
     for img, row in zip(imgs, batch):
         one = d([img])[0]

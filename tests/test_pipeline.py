@@ -113,3 +113,23 @@ def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
     metrics = evaluate_job.main(["--results", f"s3://{bucket}/res", "--ground-truth", str(mini_subset), *opts])
     assert metrics["queries"] == 6 and 0 < metrics["mAP"] <= 1
     assert fs.exists(f"{bucket}/res/metrics.json") and fs.exists(f"{bucket}/idx/global/vectors.npy")
+
+
+def test_how_local_features_with_learned_whitening(ray_session, mini_subset, tmp_path):
+    """Deep local features from the stride-16 block: whitening learned on a sample, then applied."""
+    out = tmp_path / "how"
+    summary = index_job.main(["--collection", str(mini_subset), "--out", str(out), *FAST,
+                              "--set", "describe.local=how", "--set", "describe.local_layer=block10",
+                              "--set", "describe.local_scales=[1.0,0.5]", "--set", "describe.local_n=40",
+                              "--set", "local_whiten_images=6", "--set", "local_whiten_dim=16"])
+    assert summary["counts"]["images_ok"] == 14
+    root = ArtifactRoot(str(out))
+    white = root.whitening("local")
+    assert white is not None and white.proj.shape == (16, 112)
+    t = root.shards().read_all(["local_desc", "local_scale", "local_xy", "width", "height"])
+    first = np.array(t.column("local_desc")[0].as_py(), np.float32)
+    assert first.shape == (40, 16)
+    scales = set(np.concatenate([np.asarray(s.as_py()) for s in t.column("local_scale")]).tolist())
+    assert scales <= {1.0, 0.5} and len(scales) == 2
+    xy = np.concatenate([np.asarray(v.as_py()) for v in t.column("local_xy")])
+    assert xy.min() >= 0 and xy[:, 0].max() <= t.column("width").to_numpy().max()
