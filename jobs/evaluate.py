@@ -86,10 +86,11 @@ def run(cfg: EvaluateConfig) -> dict:
             raise SystemExit(f"{cfg.ground_truth} has no 'group' column: it cannot serve as ground truth")
         setups = group_ground_truth(gt, database, names)
     metrics = {s: evaluate(rankings, pos, ign, tuple(cfg.ks)) for s, (pos, ign) in setups.items()}
-    per_query = {s: m.pop("ap") for s, m in metrics.items()}
-    out = metrics["all"] if "all" in metrics else metrics
-    out = {**out, "per_query_ap": dict(zip(names, per_query["all"])) if "all" in per_query else
-           {s: dict(zip(names, v)) for s, v in per_query.items()}}
+    per_query = {s: [None if np.isnan(a) else a for a in m.pop("ap")] for s, m in metrics.items()}
+    if "all" in metrics:  # group ground truth: one setup
+        out = {**metrics["all"], "per_query_ap": dict(zip(names, per_query["all"]))}
+    else:  # revisited: easy / medium / hard
+        out = {**metrics, "per_query_ap": {s: dict(zip(names, v)) for s, v in per_query.items()}}
     sfs.write_json(sfs.join(cfg.results, "metrics.json"), out, cfg.storage)
     print_table(metrics, cfg.ks)
     return out
