@@ -4,7 +4,9 @@
 
 - ``extract``: multi-scale GeM global + local features into Parquet shards (:mod:`jobs.extract`);
 - ``global``: the global descriptors gathered into one float32 matrix (optionally PCA-whitened to
-  ``global_whiten_dim``), memory-mapped by ``jobs.search``.
+  ``global_whiten_dim``), memory-mapped by ``jobs.search``;
+- ``codebook``: k-means visual codebook on a sample of local descriptors (:mod:`jobs.codebook`);
+- ``asmk``: the ASMK / ASMK* inverted file, built in parallel and merged (:mod:`jobs.asmk`).
 
 Extraction resumes (committed shards are skipped); the cheap ``global`` stage is redone each run.
 ASMK, kNN-graph and diffusion stages slot in after these (``--set stages=[global]`` picks stages).
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.ray_env import connect
+from jobs.asmk import AsmkConfig, build_asmk
+from jobs.codebook import CodebookConfig, build_codebook
 from jobs.config import parse, to_dict
 from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
 from jobs.summary import JobSummary
@@ -24,13 +28,16 @@ from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.schemas import global_matrix
 
-STAGES = ("extract", "global")
+STAGES = ("extract", "global", "codebook", "asmk")
+LOCAL_STAGES = ("codebook", "asmk")
 
 
 @dataclass
 class IndexConfig(ExtractConfig):
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    asmk: AsmkConfig = field(default_factory=AsmkConfig)
 
 
 def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> None:
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; known: {STAGES}")
     summary = JobSummary("index")
-    connect(cfg.ray)
+    res = connect(cfg.ray)
     root = ArtifactRoot(cfg.out, cfg.storage)
     if "extract" in cfg.stages:
         extract(cfg, summary)
@@ -84,6 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
         with summary.stage("global"):
             build_global(cfg, root, summary)
         root.record_stage("global", to_dict(cfg))
+    stages = [st for st in LOCAL_STAGES if st in cfg.stages and cfg.describe.local != "none"]
+    if "codebook" in stages:
+        with summary.stage("codebook"):
+            build_codebook(cfg.codebook, root, summary, gpus=1 if res.get("GPU") else 0)
+        root.record_stage("codebook", to_dict(cfg))
+    if "asmk" in stages:
+        with summary.stage("asmk"):
+            build_asmk(cfg.asmk, root, summary)
+        root.record_stage("asmk", to_dict(cfg))
     summary.info["index"] = cfg.out
     return summary.finish(root.path("summary-index.json"), cfg.storage)
 

@@ -1,17 +1,26 @@
 """Search job: extract the queries, rank the database, write top-K results to Parquet.
 
-``python -m jobs.search --index ROOT --queries Q --out RES --method global --topk K``
+``python -m jobs.search --index ROOT --queries Q --out RES --method {global,asmk,fused} --topk K``
 
 Queries (folder, manifest with optional ``x0,y0,x1,y1`` boxes, or revisited ``.pkl`` with its
 ``bbx``) are cropped and described exactly as the database was (same describer config and
-whitening, read from ``ROOT/index.json``). Ranking runs in Ray tasks over blocks of queries; each
-task memory-maps the database matrix and streams it in blocks with a top-k heap, so memory is
-O(queries × k). A query that is also a database image (same file) is left out of its own ranking.
+whitening, read from ``ROOT/index.json``). Ranking runs in Ray tasks over blocks of queries:
+
+- ``global``: each task memory-maps the descriptor matrices and streams them in blocks with a
+  top-k heap (memory O(queries × k));
+- ``asmk``: queries are quantised with multiple assignment and aggregated; each task scores its
+  block against the memory-mapped inverted files (:func:`operators.asmk.search`);
+- ``fused``: ASMK score + β × cubed global similarity, normalised per query (:mod:`operators.fusion`).
+
+``--distractors ROOT2 …`` adds indexes built separately (same codebook) that are searched together
+with ``--index``. A query that is also a database image (same file) is left out of its own ranking.
+Every query gets a row (an empty ranking when it could not be described).
 
 Output ``RES/results.parquet`` (``storage.schemas.RESULTS_SCHEMA``), ``RES/run.json`` and a summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -19,20 +28,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cluster.ray_env import RayConfig, connect
+from jobs.asmk import AsmkConfig, codebook_hash, search_task as asmk_search_task
 from jobs.config import from_dict, parse, to_dict
 from jobs.extract import ExtractConfig, prepare_images, run_extraction
 from jobs.summary import JobSummary
+from operators.asmk import AsmkParams, aggregate
+from operators.codebook import Quantizer
 from operators.describe import DescriptorConfig
+from operators.fusion import fuse
 from operators.global_index import iter_blocks
 from operators.knn import knn_blocks
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
-from storage.schemas import RESULTS_SCHEMA, global_matrix
+from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 
-METHODS = ("global",)
+METHODS = ("global", "asmk", "fused")
 
 
 @dataclass
@@ -42,21 +56,31 @@ class SearchConfig:
     out: str = ""
     method: str = "global"
     topk: int = 100
+    distractors: list[str] = field(default_factory=list)  # more index roots searched with ``index``
     role: str = "queries"                 # revisited .pkl: queries (qimlist + bbx) or database
     center_crop: float | None = None      # crop queries without a box to this central fraction
     exclude_self: bool = True
     reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
-    query_block: int = 1024               # queries per Ray search task
+    query_block: int = 1024               # queries per Ray search task (global)
     db_block: int = 65536                 # database rows per faiss call
+    asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
+    fusion_beta: float = 0.2              # fused: weight of the global term
+    fusion_shortlist: int = 1000          # fused: shortlist of each method
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
 
-def global_search_task(index_uri: str, options: dict, xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int):
-    """Rank the memory-mapped database for one block of queries (runs in a Ray task)."""
-    root = ArtifactRoot(index_uri, options)
-    ids, vectors = root.load_array("global/ids.npy"), root.load_array("global/vectors.npy")
-    return knn_blocks(xq, iter_blocks(ids, vectors, db_block), k, exclude)
+def partitions(cfg: SearchConfig) -> list[ArtifactRoot]:
+    return [ArtifactRoot(u, cfg.storage) for u in [cfg.index, *cfg.distractors]]
+
+
+def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int):
+    """Rank the memory-mapped descriptors of every partition for one block of queries (a Ray task)."""
+    def blocks():
+        for uri, options in roots:
+            root = ArtifactRoot(uri, options)
+            yield from iter_blocks(root.load_array("global/ids.npy"), root.load_array("global/vectors.npy"), db_block)
+    return knn_blocks(xq, blocks(), k, exclude)
 
 
 def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary) -> tuple[pd.DataFrame, ArtifactRoot]:
@@ -115,28 +139,136 @@ def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame
     return queries.set_index("image_id").loc[qids[order]].reset_index(), xq[order]
 
 
-def run_global(cfg: SearchConfig, root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame,
-               summary: JobSummary) -> pa.Table:
+def run_global(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: int) -> dict[int, tuple]:
+    """{query id: (ids, scores)} by global-descriptor similarity."""
     import ray
 
+    root = partitions(cfg)[0]
     rows, xq = query_globals(root, qroot, queries)
-    summary.add(queries=len(queries), queries_failed=len(queries) - len(rows))
     exclude = rows["own"].to_numpy() if cfg.exclude_self else np.full(len(rows), -1)
+    roots = [(r.uri, r.options) for r in partitions(cfg)]
     task = ray.remote(num_cpus=1)(global_search_task)
-    futures = [task.remote(cfg.index, cfg.storage, xq[s:s + cfg.query_block], exclude[s:s + cfg.query_block],
-                           cfg.topk, cfg.db_block) for s in range(0, len(xq), cfg.query_block)]
-    parts = ray.get(futures)
-    scores = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, cfg.topk), np.float32)
-    ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, cfg.topk), np.int64)
-    return results_table(rows["image_id"].to_numpy(), rows["name"].tolist(), ids, scores)
+    futures = [task.remote(roots, xq[s:s + cfg.query_block], exclude[s:s + cfg.query_block], k, cfg.db_block)
+               for s in range(0, len(xq), cfg.query_block)]
+    out = {}
+    for s0, (scores, ids) in zip(range(0, len(xq), cfg.query_block), ray.get(futures)):
+        for j, q in enumerate(rows["image_id"].to_numpy()[s0:s0 + cfg.query_block]):
+            out[int(q)] = (ids[j], scores[j])
+    return out
 
 
-def results_table(qids: np.ndarray, names: list[str], ids: np.ndarray, scores: np.ndarray) -> pa.Table:
-    """One row per query; padding (-1) removed from the ranked lists."""
-    valid = ids >= 0
-    lists_i = [row[m].tolist() for row, m in zip(ids, valid)]
-    lists_s = [row[m].astype(np.float32).tolist() for row, m in zip(scores, valid)]
-    return pa.table({"query_id": pa.array(qids, pa.int64()), "query_name": pa.array(names, pa.string()),
+def query_locals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Local descriptors of the queries (float32) and their query ids; reused ones come from the index."""
+    descs, ids = [], []
+
+    def take(table: pa.Table) -> None:
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+        d, i, _ = local_arrays(table)
+        descs.append(d.astype(np.float32)), ids.append(i)
+
+    if (~queries["reuse"]).any():
+        take(qroot.shards().read_all(["image_id", "status", "local_desc"]))
+    reuse = queries[queries["reuse"]]
+    if len(reuse):
+        to_query = dict(zip(reuse["own"], reuse["image_id"]))
+        for table in root.shards().iter_tables(["image_id", "status", "local_desc"]):
+            table = table.filter(pc.is_in(table.column("image_id"), pa.array(list(to_query), pa.int64())))
+            if table.num_rows:
+                n = len(descs)
+                take(table)
+                if len(descs) > n:
+                    ids[-1] = np.array([to_query[int(i)] for i in ids[-1]], np.int64)
+    if not descs:
+        return np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(descs), np.concatenate(ids)
+
+
+def asmk_params(cfg: SearchConfig, root: ArtifactRoot) -> tuple[AsmkParams, int]:
+    built = root.stage_config("asmk")["asmk"]
+    chosen = cfg.asmk or from_dict(AsmkConfig, {**built, "params": AsmkParams(**built["params"])})
+    if chosen.params.binary != built["params"]["binary"]:
+        raise SystemExit("asmk.params.binary must match the index (it decides what the inverted file stores)")
+    return chosen.params, chosen.buffer_mb
+
+
+def run_asmk(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: int) -> dict[int, tuple]:
+    """{query id: (ids, scores)} by ASMK over every partition's inverted file."""
+    import ray
+
+    parts = partitions(cfg)
+    root = parts[0]
+    centroids = root.load_array("codebook/centroids.npy", mmap=False)
+    for other in parts[1:]:
+        if codebook_hash(other.load_array("codebook/centroids.npy", mmap=False)) != codebook_hash(centroids):
+            raise SystemExit(f"{other.uri} was built with another codebook; it cannot be searched with {root.uri}")
+    params, buffer_mb = asmk_params(cfg, root)
+    desc, qimg = query_locals(root, qroot, queries)
+    agg = aggregate(desc, qimg, Quantizer(centroids)(desc, params.query_ma), centroids, params.binary)
+    exclude = dict(zip(queries["image_id"], queries["own"])) if cfg.exclude_self else {}
+    uq = np.unique(agg.image_ids)
+    block = (cfg.asmk or AsmkConfig()).query_block
+    task = ray.remote(num_cpus=1)(asmk_search_task)
+    roots = [(r.uri, r.options) for r in parts]
+    futures = []
+    for s in range(0, len(uq), block):
+        m = np.isin(agg.image_ids, uq[s:s + block])
+        futures.append(task.remote(roots, agg.words[m], agg.codes[m], agg.image_ids[m], dataclasses.asdict(params),
+                                   k, {q: exclude[q] for q in uq[s:s + block].tolist()}, buffer_mb))
+    out = {}
+    for qids, scores, ids in ray.get(futures):
+        for j, q in enumerate(qids.tolist()):
+            out[q] = (ids[j], scores[j])
+    return out
+
+
+def run_fused(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot) -> dict[int, tuple]:
+    """ASMK + β · global (see :mod:`operators.fusion`) over the union of both shortlists."""
+    shortlist = max(cfg.fusion_shortlist, cfg.topk)
+    a, g = run_asmk(cfg, queries, qroot, shortlist), run_global(cfg, queries, qroot, shortlist)
+    rows, xq = query_globals(partitions(cfg)[0], qroot, queries)
+    row_of = {int(q): j for j, q in enumerate(rows["image_id"])}
+    lookup = GlobalLookup(partitions(cfg))
+    out = {}
+    for q in set(a) | set(g):
+        a_ids, a_s = a.get(q, (np.zeros(0, np.int64), np.zeros(0)))
+        cand = np.unique(np.concatenate([a_ids[a_ids >= 0], g.get(q, (np.zeros(0, np.int64),))[0]]))
+        cand = cand[cand >= 0]
+        sims = lookup(cand) @ xq[row_of[q]] if q in row_of and len(cand) else np.zeros(len(cand))
+        out[q] = fuse(a_ids, a_s, cand, sims, cfg.fusion_beta, cfg.topk)
+    return out
+
+
+class GlobalLookup:
+    """Global descriptors by database id across partitions (memory-mapped rows)."""
+
+    def __init__(self, roots: list[ArtifactRoot]):
+        self.parts = []
+        for r in roots:
+            ids, vec = r.load_array("global/ids.npy"), r.load_array("global/vectors.npy")
+            order = np.argsort(ids)
+            self.parts.append((np.asarray(ids)[order], order, vec))
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), self.parts[0][2].shape[1]), np.float32)
+        for sorted_ids, order, vec in self.parts:
+            pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+            hit = sorted_ids[pos] == ids
+            out[hit] = np.asarray(vec[order[pos[hit]]])
+        return out
+
+
+def results_table(queries: pd.DataFrame, ranked: dict[int, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+    """One row per query (in query-id order); padding (-1) removed, empty when the query has no result."""
+    queries = queries.sort_values("image_id")
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    lists_i, lists_s = [], []
+    for q in queries["image_id"].tolist():
+        ids, scores = ranked.get(int(q), empty)
+        ids, scores = np.asarray(ids), np.asarray(scores)
+        keep = (ids >= 0) & np.isfinite(scores)
+        lists_i.append(ids[keep].tolist()), lists_s.append(scores[keep].astype(np.float32).tolist())
+    return pa.table({"query_id": pa.array(queries["image_id"], pa.int64()),
+                     "query_name": pa.array(queries["name"].astype(str), pa.string()),
                      "ids": pa.array(lists_i, pa.list_(pa.int64())), "scores": pa.array(lists_s, pa.list_(pa.float32()))},
                     schema=RESULTS_SCHEMA)
 
@@ -160,6 +292,8 @@ FLAGS = {
     "--method": ("method", str, f"ranking method: {', '.join(METHODS)}"),
     "--topk": ("topk", int, "results kept per query"),
     "--center-crop": ("center_crop", float, "crop queries without a box to this central fraction (e.g. 0.4)"),
+    "--distractors": ("distractors", lambda v: [u for u in v.split(",") if u],
+                      "comma-separated index roots searched together with --index (same codebook)"),
 }
 
 
@@ -172,7 +306,14 @@ def main(argv: list[str] | None = None) -> dict:
     root = ArtifactRoot(cfg.index, cfg.storage)
     queries, qroot = describe_queries(cfg, root, summary)
     with summary.stage(f"search ({cfg.method})"):
-        table = run_global(cfg, root, qroot, queries, summary)
+        if cfg.method == "global":
+            ranked = run_global(cfg, queries, qroot, cfg.topk)
+        elif cfg.method == "asmk":
+            ranked = run_asmk(cfg, queries, qroot, cfg.topk)
+        else:
+            ranked = run_fused(cfg, queries, qroot)
+    table = results_table(queries, ranked)
+    summary.add(queries=len(queries), queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
     write_results(cfg, table)
     summary.info["results"] = sfs.join(cfg.out, "results.parquet")
     return summary.finish(sfs.join(cfg.out, "summary-search.json"), cfg.storage)

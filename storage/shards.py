@@ -62,6 +62,17 @@ class ShardSet:
         sfs.write_json(self.commit_path(index), rec, self.options)
         return rec
 
+    def write_blob(self, index: int, data: bytes, record: dict | None = None, ext: str = "npz") -> dict:
+        """Commit a non-Parquet shard (e.g. a partial inverted file) under the same protocol."""
+        uri = sfs.join(self.uri, f"{shard_name(index)}.{ext}")
+        sfs.write_bytes(uri, data, self.options)
+        rec = {"shard": index, "bytes": len(data), "committed_at": time.time(), **(record or {})}
+        sfs.write_json(self.commit_path(index), rec, self.options)
+        return rec
+
+    def blob_path(self, index: int, ext: str = "npz") -> str:
+        return sfs.join(self.uri, f"{shard_name(index)}.{ext}")
+
     def read_shard(self, index: int, columns: list[str] | None = None) -> pa.Table:
         data = sfs.read_bytes(self.path(index), self.options)
         return pq.read_table(io.BytesIO(data), columns=columns)

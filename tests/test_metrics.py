@@ -96,8 +96,8 @@ def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
     rankings = [_ranking(roxford, q, "EHUR") + 1000 for q in range(len(roxford["qimlist"]))]
     rankings[0] = _ranking(roxford, 0, "RUHE")[:300] + 1000  # truncated: its positives are cut off
     rankings[0] = np.pad(rankings[0], (0, len(rankings[1]) - 300), constant_values=-1)
-    table = results_table(np.arange(70), list(roxford["qimlist"]), np.stack(rankings),
-                          np.zeros((70, len(rankings[0])), np.float32))
+    queries = pd.DataFrame({"image_id": np.arange(70), "name": list(roxford["qimlist"])})
+    table = results_table(queries, {q: (r, np.zeros(len(r), np.float32)) for q, r in enumerate(rankings)})
     res = tmp_path / "res"
     buf = io.BytesIO()
     import pyarrow.parquet as pq
