@@ -64,7 +64,7 @@ class SearchConfig:
     query_block: int = 1024               # queries per Ray search task (global)
     db_block: int = 65536                 # database rows per faiss call
     asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
-    fusion_beta: float = 0.2              # fused: weight of the global term
+    fusion_beta: float = 0.5              # fused: weight of the global term (measured, operators/fusion.py)
     fusion_shortlist: int = 1000          # fused: shortlist of each method
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)

@@ -14,14 +14,16 @@ dimension is set when V > 0, non-binary vectors are V / (||V|| + 1e-6), σ keeps
 The inverted file is word-partitioned: postings of word c are rows ``offsets[c]:offsets[c+1]`` of
 ``entry_image`` (uint32 index into ``images``, the real int64 ids) and ``codes`` (uint8 packed bits,
 or float32 unit vectors). Search scores a chunk of queries at once: every (query entry, posting)
-pair of the same word is scored with vectorised popcounts, accumulated per (query, image) in a
-chunk-sized buffer, and only the top-k per query is kept.
+pair of the same word is scored with vectorised popcounts (word by word: the queries' entries of a
+word against its contiguous posting slice), accumulated per (query, image) in a chunk-sized buffer,
+and only the top-k per query is kept.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 
 @dataclass
@@ -36,7 +38,7 @@ class AsmkParams:
 
 @dataclass
 class Aggregated:
-    """One row per (image, visual word), sorted by image then word."""
+    """One row per (image, visual word): grouped by image, words sorted within an image."""
 
     image_ids: np.ndarray   # (E,) int64
     words: np.ndarray       # (E,) int64
@@ -49,11 +51,26 @@ def binarize(v: np.ndarray) -> np.ndarray:
 
 
 def aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
-              binary: bool = True) -> Aggregated:
+              binary: bool = True, block_rows: int = 1 << 18) -> Aggregated:
     """V(X_c) = Σ residuals per (image, word); a descriptor with m assigned words counts once in each.
 
     ``desc`` (n, d), ``image_ids`` (n,), ``words`` (n, m) from :class:`operators.codebook.Quantizer`.
+    When each image's descriptors are contiguous, they are processed in blocks of whole images of
+    about ``block_rows`` rows (bounded memory); the output is grouped by image, words sorted within.
     """
+    ids = np.asarray(image_ids)
+    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # first row of each run of one image
+    rows_per_block = max(1, block_rows // words.shape[1])
+    if len(ids) > rows_per_block and len(np.unique(ids[starts])) == len(starts):
+        block_of_run = starts // rows_per_block
+        edges = np.r_[starts[np.flatnonzero(np.r_[True, np.diff(block_of_run) > 0])], len(ids)]
+        parts = [_aggregate(desc[a:b], ids[a:b], words[a:b], centroids, binary) for a, b in zip(edges[:-1], edges[1:])]
+        return Aggregated(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_ids", "words", "codes")))
+    return _aggregate(desc, ids, words, centroids, binary)
+
+
+def _aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
+               binary: bool) -> Aggregated:
     n, m = words.shape
     d = desc.shape[1]
     if n == 0:
@@ -63,11 +80,20 @@ def aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centro
     rows = np.repeat(np.arange(n), m)
     w = words.reshape(-1).astype(np.int64)
     img = np.asarray(image_ids, np.int64)[rows]
-    order = np.lexsort((w, img))
-    rows, w, img = rows[order], w[order], img[order]
-    residual = np.asarray(desc, np.float32)[rows] - centroids[w]
-    start = np.flatnonzero(np.r_[True, (img[1:] != img[:-1]) | (w[1:] != w[:-1])])
-    v = np.add.reduceat(residual, start, axis=0)
+    residual = np.ascontiguousarray(centroids, np.float32)[w]  # then x − q(x) in place: one allocation
+    np.subtract(np.asarray(desc, np.float32) if m == 1 else np.asarray(desc, np.float32)[rows], residual, out=residual)
+    k = int(w.max()) + 1
+    if img.min() >= 0 and int(img.max()) < np.iinfo(np.int64).max // k:
+        order = np.argsort(img * k + w, kind="stable")
+    else:
+        order = np.lexsort((w, img))
+    img_s, w_s = img[order], w[order]
+    first = np.flatnonzero(np.r_[True, (img_s[1:] != img_s[:-1]) | (w_s[1:] != w_s[:-1])])
+    start = order[first]
+    # V per (image, word) = Σ residuals: a sparse (groups × rows) indicator, built directly in CSR
+    member = sp.csr_matrix((np.ones(len(rows), np.float32), order, np.r_[first, len(rows)]),
+                           shape=(len(first), len(rows)))
+    v = np.asarray(member @ residual, dtype=np.float32)
     if binary:
         codes = binarize(v)
     else:
@@ -133,21 +159,9 @@ def image_norms(ivf: InvertedFile, word_weight: np.ndarray | None) -> np.ndarray
     return np.bincount(ivf.entry_image, weights=word_weight[words], minlength=len(ivf.images))
 
 
-def _pair_similarity(q_codes: np.ndarray, p_codes: np.ndarray, binary: bool, dim: int) -> np.ndarray:
-    """V̂ᵀV̂' of paired rows: 1 − 2h/d for packed bits, dot products for float vectors."""
-    if binary:
-        x = np.bitwise_xor(q_codes, p_codes)
-        if x.shape[1] % 8 == 0:
-            h = np.bitwise_count(x.view(np.uint64)).sum(axis=1, dtype=np.int64)
-        else:
-            h = np.bitwise_count(x).sum(axis=1, dtype=np.int64)
-        return 1.0 - 2.0 * h / dim
-    return np.einsum("pd,pd->p", q_codes, p_codes, dtype=np.float32).astype(np.float64)
-
-
 def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exclude: dict[int, int] | None = None,
            word_weight: np.ndarray | None = None, norms: np.ndarray | None = None,
-           buffer_bytes: int = 256 * 2**20, max_pairs: int = 4_000_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           buffer_bytes: int = 256 * 2**20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` database images for each query image in ``query`` (aggregated, MA applied).
 
     ``exclude`` maps a query id to a database id left out of its ranking. ``word_weight`` is the
@@ -166,7 +180,7 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
         sel = sel[np.argsort(query.words[sel], kind="stable")]  # word order: sequential reads of the postings
         nq = min(chunk, len(qids) - q0)
         acc = _accumulate(ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params,
-                          word_weight, inv_sqrt_norm, max_pairs)
+                          word_weight, inv_sqrt_norm)
         qw = np.ones(len(sel)) if word_weight is None else word_weight[query.words[sel]]
         acc /= np.sqrt(np.bincount(q_of_entry[sel] - q0, weights=qw, minlength=nq))[:, None]
         if exclude:
@@ -182,31 +196,56 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
 
 def _accumulate(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local: np.ndarray, nq: int,
                 params: AsmkParams, word_weight: np.ndarray | None, inv_sqrt_norm: np.ndarray,
-                max_pairs: int) -> np.ndarray:
-    """Dense (nq, n_img) score buffer for one chunk of queries: Σ_c w_c σ(u) / sqrt(norm[img])."""
+                flush_pairs: int = 8_000_000) -> np.ndarray:
+    """Dense (nq, n_img) score buffer for one chunk of queries: Σ_c w_c σ(u) / sqrt(norm[img]).
+
+    Query entries arrive sorted by word. For each word, all its query entries meet all its postings
+    at once (a contiguous slice of the inverted file): (q_c × n_c) popcounts and σ by table look-up
+    for binary codes; the weighted pairs of many words are added to the buffer by one bincount.
+    """
     n_img = len(ivf.images)
     acc = np.zeros(nq * n_img, np.float64)
-    start, length = ivf.offsets[words], ivf.offsets[words + 1] - ivf.offsets[words]
-    keep = np.flatnonzero(length > 0)
-    budget = max_pairs if params.binary else max(1, max_pairs // max(1, ivf.dim // 8))
-    if len(keep) == 0:
-        return acc.reshape(nq, n_img)
-    cum = np.cumsum(length[keep])
-    edges = np.unique(np.r_[0, np.searchsorted(cum, np.arange(budget, cum[-1], budget), side="right"), len(keep)])
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        ent = keep[lo:hi]
-        lens = length[ent]
-        pair_entry = np.repeat(ent, lens)
-        first = np.repeat(start[ent] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-        pair_post = first + np.arange(lens.sum())
-        u = _pair_similarity(codes[pair_entry], ivf.codes[pair_post], ivf.binary, ivf.dim)
-        s = selectivity(u, params.alpha, params.tau)
-        if word_weight is not None:
-            s = s * word_weight[words[pair_entry]]
-        img = ivf.entry_image[pair_post].astype(np.int64)
-        s = s * inv_sqrt_norm[img]
-        acc += np.bincount(q_local[pair_entry] * n_img + img, weights=s, minlength=nq * n_img)
+    pending_idx, pending_s, pending = [], [], 0
+
+    def flush() -> None:  # one bincount for many words: far cheaper than a fancy-indexed add per word
+        nonlocal pending_idx, pending_s, pending
+        if pending:
+            acc[:] += np.bincount(np.concatenate(pending_idx), np.concatenate(pending_s), minlength=nq * n_img)
+        pending_idx, pending_s, pending = [], [], 0
+
+    bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True])
+    if ivf.binary:
+        table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, params.alpha, params.tau)
+        lanes = _lanes(codes)  # the packed codes as contiguous uint64 (or uint8) columns
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        w = words[a]
+        lo, hi = ivf.offsets[w], ivf.offsets[w + 1]
+        if hi == lo:
+            continue
+        posting = np.asarray(ivf.codes[lo:hi])
+        if ivf.binary:
+            h = None
+            for q_lane, p_lane in zip(lanes, _lanes(posting, contiguous=False)):
+                c = np.bitwise_count(q_lane[a:b, None] ^ p_lane[None, :])
+                h = c if h is None else h + c  # uint8 is enough: at most d bits differ
+            s = table[h]
+        else:
+            s = selectivity((codes[a:b] @ posting.T).astype(np.float64), params.alpha, params.tau)
+        img = np.asarray(ivf.entry_image[lo:hi]).astype(np.intp)
+        s *= inv_sqrt_norm[img] * (1.0 if word_weight is None else word_weight[w])
+        pending_idx.append((q_local[a:b, None] * n_img + img[None, :]).ravel())
+        pending_s.append(s.ravel())
+        pending += s.size
+        if pending > flush_pairs:
+            flush()
+    flush()
     return acc.reshape(nq, n_img)
+
+
+def _lanes(codes: np.ndarray, contiguous: bool = True) -> list[np.ndarray]:
+    """Columns of packed codes as 64-bit words when the width allows (else bytes)."""
+    view = codes.view(np.uint64) if codes.shape[1] % 8 == 0 else codes
+    return [np.ascontiguousarray(view[:, j]) if contiguous else view[:, j] for j in range(view.shape[1])]
 
 
 def _topk(acc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ def ours(centroids, xb, ib, xq, iq, p: AsmkParams):
     ivf = build_inverted_file(aggregate(xb, ib, quant(xb, p.db_ma), centroids, p.binary), len(centroids), p.binary)
     weight = idf_weights(ivf.counts, len(ivf.images)) if p.use_idf else None
     q = aggregate(xq, iq, quant(xq, p.query_ma), centroids, p.binary)
-    return search(ivf, q, p, k=len(ivf.images), word_weight=weight, max_pairs=5000)
+    return search(ivf, q, p, k=len(ivf.images), word_weight=weight, buffer_bytes=4096)  # small chunks: several per run
 
 
 def compare(centroids, xb, ib, xq, iq, p: AsmkParams):
@@ -113,3 +113,17 @@ def real_rootsift(instance_mini):
 @pytest.mark.parametrize("binary,use_idf,query_ma", [(True, False, 5), (False, False, 5), (True, True, 1), (False, True, 3)])
 def test_real_rootsift(real_rootsift, binary, use_idf, query_ma):
     compare(*real_rootsift, AsmkParams(binary=binary, use_idf=use_idf, query_ma=query_ma))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_blocked_aggregation_equals_one_pass(random_data, shuffle):
+    from operators.asmk import aggregate
+
+    centroids, xb, ib, _, _ = random_data
+    ids = ib.copy()
+    if shuffle:  # an image split over two runs: the one-pass path must be taken
+        ids[:5] = ids[-1]
+    words = Quantizer(centroids)(xb, 2)
+    a, b = aggregate(xb, ids, words, centroids, block_rows=97), aggregate(xb, ids, words, centroids, block_rows=10**9)
+    for f in ("image_ids", "words", "codes"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
