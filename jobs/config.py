@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -26,6 +27,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         typ = hints[key]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[SomeConfig]
+            typ = next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), typ)
         if dataclasses.is_dataclass(typ) and isinstance(value, dict):
             value = from_dict(typ, value, f"{where}{key}.")
         kwargs[key] = value

@@ -21,3 +21,11 @@ def test_precedence_yaml_flags_set(tmp_path):
 def test_unknown_key_is_an_error():
     with pytest.raises(SystemExit):
         parse(IndexConfig, ["--set", "describe.gem_pp=3"], FLAGS)
+
+
+def test_optional_nested_config():
+    from jobs.search import FLAGS as SEARCH_FLAGS, SearchConfig
+
+    cfg = parse(SearchConfig, ["--set", "asmk.params.tau=-0.1", "--set", "asmk.params.query_ma=3"], SEARCH_FLAGS)
+    assert cfg.asmk.params.tau == -0.1 and cfg.asmk.params.query_ma == 3 and cfg.asmk.params.binary
+    assert parse(SearchConfig, [], SEARCH_FLAGS).asmk is None
