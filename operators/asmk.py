@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -161,7 +162,7 @@ def image_norms(ivf: InvertedFile, word_weight: np.ndarray | None) -> np.ndarray
 
 def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exclude: dict[int, int] | None = None,
            word_weight: np.ndarray | None = None, norms: np.ndarray | None = None,
-           buffer_bytes: int = 256 * 2**20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           buffer_bytes: int = 256 * 2**20, use_numba: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` database images for each query image in ``query`` (aggregated, MA applied).
 
     ``exclude`` maps a query id to a database id left out of its ranking. ``word_weight`` is the
@@ -179,8 +180,9 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
         sel = np.flatnonzero((q_of_entry >= q0) & (q_of_entry < q0 + chunk))
         sel = sel[np.argsort(query.words[sel], kind="stable")]  # word order: sequential reads of the postings
         nq = min(chunk, len(qids) - q0)
-        acc = _accumulate(ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params,
-                          word_weight, inv_sqrt_norm)
+        accumulate = _accumulate_numba if ivf.binary and ivf.codes.shape[1] % 8 == 0 and use_numba else _accumulate_numpy
+        acc = accumulate(ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params,
+                         word_weight, inv_sqrt_norm)
         qw = np.ones(len(sel)) if word_weight is None else word_weight[query.words[sel]]
         acc /= np.sqrt(np.bincount(q_of_entry[sel] - q0, weights=qw, minlength=nq))[:, None]
         if exclude:
@@ -194,7 +196,7 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
     return qids, out_s, out_i
 
 
-def _accumulate(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local: np.ndarray, nq: int,
+def _accumulate_numpy(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local: np.ndarray, nq: int,
                 params: AsmkParams, word_weight: np.ndarray | None, inv_sqrt_norm: np.ndarray,
                 flush_pairs: int = 8_000_000) -> np.ndarray:
     """Dense (nq, n_img) score buffer for one chunk of queries: Σ_c w_c σ(u) / sqrt(norm[img]).
@@ -242,6 +244,19 @@ def _accumulate(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local
     return acc.reshape(nq, n_img)
 
 
+def _accumulate_numba(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local: np.ndarray, nq: int,
+                      params: AsmkParams, word_weight: np.ndarray | None, inv_sqrt_norm: np.ndarray) -> np.ndarray:
+    """The same buffer as :func:`_accumulate_numpy` for packed codes, by a compiled loop over pairs."""
+    acc = np.zeros((nq, len(ivf.images)), np.float64)
+    bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True]).astype(np.int64)
+    table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, params.alpha, params.tau)
+    weight = np.zeros(0) if word_weight is None else np.asarray(word_weight, np.float64)
+    _binary_kernel(bounds, np.asarray(words, np.int64), np.asarray(q_local, np.int64),
+                   np.ascontiguousarray(codes).view(np.uint64), np.asarray(ivf.offsets, np.int64),
+                   ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc)
+    return acc
+
+
 def _lanes(codes: np.ndarray, contiguous: bool = True) -> list[np.ndarray]:
     """Columns of packed codes as 64-bit words when the width allows (else bytes)."""
     view = codes.view(np.uint64) if codes.shape[1] % 8 == 0 else codes
@@ -259,3 +274,30 @@ def _topk(acc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.take_along_axis(part, order, 1)
     scores = np.take_along_axis(acc, idx, 1)
     return scores, np.where(np.isfinite(scores), idx, -1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _popcount64(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+@numba.njit(cache=True, nogil=True)
+def _binary_kernel(bounds, words, q_local, qcodes, offsets, entry_image, pcodes, table, inv_sqrt_norm, weight, acc):
+    """acc[q, img] += w_c σ(1 − 2h/d) / sqrt(norm[img]) for every (query entry, posting) of the same word."""
+    lanes = qcodes.shape[1]
+    for g in range(len(bounds) - 1):
+        a, b = bounds[g], bounds[g + 1]
+        w = words[a]
+        ww = weight[w] if weight.size else 1.0
+        lo, hi = offsets[w], offsets[w + 1]
+        for e in range(a, b):  # one query row at a time: its buffer row is written in image order
+            row = acc[q_local[e]]
+            for p in range(lo, hi):
+                h = np.int64(0)
+                for j in range(lanes):
+                    h += np.int64(_popcount64(qcodes[e, j] ^ pcodes[p, j]))
+                img = entry_image[p]
+                row[img] += table[h] * inv_sqrt_norm[img] * ww  # branch-free: σ = 0 adds nothing

@@ -127,3 +127,18 @@ def test_blocked_aggregation_equals_one_pass(random_data, shuffle):
     a, b = aggregate(xb, ids, words, centroids, block_rows=97), aggregate(xb, ids, words, centroids, block_rows=10**9)
     for f in ("image_ids", "words", "codes"):
         assert np.array_equal(getattr(a, f), getattr(b, f))
+
+
+@pytest.mark.parametrize("use_idf,tau", [(False, 0.0), (True, 0.2)])
+def test_compiled_and_numpy_accumulation_agree(random_data, use_idf, tau):
+    from operators.asmk import aggregate
+
+    centroids, xb, ib, xq, iq = random_data
+    p = AsmkParams(use_idf=use_idf, tau=tau)
+    quant = Quantizer(centroids)
+    ivf = build_inverted_file(aggregate(xb, ib, quant(xb), centroids), len(centroids))
+    weight = idf_weights(ivf.counts, len(ivf.images)) if use_idf else None
+    q = aggregate(xq, iq, quant(xq, 5), centroids)
+    a = search(ivf, q, p, k=10, word_weight=weight, use_numba=True)
+    b = search(ivf, q, p, k=10, word_weight=weight, use_numba=False)
+    assert np.array_equal(a[2], b[2]) and np.allclose(a[1], b[1], atol=1e-12)
