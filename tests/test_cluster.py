@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from storage.artifacts import ArtifactRoot
