@@ -30,8 +30,13 @@ def make_data(n_images: int, per_image: int, k: int, n_queries: int, seed: int =
 
     rng = np.random.default_rng(seed)
     modes = rng.normal(size=(4 * k, 128)).astype(np.float32)
-    def draw(n):
-        return (modes[rng.integers(0, len(modes), n)] + 0.35 * rng.normal(size=(n, 128))).astype(np.float32)
+    def draw(n, block=1 << 18):  # float32 in blocks: the data, not its generation, sets the baseline memory
+        out = np.empty((n, 128), np.float32)
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            out[s:s + m] = modes[rng.integers(0, len(modes), m)]
+            out[s:s + m] += 0.35 * rng.standard_normal((m, 128), dtype=np.float32)
+        return out
     xb = draw(n_images * per_image)
     ib = np.repeat(np.arange(n_images), per_image)
     xq = draw(n_queries * per_image)
