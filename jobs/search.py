@@ -129,22 +129,21 @@ def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame
         parts.append((t.column("image_id").to_numpy()[ok], white(x) if white is not None else x))
     reuse = queries[queries["reuse"]]
     if len(reuse):
-        ids, vectors = root.load_array("global/ids.npy"), root.load_array("global/vectors.npy")
-        order = np.argsort(ids)
-        pos = order[np.searchsorted(ids, reuse["own"].to_numpy(), sorter=order)]
-        parts.append((reuse["image_id"].to_numpy(), np.asarray(vectors[pos])))
+        parts.append((reuse["image_id"].to_numpy(), GlobalLookup([root])(reuse["own"].to_numpy())))
+    if not parts:
+        return queries.iloc[:0], np.zeros((0, 1), np.float32)
     qids = np.concatenate([p[0] for p in parts])
     xq = np.concatenate([p[1] for p in parts]).astype(np.float32)
     order = np.argsort(qids)
     return queries.set_index("image_id").loc[qids[order]].reset_index(), xq[order]
 
 
-def run_global(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: int) -> dict[int, tuple]:
-    """{query id: (ids, scores)} by global-descriptor similarity."""
+def run_global(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: int,
+               described: tuple[pd.DataFrame, np.ndarray] | None = None) -> dict[int, tuple]:
+    """{query id: (ids, scores)} by global-descriptor similarity (``described``: rows and vectors if already read)."""
     import ray
 
-    root = partitions(cfg)[0]
-    rows, xq = query_globals(root, qroot, queries)
+    rows, xq = described or query_globals(partitions(cfg)[0], qroot, queries)
     exclude = rows["own"].to_numpy() if cfg.exclude_self else np.full(len(rows), -1)
     roots = [(r.uri, r.options) for r in partitions(cfg)]
     task = ray.remote(num_cpus=1)(global_search_task)
@@ -224,8 +223,8 @@ def run_asmk(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: i
 def run_fused(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot) -> dict[int, tuple]:
     """ASMK + β · global (see :mod:`operators.fusion`) over the union of both shortlists."""
     shortlist = max(cfg.fusion_shortlist, cfg.topk)
-    a, g = run_asmk(cfg, queries, qroot, shortlist), run_global(cfg, queries, qroot, shortlist)
     rows, xq = query_globals(partitions(cfg)[0], qroot, queries)
+    a, g = run_asmk(cfg, queries, qroot, shortlist), run_global(cfg, queries, qroot, shortlist, (rows, xq))
     row_of = {int(q): j for j, q in enumerate(rows["image_id"])}
     lookup = GlobalLookup(partitions(cfg))
     out = {}
