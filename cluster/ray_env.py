@@ -6,6 +6,7 @@ otherwise starts an embedded local Ray sized to this machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ class RayConfig:
     actor_cpus: float = 0.5             # fractional CPUs per extraction actor (2-core machines)
     actors: int | None = None           # extraction actors (None: from cluster resources)
     actor_memory_mb: int = 2500         # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
+    actor_resources: dict[str, float] | None = None  # custom resources per actor, e.g. {extract: 1} pins
+                                                     # one actor per node started with --resources='{"extract":1}'
 
 
 def connect(cfg: RayConfig | None = None) -> dict:
@@ -48,6 +51,7 @@ class ActorPlan:
     num_cpus: float
     num_gpus: float
     memory_mb: int = 0
+    resources: dict[str, float] | None = None
 
 
 def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool = True) -> ActorPlan:
@@ -57,6 +61,14 @@ def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool 
     never more than the CPU count (torch already threads inside each actor).
     """
     res = resources if resources is not None else ray.cluster_resources()
+    if cfg.actor_resources and not cfg.actors:  # as many actors as the custom resources admit
+        cfg = dataclasses.replace(cfg, actors=max(1, int(min(res.get(k, 0) / v for k, v in cfg.actor_resources.items()))))
+    plan = _plan(cfg, res, prefer_gpu)
+    plan.resources = cfg.actor_resources
+    return plan
+
+
+def _plan(cfg: RayConfig, res: dict, prefer_gpu: bool) -> ActorPlan:
     gpus = int(res.get("GPU", 0))
     if prefer_gpu and gpus:
         return ActorPlan(cfg.actors or gpus, 1.0, 1.0, cfg.actor_memory_mb)

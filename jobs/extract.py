@@ -202,7 +202,7 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardExtractor, batch_size=1, batch_format="numpy", concurrency=min(plan.actors, len(items)),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-        memory=plan.memory_mb * 2**20 if plan.memory_mb else None,
+        memory=plan.memory_mb * 2**20 if plan.memory_mb else None, resources=plan.resources,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "whitening": whitening.to_bytes() if whitening else None,
                                "shards_uri": shards.uri})
     with tqdm(total=len(items), desc="shards", unit="shard") as bar:

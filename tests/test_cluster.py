@@ -66,19 +66,24 @@ def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
 
 
 def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
-    """Two Ray nodes (ray.cluster_utils.Cluster); extraction actors must run on both."""
+    """Two Ray nodes (ray.cluster_utils.Cluster); extraction actors must run on both.
+
+    Each node offers one ``extract`` resource and each actor asks for it, so placement is forced
+    (two 0.5-CPU actors would otherwise both fit on the head node).
+    """
     out = tmp_path / "index"
     script = textwrap.dedent(f"""
         import json, sys
         from ray.cluster_utils import Cluster
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-        cluster.add_node(num_cpus=1)
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "resources": {{"extract": 1}}}})
+        cluster.add_node(num_cpus=1, resources={{"extract": 1}})
         cluster.wait_for_nodes()
         import ray
         ray.init(address=cluster.address)
         from jobs import index
         s = index.main(["--collection", {str(mini_subset)!r}, "--out", {str(out)!r},
-                        *{FAST!r}, "--set", "describe.local=none", "--set", "ray.actors=2"])
+                        *{FAST!r}, "--set", "describe.local=none",
+                        "--set", "ray.actor_resources={{extract: 1}}"])
         print("SUMMARY", json.dumps(s["counts"]))
         ray.shutdown(); cluster.shutdown()
     """)
@@ -89,3 +94,15 @@ def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
     assert counts["images_ok"] == 14
     nodes = {r["node"] for r in ArtifactRoot(str(out)).shards().committed().values()}
     assert len(nodes) == 2, nodes
+
+
+def test_plan_actors_sizes_to_the_cluster():
+    from cluster.ray_env import RayConfig, plan_actors
+
+    gib = 2**30
+    assert plan_actors(RayConfig(), {"CPU": 2, "memory": 20 * gib}).actors == 2      # 0.5-CPU actors, one CPU spare
+    assert plan_actors(RayConfig(), {"CPU": 16, "memory": 8 * gib}).actors == 2      # memory-bound
+    gpu = plan_actors(RayConfig(), {"CPU": 16, "GPU": 4, "memory": 64 * gib})
+    assert (gpu.actors, gpu.num_gpus) == (4, 1.0)
+    pinned = plan_actors(RayConfig(actor_resources={"extract": 1}), {"CPU": 8, "extract": 3, "memory": 64 * gib})
+    assert (pinned.actors, pinned.resources) == (3, {"extract": 1})
