@@ -6,10 +6,12 @@
 - ``global``: the global descriptors gathered into one float32 matrix (optionally PCA-whitened to
   ``global_whiten_dim``), memory-mapped by ``jobs.search``;
 - ``codebook``: k-means visual codebook on a sample of local descriptors (:mod:`jobs.codebook`);
-- ``asmk``: the ASMK / ASMK* inverted file, built in parallel and merged (:mod:`jobs.asmk`).
+- ``asmk``: the ASMK / ASMK* inverted file, built in parallel and merged (:mod:`jobs.asmk`);
+- ``graph``: the kNN graph of the database (global or ASMK similarities) and its affinity W;
+- ``spectral``: the top-r eigenpairs of the normalised graph, for FSR / hybrid (:mod:`jobs.graph`).
 
 Extraction resumes (committed shards are skipped); the cheap ``global`` stage is redone each run.
-ASMK, kNN-graph and diffusion stages slot in after these (``--set stages=[global]`` picks stages).
+``--set stages=[global,graph]`` picks stages.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ from jobs.asmk import AsmkConfig, build_asmk
 from jobs.codebook import CodebookConfig, build_codebook
 from jobs.config import parse, to_dict
 from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
+from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
 from jobs.summary import JobSummary
 from operators.whitening import learn_pca_whitening
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.schemas import global_matrix
 
-STAGES = ("extract", "global", "codebook", "asmk")
+STAGES = ("extract", "global", "codebook", "asmk", "graph", "spectral")
 LOCAL_STAGES = ("codebook", "asmk")
 
 
@@ -38,6 +41,8 @@ class IndexConfig(ExtractConfig):
     global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
 
 
 def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> None:
@@ -100,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
         with summary.stage("asmk"):
             build_asmk(cfg.asmk, root, summary)
         root.record_stage("asmk", to_dict(cfg))
+    graph_stages = [st for st in ("graph", "spectral") if st in cfg.stages]
+    if graph_stages and not (cfg.graph.source == "asmk" and cfg.describe.local == "none"):
+        run_graph_stages(GraphJobConfig(cfg.out, graph_stages, cfg.graph, cfg.spectral, cfg.ray, cfg.storage),
+                         root, summary)
     summary.info["index"] = cfg.out
     return summary.finish(root.path("summary-index.json"), cfg.storage)
 

@@ -12,6 +12,11 @@ whitening, read from ``ROOT/index.json``). Ranking runs in Ray tasks over blocks
   block against the memory-mapped inverted files (:func:`operators.asmk.search`);
 - ``fused``: ASMK score + β × cubed global similarity, normalised per query (:mod:`operators.fusion`).
 
+``--rerank`` re-ranks the initial ranking (:mod:`operators.rerank`): ``aqe`` / ``alpha-qe`` expand
+the query's global descriptor with its top results and search again; ``dfs``, ``truncated-dfs``,
+``fsr`` and ``hybrid`` diffuse on the index's kNN graph (``jobs.graph``), seeded by the first k_q
+results weighted by their initial scores, in Ray tasks over blocks of queries.
+
 ``--distractors ROOT2 …`` adds indexes built separately (same codebook) that are searched together
 with ``--index``. A query that is also a database image (same file) is left out of its own ranking.
 Every query gets a row (an empty ranking when it could not be described).
@@ -42,6 +47,8 @@ from operators.describe import DescriptorConfig
 from operators.fusion import fuse
 from operators.global_index import iter_blocks
 from operators.knn import knn_blocks
+from operators.qe import expand
+from operators.rerank import DIFFUSION, METHODS as RERANK_METHODS, RerankParams, rerank
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
@@ -66,6 +73,8 @@ class SearchConfig:
     asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
     fusion_beta: float = 0.5              # fused: weight of the global term (measured, operators/fusion.py)
     fusion_shortlist: int = 1000          # fused: shortlist of each method
+    rerank: str = "none"                  # none | aqe | alpha-qe | dfs | truncated-dfs | fsr | hybrid
+    rerank_params: RerankParams = field(default_factory=RerankParams)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
@@ -96,7 +105,8 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
                          describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
     qroot = ArtifactRoot(qcfg.out, cfg.storage)
     previous = qroot.meta().get("stages", {}).get("extract", {}).get("config")
-    if previous and (previous["describe"] != to_dict(qcfg.describe) or previous["center_crop"] != cfg.center_crop):
+    if previous and (_descriptor_settings(previous["describe"]) != _descriptor_settings(to_dict(qcfg.describe))
+                     or previous["center_crop"] != cfg.center_crop):
         raise SystemExit(f"{cfg.out} holds queries described with other settings; use a new --out")
     queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage)
     queries["own"] = self_ids(queries, root.images())
@@ -107,6 +117,12 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
         run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), root.whitening("local"), summary)
     qroot.record_stage("extract", to_dict(qcfg), images=len(queries))
     return queries, qroot
+
+
+def _descriptor_settings(describe: dict) -> dict:
+    """The describer settings that change descriptors (defaults filled in; batching and device left out)."""
+    full = to_dict(from_dict(DescriptorConfig, {k: v for k, v in describe.items() if k in DescriptorConfig.__dataclass_fields__}))
+    return {k: v for k, v in full.items() if k not in ("forward_batch", "device")}
 
 
 def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
@@ -256,6 +272,73 @@ class GlobalLookup:
         return out
 
 
+def initial_depth(cfg: SearchConfig) -> int:
+    """How deep the initial ranking must go for the chosen re-ranking."""
+    p = cfg.rerank_params
+    need = {"none": 0, "aqe": p.qe_n, "alpha-qe": p.qe_n, "dfs": p.kq, "fsr": p.kq, "hybrid": p.kq,
+            "truncated-dfs": p.shortlist}[cfg.rerank]
+    return max(cfg.topk, need)
+
+
+def run_query_expansion(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot,
+                        ranked: dict[int, tuple]) -> dict[int, tuple]:
+    """AQE / αQE: expand each query's global descriptor with its top results, then search again."""
+    p = cfg.rerank_params
+    alpha = 0.0 if cfg.rerank == "aqe" else p.qe_alpha
+    rows, xq = query_globals(partitions(cfg)[0], qroot, queries)
+    lookup = GlobalLookup(partitions(cfg))
+    top = np.full((len(rows), p.qe_n), -1, np.int64)
+    for j, q in enumerate(rows["image_id"].to_numpy()):
+        ids = np.asarray(ranked.get(int(q), (np.zeros(0, np.int64),))[0])
+        ids = ids[ids >= 0][:p.qe_n]
+        top[j, :len(ids)] = ids
+    vec = lookup(np.maximum(top, 0).reshape(-1)).reshape(len(rows), p.qe_n, -1)
+    sims = np.where(top >= 0, np.einsum("mkd,md->mk", vec, xq), -np.inf)  # global similarity, whatever ranked them
+    return run_global(cfg, queries, qroot, cfg.topk, (rows, expand(xq, vec, sims, alpha, p.qe_n)))
+
+
+def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
+                topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Diffusion re-ranking of one block of queries on the index's graph (a Ray task)."""
+    from jobs.graph import load_graph
+
+    graph = load_graph(ArtifactRoot(uri, options), spectral=method in ("fsr", "hybrid"))
+    return rerank(method, graph, rows, sims, own, topk, RerankParams(**params))
+
+
+def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tuple]) -> dict[int, tuple]:
+    """Diffusion re-ranking of every query's initial ranking (node rows of the index's graph)."""
+    import ray
+    from jobs.graph import rows_of
+
+    if cfg.distractors:
+        raise SystemExit("diffusion re-ranking needs one graph over the whole database; build the index over the "
+                         "collection and its distractors together instead of --distractors")
+    root = partitions(cfg)[0]
+    if "graph" not in root.meta().get("stages", {}):
+        raise SystemExit(f"--rerank {cfg.rerank} needs the graph stage: python -m jobs.graph --index {root.uri}")
+    node_ids = np.asarray(root.load_array("global/ids.npy"))
+    qids = [int(q) for q in queries.sort_values("image_id")["image_id"] if int(q) in ranked]
+    depth = initial_depth(cfg)
+    rows = np.full((len(qids), depth), -1, np.int64)
+    sims = np.full((len(qids), depth), -np.inf)
+    for j, q in enumerate(qids):
+        ids, sc = (np.asarray(a)[:depth] for a in ranked[q])
+        rows[j, :len(ids)], sims[j, :len(sc)] = rows_of(node_ids, ids), sc
+    own_id = dict(zip(queries["image_id"].astype(int), queries["own"].astype(int)))
+    own = rows_of(node_ids, np.array([own_id[q] if cfg.exclude_self else -1 for q in qids], np.int64))
+    task = ray.remote(num_cpus=1)(rerank_task)
+    block = 4 * cfg.rerank_params.block
+    params = dataclasses.asdict(cfg.rerank_params)
+    futures = [task.remote(root.uri, root.options, cfg.rerank, rows[s:s + block], sims[s:s + block],
+                           own[s:s + block], cfg.topk, params) for s in range(0, len(qids), block)]
+    out = {}
+    for s0, (r, sc) in zip(range(0, len(qids), block), ray.get(futures)):
+        for j, q in enumerate(qids[s0:s0 + block]):
+            out[q] = (np.where(r[j] >= 0, node_ids[np.maximum(r[j], 0)], -1), sc[j])
+    return out
+
+
 def results_table(queries: pd.DataFrame, ranked: dict[int, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
     """One row per query (in query-id order); padding (-1) removed, empty when the query has no result."""
     queries = queries.sort_values("image_id")
@@ -280,8 +363,14 @@ def write_results(cfg: SearchConfig, table: pa.Table) -> None:
 
 
 def read_results(res: str, options: dict | None = None) -> tuple[pa.Table, dict]:
-    table = pq.read_table(io.BytesIO(sfs.read_bytes(sfs.join(res, "results.parquet"), options)))
-    return table, sfs.read_json(sfs.join(res, "run.json"), options)
+    """``RES/results.parquet`` (jobs.search), or the committed ``RES/parts`` (jobs.rerank)."""
+    from storage.shards import ShardSet
+
+    info = sfs.read_json(sfs.join(res, "run.json"), options)
+    single = sfs.join(res, "results.parquet")
+    if sfs.exists(single, options):
+        return pq.read_table(io.BytesIO(sfs.read_bytes(single, options))), info
+    return ShardSet(sfs.join(res, "parts"), options or {}).read_all(), info
 
 
 FLAGS = {
@@ -291,6 +380,7 @@ FLAGS = {
     "--method": ("method", str, f"ranking method: {', '.join(METHODS)}"),
     "--topk": ("topk", int, "results kept per query"),
     "--center-crop": ("center_crop", float, "crop queries without a box to this central fraction (e.g. 0.4)"),
+    "--rerank": ("rerank", str, f"re-ranking: {', '.join(RERANK_METHODS)}"),
     "--distractors": ("distractors", lambda v: [u for u in v.split(",") if u],
                       "comma-separated index roots searched together with --index (same codebook)"),
 }
@@ -300,17 +390,28 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse(SearchConfig, argv, FLAGS, __doc__)
     if cfg.method not in METHODS:
         raise SystemExit(f"unknown method {cfg.method!r}; available: {METHODS}")
+    if cfg.rerank not in RERANK_METHODS:
+        raise SystemExit(f"unknown re-ranking {cfg.rerank!r}; available: {RERANK_METHODS}")
     summary = JobSummary("search")
     connect(cfg.ray)
     root = ArtifactRoot(cfg.index, cfg.storage)
     queries, qroot = describe_queries(cfg, root, summary)
+    depth = initial_depth(cfg)
     with summary.stage(f"search ({cfg.method})"):
         if cfg.method == "global":
-            ranked = run_global(cfg, queries, qroot, cfg.topk)
+            ranked = run_global(cfg, queries, qroot, depth)
         elif cfg.method == "asmk":
-            ranked = run_asmk(cfg, queries, qroot, cfg.topk)
+            ranked = run_asmk(cfg, queries, qroot, depth)
         else:
-            ranked = run_fused(cfg, queries, qroot)
+            ranked = run_fused(dataclasses.replace(cfg, topk=depth), queries, qroot)
+    if cfg.rerank in ("aqe", "alpha-qe"):
+        with summary.stage(f"re-rank ({cfg.rerank})"):
+            ranked = run_query_expansion(cfg, queries, qroot, ranked)
+    elif cfg.rerank in DIFFUSION:
+        with summary.stage(f"re-rank ({cfg.rerank})"):
+            ranked = run_diffusion(cfg, queries, ranked)
+    else:
+        ranked = {q: (np.asarray(i)[:cfg.topk], np.asarray(s)[:cfg.topk]) for q, (i, s) in ranked.items()}
     table = results_table(queries, ranked)
     summary.add(queries=len(queries), queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
     write_results(cfg, table)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-import scipy.sparse as sp
 
 
 @dataclass
@@ -74,32 +73,66 @@ def _aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centr
                binary: bool) -> Aggregated:
     n, m = words.shape
     d = desc.shape[1]
+    width = d // 8 if binary else d
     if n == 0:
-        width = d // 8 if binary else d
         return Aggregated(np.zeros(0, np.int64), np.zeros(0, np.int64),
                           np.zeros((0, width), np.uint8 if binary else np.float32))
-    rows = np.repeat(np.arange(n), m)
     w = words.reshape(-1).astype(np.int64)
-    img = np.asarray(image_ids, np.int64)[rows]
-    residual = np.ascontiguousarray(centroids, np.float32)[w]  # then x − q(x) in place: one allocation
-    np.subtract(np.asarray(desc, np.float32) if m == 1 else np.asarray(desc, np.float32)[rows], residual, out=residual)
-    k = int(w.max()) + 1
-    if img.min() >= 0 and int(img.max()) < np.iinfo(np.int64).max // k:
-        order = np.argsort(img * k + w, kind="stable")
-    else:
-        order = np.lexsort((w, img))
+    img = np.repeat(np.asarray(image_ids, np.int64), m)
+    order = _group_order(img, w)
     img_s, w_s = img[order], w[order]
     first = np.flatnonzero(np.r_[True, (img_s[1:] != img_s[:-1]) | (w_s[1:] != w_s[:-1])])
-    start = order[first]
-    # V per (image, word) = Σ residuals: a sparse (groups × rows) indicator, built directly in CSR
-    member = sp.csr_matrix((np.ones(len(rows), np.float32), order, np.r_[first, len(rows)]),
-                           shape=(len(first), len(rows)))
-    v = np.asarray(member @ residual, dtype=np.float32)
-    if binary:
-        codes = binarize(v)
-    else:
-        codes = (v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-6)).astype(np.float32)
-    return Aggregated(img[start], w[start], codes)
+    codes = np.empty((len(first), width), np.uint8 if binary else np.float32)
+    _sum_residuals(np.ascontiguousarray(desc, np.float32), np.ascontiguousarray(centroids, np.float32),
+                   order // m, w_s, np.r_[first, len(order)].astype(np.int64), binary, codes)
+    return Aggregated(img_s[first], w_s[first], codes)
+
+
+def _group_order(img: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A stable order of rows by (image, word).
+
+    Images usually arrive as a few contiguous runs and words fit 16 bits: then two stable radix
+    sorts (by word, then by run) beat one comparison sort of 64-bit keys several times over.
+    """
+    run = np.cumsum(np.r_[False, img[1:] != img[:-1]])
+    runs_sorted = run[-1] < 2**16 and (np.diff(img[np.r_[0, np.flatnonzero(np.diff(run)) + 1]]) > 0).all()
+    if runs_sorted and w.max() < 2**16 and w.min() >= 0:
+        by_word = np.argsort(w.astype(np.uint16), kind="stable")
+        return by_word[np.argsort(run[by_word].astype(np.uint16), kind="stable")]
+    k = int(w.max()) + 1
+    if img.min() >= 0 and int(img.max()) < np.iinfo(np.int64).max // k:
+        return np.argsort(img * k + w, kind="stable")
+    return np.lexsort((w, img))
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _sum_residuals(desc, centroids, rows, words, bounds, binary, out):
+    """out[g] = code of V_g = Σ_{r ∈ group g} (desc[rows[r]] − centroids[words[r]]), no residual matrix.
+
+    Binary: bit j (MSB first, as ``np.packbits``) set where V_j > 0. Else V / (||V|| + 1e-6).
+    """
+    d = desc.shape[1]
+    v = np.empty(d, np.float32)
+    for g in range(len(bounds) - 1):
+        v[:] = 0.0
+        c = words[bounds[g]]
+        for r in range(bounds[g], bounds[g + 1]):
+            x = rows[r]
+            for j in range(d):
+                v[j] += desc[x, j] - centroids[c, j]
+        if binary:
+            for byte in range(d // 8):
+                bits = 0
+                for t in range(8):
+                    bits = (bits << 1) | (1 if v[8 * byte + t] > 0 else 0)
+                out[g, byte] = bits
+        else:
+            norm = 0.0
+            for j in range(d):
+                norm += np.float64(v[j]) * v[j]
+            scale = 1.0 / (np.sqrt(norm) + 1e-6)
+            for j in range(d):
+                out[g, j] = v[j] * scale
 
 
 def selectivity(u: np.ndarray, alpha: float, tau: float) -> np.ndarray:
@@ -135,13 +168,35 @@ class InvertedFile:
 
 
 def build_inverted_file(agg: Aggregated, k: int, binary: bool = True) -> InvertedFile:
-    """An in-memory inverted file from aggregated entries (any image order; ids need not be consecutive)."""
+    """An in-memory inverted file from aggregated entries (any image order; ids need not be consecutive).
+
+    A counting sort by word (one pass to count, one compiled pass to scatter): postings of a word
+    keep the entries' order, and no sort permutation or second copy of the codes is made.
+    """
     images, dense = np.unique(agg.image_ids, return_inverse=True)
-    order = np.lexsort((agg.image_ids, agg.words))
-    counts = np.bincount(agg.words, minlength=k)
+    words = np.asarray(agg.words, np.int64)
+    counts = np.bincount(words, minlength=k)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return InvertedFile(offsets, dense[order].astype(np.uint32), np.ascontiguousarray(agg.codes[order]), images,
+    if len(images) > 1 and (np.diff(agg.image_ids) < 0).any():  # postings in image order within a word
+        order = np.argsort(agg.image_ids, kind="stable")
+        words, dense, codes = words[order], dense[order], agg.codes[order]
+    else:
+        codes = agg.codes
+    entry_image = np.empty(len(words), np.uint32)
+    out_codes = np.empty_like(codes)
+    _scatter_by_word(words, dense.astype(np.uint32), codes, offsets[:-1].copy(), entry_image, out_codes)
+    return InvertedFile(offsets, entry_image, out_codes, images,
                         np.bincount(dense, minlength=len(images)).astype(np.int64), binary)
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_by_word(words, dense, codes, cursor, entry_image, out_codes):
+    """Entry e goes to the next free row of its word's posting list (a stable counting sort)."""
+    for e in range(len(words)):
+        p = cursor[words[e]]
+        cursor[words[e]] = p + 1
+        entry_image[p] = dense[e]
+        out_codes[p] = codes[e]
 
 
 def idf_weights(counts: np.ndarray, n_images: int) -> np.ndarray:

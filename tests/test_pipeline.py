@@ -194,3 +194,89 @@ def test_distractor_index_searched_together(built_index, mini_subset, tmp_path):
         for i, s in zip(ia, sa):  # scores of the main index do not change (no IDF)
             if i in got:
                 assert got[i] == pytest.approx(s, abs=1e-6)
+
+
+def test_graph_and_spectral_stages(built_index):
+    """The index's default graph stage: exact kNN of the global vectors, mutual affinity, eigenpairs on the LCC."""
+    from jobs.graph import load_affinity
+    from operators.graph import affinity, largest_component, normalize
+
+    out, summary = built_index
+    root = ArtifactRoot(str(out))
+    x = np.asarray(root.load_array("global/vectors.npy"))
+    nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
+    assert nn.shape == (14, 13)  # k = min(50, n − 1)
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    np.testing.assert_allclose(sims, -np.sort(-full, axis=1)[:, :13], atol=1e-5)
+    assert not np.any(nn == np.arange(14)[:, None])
+    w = load_affinity(root)
+    np.testing.assert_allclose(w.toarray(), affinity(nn, sims).toarray(), rtol=1e-6)
+    u, lam = root.load_array("spectral/U.npy"), root.load_array("spectral/lambda.npy")
+    lcc = largest_component(w)
+    np.testing.assert_allclose(u[lcc].T @ u[lcc], np.eye(len(lam)), atol=1e-5)
+    s = normalize(w[lcc][:, lcc]).toarray()
+    np.testing.assert_allclose(s @ u[lcc], u[lcc] * lam, atol=1e-5)
+    assert summary["counts"]["graph_nodes"] == 14
+
+
+def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path):
+    import shutil
+
+    from jobs import graph as graph_job
+
+    out = tmp_path / "copy"
+    shutil.copytree(built_index[0], out)
+    graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
+    root = ArtifactRoot(str(out))
+    nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
+    assert nn.shape == (14, 5) and not np.any(nn == np.arange(14)[:, None])
+    assert np.all(np.diff(sims, axis=1) <= 1e-7)
+    pair = {(i, int(j)): s for i in range(14) for j, s in zip(nn[i], sims[i]) if j >= 0}
+    both = [(a, b) for a, b in pair if (b, a) in pair]
+    assert both and all(pair[a, b] == pytest.approx(pair[b, a], abs=1e-6) for a, b in both)  # MA 1 both ways
+
+
+def test_search_rerank_methods(built_index, mini_subset, tmp_path):
+    out, _ = built_index
+    q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--center-crop", "0.6"]
+    search_job.main([*q, "--out", str(tmp_path / "none")])
+    initial = pd.read_parquet(tmp_path / "none" / "results.parquet")
+    maps = {}
+    for rr in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid"):
+        res = tmp_path / rr
+        search_job.main([*q, "--out", str(res), "--rerank", rr, "--set", "rerank_params.shortlist=5"])
+        results = pd.read_parquet(res / "results.parquet")
+        assert len(results) == 14
+        for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
+            assert qid not in ids and len(set(ids)) == len(ids) and np.all(np.diff(scores) <= 1e-6), rr
+        maps[rr] = evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"]
+        if rr == "truncated-dfs":  # outside its shortlist the initial order is kept
+            for a, b in zip(initial.ids, results.ids):
+                assert set(a[:5]) == set(b[:5]) and list(a[5:]) == list(b[5:])
+    assert min(maps.values()) > 0.3, maps
+
+
+def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_path):
+    from jobs import rerank as rerank_job
+    from jobs.graph import load_graph
+    from operators.diffusion import temporal, top_k
+
+    out, _ = built_index
+    res = tmp_path / "offline"
+    args = ["--index", str(out), "--out", str(res), "--method", "dfs", "--top", "6", "--set", "items_per_task=5"]
+    s1 = rerank_job.main(args)
+    assert s1["counts"]["parts_total"] == 3 and s1["counts"]["rows_written"] == 14
+    sfs.remove(sfs.join(str(res), "parts", "_commits", "part-00001.json"))
+    s2 = rerank_job.main(args)
+    assert s2["counts"]["parts_skipped"] == 2 and s2["counts"]["rows_written"] == 5
+    table, _ = search_job.read_results(str(res))
+    lists = dict(zip(table.column("query_id").to_pylist(), table.column("ids").to_pylist()))
+    g = load_graph(ArtifactRoot(str(out)))
+    ids = np.asarray(ArtifactRoot(str(out)).load_array("global/ids.npy"))
+    e = np.eye(14)
+    f = temporal(g.s, e, tol=1e-6, maxiter=20)
+    _, idx = top_k(f, 6, exclude=np.arange(14))
+    for i in range(14):
+        reached = [j for j in idx[i] if f[j, i] > 0]
+        assert lists[int(ids[i])][:len(reached)] == ids[reached].tolist()

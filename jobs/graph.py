@@ -1,0 +1,266 @@
+"""kNN graph and spectral stages: ``python -m jobs.graph --index ROOT`` (also stages of ``jobs.index``).
+
+``graph``: the top-k neighbours of every database item, computed by Ray tasks over blocks of items,
+from the global descriptors (faiss: exact blocks with a top-k heap, or an IVF index above
+``ivf_threshold`` items; GPU faiss when present) or from ASMK similarities (every database image
+searched as a query against the inverted file, single assignment). Then the affinity W (mutual or
+union kNN, similarities^γ; :mod:`operators.graph`). Nodes are the rows of ``global/ids.npy``.
+
+``spectral``: the r largest eigenpairs of S = D^-1/2 W D^-1/2 on the largest connected component
+(Lanczos or FSR's simultaneous iteration; :mod:`operators.spectral`), for FSR and hybrid search.
+
+    ROOT/graph/knn_ids.npy (n, k) int64 node rows (-1: none), knn_sims.npy (n, k) float32, best first
+    ROOT/graph/w_indptr.npy, w_indices.npy, w_data.npy   W as CSR (float32), meta.json
+    ROOT/spectral/U.npy (n, r) float32 (rows outside the LCC are 0), lambda.npy (r,), meta.json
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from cluster.ray_env import RayConfig, connect
+from jobs.config import parse, to_dict
+from jobs.summary import JobSummary
+from operators import graph as G
+from operators.global_index import iter_blocks
+from operators.knn import knn_blocks
+from operators.spectral import eigenpairs
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
+
+
+@dataclass
+class GraphConfig:
+    source: str = "global"          # global | asmk
+    k: int = 50                     # neighbours per item (T:18677-18684)
+    mode: str = "mutual"            # mutual | union (spec §1)
+    gamma: float = 3.0              # s = [vᵀz]₊^γ
+    block: int = 4096               # items per Ray task
+    ivf_threshold: int = 200_000    # global source: IVF (approximate) above this many items, exact below
+    nlist: int = 0                  # IVF lists (0: 4·√n)
+    nprobe: int = 32
+
+
+@dataclass
+class SpectralConfig:
+    rank: int = 400                 # r eigenpairs (T:20419-20422); 0 disables the stage
+    method: str = "lanczos"         # lanczos | simultaneous (FSR Alg. 1)
+    oversample: int = 50            # simultaneous iteration: p
+    iters: int = 10                 # simultaneous iteration: q
+
+
+@dataclass
+class GraphJobConfig:
+    index: str = ""
+    stages: list[str] = field(default_factory=lambda: ["graph", "spectral"])
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# Ray tasks
+# ------------------------------------------------------------------------------------------
+def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, index_bytes: bytes | None,
+                    nprobe: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Top-k neighbours (node rows, similarities) of items ``start:stop`` by global descriptor."""
+    import faiss
+
+    root = ArtifactRoot(uri, options)
+    x = root.load_array("global/vectors.npy")
+    xq = np.asarray(x[start:stop], np.float32)
+    rows = np.arange(start, stop)
+    if index_bytes is None:
+        sims, nn = knn_blocks(xq, iter_blocks(np.arange(len(x)), x), k, exclude=rows)
+    else:
+        index = faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
+        index.nprobe = nprobe
+        sims, nn = index.search(xq, k + 1)
+        from operators.knn import drop_ids
+        sims, nn = drop_ids(sims, nn, rows, k)
+    return start, nn, sims
+
+
+def asmk_knn_task(uri: str, options: dict, start: int, stop: int, k: int, params: dict,
+                  buffer_mb: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Top-k neighbours of items ``start:stop`` by ASMK: their own inverted-file entries as queries."""
+    from jobs.asmk import open_inverted_file
+    from operators.asmk import Aggregated, AsmkParams, idf_weights, search
+
+    root = ArtifactRoot(uri, options)
+    node_ids = np.asarray(root.load_array("global/ids.npy"))
+    ivf, _ = open_inverted_file(root)
+    p = AsmkParams(**params)
+    want = node_ids[start:stop]
+    dense = np.searchsorted(ivf.images, want)
+    dense_ok = np.clip(dense, 0, len(ivf.images) - 1)
+    in_ivf = ivf.images[dense_ok] == want
+    entry_image = np.asarray(ivf.entry_image)
+    sel = np.flatnonzero(np.isin(entry_image, dense_ok[in_ivf]))
+    words = np.searchsorted(ivf.offsets, sel, side="right") - 1
+    query = Aggregated(ivf.images[entry_image[sel]], words, np.asarray(ivf.codes[sel]))
+    weight = idf_weights(ivf.counts, len(ivf.images)) if p.use_idf else None
+    qids, scores, ids = search(ivf, query, p, k, {int(i): int(i) for i in want}, weight,
+                               buffer_bytes=buffer_mb * 2**20)
+    nn = np.full((stop - start, k), -1, np.int64)
+    sims = np.full((stop - start, k), -np.inf, np.float32)
+    where = {int(q): j for j, q in enumerate(want)}
+    at = np.array([where[int(q)] for q in qids], np.int64)
+    nn[at] = np.where(ids >= 0, rows_of(node_ids, ids), -1)
+    sims[at] = scores
+    return start, nn, sims
+
+
+def rows_of(node_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Node rows of image ``ids`` (-1 where an id is not a node)."""
+    order = np.argsort(node_ids)
+    pos = np.clip(np.searchsorted(node_ids, ids, sorter=order), 0, len(order) - 1)
+    rows = order[pos]
+    return np.where((node_ids[rows] == ids) & (np.asarray(ids) >= 0), rows, -1)
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side
+# ------------------------------------------------------------------------------------------
+def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tuple[np.ndarray, np.ndarray]:
+    """kNN lists of every node, computed by Ray tasks over blocks of ``cfg.block`` items."""
+    import ray
+    from tqdm import tqdm
+
+    n = len(root.load_array("global/ids.npy"))
+    k = min(cfg.k, n - 1)
+    if cfg.source == "global":
+        index_bytes = _ivf_index(cfg, root) if n > cfg.ivf_threshold else None
+        task = ray.remote(num_cpus=1)(global_knn_task)
+        futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, index_bytes, cfg.nprobe)
+                   for s in range(0, n, cfg.block)]
+        summary.info["graph_knn"] = "ivf" if index_bytes else "exact"
+    elif cfg.source == "asmk":
+        meta = sfs.read_json(root.path("asmk", "meta.json"), root.options)
+        task = ray.remote(num_cpus=1)(asmk_knn_task)
+        futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, meta["params"], 256)
+                   for s in range(0, n, cfg.block)]
+    else:
+        raise SystemExit(f"graph.source must be global or asmk, not {cfg.source!r}")
+    ids, commit_i = root.open_array_writer("graph/knn_ids.npy", (n, k), np.int64)
+    sims, commit_s = root.open_array_writer("graph/knn_sims.npy", (n, k), np.float32)
+    with tqdm(total=n, desc=f"kNN graph ({cfg.source})", unit="item") as bar:
+        while futures:
+            done, futures = ray.wait(futures)
+            for start, nn, s in ray.get(done):
+                ids[start:start + len(nn)], sims[start:start + len(nn)] = nn, s
+                bar.update(len(nn))
+    commit_i(), commit_s()
+    return root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
+
+
+def _ivf_index(cfg: GraphConfig, root: ArtifactRoot) -> bytes:
+    """An IVF-Flat inner-product index over all global vectors (trained on a sample), serialised."""
+    import faiss
+
+    x = root.load_array("global/vectors.npy")
+    n, d = x.shape
+    nlist = cfg.nlist or int(4 * np.sqrt(n))
+    sample = np.asarray(x[np.sort(np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False))], np.float32)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)
+    for _, block in iter_blocks(np.arange(n), x):
+        index.add(block)
+    return faiss.serialize_index(index).tobytes()
+
+
+def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
+    """kNN lists → W (CSR artifacts) and the graph's statistics."""
+    t = time.time()
+    nn, sims = build_knn(cfg, root, summary)
+    summary.info["graph_knn_s"] = round(time.time() - t, 2)
+    w = G.affinity(nn, sims, k=cfg.k, gamma=cfg.gamma, mode=cfg.mode)
+    for name, arr in (("indptr", w.indptr.astype(np.int64)), ("indices", w.indices.astype(np.int32)),
+                      ("data", w.data.astype(np.float32))):
+        root.write_array(f"graph/w_{name}.npy", arr)
+    n_comp, labels = G.components(w)
+    sizes = np.bincount(labels)
+    meta = {**asdict(cfg), "nodes": int(w.shape[0]), "nnz": int(w.nnz), "mean_degree": float(w.nnz / max(1, w.shape[0])),
+            "components": int(n_comp), "largest_component": int(sizes.max()), "isolated": int((sizes == 1).sum())}
+    sfs.write_json(root.path("graph", "meta.json"), meta, root.options)
+    summary.add(graph_nodes=meta["nodes"], graph_edges=meta["nnz"])
+    summary.info["graph"] = {k: meta[k] for k in ("mean_degree", "components", "largest_component", "isolated")}
+    return meta
+
+
+def load_affinity(root: ArtifactRoot) -> sp.csr_matrix:
+    """W from its CSR artifacts (float64 for the solvers)."""
+    data = np.asarray(root.load_array("graph/w_data.npy"), np.float64)
+    indices, indptr = root.load_array("graph/w_indices.npy"), root.load_array("graph/w_indptr.npy")
+    n = len(indptr) - 1
+    return sp.csr_matrix((data, np.asarray(indices), np.asarray(indptr)), shape=(n, n))
+
+
+def load_graph(root: ArtifactRoot, spectral: bool = True):
+    """The :class:`operators.rerank.Graph` of an index: W, S and, when built and asked for, U and λ."""
+    from operators.rerank import Graph
+
+    w = load_affinity(root)
+    g = Graph(w, G.normalize(w))
+    if spectral and sfs.exists(root.path("spectral", "meta.json"), root.options):
+        g.u = np.asarray(root.load_array("spectral/U.npy"), np.float64)
+        g.lam = np.asarray(root.load_array("spectral/lambda.npy"), np.float64)
+    return g
+
+
+def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
+    """Top-r eigenpairs of S on the LCC, stored as (n, r) U (zero rows elsewhere) and λ."""
+    w = load_affinity(root)
+    lcc = G.largest_component(w)
+    s = G.normalize(w[lcc][:, lcc])
+    r = min(cfg.rank, len(lcc) - 1)
+    method = cfg.method if len(lcc) > 2000 else "dense"  # small graphs: exact dense eigh
+    t = time.time()
+    lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters)
+    u, commit = root.open_array_writer("spectral/U.npy", (w.shape[0], r), np.float32)
+    u[:] = 0
+    u[lcc] = u_lcc
+    commit()
+    root.write_array("spectral/lambda.npy", lam.astype(np.float64))
+    meta = {**asdict(cfg), "rank": int(r), "method_used": method, "lcc": int(len(lcc)), "seconds": round(time.time() - t, 2),
+            "lambda_min": float(lam.min()) if r else None}
+    sfs.write_json(root.path("spectral", "meta.json"), meta, root.options)
+    summary.info["spectral"] = meta
+    return meta
+
+
+def run_stages(cfg: GraphJobConfig, root: ArtifactRoot, summary: JobSummary) -> None:
+    """The ``graph`` and ``spectral`` stages named in ``cfg.stages`` (shared with ``jobs.index``)."""
+    if "graph" in cfg.stages:
+        with summary.stage("graph"):
+            build_graph(cfg.graph, root, summary)
+        root.record_stage("graph", to_dict(cfg.graph))
+    if "spectral" in cfg.stages and cfg.spectral.rank > 0:
+        with summary.stage("spectral"):
+            build_spectral(cfg.spectral, root, summary)
+        root.record_stage("spectral", to_dict(cfg.spectral))
+
+
+FLAGS = {
+    "--index": ("index", str, "artifact root written by jobs.index"),
+    "--source": ("graph.source", str, "global | asmk"),
+    "--k": ("graph.k", int, "neighbours per item"),
+    "--rank": ("spectral.rank", int, "eigenpairs for FSR / hybrid (0: no spectral stage)"),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse(GraphJobConfig, argv, FLAGS, __doc__)
+    summary = JobSummary("graph")
+    connect(cfg.ray)
+    root = ArtifactRoot(cfg.index, cfg.storage)
+    run_stages(cfg, root, summary)
+    return summary.finish(root.path("summary-graph.json"), cfg.storage)
+
+
+if __name__ == "__main__":
+    main()

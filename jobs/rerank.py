@@ -1,0 +1,125 @@
+"""Offline (database-side) diffusion re-ranking: ``python -m jobs.rerank --index ROOT --out RES``.
+
+For every database item i its diffusion top-L list (spec search.md §8): by default the manifold
+similarity column K e_i, K = (1 − α)(I − αS)⁻¹, i.e. diffusion seeded by the item alone
+(T:25172-25186); ``--set seed=knn`` seeds it with its k_q graph neighbours as an unseen query
+would be. Methods ``dfs`` (CG), ``fsr``, ``hybrid`` (truncation needs a query-time shortlist; it
+is a ``jobs.search --rerank`` method only).
+
+Ray tasks over blocks of items each load the graph (memory-mapped artifacts), solve one
+multi-right-hand-side system per sub-block and commit a Parquet part (``RES/parts``) in the
+results schema of ``jobs.search`` (``query_id`` = the item), so a killed run resumes and
+``jobs.evaluate`` reads it unchanged. The item itself is left out of its list. This is also the
+input of training-pair mining.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cluster.ray_env import RayConfig, connect
+from jobs.config import parse, to_dict
+from jobs.summary import JobSummary
+from operators.rerank import RerankParams, rerank
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
+from storage.shards import ShardSet
+
+
+OFFLINE = ("dfs", "fsr", "hybrid")
+
+
+@dataclass
+class RerankJobConfig:
+    index: str = ""
+    out: str = ""
+    method: str = "dfs"             # dfs | fsr | hybrid
+    top: int = 100                  # L: list length per item
+    seed: str = "self"              # self: y = e_i (K e_i, spec §8) | knn: y from the item's k_q neighbours
+    items_per_task: int = 1024
+    params: RerankParams = field(default_factory=lambda: RerankParams(block=32))
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: dict = field(default_factory=dict)
+
+
+def rerank_items_task(uri: str, options: dict, out: str, part: int, start: int, stop: int, cfg: dict) -> dict:
+    """Diffusion lists of items ``start:stop``, committed as part ``part`` of ``out``."""
+    import pyarrow as pa
+
+    from jobs.graph import load_graph
+    from storage.schemas import RESULTS_SCHEMA
+
+    c = RerankJobConfig(**{**cfg, "params": RerankParams(**cfg["params"]), "ray": RayConfig()})
+    root = ArtifactRoot(uri, options)
+    graph = load_graph(root, spectral=c.method in ("fsr", "hybrid"))
+    node_ids = np.asarray(root.load_array("global/ids.npy"))
+    items = np.arange(start, stop)
+    knn_i = np.asarray(root.load_array("graph/knn_ids.npy")[start:stop])
+    knn_s = np.asarray(root.load_array("graph/knn_sims.npy")[start:stop], np.float64)
+    rows = np.concatenate([items[:, None], knn_i], axis=1)   # the item first: its own seed, weight 1
+    sims = np.concatenate([np.ones((len(items), 1)), knn_s], axis=1)
+    kq = 1 if c.seed == "self" else c.params.kq + 1
+    p = dataclasses.replace(c.params, kq=kq, gamma=1.0 if c.seed == "self" else c.params.gamma)
+    r, s = rerank(c.method, graph, rows, sims, items, c.top, p)
+    names = root.images().set_index("image_id")["name"]
+    ids = [node_ids[x[x >= 0]].tolist() for x in r]
+    scores = [v[np.isfinite(v)][:len(i)].astype(np.float32).tolist() for v, i in zip(s, ids)]
+    table = pa.table({"query_id": pa.array(node_ids[items], pa.int64()),
+                      "query_name": pa.array(names.loc[node_ids[items]].astype(str).to_numpy(), pa.string()),
+                      "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
+                     schema=RESULTS_SCHEMA)
+    return ShardSet(out, options).write(part, table, {"items": [int(start), int(stop)], "method": c.method})
+
+
+def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
+    import ray
+    from tqdm import tqdm
+
+    if cfg.method not in OFFLINE:
+        raise SystemExit(f"unknown method {cfg.method!r}; available: {OFFLINE}")
+    root = ArtifactRoot(cfg.index, cfg.storage)
+    if "graph" not in root.meta().get("stages", {}):
+        raise SystemExit(f"{cfg.index} has no kNN graph: run python -m jobs.graph --index {cfg.index}")
+    n = len(root.load_array("global/ids.npy"))
+    parts = ShardSet(sfs.join(cfg.out, "parts"), cfg.storage)
+    blocks = list(enumerate(range(0, n, cfg.items_per_task)))
+    done = parts.committed()
+    want = {"method": cfg.method}
+    pending = [(i, s) for i, s in blocks if any(done.get(i, {}).get(k) != v for k, v in want.items())]
+    summary.add(items=n, parts_total=len(blocks), parts_skipped=len(blocks) - len(pending))
+    task = ray.remote(num_cpus=1)(rerank_items_task)
+    conf = to_dict(cfg)
+    futures = [task.remote(root.uri, root.options, parts.uri, i, s, min(n, s + cfg.items_per_task), conf)
+               for i, s in pending]
+    with tqdm(total=len(futures), desc=f"offline {cfg.method}", unit="part") as bar:
+        while futures:
+            ready, futures = ray.wait(futures)
+            for rec in ray.get(ready):
+                summary.add(rows_written=rec["rows"])
+            bar.update(len(ready))
+    sfs.write_json(sfs.join(cfg.out, "run.json"), {"config": to_dict(cfg), "queries": n}, cfg.storage)
+
+
+FLAGS = {
+    "--index": ("index", str, "artifact root with a kNN graph (jobs.graph)"),
+    "--out": ("out", str, "results folder or s3:// prefix"),
+    "--method": ("method", str, f"diffusion: {', '.join(OFFLINE)}"),
+    "--top": ("top", int, "list length per database item"),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse(RerankJobConfig, argv, FLAGS, __doc__)
+    summary = JobSummary("rerank")
+    connect(cfg.ray)
+    with summary.stage(f"offline {cfg.method}"):
+        run(cfg, summary)
+    summary.info["results"] = sfs.join(cfg.out, "parts")
+    return summary.finish(sfs.join(cfg.out, "summary-rerank.json"), cfg.storage)
+
+
+if __name__ == "__main__":
+    main()

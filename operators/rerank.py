@@ -1,0 +1,120 @@
+"""Diffusion re-ranking of initial rankings on a kNN graph (spec search.md §2-§6).
+
+Inputs are node rows (positions in the graph) of each query's initial ranking and their
+similarities. The query never enters the graph: its seeds are y_i = [s(q, x_i)]₊^γ over its
+first k_q = 10 results (T:18318-18322). Methods:
+
+- ``dfs``: f = (1 − α)(I − αS)⁻¹ y over the whole graph by CG (:func:`operators.diffusion.temporal`);
+- ``truncated-dfs``: the same on the query's top-T shortlist, subgraph re-normalised (T:18576-18583);
+- ``fsr``: f = U h(Λ) Uᵀ y (nodes outside the decomposed LCC keep f_i = y_i, T:19618-19622);
+- ``hybrid``: U g(Λ) Uᵀ y + a few CG iterations on the residual graph (T:20133-20207).
+
+The new ranking lists the items with f > 0 by f (ties: initial order), then the remaining items of
+the initial ranking in their initial order (score 0) — so truncated re-ranking keeps the initial
+order outside its shortlist, and nothing the initial search found is lost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from operators.diffusion import seeds, temporal, truncated
+from operators.spectral import fsr, hybrid
+
+DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
+METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION)
+
+
+@dataclass
+class RerankParams:
+    alpha: float = 0.99        # diffusion α (T:18643-18644)
+    kq: int = 10               # query seeds: first k_q results (T:18683-18684)
+    gamma: float = 3.0         # seed weight [s]₊^γ
+    iters: int = 20            # CG iterations, temporal / truncated (T:18692-18698)
+    tol: float = 1e-6          # CG relative residual [ext]
+    shortlist: int = 1000      # truncated: top-T of the initial ranking
+    hybrid_iters: int = 5      # hybrid: CG iterations on the residual (T:20419-20422)
+    qe_alpha: float = 3.0      # αQE exponent (α = 0: AQE) (T:3506-3515)
+    qe_n: int = 50             # αQE: results averaged
+    block: int = 64            # queries per multi-right-hand-side solve
+
+
+@dataclass
+class Graph:
+    """What diffusion needs of the graph: W, S = D^-1/2 W D^-1/2 and (optionally) the eigenpairs."""
+
+    w: sp.csr_matrix
+    s: sp.csr_matrix
+    u: np.ndarray | None = None       # (n, r), zero rows outside the LCC
+    lam: np.ndarray | None = None     # (r,)
+
+    @property
+    def n(self) -> int:
+        return self.w.shape[0]
+
+
+def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: np.ndarray, topk: int,
+           p: RerankParams) -> tuple[np.ndarray, np.ndarray]:
+    """New (m, topk) node rows and scores for initial rankings ``rows``/``sims`` (m, K; -1 padding).
+
+    ``own[j]`` is query j's own node row (left out of its ranking), -1 when none.
+    """
+    out_r = np.full((len(rows), topk), -1, np.int64)
+    out_s = np.full((len(rows), topk), -np.inf)
+    for a in range(0, len(rows), p.block):
+        b = min(len(rows), a + p.block)
+        f_rows, f = _diffuse(method, graph, rows[a:b], sims[a:b], own[a:b], p)
+        for j in range(b - a):
+            r, s = merge_with_initial(f_rows[j], f[j], rows[a + j], own[a + j], topk)
+            out_r[a + j, :len(r)], out_s[a + j, :len(s)] = r, s
+    return out_r, out_s
+
+
+def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
+             p: RerankParams) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate rows, f) per query: every node for the full-graph methods, the shortlist for truncated."""
+    if method == "truncated-dfs":
+        short = rows[:, :p.shortlist]
+        rank = np.arange(short.shape[1])[None, :]
+        y = np.where((short >= 0) & (rank < p.kq), np.maximum(np.nan_to_num(sims[:, :p.shortlist], neginf=0), 0) ** p.gamma, 0)
+        return short, truncated(g.w, short, y, p.alpha, p.tol, p.iters)
+    y = seeds(g.n, rows, sims, p.kq, p.gamma)
+    if method == "dfs":
+        f = temporal(g.s, y, p.alpha, p.tol, p.iters)
+    elif method == "fsr":
+        _need_spectral(g, method)
+        f = fsr(g.u, g.lam, y, p.alpha)
+        outside = ~np.any(g.u != 0, axis=1)
+        f[outside] = y[outside]
+    elif method == "hybrid":
+        _need_spectral(g, method)
+        f = hybrid(g.s, g.u, g.lam, y, p.alpha, p.hybrid_iters)
+    else:
+        raise ValueError(f"unknown diffusion method {method!r}; available: {DIFFUSION}")
+    return np.broadcast_to(np.arange(g.n), (len(rows), g.n)), f.T
+
+
+def _need_spectral(g: Graph, method: str) -> None:
+    if g.u is None or g.lam is None:
+        raise ValueError(f"--rerank {method} needs the spectral stage (eigenpairs) of the index")
+
+
+def merge_with_initial(cand: np.ndarray, f: np.ndarray, initial: np.ndarray, own: int,
+                       topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items with f > 0 by decreasing f (ties: initial order, then row), then the rest of ``initial``."""
+    cand, f = np.asarray(cand), np.asarray(f, np.float64)
+    ok = (cand >= 0) & (f > 0) & (cand != own)
+    cand, f = cand[ok], f[ok]
+    if len(cand) > topk:  # only the best topk can be listed
+        part = np.argpartition(-f, topk - 1)[:topk]
+        cand, f = cand[part], f[part]
+    init = np.asarray(initial)
+    init = init[(init >= 0) & (init != own)]
+    pos = {int(r): i for i, r in enumerate(init)}
+    init_rank = np.array([pos.get(int(c), len(init)) for c in cand], np.int64)
+    order = np.lexsort((cand, init_rank, -f))
+    rows, scores = cand[order], f[order]
+    rest = init[~np.isin(init, rows)][:max(0, topk - len(rows))]
+    return np.r_[rows, rest].astype(np.int64), np.r_[scores, np.zeros(len(rest))]
