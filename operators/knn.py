@@ -60,3 +60,30 @@ def drop_ids(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, k: int) -
     hit = (ids == exclude[:, None]) & (exclude[:, None] >= 0)
     order = np.argsort(hit, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def build_ivf(x: np.ndarray, nlist: int = 0, train_per_list: int = 64, block: int = 65536, seed: int = 0) -> faiss.Index:
+    """An IVF-Flat inner-product index over the rows of ``x`` (trained on a sample, added in blocks).
+
+    ``nlist`` 0 picks 4·√n lists. Approximate: used for kNN graphs above a size threshold, searched
+    with ``nprobe`` lists per query (T:18570-18575: approximate graphs lose little).
+    """
+    n, d = x.shape
+    nlist = nlist or max(1, int(4 * np.sqrt(n)))
+    pick = np.sort(np.random.default_rng(seed).choice(n, min(n, train_per_list * nlist), replace=False))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(x[pick], dtype=np.float32))
+    for s in range(0, n, block):
+        index.add(np.ascontiguousarray(x[s:s + block], dtype=np.float32))
+    return index
+
+
+def search_ivf(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int,
+               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of an IVF index (as :func:`knn_blocks`: scores, ids, best first, ``exclude`` dropped)."""
+    index.nprobe = nprobe
+    extra = 0 if exclude is None else 1
+    scores, ids = index.search(np.ascontiguousarray(xq, dtype=np.float32), k + extra)
+    if exclude is not None:
+        scores, ids = drop_ids(scores, ids, np.asarray(exclude, np.int64), k)
+    return scores, ids

@@ -15,13 +15,15 @@ order outside its shortlist, and nothing the initial search found is lost.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
 from operators.diffusion import seeds, temporal, truncated
-from operators.spectral import fsr, hybrid
+from operators.graph import locality_order, normalize
+from operators.spectral import fsr, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
 METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION)
@@ -39,20 +41,42 @@ class RerankParams:
     qe_alpha: float = 3.0      # αQE exponent (α = 0: AQE) (T:3506-3515)
     qe_n: int = 50             # αQE: results averaged
     block: int = 64            # queries per multi-right-hand-side solve
+    dtype: str = "float32"     # solver precision: float32 halves memory traffic; float64 for exactness tests
+    sparse_keep: float = 1.0   # fsr / hybrid: keep this fraction of U's entries (SHybrid: 0.01, T:20425-20431)
 
 
 @dataclass
 class Graph:
-    """What diffusion needs of the graph: W, S = D^-1/2 W D^-1/2 and (optionally) the eigenpairs."""
+    """What diffusion needs of the graph, stored in a locality order (:func:`operators.graph.locality_order`).
+
+    Position t holds node ``order[t]``: W and S = D^-1/2 W D^-1/2 are permuted alike, as are the
+    rows of U (zero outside the LCC). Use :meth:`build` from matrices in node order.
+    """
 
     w: sp.csr_matrix
     s: sp.csr_matrix
-    u: np.ndarray | None = None       # (n, r), zero rows outside the LCC
+    order: np.ndarray                 # (n,) node at each position
+    u: np.ndarray | sp.csr_matrix | None = None   # (n, r)
     lam: np.ndarray | None = None     # (r,)
+
+    @classmethod
+    def build(cls, w: sp.spmatrix, u: np.ndarray | None = None, lam: np.ndarray | None = None,
+              order: np.ndarray | None = None) -> "Graph":
+        order = locality_order(w) if order is None else np.asarray(order, np.int64)
+        wp = sp.csr_matrix(sp.csr_matrix(w)[order][:, order])
+        wp.sort_indices()
+        return cls(wp, normalize(wp), order, None if u is None else u[order], lam)
 
     @property
     def n(self) -> int:
         return self.w.shape[0]
+
+    @property
+    def position(self) -> np.ndarray:
+        """Inverse of ``order``: the position of each node."""
+        pos = np.empty_like(self.order)
+        pos[self.order] = np.arange(len(self.order))
+        return pos
 
 
 def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: np.ndarray, topk: int,
@@ -61,6 +85,8 @@ def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: n
 
     ``own[j]`` is query j's own node row (left out of its ranking), -1 when none.
     """
+    if method in ("fsr", "hybrid") and p.sparse_keep < 1 and graph.u is not None and not sp.issparse(graph.u):
+        graph = dataclasses.replace(graph, u=sparsify(graph.u, p.sparse_keep, as_csr=True))
     out_r = np.full((len(rows), topk), -1, np.int64)
     out_s = np.full((len(rows), topk), -np.inf)
     for a in range(0, len(rows), p.block):
@@ -75,25 +101,27 @@ def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: n
 def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
              p: RerankParams) -> tuple[np.ndarray, np.ndarray]:
     """(candidate rows, f) per query: every node for the full-graph methods, the shortlist for truncated."""
+    pos = g.position
+    local = np.where(rows >= 0, pos[np.maximum(rows, 0)], -1)
     if method == "truncated-dfs":
         short = rows[:, :p.shortlist]
         rank = np.arange(short.shape[1])[None, :]
         y = np.where((short >= 0) & (rank < p.kq), np.maximum(np.nan_to_num(sims[:, :p.shortlist], neginf=0), 0) ** p.gamma, 0)
-        return short, truncated(g.w, short, y, p.alpha, p.tol, p.iters)
-    y = seeds(g.n, rows, sims, p.kq, p.gamma)
+        return short, truncated(g.w, local[:, :p.shortlist], y, p.alpha, p.tol, p.iters)
+    y = seeds(g.n, local, sims, p.kq, p.gamma, dtype=np.dtype(p.dtype).type)
     if method == "dfs":
         f = temporal(g.s, y, p.alpha, p.tol, p.iters)
     elif method == "fsr":
         _need_spectral(g, method)
         f = fsr(g.u, g.lam, y, p.alpha)
-        outside = ~np.any(g.u != 0, axis=1)
+        outside = (g.u.getnnz(axis=1) if sp.issparse(g.u) else np.count_nonzero(g.u, axis=1)) == 0
         f[outside] = y[outside]
     elif method == "hybrid":
         _need_spectral(g, method)
         f = hybrid(g.s, g.u, g.lam, y, p.alpha, p.hybrid_iters)
     else:
         raise ValueError(f"unknown diffusion method {method!r}; available: {DIFFUSION}")
-    return np.broadcast_to(np.arange(g.n), (len(rows), g.n)), f.T
+    return np.broadcast_to(g.order, (len(rows), g.n)), f.T
 
 
 def _need_spectral(g: Graph, method: str) -> None:

@@ -227,8 +227,14 @@ def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path)
 
     out = tmp_path / "copy"
     shutil.copytree(built_index[0], out)
-    graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
     root = ArtifactRoot(str(out))
+    exact = np.asarray(root.load_array("graph/knn_ids.npy"))
+    # the IVF path (above ivf_threshold) probing every list is exact too
+    s = graph_job.main(["--index", str(out), "--rank", "0", "--set", "graph.ivf_threshold=5", "--set", "graph.nlist=2",
+                        "--set", "graph.nprobe=2", "--set", "graph.block=6"])
+    assert s["graph_knn"] == "ivf"
+    np.testing.assert_array_equal(root.load_array("graph/knn_ids.npy"), exact)
+    graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
     nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
     assert nn.shape == (14, 5) and not np.any(nn == np.arange(14)[:, None])
     assert np.all(np.diff(sims, axis=1) <= 1e-7)
@@ -259,12 +265,14 @@ def test_search_rerank_methods(built_index, mini_subset, tmp_path):
 
 def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_path):
     from jobs import rerank as rerank_job
-    from jobs.graph import load_graph
+    from jobs.graph import load_affinity
     from operators.diffusion import temporal, top_k
+    from operators.graph import normalize
 
     out, _ = built_index
     res = tmp_path / "offline"
-    args = ["--index", str(out), "--out", str(res), "--method", "dfs", "--top", "6", "--set", "items_per_task=5"]
+    args = ["--index", str(out), "--out", str(res), "--method", "dfs", "--top", "6", "--set", "items_per_task=5",
+            "--set", "params.dtype=float64"]
     s1 = rerank_job.main(args)
     assert s1["counts"]["parts_total"] == 3 and s1["counts"]["rows_written"] == 14
     sfs.remove(sfs.join(str(res), "parts", "_commits", "part-00001.json"))
@@ -272,10 +280,8 @@ def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_pa
     assert s2["counts"]["parts_skipped"] == 2 and s2["counts"]["rows_written"] == 5
     table, _ = search_job.read_results(str(res))
     lists = dict(zip(table.column("query_id").to_pylist(), table.column("ids").to_pylist()))
-    g = load_graph(ArtifactRoot(str(out)))
     ids = np.asarray(ArtifactRoot(str(out)).load_array("global/ids.npy"))
-    e = np.eye(14)
-    f = temporal(g.s, e, tol=1e-6, maxiter=20)
+    f = temporal(normalize(load_affinity(ArtifactRoot(str(out)))), np.eye(14), tol=1e-6, maxiter=20)
     _, idx = top_k(f, 6, exclude=np.arange(14))
     for i in range(14):
         reached = [j for j in idx[i] if f[j, i] > 0]
