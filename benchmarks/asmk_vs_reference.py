@@ -67,19 +67,19 @@ def reset_peak() -> float:
 
 
 def run_ours(args, out):
-    from operators.asmk import AsmkParams, aggregate, build_inverted_file, search
+    from operators.asmk import AsmkParams, aggregate, build_index, search
     from operators.codebook import Quantizer
 
     centroids, xb, ib, xq, iq = make_data(*args)
     quant = Quantizer(centroids)
     n0 = int(np.searchsorted(ib, 1))  # warm-up on one image: compiles (or loads the cached) numba kernels
     t = time.time(); w0 = quant(xb[:n0], 5)
-    warm = build_inverted_file(aggregate(xb[:n0], ib[:n0], w0[:, :1], centroids), len(centroids))
+    warm = build_index(xb[:n0], ib[:n0], w0[:, :1], centroids)
     search(warm, aggregate(xb[:n0], ib[:n0], w0, centroids), AsmkParams(), k=1)
     t_jit = time.time() - t
     base = reset_peak()
     t = time.time(); words = quant(xb); t_assign = time.time() - t
-    t = time.time(); ivf = build_inverted_file(aggregate(xb, ib, words, centroids), len(centroids)); t_build = time.time() - t
+    t = time.time(); ivf = build_index(xb, ib, words, centroids); t_build = time.time() - t
     t = time.time(); qw = quant(xq, 5); t_qassign = time.time() - t
     t = time.time()
     qids, scores, ids = search(ivf, aggregate(xq, iq, qw, centroids), AsmkParams(), k=100)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs.summary import JobSummary
-from operators.asmk import AsmkParams, InvertedFile, aggregate, build_inverted_file, idf_weights, search
+from operators.asmk import AsmkParams, InvertedFile, build_index, idf_weights, search
 from operators.codebook import Quantizer
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
@@ -49,12 +49,11 @@ def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: 
     table = table.filter(pc.equal(table.column("status"), "ok"))
     desc, ids, _ = local_arrays(table)
     desc = desc.astype(np.float32)
-    agg = aggregate(desc, ids, Quantizer(centroids)(desc, db_ma), centroids, binary)
-    ivf = build_inverted_file(agg, len(centroids), binary)
+    ivf = build_index(desc, ids, Quantizer(centroids)(desc, db_ma), centroids, binary)
     buf = io.BytesIO()
     np.savez(buf, **{a: getattr(ivf, a) for a in ARRAYS})
     return root.shards("asmk/partials").write_blob(shard, buf.getvalue(), {
-        "entries": len(agg.words), "descriptors": len(desc), "codebook_sha1": codebook_hash(centroids),
+        "entries": len(ivf.entry_image), "descriptors": len(desc), "codebook_sha1": codebook_hash(centroids),
         "binary": binary, "db_ma": db_ma})
 
 

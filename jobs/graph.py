@@ -51,6 +51,7 @@ class SpectralConfig:
     method: str = "lanczos"         # lanczos | simultaneous (FSR Alg. 1)
     oversample: int = 50            # simultaneous iteration: p
     iters: int = 10                 # simultaneous iteration: q
+    tol: float = 1e-4               # Lanczos relative accuracy (0: machine precision, several times slower)
 
 
 @dataclass
@@ -133,10 +134,11 @@ def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tupl
     k = min(cfg.k, n - 1)
     if cfg.source == "global":
         index_bytes = _ivf_index(cfg, root) if n > cfg.ivf_threshold else None
+        index_ref = ray.put(index_bytes)  # stored once in the object store, not copied per task
         task = ray.remote(num_cpus=1)(global_knn_task)
-        futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, index_bytes, cfg.nprobe)
+        futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, index_ref, cfg.nprobe)
                    for s in range(0, n, cfg.block)]
-        summary.info["graph_knn"] = "ivf" if index_bytes else "exact"
+        summary.info["graph_knn"] = "ivf" if index_bytes is not None else "exact"
     elif cfg.source == "asmk":
         meta = sfs.read_json(root.path("asmk", "meta.json"), root.options)
         task = ray.remote(num_cpus=1)(asmk_knn_task)
@@ -210,7 +212,7 @@ def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary)
     r = min(cfg.rank, len(lcc) - 1)
     method = cfg.method if len(lcc) > 2000 else "dense"  # small graphs: exact dense eigh
     t = time.time()
-    lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters)
+    lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters, tol=cfg.tol)
     u, commit = root.open_array_writer("spectral/U.npy", (w.shape[0], r), np.float32)
     u[:] = 0
     u[lcc] = u_lcc

@@ -59,14 +59,35 @@ def aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centro
     about ``block_rows`` rows (bounded memory); the output is grouped by image, words sorted within.
     """
     ids = np.asarray(image_ids)
-    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # first row of each run of one image
-    rows_per_block = max(1, block_rows // words.shape[1])
-    if len(ids) > rows_per_block and len(np.unique(ids[starts])) == len(starts):
-        block_of_run = starts // rows_per_block
-        edges = np.r_[starts[np.flatnonzero(np.r_[True, np.diff(block_of_run) > 0])], len(ids)]
-        parts = [_aggregate(desc[a:b], ids[a:b], words[a:b], centroids, binary) for a, b in zip(edges[:-1], edges[1:])]
-        return Aggregated(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_ids", "words", "codes")))
-    return _aggregate(desc, ids, words, centroids, binary)
+    parts = [_aggregate(desc[a:b], ids[a:b], words[a:b], centroids, binary)
+             for a, b in image_blocks(ids, words.shape[1], block_rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return Aggregated(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_ids", "words", "codes")))
+
+
+def image_blocks(ids: np.ndarray, m: int, block_rows: int = 1 << 18) -> list[tuple[int, int]]:
+    """Row ranges of whole images, about ``block_rows / m`` rows each; one range unless every image's
+    rows are contiguous."""
+    n = len(ids)
+    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1] if n else np.zeros(1, np.int64)
+    rows_per_block = max(1, block_rows // max(m, 1))
+    if n <= rows_per_block or len(np.unique(ids[starts])) != len(starts):
+        return [(0, n)]
+    block_of_run = starts // rows_per_block
+    edges = np.r_[starts[np.flatnonzero(np.r_[True, np.diff(block_of_run) > 0])], n]
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def _groups(image_ids: np.ndarray, words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (n·m, descriptor-major) sorted by (image, word): order, sorted images, sorted words, group starts."""
+    m = words.shape[1]
+    w = words.reshape(-1).astype(np.int64)
+    img = np.repeat(np.asarray(image_ids, np.int64), m)
+    order = _group_order(img, w)
+    img_s, w_s = img[order], w[order]
+    first = np.flatnonzero(np.r_[True, (img_s[1:] != img_s[:-1]) | (w_s[1:] != w_s[:-1])])
+    return order, img_s, w_s, first
 
 
 def _aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
@@ -77,15 +98,42 @@ def _aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centr
     if n == 0:
         return Aggregated(np.zeros(0, np.int64), np.zeros(0, np.int64),
                           np.zeros((0, width), np.uint8 if binary else np.float32))
-    w = words.reshape(-1).astype(np.int64)
-    img = np.repeat(np.asarray(image_ids, np.int64), m)
-    order = _group_order(img, w)
-    img_s, w_s = img[order], w[order]
-    first = np.flatnonzero(np.r_[True, (img_s[1:] != img_s[:-1]) | (w_s[1:] != w_s[:-1])])
+    order, img_s, w_s, first = _groups(image_ids, words)
     codes = np.empty((len(first), width), np.uint8 if binary else np.float32)
     _sum_residuals(np.ascontiguousarray(desc, np.float32), np.ascontiguousarray(centroids, np.float32),
                    order // m, w_s, np.r_[first, len(order)].astype(np.int64), binary, codes)
     return Aggregated(img_s[first], w_s[first], codes)
+
+
+def build_index(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
+                binary: bool = True, block_rows: int = 1 << 18) -> "InvertedFile":
+    """The inverted file of database descriptors in two streaming passes over blocks of whole images.
+
+    Equal to ``build_inverted_file(aggregate(...))`` but never holds the aggregated entries: pass 1
+    only groups rows by (image, word) to count each word's postings, pass 2 aggregates each block
+    again and scatters its codes straight into the final arrays.
+    """
+    ids = np.asarray(image_ids)
+    k, d = centroids.shape
+    width = d // 8 if binary else d
+    blocks = image_blocks(ids, words.shape[1], block_rows)
+    counts, block_images = np.zeros(k, np.int64), []
+    for a, b in blocks:  # pass 1: postings per word, images per block
+        _, img_s, w_s, first = _groups(ids[a:b], words[a:b])
+        counts += np.bincount(w_s[first], minlength=k)
+        block_images.append(np.unique(img_s[first]))
+    images = np.unique(np.concatenate(block_images)) if block_images else np.zeros(0, np.int64)
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
+    entry_image = np.empty(offsets[-1], np.uint32)
+    codes = np.empty((offsets[-1], width), np.uint8 if binary else np.float32)
+    cursor = offsets[:-1].copy()
+    image_entries = np.zeros(len(images), np.int64)
+    for a, b in blocks:  # pass 2: aggregate again, scatter
+        part = _aggregate(desc[a:b], ids[a:b], words[a:b], centroids, binary)
+        dense = np.searchsorted(images, part.image_ids)
+        _scatter_by_word(part.words, dense.astype(np.uint32), part.codes, cursor, entry_image, codes)
+        image_entries += np.bincount(dense, minlength=len(images))
+    return InvertedFile(offsets, entry_image, codes, images, image_entries, binary)
 
 
 def _group_order(img: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -22,12 +22,13 @@ def knn_to_sparse(ids: np.ndarray, sims: np.ndarray, n: int, k: int | None = Non
                   gamma: float = 3.0) -> sp.csr_matrix:
     """A = [s]₊^γ restricted to the first ``k`` neighbours: row i holds i's neighbours (no self-loops)."""
     k = ids.shape[1] if k is None else min(k, ids.shape[1])
-    ids, sims = np.asarray(ids[:, :k]), np.asarray(sims[:, :k], np.float64)
-    rows = np.repeat(np.arange(len(ids)), k)
-    cols = ids.reshape(-1).astype(np.int64)
-    vals = np.maximum(sims.reshape(-1), 0.0) ** gamma
-    keep = (cols >= 0) & (cols != rows) & (vals > 0)
-    a = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(n, n))
+    ids, sims = np.asarray(ids[:, :k]), np.asarray(sims[:, :k])
+    vals = np.maximum(sims, 0).astype(np.float64) ** gamma
+    keep = (ids >= 0) & (ids != np.arange(len(ids))[:, None]) & (vals > 0)
+    indptr = np.r_[0, np.cumsum(keep.sum(axis=1))].astype(np.int64)  # rows arrive in order: CSR directly
+    indptr = np.r_[indptr, np.full(n - len(ids), indptr[-1])]         # items without lists: empty rows
+    a = sp.csr_matrix((vals[keep], ids[keep].astype(np.int32 if n < 2**31 else np.int64), indptr), shape=(n, n))
+    a.sort_indices()
     a.sum_duplicates()
     return a
 

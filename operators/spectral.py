@@ -18,6 +18,7 @@ and not the negative ones of largest modulus.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -63,9 +64,9 @@ def _simultaneous_iteration(s: sp.csr_matrix, r: int, p: int, q: int, seed: int)
     """FSR Algorithm 1 (T:19112-19161) on A = (S + I)/2: B ~ N(0,1); Q R = B; B = A Q (q times); eig QᵀAQ."""
     n = s.shape[0]
     rh = min(n, r + p)
-    b = np.random.default_rng(seed).standard_normal((n, rh), dtype=np.float64).astype(s.dtype, copy=False)
+    b = np.random.default_rng(seed).standard_normal((n, rh), dtype=s.dtype.type)
     for _ in range(max(1, q)):
-        qm, _ = np.linalg.qr(b)
+        qm, _ = scipy.linalg.qr(b, mode="economic", overwrite_a=True, check_finite=False)  # in b's dtype
         del b
         b = shifted_product(s, qm, -1.0)  # (I + S) Q by the parallel kernel
         b *= 0.5

@@ -129,6 +129,18 @@ def test_blocked_aggregation_equals_one_pass(random_data, shuffle):
         assert np.array_equal(getattr(a, f), getattr(b, f))
 
 
+@pytest.mark.parametrize("binary,block_rows", [(True, 97), (False, 97), (True, 10**9)])
+def test_two_pass_build_equals_aggregate_then_build(random_data, binary, block_rows):
+    from operators.asmk import aggregate, build_index
+
+    centroids, xb, ib, _, _ = random_data
+    words = Quantizer(centroids)(xb)
+    ref = build_inverted_file(aggregate(xb, ib, words, centroids, binary), len(centroids), binary)
+    got = build_index(xb, ib, words, centroids, binary, block_rows=block_rows)
+    for f in ("offsets", "entry_image", "codes", "images", "image_entries"):
+        assert np.array_equal(getattr(got, f), getattr(ref, f)), f
+
+
 @pytest.mark.parametrize("use_idf,tau", [(False, 0.0), (True, 0.2)])
 def test_compiled_and_numpy_accumulation_agree(random_data, use_idf, tau):
     from operators.asmk import aggregate
