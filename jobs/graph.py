@@ -52,6 +52,8 @@ class SpectralConfig:
     oversample: int = 50            # simultaneous iteration: p
     iters: int = 10                 # simultaneous iteration: q
     tol: float = 1e-4               # Lanczos relative accuracy (0: machine precision, several times slower)
+    max_nodes: int = 200_000        # skip (with a warning) above this many LCC nodes: r = 400 Lanczos took
+                                    # 647 s at 100k nodes on 2 cores; raise it to force the stage
 
 
 @dataclass
@@ -175,6 +177,8 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
                       ("data", w.data.astype(np.float32))):
         root.write_array(f"graph/w_{name}.npy", arr)
     root.write_array("graph/order.npy", G.locality_order(w))
+    if sfs.exists(root.path("spectral", "meta.json"), root.options):  # eigenpairs of the old graph: invalid now
+        sfs.remove(root.path("spectral", "meta.json"), root.options)
     n_comp, labels = G.components(w)
     sizes = np.bincount(labels)
     meta = {**asdict(cfg), "nodes": int(w.shape[0]), "nnz": int(w.nnz), "mean_degree": float(w.nnz / max(1, w.shape[0])),
@@ -208,6 +212,12 @@ def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary)
     """Top-r eigenpairs of S on the LCC, stored as (n, r) U (zero rows elsewhere) and λ."""
     w = load_affinity(root)
     lcc = G.largest_component(w)
+    if len(lcc) > cfg.max_nodes:
+        import warnings
+        warnings.warn(f"spectral stage skipped: the largest component has {len(lcc)} nodes > spectral.max_nodes="
+                      f"{cfg.max_nodes}; --rerank fsr/hybrid need it (set spectral.max_nodes to force)")
+        summary.info["spectral"] = {"skipped": True, "lcc": int(len(lcc))}
+        return summary.info["spectral"]
     s = G.normalize(w[lcc][:, lcc])
     r = min(cfg.rank, len(lcc) - 1)
     method = cfg.method if len(lcc) > 2000 else "dense"  # small graphs: exact dense eigh
@@ -233,8 +243,9 @@ def run_stages(cfg: GraphJobConfig, root: ArtifactRoot, summary: JobSummary) -> 
         root.record_stage("graph", to_dict(cfg.graph))
     if "spectral" in cfg.stages and cfg.spectral.rank > 0:
         with summary.stage("spectral"):
-            build_spectral(cfg.spectral, root, summary)
-        root.record_stage("spectral", to_dict(cfg.spectral))
+            meta = build_spectral(cfg.spectral, root, summary)
+        if not meta.get("skipped"):
+            root.record_stage("spectral", to_dict(cfg.spectral))
 
 
 FLAGS = {

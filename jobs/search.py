@@ -317,6 +317,9 @@ def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tu
     root = partitions(cfg)[0]
     if "graph" not in root.meta().get("stages", {}):
         raise SystemExit(f"--rerank {cfg.rerank} needs the graph stage: python -m jobs.graph --index {root.uri}")
+    if cfg.rerank in ("fsr", "hybrid") and not sfs.exists(root.path("spectral", "meta.json"), root.options):
+        raise SystemExit(f"--rerank {cfg.rerank} needs the spectral stage (eigenpairs): "
+                         f"python -m jobs.graph --index {root.uri} --set stages=[spectral]")
     node_ids = np.asarray(root.load_array("global/ids.npy"))
     qids = [int(q) for q in queries.sort_values("image_id")["image_id"] if int(q) in ranked]
     depth = initial_depth(cfg)

@@ -234,6 +234,9 @@ def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path)
                         "--set", "graph.nprobe=2", "--set", "graph.block=6"])
     assert s["graph_knn"] == "ivf"
     np.testing.assert_array_equal(root.load_array("graph/knn_ids.npy"), exact)
+    assert not (out / "spectral" / "meta.json").exists()  # the old eigenpairs went with the old graph
+    skipped = graph_job.main(["--index", str(out), "--set", "stages=[spectral]", "--set", "spectral.max_nodes=3"])
+    assert skipped["spectral"]["skipped"] and not (out / "spectral" / "meta.json").exists()
     graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
     nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
     assert nn.shape == (14, 5) and not np.any(nn == np.arange(14)[:, None])
