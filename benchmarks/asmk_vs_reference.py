@@ -16,7 +16,6 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.memory import reset_peak, rss_mb  # noqa: E402
 
 
 def make_data(n_images: int, per_image: int, k: int, n_queries: int, seed: int = 0):
@@ -48,22 +49,7 @@ def make_data(n_images: int, per_image: int, k: int, n_queries: int, seed: int =
 
 
 def peak_mb() -> float:
-    """Peak RSS since the last :func:`reset_peak` (Linux VmHWM), else since start."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak() -> float:
-    """Reset the peak RSS to the current RSS (``/proc/self/clear_refs``: 5), so the data generation's
-    temporaries do not hide what the method itself adds; returns the current RSS (MB)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return peak_mb()
+    return rss_mb("VmHWM")
 
 
 def run_ours(args, out):

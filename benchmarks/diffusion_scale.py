@@ -30,17 +30,11 @@ import scipy.sparse.linalg as spla
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.diffusion import seeds, temporal, truncated  # noqa: E402
+from benchmarks.memory import reset_peak, rss_mb  # noqa: E402
+from operators.diffusion import seeds, shifted_product, temporal, truncated  # noqa: E402
 from operators.graph import affinity, largest_component, locality_order, normalize  # noqa: E402
 from operators.knn import build_ivf, search_ivf  # noqa: E402
 from operators.spectral import eigenpairs, fsr, hybrid, sparsify  # noqa: E402
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Step:
@@ -52,11 +46,7 @@ class Step:
         self.name = name
 
     def __enter__(self):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        self.base, self.t = rss_mb(), time.time()
+        self.base, self.t = reset_peak(), time.time()
         return self
 
     def __exit__(self, *exc):
@@ -80,6 +70,23 @@ def make_data(n: int, d: int, cluster_size: int, n_queries: int, latent: int = 8
     q = x[rng.choice(n, n_queries, replace=False)] + 0.02 * rng.standard_normal((n_queries, d), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return x, q
+
+
+def product_timings(s_random: sp.csr_matrix, s_local: sp.csr_matrix, m: int, reps: int = 3) -> None:
+    """One (I − αS)·P with P (n, m): scipy float64 in node and locality order, our kernel float64/float32."""
+    p = np.random.default_rng(1).standard_normal((s_local.shape[0], m))
+    runs = [("scipy, float64, node order", lambda: p - 0.99 * (s_random @ p)),
+            ("scipy, float64, locality order", lambda: p - 0.99 * (s_local @ p))]
+    for dt in (np.float64, np.float32):
+        sd, pd_ = s_local.astype(dt), p.astype(dt)
+        runs.append((f"compiled kernel, {dt.__name__}, locality order", lambda sd=sd, pd_=pd_: shifted_product(sd, pd_, 0.99)))
+    print(f"  one (I − αS)·P product, P with {m} columns:")
+    for name, fn in runs:
+        fn()
+        t = time.time()
+        for _ in range(reps):
+            fn()
+        print(f"    {name:44s} {(time.time() - t) / reps:8.3f} s", flush=True)
 
 
 def overlap(a: np.ndarray, b: np.ndarray, k: int = 100) -> float:
@@ -126,6 +133,7 @@ def main() -> None:
         w = sp.csr_matrix(w[order][:, order])
         s = normalize(w)
     print(f"  graph: {w.nnz:,} nonzeros, mean degree {w.nnz / a.n:.1f}, W+S {(w.data.nbytes + w.indices.nbytes) * 2 / 2**20:.0f} MB")
+    product_timings(s_random, s, a.queries)
     with Step(f"eigenpairs r={a.rank} on the LCC ({a.eig})"):
         lcc = largest_component(w)
         s_lcc = normalize(w[lcc][:, lcc])

@@ -18,7 +18,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from cluster.ray_env import RayConfig, connect
 from jobs.config import parse, to_dict
@@ -87,8 +86,7 @@ def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
     parts = ShardSet(sfs.join(cfg.out, "parts"), cfg.storage)
     blocks = list(enumerate(range(0, n, cfg.items_per_task)))
     done = parts.committed()
-    want = {"method": cfg.method}
-    pending = [(i, s) for i, s in blocks if any(done.get(i, {}).get(k) != v for k, v in want.items())]
+    pending = [(i, s) for i, s in blocks if done.get(i, {}).get("method") != cfg.method]
     summary.add(items=n, parts_total=len(blocks), parts_skipped=len(blocks) - len(pending))
     task = ray.remote(num_cpus=1)(rerank_items_task)
     conf = to_dict(cfg)

@@ -323,13 +323,14 @@ def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tu
     node_ids = np.asarray(root.load_array("global/ids.npy"))
     qids = [int(q) for q in queries.sort_values("image_id")["image_id"] if int(q) in ranked]
     depth = initial_depth(cfg)
-    rows = np.full((len(qids), depth), -1, np.int64)
+    ids = np.full((len(qids), depth), -1, np.int64)
     sims = np.full((len(qids), depth), -np.inf)
     for j, q in enumerate(qids):
-        ids, sc = (np.asarray(a)[:depth] for a in ranked[q])
-        rows[j, :len(ids)], sims[j, :len(sc)] = rows_of(node_ids, ids), sc
+        i, sc = (np.asarray(a)[:depth] for a in ranked[q])
+        ids[j, :len(i)], sims[j, :len(sc)] = i, sc
     own_id = dict(zip(queries["image_id"].astype(int), queries["own"].astype(int)))
-    own = rows_of(node_ids, np.array([own_id[q] if cfg.exclude_self else -1 for q in qids], np.int64))
+    own_ids = np.array([own_id[q] if cfg.exclude_self else -1 for q in qids], np.int64)
+    rows, own = rows_of(node_ids, ids), rows_of(node_ids, own_ids)  # one id → row lookup for all queries
     task = ray.remote(num_cpus=1)(rerank_task)
     block = 4 * cfg.rerank_params.block
     params = dataclasses.asdict(cfg.rerank_params)

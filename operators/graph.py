@@ -86,7 +86,17 @@ def locality_order(w: sp.spmatrix) -> np.ndarray:
     """A node order that puts neighbours close together (reverse Cuthill-McKee, O(nnz)).
 
     Diffusion multiplies S by dense (n, m) blocks; in a random node order every nonzero gathers an
-    m-row from anywhere in memory, in this order mostly from cache (measured 8.5× faster at 100k
+    m-row from anywhere in memory, in this order mostly from cache (measured 4.2× faster at 100k
     nodes, benchmarks/diffusion_scale.py). ``order[t]`` is the node stored at position t.
     """
     return np.asarray(reverse_cuthill_mckee(sp.csr_matrix(w), symmetric_mode=True), np.int64)
+
+
+def index_of(table: np.ndarray, values: np.ndarray, missing: int) -> np.ndarray:
+    """Position of each of ``values`` (any shape) in ``table`` (distinct entries); ``missing`` where absent."""
+    table, values = np.asarray(table), np.asarray(values)
+    if len(table) == 0:
+        return np.full(values.shape, missing, np.int64)
+    by_value = np.argsort(table)
+    at = by_value[np.minimum(np.searchsorted(table, values, sorter=by_value), len(table) - 1)]
+    return np.where(table[at] == values, at, missing)

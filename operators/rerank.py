@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from operators.diffusion import seeds, temporal, truncated
-from operators.graph import locality_order, normalize
+from operators.graph import index_of, locality_order, normalize
 from operators.spectral import fsr, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
@@ -56,27 +56,26 @@ class Graph:
     w: sp.csr_matrix
     s: sp.csr_matrix
     order: np.ndarray                 # (n,) node at each position
+    position: np.ndarray              # (n,) position of each node (inverse of ``order``)
     u: np.ndarray | sp.csr_matrix | None = None   # (n, r)
     lam: np.ndarray | None = None     # (r,)
+    decomposed: np.ndarray | None = None          # (n,) bool: positions inside the decomposed LCC
 
     @classmethod
     def build(cls, w: sp.spmatrix, u: np.ndarray | None = None, lam: np.ndarray | None = None,
               order: np.ndarray | None = None) -> "Graph":
         order = locality_order(w) if order is None else np.asarray(order, np.int64)
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
         wp = sp.csr_matrix(sp.csr_matrix(w)[order][:, order])
         wp.sort_indices()
-        return cls(wp, normalize(wp), order, None if u is None else u[order], lam)
+        u = None if u is None else u[order]
+        decomposed = None if u is None else np.count_nonzero(u, axis=1) > 0
+        return cls(wp, normalize(wp), order, position, u, lam, decomposed)
 
     @property
     def n(self) -> int:
         return self.w.shape[0]
-
-    @property
-    def position(self) -> np.ndarray:
-        """Inverse of ``order``: the position of each node."""
-        pos = np.empty_like(self.order)
-        pos[self.order] = np.arange(len(self.order))
-        return pos
 
 
 def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: np.ndarray, topk: int,
@@ -101,8 +100,7 @@ def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: n
 def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
              p: RerankParams) -> tuple[np.ndarray, np.ndarray]:
     """(candidate rows, f) per query: every node for the full-graph methods, the shortlist for truncated."""
-    pos = g.position
-    local = np.where(rows >= 0, pos[np.maximum(rows, 0)], -1)
+    local = np.where(rows >= 0, g.position[np.maximum(rows, 0)], -1)
     if method == "truncated-dfs":
         short = rows[:, :p.shortlist]
         rank = np.arange(short.shape[1])[None, :]
@@ -114,8 +112,7 @@ def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.
     elif method == "fsr":
         _need_spectral(g, method)
         f = fsr(g.u, g.lam, y, p.alpha)
-        outside = (g.u.getnnz(axis=1) if sp.issparse(g.u) else np.count_nonzero(g.u, axis=1)) == 0
-        f[outside] = y[outside]
+        f[~g.decomposed] = y[~g.decomposed]
     elif method == "hybrid":
         _need_spectral(g, method)
         f = hybrid(g.s, g.u, g.lam, y, p.alpha, p.hybrid_iters)
@@ -140,9 +137,8 @@ def merge_with_initial(cand: np.ndarray, f: np.ndarray, initial: np.ndarray, own
         cand, f = cand[part], f[part]
     init = np.asarray(initial)
     init = init[(init >= 0) & (init != own)]
-    pos = {int(r): i for i, r in enumerate(init)}
-    init_rank = np.array([pos.get(int(c), len(init)) for c in cand], np.int64)
-    order = np.lexsort((cand, init_rank, -f))
+    order = np.lexsort((cand, index_of(init, cand, len(init)), -f))
     rows, scores = cand[order], f[order]
     rest = init[~np.isin(init, rows)][:max(0, topk - len(rows))]
     return np.r_[rows, rest].astype(np.int64), np.r_[scores, np.zeros(len(rest))]
+
