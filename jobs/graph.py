@@ -3,15 +3,18 @@
 ``graph``: the top-k neighbours of every database item, computed by Ray tasks over blocks of items,
 from the global descriptors (faiss: exact blocks with a top-k heap, or an IVF index above
 ``ivf_threshold`` items; GPU faiss when present) or from ASMK similarities (every database image
-searched as a query against the inverted file, single assignment). Then the affinity W (mutual or
+searched as a query against the inverted file, single assignment; each task reads its images'
+postings through a per-image index of the inverted file). Then the affinity W (mutual or
 union kNN, similarities^γ; :mod:`operators.graph`). Nodes are the rows of ``global/ids.npy``.
 
 ``spectral``: the r largest eigenpairs of S = D^-1/2 W D^-1/2 on the largest connected component
-(Lanczos or FSR's simultaneous iteration; :mod:`operators.spectral`), for FSR and hybrid search.
+(Chebyshev-filtered subspace iteration by default — r = 400 at 1M nodes in minutes on 2 cores —,
+Lanczos, or FSR's simultaneous iteration; :mod:`operators.spectral`), for FSR and hybrid search.
 
     ROOT/graph/knn_ids.npy (n, k) int64 node rows (-1: none), knn_sims.npy (n, k) float32, best first
     ROOT/graph/w_indptr.npy, w_indices.npy, w_data.npy   W as CSR (float32), meta.json
     ROOT/graph/order.npy   a locality (reverse Cuthill-McKee) node order used by the solvers
+    ROOT/graph/asmk_image_offsets.npy, asmk_image_positions.npy   (ASMK source) postings of each image
     ROOT/spectral/U.npy (n, r) float32 (rows outside the LCC are 0), lambda.npy (r,), meta.json
 """
 from __future__ import annotations
@@ -48,12 +51,13 @@ class GraphConfig:
 @dataclass
 class SpectralConfig:
     rank: int = 400                 # r eigenpairs (T:20419-20422); 0 disables the stage
-    method: str = "lanczos"         # lanczos | simultaneous (FSR Alg. 1)
-    oversample: int = 50            # simultaneous iteration: p
-    iters: int = 10                 # simultaneous iteration: q
-    tol: float = 1e-4               # Lanczos relative accuracy (0: machine precision, several times slower)
-    max_nodes: int = 200_000        # skip (with a warning) above this many LCC nodes: r = 100 Lanczos took
-                                    # 160 s at 100k nodes on 2 cores; raise it to force the stage
+    method: str = "chebyshev"       # chebyshev (filtered subspace iteration) | lanczos | simultaneous (FSR Alg. 1)
+    oversample: int = 100           # block methods: p extra vectors
+    iters: int = 30                 # chebyshev: at most this many outer iterations; simultaneous: q
+    degree: int = 32                # chebyshev: filter polynomial degree
+    tol: float = 1e-3               # chebyshev: max ||S u − λ u||; lanczos: relative accuracy (0: machine precision)
+    max_nodes: int = 2_000_000      # skip (with a warning) above this many LCC nodes: the block methods hold
+                                    # ~5 blocks of n × (r + p) float32 (10 GB at 1M nodes, r + p = 500)
 
 
 @dataclass
@@ -90,20 +94,17 @@ def asmk_knn_task(uri: str, options: dict, start: int, stop: int, k: int, params
                   buffer_mb: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Top-k neighbours of items ``start:stop`` by ASMK: their own inverted-file entries as queries."""
     from jobs.asmk import open_inverted_file
-    from operators.asmk import Aggregated, AsmkParams, idf_weights, search
+    from operators.asmk import AsmkParams, idf_weights, image_postings, search
 
     root = ArtifactRoot(uri, options)
     node_ids = np.asarray(root.load_array("global/ids.npy"))
     ivf, _ = open_inverted_file(root)
     p = AsmkParams(**params)
     want = node_ids[start:stop]
-    dense = np.searchsorted(ivf.images, want)
-    dense_ok = np.clip(dense, 0, len(ivf.images) - 1)
-    in_ivf = ivf.images[dense_ok] == want
-    entry_image = np.asarray(ivf.entry_image)
-    sel = np.flatnonzero(np.isin(entry_image, dense_ok[in_ivf]))
-    words = np.searchsorted(ivf.offsets, sel, side="right") - 1
-    query = Aggregated(ivf.images[entry_image[sel]], words, np.asarray(ivf.codes[sel]))
+    dense = np.clip(np.searchsorted(ivf.images, want), 0, len(ivf.images) - 1)
+    dense = dense[ivf.images[dense] == want]
+    query = image_postings(ivf, root.load_array("graph/asmk_image_offsets.npy"),
+                           root.load_array("graph/asmk_image_positions.npy"), dense)  # this block's postings only
     weight = idf_weights(ivf.counts, len(ivf.images)) if p.use_idf else None
     qids, scores, ids = search(ivf, query, p, k, {int(i): int(i) for i in want}, weight,
                                buffer_bytes=buffer_mb * 2**20)
@@ -139,7 +140,14 @@ def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tupl
                    for s in range(0, n, cfg.block)]
         summary.info["graph_knn"] = "ivf" if index_bytes is not None else "exact"
     elif cfg.source == "asmk":
+        from jobs.asmk import open_inverted_file
+        from operators.asmk import entries_by_image
+
         meta = sfs.read_json(root.path("asmk", "meta.json"), root.options)
+        offsets, positions = entries_by_image(open_inverted_file(root)[0])  # rebuilt with every graph build
+        root.write_array("graph/asmk_image_offsets.npy", offsets)
+        root.write_array("graph/asmk_image_positions.npy", positions)
+        del positions
         task = ray.remote(num_cpus=1)(asmk_knn_task)
         futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, meta["params"], 256)
                    for s in range(0, n, cfg.block)]
@@ -219,7 +227,8 @@ def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary)
     r = min(cfg.rank, len(lcc) - 1)
     method = cfg.method if len(lcc) > 2000 else "dense"  # small graphs: exact dense eigh
     t = time.time()
-    lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters, tol=cfg.tol)
+    lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters, tol=cfg.tol,
+                            degree=cfg.degree, dtype=np.float64 if method == "lanczos" else np.float32)
     u, commit = root.open_array_writer("spectral/U.npy", (w.shape[0], r), np.float32)
     u[:] = 0
     u[lcc] = u_lcc

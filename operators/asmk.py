@@ -247,6 +247,32 @@ def _scatter_by_word(words, dense, codes, cursor, entry_image, out_codes):
         out_codes[p] = codes[e]
 
 
+def entries_by_image(ivf: InvertedFile) -> tuple[np.ndarray, np.ndarray]:
+    """The inverted file transposed: (offsets (n_img + 1,), positions) such that
+    ``positions[offsets[i]:offsets[i + 1]]`` are image i's postings, in word order (a counting sort, O(N))."""
+    offsets = np.r_[0, np.cumsum(ivf.image_entries)].astype(np.int64)
+    positions = np.empty(int(offsets[-1]), np.uint32 if offsets[-1] < 2**32 else np.int64)
+    _scatter_by_image(np.asarray(ivf.entry_image), offsets[:-1].copy(), positions)
+    return offsets, positions
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_by_image(entry_image, cursor, positions):
+    for e in range(len(entry_image)):
+        i = entry_image[e]
+        positions[cursor[i]] = e
+        cursor[i] += 1
+
+
+def image_postings(ivf: InvertedFile, offsets: np.ndarray, positions: np.ndarray, dense: np.ndarray) -> Aggregated:
+    """The aggregated entries of images ``dense`` (indices into ``ivf.images``) read back from the
+    inverted file through :func:`entries_by_image`, as a query batch (ordered by word)."""
+    sel = np.sort(np.concatenate([np.asarray(positions[offsets[i]:offsets[i + 1]], np.int64) for i in dense]
+                                 or [np.empty(0, np.int64)]))
+    words = np.searchsorted(ivf.offsets, sel, side="right") - 1
+    return Aggregated(ivf.images[np.asarray(ivf.entry_image[sel], np.int64)], words, np.asarray(ivf.codes[sel]))
+
+
 def idf_weights(counts: np.ndarray, n_images: int) -> np.ndarray:
     """w_c = log(N / n_c)² for non-empty words (1 for empty ones, as the reference)."""
     w = np.ones(len(counts), np.float64)

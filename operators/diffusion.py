@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from operators.graph import normalize
+from operators.prefetch import AHEAD, LINE, prefetch
 
 ALPHA = 0.99
 
@@ -126,24 +127,46 @@ def shifted_product(s: sp.csr_matrix, p: np.ndarray, alpha: float) -> np.ndarray
     """
     p = np.ascontiguousarray(p, dtype=s.dtype)
     out = np.empty_like(p)
-    _shifted_spmm(s.indptr, s.indices, s.data, p, s.dtype.type(alpha), out)
+    combine_product(s, p, -alpha, 1.0, 0.0, out)
+    return out
+
+
+def combine_product(s: sp.csr_matrix, p: np.ndarray, a: float, b: float, c: float, out: np.ndarray) -> np.ndarray:
+    """out ← a·S P + b·P + c·out in one row-parallel pass (c = 0: ``out`` is only written).
+
+    ``out`` may not be ``p`` (rows of P are read at every neighbour); it may be any other block,
+    so three-term recurrences (Chebyshev filters) run in two buffers. The row of P needed
+    ``AHEAD`` nonzeros later is prefetched (:mod:`operators.prefetch`).
+    """
+    t = s.dtype.type
+    p = np.ascontiguousarray(p, dtype=s.dtype)  # rows of P are gathered: they must be contiguous
+    if not (out.flags.c_contiguous and out.dtype == s.dtype):
+        raise ValueError("combine_product: out must be a C-contiguous block of S's dtype")
+    _spmm_combine(s.indptr, s.indices, s.data, p, t(a), t(b), t(c), out, LINE // p.itemsize)
     return out
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _shifted_spmm(indptr, indices, data, p, alpha, out):
+def _spmm_combine(indptr, indices, data, p, a, b, c, out, per_line):
     n, m = p.shape
+    nnz = len(indices)
     for i in numba.prange(n):
-        row = out[i]
-        row[:] = 0
+        row, pi = out[i], p[i]
+        if c == 0:
+            for j in range(m):
+                row[j] = b * pi[j]
+        else:
+            for j in range(m):
+                row[j] = b * pi[j] + c * row[j]
         for e in range(indptr[i], indptr[i + 1]):
-            v = data[e]
+            if e + AHEAD < nnz:
+                ahead = indices[e + AHEAD]
+                for j in range(0, m, per_line):
+                    prefetch(p, ahead, j)
+            v = a * data[e]
             pc = p[indices[e]]
             for j in range(m):
                 row[j] += v * pc[j]
-        pi = p[i]
-        for j in range(m):
-            row[j] = pi[j] - alpha * row[j]
 
 
 def truncated(w: sp.spmatrix, shortlists: np.ndarray, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6,

@@ -6,7 +6,8 @@ first k_q = 10 results (T:18318-18322). Methods:
 
 - ``dfs``: f = (1 − α)(I − αS)⁻¹ y over the whole graph by CG (:func:`operators.diffusion.temporal`);
 - ``truncated-dfs``: the same on the query's top-T shortlist, subgraph re-normalised (T:18576-18583);
-- ``fsr``: f = U h(Λ) Uᵀ y (nodes outside the decomposed LCC keep f_i = y_i, T:19618-19622);
+- ``fsr``: f = U h(Λ) Uᵀ y (nodes outside the decomposed LCC keep f_i = y_i, T:19618-19622), or FSRw
+  (``fsrw``: f_i + (1 − η_i) s(q, x_i) over the initial ranking, T:19561-19580);
 - ``hybrid``: U g(Λ) Uᵀ y + a few CG iterations on the residual graph (T:20133-20207).
 
 The new ranking lists the items with f > 0 by f (ties: initial order), then the remaining items of
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 
 from operators.diffusion import seeds, temporal, truncated
 from operators.graph import index_of, locality_order, normalize
-from operators.spectral import fsr, hybrid, sparsify
+from operators.spectral import fsr, fsr_weighted, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
 METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION)
@@ -43,6 +44,7 @@ class RerankParams:
     block: int = 64            # queries per multi-right-hand-side solve
     dtype: str = "float32"     # solver precision: float32 halves memory traffic; float64 for exactness tests
     sparse_keep: float = 1.0   # fsr / hybrid: keep this fraction of U's entries (SHybrid: 0.01, T:20425-20431)
+    fsrw: bool = False         # fsr: FSRw, x_i + (1 − η_i) s(q, x_i) over the initial ranking (T:19561-19580)
 
 
 @dataclass
@@ -112,7 +114,10 @@ def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.
     elif method == "fsr":
         _need_spectral(g, method)
         f = fsr(g.u, g.lam, y, p.alpha)
-        f[~g.decomposed] = y[~g.decomposed]
+        if p.fsrw:  # η = 0 outside the decomposed LCC: f = s(q, x_i) there
+            fsr_weighted(f, g.u, seeds(g.n, local, sims, rows.shape[1], 1.0, dtype=f.dtype.type))
+        else:
+            f[~g.decomposed] = y[~g.decomposed]
     elif method == "hybrid":
         _need_spectral(g, method)
         f = hybrid(g.s, g.u, g.lam, y, p.alpha, p.hybrid_iters)

@@ -6,11 +6,12 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from operators.diffusion import cg, seeds, temporal, top_k, truncated
+from operators.diffusion import cg, combine_product, seeds, temporal, top_k, truncated
 from operators.graph import affinity, components, largest_component, normalize
 from operators.knn import knn_blocks
 from operators.qe import expand
-from operators.spectral import eigenpairs, fsr, fsr_embeddings, h_filter, hybrid, sparsify
+from operators.spectral import (chebyshev_filter, eigenpairs, fsr, fsr_embeddings, fsr_weighted, h_filter, hybrid, project,
+                                reconstruct, sparsify)
 
 
 def clustered(n: int = 240, d: int = 16, clusters: int = 12, seed: int = 0) -> np.ndarray:
@@ -131,6 +132,45 @@ def test_lanczos_and_simultaneous_iteration_find_the_top_eigenpairs(graph):
     lam_s, u_s = eigenpairs(s, 20, method="simultaneous", oversample=30, iters=60)
     np.testing.assert_allclose(lam_s, exact, atol=1e-3)
     np.testing.assert_allclose(u_l.T @ u_l, np.eye(20), atol=1e-8)
+    for dtype, tol in ((np.float64, 1e-7), (np.float32, 1e-4)):
+        lam_c, u_c = eigenpairs(s, 20, method="chebyshev", oversample=10, iters=200, tol=tol, dtype=dtype, degree=8)
+        assert u_c.dtype == dtype
+        resid = np.linalg.norm(s.astype(dtype) @ u_c - u_c * lam_c.astype(dtype), axis=0)
+        assert resid.max() <= tol * 1.01
+        np.testing.assert_allclose(lam_c, exact, atol=10 * tol)
+        np.testing.assert_allclose(u_c.T @ u_c, np.eye(20), atol=100 * np.finfo(dtype).eps ** 0.5 if dtype == np.float32 else 1e-10)
+
+
+def test_chebyshev_filter_and_fused_product(graph):
+    s = graph[4]
+    n = s.shape[0]
+    rng = np.random.default_rng(3)
+    p, out = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    want = 0.3 * (s @ p) - 2.0 * p + 0.7 * out
+    np.testing.assert_allclose(combine_product(s, p, 0.3, -2.0, 0.7, out), want, atol=1e-12)
+    np.testing.assert_allclose(combine_product(s, np.asfortranarray(p), 1.0, 0.0, 0.0, out), s @ p, atol=1e-12)
+    with pytest.raises(ValueError):
+        combine_product(s, p, 1.0, 0.0, 0.0, np.asfortranarray(out))
+    # the scaled recurrence equals T_d(t(S)) X / T_d(t(1)) computed on the eigenvalues
+    lam, v = np.linalg.eigh(s.toarray())
+    x = rng.normal(size=(n, 2))
+    cut, deg = 0.5, 7
+    def t_d(x):  # T_d(t(x)), t mapping [−1, cut] onto [−1, 1]
+        return np.polynomial.chebyshev.chebval((2 * x - cut + 1) / (cut + 1), [0] * deg + [1])
+    cheb = t_d(lam) / t_d(1.0)
+    np.testing.assert_allclose(chebyshev_filter(s, x.copy(), deg, cut), v @ (cheb[:, None] * (v.T @ x)), atol=1e-10)
+
+
+def test_sparse_low_rank_products_equal_dense():
+    rng = np.random.default_rng(4)
+    u = sparsify(rng.normal(size=(500, 30)), keep=0.1)
+    z, c = rng.normal(size=(500, 7)), rng.normal(size=(30, 7))
+    csr = sp.csr_matrix(u)
+    np.testing.assert_allclose(project(csr, z), u.T @ z, atol=1e-12)
+    np.testing.assert_allclose(reconstruct(csr, c), u @ c, atol=1e-12)
+    out = rng.normal(size=(500, 7))
+    np.testing.assert_allclose(reconstruct(csr, c, out.copy()), out + u @ c, atol=1e-12)
+    np.testing.assert_allclose(fsr(csr, np.linspace(0.9, 0.1, 30), z), fsr(u, np.linspace(0.9, 0.1, 30), z), atol=1e-12)
 
 
 def test_hybrid_converges_to_the_exact_solution(graph):
@@ -149,6 +189,7 @@ def test_hybrid_converges_to_the_exact_solution(graph):
     us = sparsify(u, keep=0.3)
     assert np.count_nonzero(us) <= 0.31 * us.size
     approx = hybrid(s, us, lam, y, iters=400)
+    np.testing.assert_allclose(hybrid(s, sp.csr_matrix(us), lam, y, iters=5), hybrid(s, us, lam, y, iters=5), atol=1e-12)
     assert np.abs(approx - exact).max() < 1e-2 * np.abs(exact).max()
     assert np.array_equal(np.argsort(-approx[:, 0])[:10], np.argsort(-exact[:, 0])[:10])
 
@@ -220,3 +261,12 @@ def test_diffusion_helps_on_manifolds_and_truncation_keeps_the_initial_tail():
         assert set(r[j, :100]) == set(init_r[j, :100])
         np.testing.assert_array_equal(r[j, 100:], init_r[j, 100:])
     assert not np.any(r == queries[:, None])
+
+
+def test_fsrw_blends_manifold_and_euclidean_scores_by_row_norm():
+    u = np.array([[1.0, 0.0], [0.6, 0.0], [0.0, 0.0]])  # η = 1, 0.6, 0 (a row outside the decomposition)
+    x = np.array([[0.5], [0.2], [0.0]])
+    q_sims = np.array([[0.9], [0.8], [0.7]])
+    want = x + np.array([[0.0], [0.4 * 0.8], [0.7]])  # x_i + (1 − η_i) v_iᵀq (T:19561-19580)
+    np.testing.assert_allclose(fsr_weighted(x.copy(), u, q_sims), want)
+    np.testing.assert_allclose(fsr_weighted(x.copy(), sp.csr_matrix(u), q_sims), want)

@@ -252,14 +252,15 @@ def test_search_rerank_methods(built_index, mini_subset, tmp_path):
     search_job.main([*q, "--out", str(tmp_path / "none")])
     initial = pd.read_parquet(tmp_path / "none" / "results.parquet")
     maps = {}
-    for rr in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid"):
-        res = tmp_path / rr
-        search_job.main([*q, "--out", str(res), "--rerank", rr, "--set", "rerank_params.shortlist=5"])
+    for name, rr, extra in (*((m, m, []) for m in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid")),
+                            ("fsrw", "fsr", ["--set", "rerank_params.fsrw=true"])):
+        res = tmp_path / name
+        search_job.main([*q, "--out", str(res), "--rerank", rr, "--set", "rerank_params.shortlist=5", *extra])
         results = pd.read_parquet(res / "results.parquet")
         assert len(results) == 14
         for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
             assert qid not in ids and len(set(ids)) == len(ids) and np.all(np.diff(scores) <= 1e-6), rr
-        maps[rr] = evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"]
+        maps[name] = evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"]
         if rr == "truncated-dfs":  # outside its shortlist the initial order is kept
             for a, b in zip(initial.ids, results.ids):
                 assert set(a[:5]) == set(b[:5]) and list(a[5:]) == list(b[5:])
