@@ -114,10 +114,9 @@ def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.
     elif method == "fsr":
         _need_spectral(g, method)
         f = fsr(g.u, g.lam, y, p.alpha)
-        if p.fsrw:  # η = 0 outside the decomposed LCC: f = s(q, x_i) there
+        f[~g.decomposed] = y[~g.decomposed]
+        if p.fsrw:  # + (1 − η_i) s(q, x_i) over the initial ranking (η = 0 outside the decomposed LCC)
             fsr_weighted(f, g.u, seeds(g.n, local, sims, rows.shape[1], 1.0, dtype=f.dtype.type))
-        else:
-            f[~g.decomposed] = y[~g.decomposed]
     elif method == "hybrid":
         _need_spectral(g, method)
         f = hybrid(g.s, g.u, g.lam, y, p.alpha, p.hybrid_iters)
