@@ -208,7 +208,7 @@ def load_graph(root: ArtifactRoot, spectral: bool = True):
 
     u = lam = None
     if spectral and sfs.exists(root.path("spectral", "meta.json"), root.options):
-        u = np.asarray(root.load_array("spectral/U.npy"), np.float64)
+        u = np.asarray(root.load_array("spectral/U.npy"))  # float32 as stored (the solvers cast to their dtype)
         lam = np.asarray(root.load_array("spectral/lambda.npy"), np.float64)
     return Graph.build(load_affinity(root), u, lam, root.load_array("graph/order.npy", mmap=False))
 
