@@ -13,9 +13,11 @@ Lanczos, or FSR's simultaneous iteration; :mod:`operators.spectral`), for FSR an
 
     ROOT/graph/knn_ids.npy (n, k) int64 node rows (-1: none), knn_sims.npy (n, k) float32, best first
     ROOT/graph/w_indptr.npy, w_indices.npy, w_data.npy   W as CSR (float32), meta.json
-    ROOT/graph/order.npy   a locality (reverse Cuthill-McKee) node order used by the solvers
+    ROOT/graph/order.npy   a locality (reverse Cuthill-McKee) node order used by the solvers: order[t] = node at t
+    ROOT/graph/ordered_indptr.npy, ordered_indices.npy, ordered_w.npy, ordered_s.npy   W and S in that order
     ROOT/graph/asmk_image_offsets.npy, asmk_image_positions.npy   (ASMK source) postings of each image
-    ROOT/spectral/U.npy (n, r) float32 (rows outside the LCC are 0), lambda.npy (r,), meta.json
+    ROOT/spectral/U.npy (n, r) float32, rows in the locality order (0 outside the LCC), lambda.npy (r,),
+                  lcc.npy (LCC positions in that order), meta.json; sparse_*.npy + sparse.json: SHybrid's U
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class SpectralConfig:
     iters: int = 30                 # chebyshev: at most this many outer iterations; simultaneous: q
     degree: int = 32                # chebyshev: filter polynomial degree
     tol: float = 1e-3               # chebyshev: max ||S u − λ u||; lanczos: relative accuracy (0: machine precision)
+    sparse_keep: float = 0.01       # also store SHybrid's U keeping this fraction of entries (T:20425-20431); 1: no
     max_nodes: int = 2_000_000      # skip (with a warning) above this many LCC nodes: the block methods hold
                                     # ~5 blocks of n × (r + p) float32 (10 GB at 1M nodes, r + p = 500)
 
@@ -181,7 +184,9 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
     for name, arr in (("indptr", w.indptr.astype(np.int64)), ("indices", w.indices.astype(np.int32)),
                       ("data", w.data.astype(np.float32))):
         root.write_array(f"graph/w_{name}.npy", arr)
-    root.write_array("graph/order.npy", G.locality_order(w))
+    order = G.locality_order(w)
+    root.write_array("graph/order.npy", order)
+    write_ordered(root, w, order)
     if sfs.exists(root.path("spectral", "meta.json"), root.options):  # eigenpairs of the old graph: invalid now
         sfs.remove(root.path("spectral", "meta.json"), root.options)
     n_comp, labels = G.components(w)
@@ -202,40 +207,118 @@ def load_affinity(root: ArtifactRoot) -> sp.csr_matrix:
     return sp.csr_matrix((data, np.asarray(indices), np.asarray(indptr)), shape=(n, n))
 
 
-def load_graph(root: ArtifactRoot, spectral: bool = True):
-    """The :class:`operators.rerank.Graph` of an index (W, S, locality order and, if asked, U and λ)."""
+def write_ordered(root: ArtifactRoot, w: sp.csr_matrix, order: np.ndarray) -> None:
+    """W and S = D^-1/2 W D^-1/2 with nodes in the locality order, as the solvers use them: one CSR
+    structure (sorted indices) and two float32 value arrays, memory-mapped by every re-ranking task."""
+    wo = sp.csr_matrix(sp.csr_matrix(w)[order][:, order])
+    wo.sort_indices()
+    so = G.normalize(wo)  # same structure: D^-1/2 W D^-1/2 keeps W's nonzeros
+    for name, arr in (("indptr", wo.indptr.astype(np.int64)), ("indices", wo.indices.astype(np.int32)),
+                      ("w", wo.data.astype(np.float32)), ("s", so.data.astype(np.float32))):
+        root.write_array(f"graph/ordered_{name}.npy", arr)
+
+
+def load_ordered(root: ArtifactRoot, values: str = "w") -> sp.csr_matrix:
+    """W (``values="w"``) or S (``"s"``) in the locality order, values memory-mapped (float32)."""
+    indptr = np.asarray(root.load_array("graph/ordered_indptr.npy"))
+    n = len(indptr) - 1
+    return sp.csr_matrix((root.load_array(f"graph/ordered_{values}.npy"), root.load_array("graph/ordered_indices.npy"),
+                          indptr), shape=(n, n), copy=False)
+
+
+def graph_problem(root: ArtifactRoot, spectral: bool = False) -> str | None:
+    """Why the index's graph cannot serve diffusion (None: it can) — checked by drivers before any task."""
+    if "graph" not in root.meta().get("stages", {}):
+        return f"{root.uri} has no kNN graph: run python -m jobs.graph --index {root.uri}"
+    if not sfs.exists(root.path("graph", "ordered_indptr.npy"), root.options) or (
+            spectral and sfs.exists(root.path("spectral", "meta.json"), root.options)
+            and sfs.read_json(root.path("spectral", "meta.json"), root.options).get("rows") != "locality order"):
+        return (f"the graph artifacts of {root.uri} predate the solver layout (W, S, U in the locality order); "
+                f"rebuild them: python -m jobs.graph --index {root.uri}")
+    if spectral and not sfs.exists(root.path("spectral", "meta.json"), root.options):
+        return (f"{root.uri} has no eigenpairs (spectral stage): "
+                f"python -m jobs.graph --index {root.uri} --set stages=[spectral]")
+    return None
+
+
+def write_sparse_u(root: ArtifactRoot, keep: float) -> None:
+    """SHybrid's U (all but the ``keep`` fraction of largest |entries| zeroed) as CSR artifacts, so no
+    re-ranking task sparsifies the (n, r) U again."""
+    from operators.spectral import sparsify
+
+    us = sparsify(np.asarray(root.load_array("spectral/U.npy")), keep, as_csr=True)
+    for name, arr in (("indptr", us.indptr.astype(np.int64)), ("indices", us.indices.astype(np.int32)),
+                      ("data", us.data.astype(np.float32))):
+        root.write_array(f"spectral/sparse_{name}.npy", arr)
+    sfs.write_json(root.path("spectral", "sparse.json"), {"keep": keep, "shape": list(us.shape), "nnz": int(us.nnz)},
+                   root.options)
+
+
+def load_sparse_u(root: ArtifactRoot, keep: float) -> sp.csr_matrix | None:
+    """The stored SHybrid U if it was made with ``keep`` (None otherwise), memory-mapped."""
+    if not sfs.exists(root.path("spectral", "sparse.json"), root.options):
+        return None
+    info = sfs.read_json(root.path("spectral", "sparse.json"), root.options)
+    if info["keep"] != keep:
+        return None
+    return sp.csr_matrix((root.load_array("spectral/sparse_data.npy"), root.load_array("spectral/sparse_indices.npy"),
+                          np.asarray(root.load_array("spectral/sparse_indptr.npy"))), shape=tuple(info["shape"]), copy=False)
+
+
+def load_graph(root: ArtifactRoot, spectral: bool = True, sparse_keep: float = 1.0):
+    """The :class:`operators.rerank.Graph` of an index, straight from its artifacts (nothing re-permuted:
+    W, S and U are stored in the locality order; large arrays stay memory-mapped, shared by the tasks
+    of a node through the page cache). ``sparse_keep`` < 1 asks for SHybrid's U: the stored one when it
+    was made with that fraction (else the dense U, sparsified by :func:`operators.rerank.rerank`)."""
     from operators.rerank import Graph
 
-    u = lam = None
-    if spectral and sfs.exists(root.path("spectral", "meta.json"), root.options):
-        u = np.asarray(root.load_array("spectral/U.npy"))  # float32 as stored (the solvers cast to their dtype)
+    problem = graph_problem(root, spectral)
+    if problem:
+        raise ValueError(problem)
+    has_u = spectral and sfs.exists(root.path("spectral", "meta.json"), root.options)
+    order = np.asarray(root.load_array("graph/order.npy", mmap=False))
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    u = lam = decomposed = None
+    if has_u:
+        u = root.load_array("spectral/U.npy")
         lam = np.asarray(root.load_array("spectral/lambda.npy"), np.float64)
-    return Graph.build(load_affinity(root), u, lam, root.load_array("graph/order.npy", mmap=False))
+        decomposed = np.zeros(len(order), bool)
+        decomposed[np.asarray(root.load_array("spectral/lcc.npy"))] = True
+        if sparse_keep < 1:
+            stored = load_sparse_u(root, sparse_keep)
+            u = u if stored is None else stored
+    return Graph(load_ordered(root, "w"), load_ordered(root, "s"), order, position, u, lam, decomposed)
 
 
 def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
-    """Top-r eigenpairs of S on the LCC, stored as (n, r) U (zero rows elsewhere) and λ."""
-    w = load_affinity(root)
-    lcc = G.largest_component(w)
+    """Top-r eigenpairs of S on the LCC, stored as (n, r) U (zero rows elsewhere; rows in the locality
+    order, so the solver's sparse products are cache-friendly here too) and λ."""
+    w = load_ordered(root, "w")
+    lcc = G.largest_component(w)  # positions, ascending: the LCC keeps the locality order
     if len(lcc) > cfg.max_nodes:
         import warnings
         warnings.warn(f"spectral stage skipped: the largest component has {len(lcc)} nodes > spectral.max_nodes="
                       f"{cfg.max_nodes}; --rerank fsr/hybrid need it (set spectral.max_nodes to force)")
         summary.info["spectral"] = {"skipped": True, "lcc": int(len(lcc))}
         return summary.info["spectral"]
-    s = G.normalize(w[lcc][:, lcc])
+    s = G.normalize(sp.csr_matrix(w[lcc][:, lcc], dtype=np.float64))
     r = min(cfg.rank, len(lcc) - 1)
     method = cfg.method if len(lcc) > 2000 else "dense"  # small graphs: exact dense eigh
     t = time.time()
     lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters, tol=cfg.tol,
                             degree=cfg.degree, dtype=np.float64 if method == "lanczos" else np.float32)
+    del s
     u, commit = root.open_array_writer("spectral/U.npy", (w.shape[0], r), np.float32)
     u[:] = 0
     u[lcc] = u_lcc
     commit()
     root.write_array("spectral/lambda.npy", lam.astype(np.float64))
-    meta = {**asdict(cfg), "rank": int(r), "method_used": method, "lcc": int(len(lcc)), "seconds": round(time.time() - t, 2),
-            "lambda_min": float(lam.min()) if r else None}
+    root.write_array("spectral/lcc.npy", lcc.astype(np.int64))
+    if cfg.sparse_keep < 1:
+        write_sparse_u(root, cfg.sparse_keep)
+    meta = {**asdict(cfg), "rank": int(r), "method_used": method, "lcc": int(len(lcc)), "rows": "locality order",
+            "seconds": round(time.time() - t, 2), "lambda_min": float(lam.min()) if r else None}
     sfs.write_json(root.path("spectral", "meta.json"), meta, root.options)
     summary.info["spectral"] = meta
     return meta

@@ -53,7 +53,7 @@ def rerank_items_task(uri: str, options: dict, out: str, part: int, start: int, 
 
     c = RerankJobConfig(**{**cfg, "params": RerankParams(**cfg["params"]), "ray": RayConfig()})
     root = ArtifactRoot(uri, options)
-    graph = load_graph(root, spectral=c.method in ("fsr", "hybrid"))
+    graph = load_graph(root, spectral=c.method in ("fsr", "hybrid"), sparse_keep=c.params.sparse_keep)
     node_ids = np.asarray(root.load_array("global/ids.npy"))
     items = np.arange(start, stop)
     knn_i = np.asarray(root.load_array("graph/knn_ids.npy")[start:stop])
@@ -77,11 +77,14 @@ def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
     import ray
     from tqdm import tqdm
 
+    from jobs.graph import graph_problem
+
     if cfg.method not in OFFLINE:
         raise SystemExit(f"unknown method {cfg.method!r}; available: {OFFLINE}")
     root = ArtifactRoot(cfg.index, cfg.storage)
-    if "graph" not in root.meta().get("stages", {}):
-        raise SystemExit(f"{cfg.index} has no kNN graph: run python -m jobs.graph --index {cfg.index}")
+    problem = graph_problem(root, spectral=cfg.method in ("fsr", "hybrid"))
+    if problem:
+        raise SystemExit(problem)
     n = len(root.load_array("global/ids.npy"))
     parts = ShardSet(sfs.join(cfg.out, "parts"), cfg.storage)
     blocks = list(enumerate(range(0, n, cfg.items_per_task)))

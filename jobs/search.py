@@ -302,24 +302,23 @@ def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np
     """Diffusion re-ranking of one block of queries on the index's graph (a Ray task)."""
     from jobs.graph import load_graph
 
-    graph = load_graph(ArtifactRoot(uri, options), spectral=method in ("fsr", "hybrid"))
-    return rerank(method, graph, rows, sims, own, topk, RerankParams(**params))
+    p = RerankParams(**params)
+    graph = load_graph(ArtifactRoot(uri, options), spectral=method in ("fsr", "hybrid"), sparse_keep=p.sparse_keep)
+    return rerank(method, graph, rows, sims, own, topk, p)
 
 
 def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tuple]) -> dict[int, tuple]:
     """Diffusion re-ranking of every query's initial ranking (node rows of the index's graph)."""
     import ray
-    from jobs.graph import rows_of
+    from jobs.graph import graph_problem, rows_of
 
     if cfg.distractors:
         raise SystemExit("diffusion re-ranking needs one graph over the whole database; build the index over the "
                          "collection and its distractors together instead of --distractors")
     root = partitions(cfg)[0]
-    if "graph" not in root.meta().get("stages", {}):
-        raise SystemExit(f"--rerank {cfg.rerank} needs the graph stage: python -m jobs.graph --index {root.uri}")
-    if cfg.rerank in ("fsr", "hybrid") and not sfs.exists(root.path("spectral", "meta.json"), root.options):
-        raise SystemExit(f"--rerank {cfg.rerank} needs the spectral stage (eigenpairs): "
-                         f"python -m jobs.graph --index {root.uri} --set stages=[spectral]")
+    problem = graph_problem(root, spectral=cfg.rerank in ("fsr", "hybrid"))
+    if problem:
+        raise SystemExit(f"--rerank {cfg.rerank}: {problem}")
     node_ids = np.asarray(root.load_array("global/ids.npy"))
     qids = [int(q) for q in queries.sort_values("image_id")["image_id"] if int(q) in ranked]
     depth = initial_depth(cfg)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import resource
 import sys
 import time
@@ -16,6 +17,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def show_progress_logs() -> None:
+    """Send this project's INFO logs (eigen-solver iterations, k-means, cluster) to stderr, once per process."""
+    for name in ("operators", "jobs", "cluster"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+
 @dataclass
 class JobSummary:
     job: str
@@ -24,6 +36,9 @@ class JobSummary:
     info: dict = field(default_factory=dict)
     worker_peak_rss_mb: float = 0.0
     started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        show_progress_logs()
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -94,7 +94,11 @@ def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: n
         b = min(len(rows), a + p.block)
         f_rows, f = _diffuse(method, graph, rows[a:b], sims[a:b], own[a:b], p)
         for j in range(b - a):
-            r, s = merge_with_initial(f_rows[j], f[j], rows[a + j], own[a + j], topk)
+            cand, fj = f_rows[j], f[j]
+            if len(fj) > 4 * (topk + 1):  # only the best topk (+ the query's own row) can be listed
+                best = np.argpartition(-fj, topk)[:topk + 1]
+                cand, fj = cand[best], fj[best]
+            r, s = merge_with_initial(cand, fj, rows[a + j], own[a + j], topk)
             out_r[a + j, :len(r)], out_s[a + j, :len(s)] = r, s
     return out_r, out_s
 
@@ -122,7 +126,7 @@ def _diffuse(method: str, g: Graph, rows: np.ndarray, sims: np.ndarray, own: np.
         f = hybrid(g.s, g.u, g.lam, y, p.alpha, p.hybrid_iters)
     else:
         raise ValueError(f"unknown diffusion method {method!r}; available: {DIFFUSION}")
-    return np.broadcast_to(g.order, (len(rows), g.n)), f.T
+    return np.broadcast_to(g.order, (len(rows), g.n)), np.ascontiguousarray(f.T)  # one row per query
 
 
 def _need_spectral(g: Graph, method: str) -> None:

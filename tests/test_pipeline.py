@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import scipy.sparse as sp
 import pandas as pd
 import pytest
 
@@ -198,7 +199,7 @@ def test_distractor_index_searched_together(built_index, mini_subset, tmp_path):
 
 def test_graph_and_spectral_stages(built_index):
     """The index's default graph stage: exact kNN of the global vectors, mutual affinity, eigenpairs on the LCC."""
-    from jobs.graph import load_affinity
+    from jobs.graph import load_affinity, load_graph
     from operators.graph import affinity, largest_component, normalize
 
     out, summary = built_index
@@ -213,10 +214,25 @@ def test_graph_and_spectral_stages(built_index):
     w = load_affinity(root)
     np.testing.assert_allclose(w.toarray(), affinity(nn, sims).toarray(), rtol=1e-6)
     u, lam = root.load_array("spectral/U.npy"), root.load_array("spectral/lambda.npy")
+    order = root.load_array("graph/order.npy")
+    position = np.argsort(order)
+    u = u[position]  # rows are stored in the locality order: back to node order
     lcc = largest_component(w)
+    np.testing.assert_array_equal(np.sort(order[root.load_array("spectral/lcc.npy")]), lcc)
     np.testing.assert_allclose(u[lcc].T @ u[lcc], np.eye(len(lam)), atol=1e-5)
     s = normalize(w[lcc][:, lcc]).toarray()
     np.testing.assert_allclose(s @ u[lcc], u[lcc] * lam, atol=1e-5)
+    assert not np.any(np.delete(u, lcc, axis=0))
+    g = load_graph(root)  # the solvers' view: W, S and U in the locality order, memory-mapped
+    np.testing.assert_allclose(g.w.toarray(), w[order][:, order].toarray(), rtol=1e-6)
+    np.testing.assert_allclose(g.s.toarray(), normalize(w[order][:, order]).toarray(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(g.position[order], np.arange(14))
+    assert np.array_equal(np.flatnonzero(g.decomposed), np.sort(position[lcc]))
+    from operators.spectral import sparsify
+    shybrid = load_graph(root, sparse_keep=0.01).u  # SHybrid's U, stored by the stage (spectral.sparse_keep)
+    assert sp.issparse(shybrid)
+    np.testing.assert_array_equal(shybrid.toarray(), sparsify(np.asarray(g.u), 0.01))
+    assert not sp.issparse(load_graph(root, sparse_keep=0.5).u)  # not stored: rerank sparsifies the dense U
     assert summary["counts"]["graph_nodes"] == 14
 
 
@@ -237,6 +253,12 @@ def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path)
     assert not (out / "spectral" / "meta.json").exists()  # the old eigenpairs went with the old graph
     skipped = graph_job.main(["--index", str(out), "--set", "stages=[spectral]", "--set", "spectral.max_nodes=3"])
     assert skipped["spectral"]["skipped"] and not (out / "spectral" / "meta.json").exists()
+    # drivers refuse, before any task, what the graph cannot serve — with the command that fixes it
+    assert graph_job.graph_problem(root) is None
+    assert "stages=[spectral]" in graph_job.graph_problem(root, spectral=True)
+    (out / "graph" / "ordered_indptr.npy").rename(out / "graph" / "moved.npy")
+    assert "rebuild" in graph_job.graph_problem(root)
+    (out / "graph" / "moved.npy").rename(out / "graph" / "ordered_indptr.npy")
     graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
     nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
     assert nn.shape == (14, 5) and not np.any(nn == np.arange(14)[:, None])
