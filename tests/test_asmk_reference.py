@@ -154,3 +154,23 @@ def test_compiled_and_numpy_accumulation_agree(random_data, use_idf, tau):
     a = search(ivf, q, p, k=10, word_weight=weight, use_numba=True)
     b = search(ivf, q, p, k=10, word_weight=weight, use_numba=False)
     assert np.array_equal(a[2], b[2]) and np.allclose(a[1], b[1], atol=1e-12)
+
+
+def test_postings_read_back_per_image_equal_the_aggregation(random_data):
+    """The transposed inverted file gives back exactly each image's aggregated entries (ASMK graph queries)."""
+    from operators.asmk import aggregate, entries_by_image, image_postings
+
+    centroids, xb, ib, _, _ = random_data
+    agg = aggregate(xb, ib, Quantizer(centroids)(xb), centroids)
+    ivf = build_inverted_file(agg, len(centroids))
+    offsets, positions = entries_by_image(ivf)
+    assert np.array_equal(np.diff(offsets), ivf.image_entries)
+    assert np.array_equal(positions, np.argsort(ivf.entry_image, kind="stable"))
+    dense = np.array([3, 0, 17])
+    got = image_postings(ivf, offsets, positions, dense)
+    for img in ivf.images[dense]:
+        mine, theirs = got.image_ids == img, agg.image_ids == img
+        order = np.argsort(got.words[mine])
+        assert np.array_equal(got.words[mine][order], agg.words[theirs])
+        assert np.array_equal(got.codes[mine][order], agg.codes[theirs])
+    assert set(got.image_ids.tolist()) == set(ivf.images[dense].tolist())
