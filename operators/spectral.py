@@ -137,10 +137,36 @@ def chebyshev_filter(s: sp.csr_matrix, x: np.ndarray, degree: int, cut: float, l
 
 
 def _orthonormal(b: np.ndarray) -> np.ndarray:
-    """Q of the economic QR of b (LAPACK, in b's dtype), row-major for the sparse products."""
-    q = scipy.linalg.qr(b, mode="economic", overwrite_a=True, check_finite=False)[0]
-    del b
-    return np.ascontiguousarray(q)
+    """An orthonormal basis of b's columns, row-major for the sparse products (b is overwritten).
+
+    CholeskyQR2 ([ext] Fukaya et al. 2014): b ← b R⁻¹ with RᵀR = bᵀb, twice, the Gram in float64 —
+    matrix products only, ~3× faster than Householder's panel factorisation on a tall float32 block.
+    Householder QR (LAPACK) when the Gram is numerically singular or the first pass left b far from
+    orthonormal (an ill-conditioned block).
+    """
+    b = np.ascontiguousarray(b)
+    try:
+        _cholesky_qr_pass(b)
+        _cholesky_qr_pass(b, max_departure=0.5)
+        return b
+    except np.linalg.LinAlgError:
+        q = scipy.linalg.qr(b, mode="economic", overwrite_a=True, check_finite=False)[0]
+        del b
+        return np.ascontiguousarray(q)
+
+
+def _cholesky_qr_pass(b: np.ndarray, max_departure: float = np.inf, rows: int = 1 << 14) -> None:
+    """b ← b R⁻¹ in place, RᵀR = bᵀb (float64 Gram over row chunks); LinAlgError if that is unsafe."""
+    g = np.zeros((b.shape[1], b.shape[1]))
+    for a in range(0, b.shape[0], rows):
+        c = b[a:a + rows].astype(np.float64)
+        g += c.T @ c
+    if not np.all(np.isfinite(g)) or np.abs(g - np.eye(len(g))).max() > max_departure:
+        raise np.linalg.LinAlgError("block too far from orthonormal for Cholesky QR")
+    r = np.linalg.cholesky(g).T  # upper triangular, raises LinAlgError unless g is positive definite
+    r_inv = scipy.linalg.solve_triangular(r, np.eye(len(r)), check_finite=False).astype(b.dtype)
+    for a in range(0, b.shape[0], rows):
+        b[a:a + rows] = b[a:a + rows] @ r_inv
 
 
 def _rayleigh_ritz(s: sp.csr_matrix, q: np.ndarray, rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
