@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.memory import reset_peak, rss_mb  # noqa: E402
 from operators.diffusion import seeds, shifted_product, temporal, truncated  # noqa: E402
-from operators.graph import affinity, largest_component, locality_order, normalize  # noqa: E402
+from operators.graph import affinity, inverse_permutation, largest_component, locality_order, normalize  # noqa: E402
 from operators.knn import build_ivf, search_ivf  # noqa: E402
 from operators.spectral import eigenpairs, fsr, hybrid, sparsify  # noqa: E402
 
@@ -133,8 +133,7 @@ def main() -> None:
         s_random = normalize(w)
     with Step("locality order (reverse Cuthill-McKee) + permute"):
         order = locality_order(w)
-        pos = np.empty_like(order)
-        pos[order] = np.arange(a.n)
+        pos = inverse_permutation(order)
         w = sp.csr_matrix(w[order][:, order])
         s = normalize(w)
     print(f"  graph: {w.nnz:,} nonzeros, mean degree {w.nnz / a.n:.1f}, W+S {(w.data.nbytes + w.indices.nbytes) * 2 / 2**20:.0f} MB")

@@ -14,7 +14,7 @@ Lanczos, or FSR's simultaneous iteration; :mod:`operators.spectral`), for FSR an
     ROOT/graph/knn_ids.npy (n, k) int64 node rows (-1: none), knn_sims.npy (n, k) float32, best first
     ROOT/graph/w_indptr.npy, w_indices.npy, w_data.npy   W as CSR (float32), meta.json
     ROOT/graph/order.npy   a locality (reverse Cuthill-McKee) node order used by the solvers: order[t] = node at t
-    ROOT/graph/ordered_indptr.npy, ordered_indices.npy, ordered_w.npy, ordered_s.npy   W and S in that order
+    ROOT/graph/ordered_indptr.npy, ordered_indices.npy, ordered_data.npy (W), ordered_s.npy (S)   in that order
     ROOT/graph/asmk_image_offsets.npy, asmk_image_positions.npy   (ASMK source) postings of each image
     ROOT/spectral/U.npy (n, r) float32, rows in the locality order (0 outside the LCC), lambda.npy (r,),
                   lcc.npy (LCC positions in that order), meta.json; sparse_*.npy + sparse.json: SHybrid's U
@@ -181,9 +181,7 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
     nn, sims = build_knn(cfg, root, summary)
     summary.info["graph_knn_s"] = round(time.time() - t, 2)
     w = G.affinity(nn, sims, k=cfg.k, gamma=cfg.gamma, mode=cfg.mode)
-    for name, arr in (("indptr", w.indptr.astype(np.int64)), ("indices", w.indices.astype(np.int32)),
-                      ("data", w.data.astype(np.float32))):
-        root.write_array(f"graph/w_{name}.npy", arr)
+    write_csr(root, "graph/w_", w)
     order = G.locality_order(w)
     root.write_array("graph/order.npy", order)
     write_ordered(root, w, order)
@@ -199,12 +197,26 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
     return meta
 
 
+def write_csr(root: ArtifactRoot, prefix: str, m: sp.csr_matrix, **more_values: np.ndarray) -> None:
+    """``prefix``indptr (int64), indices (int32), data (float32) ``.npy`` artifacts of a CSR matrix, plus
+    other value arrays on the same structure (``name=array``)."""
+    for name, arr in (("indptr", m.indptr.astype(np.int64)), ("indices", m.indices.astype(np.int32)),
+                      ("data", m.data.astype(np.float32)),
+                      *((k, v.astype(np.float32)) for k, v in more_values.items())):
+        root.write_array(f"{prefix}{name}.npy", arr)
+
+
+def load_csr(root: ArtifactRoot, prefix: str, n_cols: int | None = None, values: str = "data") -> sp.csr_matrix:
+    """A CSR matrix from :func:`write_csr` artifacts, index and value arrays memory-mapped (no copy)."""
+    indptr = np.asarray(root.load_array(f"{prefix}indptr.npy"))
+    shape = (len(indptr) - 1, len(indptr) - 1 if n_cols is None else n_cols)
+    return sp.csr_matrix((root.load_array(f"{prefix}{values}.npy"), root.load_array(f"{prefix}indices.npy"), indptr),
+                         shape=shape, copy=False)
+
+
 def load_affinity(root: ArtifactRoot) -> sp.csr_matrix:
-    """W from its CSR artifacts (float64 for the solvers)."""
-    data = np.asarray(root.load_array("graph/w_data.npy"), np.float64)
-    indices, indptr = root.load_array("graph/w_indices.npy"), root.load_array("graph/w_indptr.npy")
-    n = len(indptr) - 1
-    return sp.csr_matrix((data, np.asarray(indices), np.asarray(indptr)), shape=(n, n))
+    """W from its CSR artifacts, in node order (float64)."""
+    return sp.csr_matrix(load_csr(root, "graph/w_"), dtype=np.float64)
 
 
 def write_ordered(root: ArtifactRoot, w: sp.csr_matrix, order: np.ndarray) -> None:
@@ -213,29 +225,25 @@ def write_ordered(root: ArtifactRoot, w: sp.csr_matrix, order: np.ndarray) -> No
     wo = sp.csr_matrix(sp.csr_matrix(w)[order][:, order])
     wo.sort_indices()
     so = G.normalize(wo)  # same structure: D^-1/2 W D^-1/2 keeps W's nonzeros
-    for name, arr in (("indptr", wo.indptr.astype(np.int64)), ("indices", wo.indices.astype(np.int32)),
-                      ("w", wo.data.astype(np.float32)), ("s", so.data.astype(np.float32))):
-        root.write_array(f"graph/ordered_{name}.npy", arr)
+    write_csr(root, "graph/ordered_", wo, s=so.data)
 
 
-def load_ordered(root: ArtifactRoot, values: str = "w") -> sp.csr_matrix:
-    """W (``values="w"``) or S (``"s"``) in the locality order, values memory-mapped (float32)."""
-    indptr = np.asarray(root.load_array("graph/ordered_indptr.npy"))
-    n = len(indptr) - 1
-    return sp.csr_matrix((root.load_array(f"graph/ordered_{values}.npy"), root.load_array("graph/ordered_indices.npy"),
-                          indptr), shape=(n, n), copy=False)
+def load_ordered(root: ArtifactRoot, values: str = "data") -> sp.csr_matrix:
+    """W (``values="data"``) or S (``"s"``) in the locality order, memory-mapped (float32)."""
+    return load_csr(root, "graph/ordered_", values=values)
 
 
 def graph_problem(root: ArtifactRoot, spectral: bool = False) -> str | None:
     """Why the index's graph cannot serve diffusion (None: it can) — checked by drivers before any task."""
     if "graph" not in root.meta().get("stages", {}):
         return f"{root.uri} has no kNN graph: run python -m jobs.graph --index {root.uri}"
-    if not sfs.exists(root.path("graph", "ordered_indptr.npy"), root.options) or (
-            spectral and sfs.exists(root.path("spectral", "meta.json"), root.options)
-            and sfs.read_json(root.path("spectral", "meta.json"), root.options).get("rows") != "locality order"):
+    meta_uri = root.path("spectral", "meta.json")
+    spectral_meta = sfs.read_json(meta_uri, root.options) if spectral and sfs.exists(meta_uri, root.options) else None
+    if not sfs.exists(root.path("graph", "ordered_data.npy"), root.options) or (
+            spectral_meta is not None and spectral_meta.get("rows") != "locality order"):
         return (f"the graph artifacts of {root.uri} predate the solver layout (W, S, U in the locality order); "
                 f"rebuild them: python -m jobs.graph --index {root.uri}")
-    if spectral and not sfs.exists(root.path("spectral", "meta.json"), root.options):
+    if spectral and spectral_meta is None:
         return (f"{root.uri} has no eigenpairs (spectral stage): "
                 f"python -m jobs.graph --index {root.uri} --set stages=[spectral]")
     return None
@@ -247,9 +255,7 @@ def write_sparse_u(root: ArtifactRoot, keep: float) -> None:
     from operators.spectral import sparsify
 
     us = sparsify(np.asarray(root.load_array("spectral/U.npy")), keep, as_csr=True)
-    for name, arr in (("indptr", us.indptr.astype(np.int64)), ("indices", us.indices.astype(np.int32)),
-                      ("data", us.data.astype(np.float32))):
-        root.write_array(f"spectral/sparse_{name}.npy", arr)
+    write_csr(root, "spectral/sparse_", us)
     sfs.write_json(root.path("spectral", "sparse.json"), {"keep": keep, "shape": list(us.shape), "nnz": int(us.nnz)},
                    root.options)
 
@@ -261,8 +267,7 @@ def load_sparse_u(root: ArtifactRoot, keep: float) -> sp.csr_matrix | None:
     info = sfs.read_json(root.path("spectral", "sparse.json"), root.options)
     if info["keep"] != keep:
         return None
-    return sp.csr_matrix((root.load_array("spectral/sparse_data.npy"), root.load_array("spectral/sparse_indices.npy"),
-                          np.asarray(root.load_array("spectral/sparse_indptr.npy"))), shape=tuple(info["shape"]), copy=False)
+    return load_csr(root, "spectral/sparse_", n_cols=info["shape"][1])
 
 
 def load_graph(root: ArtifactRoot, spectral: bool = True, sparse_keep: float = 1.0):
@@ -275,12 +280,9 @@ def load_graph(root: ArtifactRoot, spectral: bool = True, sparse_keep: float = 1
     problem = graph_problem(root, spectral)
     if problem:
         raise ValueError(problem)
-    has_u = spectral and sfs.exists(root.path("spectral", "meta.json"), root.options)
     order = np.asarray(root.load_array("graph/order.npy", mmap=False))
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))
     u = lam = decomposed = None
-    if has_u:
+    if spectral:  # present: graph_problem checked
         u = root.load_array("spectral/U.npy")
         lam = np.asarray(root.load_array("spectral/lambda.npy"), np.float64)
         decomposed = np.zeros(len(order), bool)
@@ -288,13 +290,13 @@ def load_graph(root: ArtifactRoot, spectral: bool = True, sparse_keep: float = 1
         if sparse_keep < 1:
             stored = load_sparse_u(root, sparse_keep)
             u = u if stored is None else stored
-    return Graph(load_ordered(root, "w"), load_ordered(root, "s"), order, position, u, lam, decomposed)
+    return Graph(load_ordered(root), load_ordered(root, "s"), order, G.inverse_permutation(order), u, lam, decomposed)
 
 
 def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     """Top-r eigenpairs of S on the LCC, stored as (n, r) U (zero rows elsewhere; rows in the locality
     order, so the solver's sparse products are cache-friendly here too) and λ."""
-    w = load_ordered(root, "w")
+    w = load_ordered(root)
     lcc = G.largest_component(w)  # positions, ascending: the LCC keeps the locality order
     if len(lcc) > cfg.max_nodes:
         import warnings

@@ -100,3 +100,10 @@ def index_of(table: np.ndarray, values: np.ndarray, missing: int) -> np.ndarray:
     by_value = np.argsort(table)
     at = by_value[np.minimum(np.searchsorted(table, values, sorter=by_value), len(table) - 1)]
     return np.where(table[at] == values, at, missing)
+
+
+def inverse_permutation(order: np.ndarray) -> np.ndarray:
+    """position[order[t]] = t: where each node sits in a node order."""
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return position

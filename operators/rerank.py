@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from operators.diffusion import seeds, temporal, truncated
-from operators.graph import index_of, locality_order, normalize
+from operators.graph import index_of, inverse_permutation, locality_order, normalize
 from operators.spectral import fsr, fsr_weighted, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
@@ -67,8 +67,7 @@ class Graph:
     def build(cls, w: sp.spmatrix, u: np.ndarray | None = None, lam: np.ndarray | None = None,
               order: np.ndarray | None = None) -> "Graph":
         order = locality_order(w) if order is None else np.asarray(order, np.int64)
-        position = np.empty_like(order)
-        position[order] = np.arange(len(order))
+        position = inverse_permutation(order)
         wp = sp.csr_matrix(sp.csr_matrix(w)[order][:, order])
         wp.sort_indices()
         u = None if u is None else u[order]
@@ -94,11 +93,7 @@ def rerank(method: str, graph: Graph, rows: np.ndarray, sims: np.ndarray, own: n
         b = min(len(rows), a + p.block)
         f_rows, f = _diffuse(method, graph, rows[a:b], sims[a:b], own[a:b], p)
         for j in range(b - a):
-            cand, fj = f_rows[j], f[j]
-            if len(fj) > 4 * (topk + 1):  # only the best topk (+ the query's own row) can be listed
-                best = np.argpartition(-fj, topk)[:topk + 1]
-                cand, fj = cand[best], fj[best]
-            r, s = merge_with_initial(cand, fj, rows[a + j], own[a + j], topk)
+            r, s = merge_with_initial(f_rows[j], f[j], rows[a + j], own[a + j], topk)
             out_r[a + j, :len(r)], out_s[a + j, :len(s)] = r, s
     return out_r, out_s
 
@@ -137,15 +132,16 @@ def _need_spectral(g: Graph, method: str) -> None:
 def merge_with_initial(cand: np.ndarray, f: np.ndarray, initial: np.ndarray, own: int,
                        topk: int) -> tuple[np.ndarray, np.ndarray]:
     """Items with f > 0 by decreasing f (ties: initial order, then row), then the rest of ``initial``."""
-    cand, f = np.asarray(cand), np.asarray(f, np.float64)
-    ok = (cand >= 0) & (f > 0) & (cand != own)
+    cand, f = np.asarray(cand), np.asarray(f)
+    if len(f) > topk + 1:  # only the best topk (+ the query's own row) can be listed: cut a 1M-long f first
+        best = np.argpartition(-f, topk)[:topk + 1]
+        cand, f = cand[best], f[best]
+    f = f.astype(np.float64)
+    ok = (cand >= 0) & (f > 0) & (cand != own)  # padding has f = 0
     cand, f = cand[ok], f[ok]
-    if len(cand) > topk:  # only the best topk can be listed
-        part = np.argpartition(-f, topk - 1)[:topk]
-        cand, f = cand[part], f[part]
     init = np.asarray(initial)
     init = init[(init >= 0) & (init != own)]
-    order = np.lexsort((cand, index_of(init, cand, len(init)), -f))
+    order = np.lexsort((cand, index_of(init, cand, len(init)), -f))[:topk]
     rows, scores = cand[order], f[order]
     rest = init[~np.isin(init, rows)][:max(0, topk - len(rows))]
     return np.r_[rows, rest].astype(np.int64), np.r_[scores, np.zeros(len(rest))]

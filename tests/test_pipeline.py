@@ -256,9 +256,9 @@ def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path)
     # drivers refuse, before any task, what the graph cannot serve — with the command that fixes it
     assert graph_job.graph_problem(root) is None
     assert "stages=[spectral]" in graph_job.graph_problem(root, spectral=True)
-    (out / "graph" / "ordered_indptr.npy").rename(out / "graph" / "moved.npy")
+    (out / "graph" / "ordered_data.npy").rename(out / "graph" / "moved.npy")
     assert "rebuild" in graph_job.graph_problem(root)
-    (out / "graph" / "moved.npy").rename(out / "graph" / "ordered_indptr.npy")
+    (out / "graph" / "moved.npy").rename(out / "graph" / "ordered_data.npy")
     graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
     nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
     assert nn.shape == (14, 5) and not np.any(nn == np.arange(14)[:, None])
