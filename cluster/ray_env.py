@@ -26,6 +26,9 @@ class RayConfig:
     actor_memory_mb: int = 2500         # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
     actor_resources: dict[str, float] | None = None  # custom resources per actor, e.g. {extract: 1} pins
                                                      # one actor per node started with --resources='{"extract":1}'
+    actor_gpus: float | None = None     # GPUs per extraction actor (None: 1 when the cluster has GPUs now);
+                                        # set it on an autoscaling cluster whose GPU workers start on demand
+    max_actors: int | None = None       # autoscaling pool: 1 … max_actors actors, Ray adds nodes for them
 
 
 def connect(cfg: RayConfig | None = None) -> dict:
@@ -52,6 +55,14 @@ class ActorPlan:
     num_gpus: float
     memory_mb: int = 0
     resources: dict[str, float] | None = None
+    min_actors: int | None = None       # autoscaling pool when below ``actors``
+
+    @property
+    def concurrency(self) -> int | tuple[int, int]:
+        """Ray Data's ``concurrency``: a fixed pool, or (min, max) for an autoscaling one."""
+        if self.min_actors is not None and self.min_actors < self.actors:
+            return (self.min_actors, self.actors)
+        return self.actors
 
 
 def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool = True) -> ActorPlan:
@@ -59,18 +70,27 @@ def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool 
 
     CPU actors leave room for Ray Data's read tasks: at most ``CPU / actor_cpus − 1`` actors and
     never more than the CPU count (torch already threads inside each actor).
+    With ``max_actors`` the pool autoscales from one actor to ``max_actors`` (the cluster's autoscaler
+    starts the nodes they ask for); with ``actor_gpus`` each actor asks for that many GPUs even when
+    no GPU node is up yet.
     """
     res = resources if resources is not None else ray.cluster_resources()
     if cfg.actor_resources and not cfg.actors:  # as many actors as the custom resources admit
         cfg = dataclasses.replace(cfg, actors=max(1, int(min(res.get(k, 0) / v for k, v in cfg.actor_resources.items()))))
-    plan = _plan(cfg, res, prefer_gpu)
+    if cfg.max_actors:
+        gpus = cfg.actor_gpus if cfg.actor_gpus is not None else (1.0 if prefer_gpu and res.get("GPU") else 0.0)
+        plan = ActorPlan(cfg.max_actors, 1.0 if gpus else cfg.actor_cpus, gpus, cfg.actor_memory_mb, min_actors=1)
+    else:
+        plan = _plan(cfg, res, prefer_gpu)
     plan.resources = cfg.actor_resources
     return plan
 
 
 def _plan(cfg: RayConfig, res: dict, prefer_gpu: bool) -> ActorPlan:
     gpus = int(res.get("GPU", 0))
-    if prefer_gpu and gpus:
+    if cfg.actor_gpus:  # asked for explicitly: one actor per actor_gpus GPUs present (at least one)
+        return ActorPlan(cfg.actors or max(1, int(gpus / cfg.actor_gpus)), 1.0, cfg.actor_gpus, cfg.actor_memory_mb)
+    if prefer_gpu and gpus and cfg.actor_gpus is None:
         return ActorPlan(cfg.actors or gpus, 1.0, 1.0, cfg.actor_memory_mb)
     cpus = float(res.get("CPU", 1))
     if cfg.actors:

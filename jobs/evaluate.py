@@ -5,7 +5,7 @@
 Ground truth is either a manifest with a ``group`` column (positives of a query = the other
 database images of its group; nothing ignored) or revisited ``gnd_*.pkl`` (Easy / Medium / Hard
 setups with their ignored sets, :mod:`operators.metrics`). Queries and database images are matched
-to the ground truth by image name without folder or extension. Prints a table and writes
+to the ground truth by name: in full where the names agree, else without folder or extension. Prints a table and writes
 ``RES/metrics.json``.
 """
 from __future__ import annotations
@@ -36,32 +36,53 @@ def stem(name: str) -> str:
     return os.path.splitext(os.path.basename(str(name)))[0]
 
 
-def _id_by_stem(database: pd.DataFrame) -> dict[str, int]:
-    stems = database["name"].map(stem)
-    if stems.duplicated().any():
-        raise ValueError(f"image names are ambiguous without folders: {stems[stems.duplicated()].tolist()[:5]}")
-    return dict(zip(stems, database["image_id"]))
+def full_name(name: str) -> str:
+    return os.path.normpath(str(name)).replace(os.sep, "/")
+
+
+def name_key(database_names: list[str], reference_names: list[str], query_names: list[str]):
+    """How names are matched: in full (``class/0001.jpg``) when the ground truth names every query
+    and the database and ground truth agree (one holds the other), else by stem (no folder or
+    extension, as revisited ``imlist``)."""
+    db, ref = {full_name(n) for n in database_names}, {full_name(n) for n in reference_names}
+    if {full_name(q) for q in query_names} <= ref and (ref <= db or db <= ref):
+        return full_name
+    return stem
+
+
+def _id_by_name(database: pd.DataFrame, key) -> dict[str, int]:
+    keys = database["name"].map(key)
+    if keys.duplicated().any():
+        raise ValueError(f"image names are ambiguous once reduced to {key.__name__}: "
+                         f"{keys[keys.duplicated()].tolist()[:5]}")
+    return dict(zip(keys, database["image_id"]))
 
 
 def group_ground_truth(gt: pd.DataFrame, database: pd.DataFrame, query_names: list[str]):
     """Positives per query: database images of the query's group except the query's own image."""
-    group_of = dict(zip(gt["name"].map(stem), gt["group"]))
-    db = database.assign(group=database["name"].map(stem).map(group_of))
+    key = name_key(database["name"].tolist(), gt["name"].tolist(), query_names)
+    group_of = dict(zip(gt["name"].map(key), gt["group"]))
+    db = database.assign(group=database["name"].map(key).map(group_of))
     members = db.dropna(subset=["group"]).groupby("group")["image_id"].apply(np.asarray).to_dict()
-    own = _id_by_stem(database)
+    own = _id_by_name(database, key)
     positives, ignore = [], []
     for q in query_names:
-        g = group_of.get(stem(q))
+        g = group_of.get(key(q))
         pos = members.get(g, np.zeros(0, np.int64)) if g is not None else np.zeros(0, np.int64)
-        positives.append(pos[pos != own.get(stem(q), -1)])
+        positives.append(pos[pos != own.get(key(q), -1)])
         ignore.append(np.zeros(0, np.int64))
     return {"all": (positives, ignore)}
 
 
 def revisited_ground_truth(gnd: dict, database: pd.DataFrame, query_names: list[str]):
-    """E/M/H positives and ignored sets per result row, mapped to database ids by image name."""
-    db_id = _id_by_stem(database)
-    to_id = np.array([db_id.get(n, -1) for n in gnd["imlist"]], dtype=np.int64)
+    """E/M/H positives and ignored sets per result row, mapped to database ids by image name.
+
+    A ground-truth image absent from the database gets its own placeholder id (−1 − its imlist
+    index) that no ranking holds: as a positive it counts as never retrieved (revisitop divides by
+    the full ``len(qgnd)``), as an ignored image it changes nothing.
+    """
+    db_id = _id_by_name(database, stem)
+    to_id = np.array([db_id.get(n, -1 - i) for i, n in enumerate(gnd["imlist"])], dtype=np.int64)
     qpos = {n: i for i, n in enumerate(gnd["qimlist"])}
     missing = [q for q in query_names if stem(q) not in qpos]
     if missing:

@@ -12,7 +12,9 @@ to storage and commits it. Unreadable images become error rows; they never stop 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cluster.ray_env import RayConfig, connect, plan_actors
-from jobs.config import parse, to_dict
+from jobs.config import from_dict, parse, to_dict
 from jobs.summary import JobSummary
 from operators.describe import DescriptorConfig, Describer
 from operators.images import center_box, crop, decode_image
@@ -32,6 +34,13 @@ from storage.artifacts import ArtifactRoot
 from storage.collection import load_collection
 from storage.schemas import feature_schema, feature_table
 from storage.shards import ShardSet
+
+
+log = logging.getLogger(__name__)
+
+
+class ExtractionMismatch(ValueError):
+    """Committed shards (or the stored whitening) were made under other extraction settings."""
 
 
 @dataclass
@@ -85,6 +94,7 @@ class ShardExtractor:
         self.schema = feature_schema(self.describer.global_dim, self.describer.local_dim,
                                      {"extractor": {"describe": cfg["describe"], "center_crop": cfg["center_crop"]}})
         self.shards = ShardSet(shards_uri, cfg["storage"])
+        self.settings = settings_digest(cfg)
         self.io = ThreadPoolExecutor(4)
         self.node = _node_id()
 
@@ -97,7 +107,7 @@ class ShardExtractor:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.shards.write(int(shard), feature_table(rows, self.schema),
                               {"ok": n_ok, "errors": len(rows) - n_ok, "seconds": time.time() - t0, "peak_rss_mb": peak,
-                               "node": self.node})
+                               "node": self.node, "settings": self.settings})
             for k, v in zip(out, (int(shard), n_ok, len(rows) - n_ok, time.time() - t0, peak)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
@@ -150,13 +160,62 @@ class ShardExtractor:
 # Driver side
 # ------------------------------------------------------------------------------------------
 def shard_items(images: pd.DataFrame, shard_size: int) -> list[tuple[int, str]]:
-    """(shard index, JSON list of image records) for consecutive runs of ``shard_size`` images."""
-    out = []
-    for s, start in enumerate(range(0, len(images), shard_size)):
-        part = images.iloc[start:start + shard_size]
-        items = [{"image_id": int(r.image_id), "file": r.file, "box": [r.x0, r.y0, r.x1, r.y1]} for r in part.itertuples()]
-        out.append((s, json.dumps(items)))
+    """(shard index, JSON list of image records) per shard.
+
+    Shards are the recorded ``shard`` column of the image table (fixed when the images were first
+    recorded, so reruns and grown collections cut identically); tables recorded without it are cut
+    into consecutive runs of ``shard_size`` images.
+    """
+    shard = (images["shard"].to_numpy() if "shard" in images
+             else np.arange(len(images)) // max(1, shard_size))
+    boxes = images[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist()
+    records = [{"image_id": i, "file": f, "box": b}
+               for i, f, b in zip(images["image_id"].astype(int).tolist(), images["file"].tolist(), boxes)]
+    order = np.argsort(shard, kind="stable")
+    cuts = np.flatnonzero(np.diff(shard[order])) + 1
+    return [(int(shard[rows[0]]), json.dumps([records[r] for r in rows.tolist()]))
+            for rows in (np.split(order, cuts) if len(order) else [])]
+
+
+def extraction_settings(cfg: dict) -> dict:
+    """The settings that make a shard's rows: describer settings (batching and device left out),
+    the crop policy and the local whitening's dimension. Shards made under other settings never mix."""
+    describe = to_dict(from_dict(DescriptorConfig, {k: v for k, v in cfg.get("describe", {}).items()
+                                                     if k in DescriptorConfig.__dataclass_fields__}))
+    out = {f"describe.{k}": v for k, v in describe.items() if k not in ("forward_batch", "device")}
+    out["center_crop"] = cfg.get("center_crop")
+    if describe["local"] == "how":
+        out["local_whiten_dim"] = cfg.get("local_whiten_dim")
     return out
+
+
+def settings_digest(cfg: dict) -> str:
+    return hashlib.sha1(json.dumps(extraction_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_settings(shards: ShardSet, cfg: dict, previous: dict | None = None) -> None:
+    """Refuse to add shards made under other settings than the committed ones.
+
+    The first committed shard's record holds the digest of its settings; older records without it
+    are compared through ``previous`` (the recorded extract config), when given.
+    """
+    indices = shards.indices()
+    if not indices:
+        return
+    digest = shards.record(indices[0]).get("settings")
+    if digest is None and previous is None:
+        return
+    if digest is not None and digest == settings_digest(cfg):
+        return
+    if digest is None and extraction_settings(previous) == extraction_settings(cfg):
+        return
+    changed = ""
+    if previous is not None:
+        old, new = extraction_settings(previous), extraction_settings(cfg)
+        changed = " (changed: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new)
+                                            if old.get(k) != new.get(k)) + ")"
+    raise ExtractionMismatch(f"{shards.uri} holds {len(indices)} shard(s) extracted with other settings{changed}; "
+                             "use a new --out (or the settings it was built with)")
 
 
 def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening:
@@ -184,7 +243,10 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
 
 def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None,
                    summary: JobSummary) -> None:
-    """Extract every pending shard of ``images`` into ``shards`` (resumes: committed shards are skipped)."""
+    """Extract every pending shard of ``images`` into ``shards`` (resumes: committed shards are skipped).
+
+    Callers check first (:func:`check_settings`) that committed shards were made under ``cfg``'s settings.
+    """
     import ray
     from tqdm import tqdm
 
@@ -198,9 +260,10 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False          # one tqdm bar over shards instead of Ray Data's log lines
     ctx.issue_detectors_config.detectors = []  # actor memory is reserved explicitly (RayConfig.actor_memory_mb)
+    plan.actors = min(plan.actors, len(items))
     summary.info["actors"] = dataclasses.asdict(plan)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardExtractor, batch_size=1, batch_format="numpy", concurrency=min(plan.actors, len(items)),
+        ShardExtractor, batch_size=1, batch_format="numpy", concurrency=plan.concurrency,
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
         memory=plan.memory_mb * 2**20 if plan.memory_mb else None, resources=plan.resources,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "whitening": whitening.to_bytes() if whitening else None,
@@ -212,26 +275,55 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
             bar.update(1)
 
 
-def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: int, options: dict) -> pd.DataFrame:
-    """The collection table, recorded once under ``root`` so image ids stay stable across reruns."""
+def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: int, options: dict,
+                   shard_size: int = 32) -> pd.DataFrame:
+    """The collection table with its stable ids and shards, recorded once under ``root``.
+
+    A rerun reuses the recorded ids. Images added to the collection since are appended: new ids
+    after the largest recorded one (or the manifest's own ``image_id``s) and new shards after the
+    last, so committed shards keep their content and only the new images are extracted. Images
+    removed from the collection are an error (the index still holds them).
+    """
     recorded = root.images()
     fresh = load_collection(collection, role, options, id_offset)
     if recorded is None:
+        fresh["shard"] = np.arange(len(fresh)) // max(1, shard_size)
         root.write_images(fresh)
         return fresh
-    if len(recorded) != len(fresh) or (recorded["file"].to_numpy() != fresh["file"].to_numpy()).any():
-        raise ValueError(f"{root.uri} was built from a different collection; use a new --out")
-    return recorded
+    known = set(recorded["file"].map(sfs.canonical))
+    in_fresh = fresh["file"].map(sfs.canonical)
+    removed = known - set(in_fresh)
+    if removed:
+        raise ValueError(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
+                         f"(e.g. {sorted(removed)[:3]}); use a new --out")
+    added = fresh[~in_fresh.isin(known)].copy()
+    if added.empty:
+        return recorded
+    if "shard" not in recorded:
+        raise ValueError(f"{root.uri} predates recorded shards and cannot grow; use a new --out")
+    if not fresh.attrs.get("ids_given") or added["image_id"].isin(recorded["image_id"]).any():
+        added["image_id"] = int(recorded["image_id"].max()) + 1 + np.arange(len(added), dtype=np.int64)
+    added["shard"] = int(recorded["shard"].max()) + 1 + np.arange(len(added)) // max(1, shard_size)
+    grown = pd.concat([recorded, added[recorded.columns]], ignore_index=True)
+    log.info("%s: %d new image(s), ids %d..%d, shards %d..%d", root.uri, len(added), added["image_id"].min(),
+             added["image_id"].max(), added["shard"].min(), added["shard"].max())
+    root.write_images(grown)
+    return grown
 
 
 def extract(cfg: ExtractConfig, summary: JobSummary) -> ArtifactRoot:
     """Extraction into ``cfg.out`` (with the local whitening it needs)."""
     root = ArtifactRoot(cfg.out, cfg.storage)
-    images = prepare_images(root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage)
+    previous = root.meta().get("stages", {}).get("extract", {}).get("config")
+    check_settings(root.shards(), to_dict(cfg), previous)
+    images = prepare_images(root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage, cfg.shard_size)
     summary.add(images=len(images))
     whitening = None
     if cfg.describe.local == "how" and cfg.local_whiten_dim:
         whitening = root.whitening("local")
+        if whitening is not None and whitening.dim != min(cfg.local_whiten_dim, len(whitening.mean)):
+            raise ExtractionMismatch(f"{root.uri} holds a {whitening.dim}-d local whitening, not "
+                                     f"{cfg.local_whiten_dim}-d; use a new --out")
         if whitening is None:
             with summary.stage("learn local whitening"):
                 whitening = learn_local_whitening(cfg, images)

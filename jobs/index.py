@@ -39,6 +39,7 @@ LOCAL_STAGES = ("codebook", "asmk")
 class IndexConfig(ExtractConfig):
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
+    global_whiten_images: int = 5000                  # images sampled (from random shards) to learn it
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -55,10 +56,13 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
     dim = int(shards.read_shard(min(records), ["global"]).schema.field("global").type.list_size)
     whitening = None
     if cfg.global_whiten_dim:
-        sample = np.concatenate([global_matrix(_ok(t)) for t in shards.iter_tables(["image_id", "status", "global"])][:200])
+        sample = sample_globals(shards, cfg.global_whiten_images)
         whitening = learn_pca_whitening(sample, cfg.global_whiten_dim)
         root.write_whitening("global", whitening)
+        summary.add(global_whitening_sample=len(sample))
         dim = whitening.dim
+    else:  # queries are whitened when this file exists: none may outlive a raw rebuild
+        sfs.remove(root.path("whitening", "global.npz"), root.options)
     vectors, commit_v = root.open_array_writer("global/vectors.npy", (n, dim), np.float32)
     ids = np.empty(n, np.int64)
     at = 0
@@ -72,6 +76,20 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
     root.write_array("global/ids.npy", ids)
     sfs.write_json(root.path("global", "meta.json"), {"count": n, "dim": dim, "whitened": bool(whitening)}, root.options)
     summary.add(global_vectors=n)
+
+
+def sample_globals(shards, n: int, seed: int = 0) -> np.ndarray:
+    """Global descriptors of ``n`` images drawn at random: whole shards are read in a random order
+    until they hold ``n`` successfully described images, then ``n`` of those are kept."""
+    rng = np.random.default_rng(seed)
+    parts, have = [], 0
+    for index in rng.permutation(shards.indices()):
+        parts.append(global_matrix(_ok(shards.read_shard(int(index), ["image_id", "status", "global"]))))
+        have += len(parts[-1])
+        if have >= n:
+            break
+    x = np.concatenate(parts)
+    return x[np.sort(rng.choice(len(x), min(n, len(x)), replace=False))]
 
 
 def _ok(table):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +38,7 @@ import pyarrow.parquet as pq
 from cluster.ray_env import RayConfig, connect
 from jobs.asmk import AsmkConfig, codebook_hash, search_task as asmk_search_task
 from jobs.config import from_dict, parse, to_dict
-from jobs.extract import ExtractConfig, prepare_images, run_extraction
+from jobs.extract import ExtractConfig, check_settings, prepare_images, run_extraction
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, aggregate
 from operators.codebook import Quantizer
@@ -105,10 +104,8 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
                          describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
     qroot = ArtifactRoot(qcfg.out, cfg.storage)
     previous = qroot.meta().get("stages", {}).get("extract", {}).get("config")
-    if previous and (_descriptor_settings(previous["describe"]) != _descriptor_settings(to_dict(qcfg.describe))
-                     or previous["center_crop"] != cfg.center_crop):
-        raise SystemExit(f"{cfg.out} holds queries described with other settings; use a new --out")
-    queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage)
+    check_settings(qroot.shards(), to_dict(qcfg), previous)
+    queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size)
     queries["own"] = self_ids(queries, root.images())
     uncropped = queries[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
     queries["reuse"] = (queries["own"].to_numpy() >= 0) & uncropped & cfg.reuse_database_features
@@ -119,16 +116,10 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
     return queries, qroot
 
 
-def _descriptor_settings(describe: dict) -> dict:
-    """The describer settings that change descriptors (defaults filled in; batching and device left out)."""
-    full = to_dict(from_dict(DescriptorConfig, {k: v for k, v in describe.items() if k in DescriptorConfig.__dataclass_fields__}))
-    return {k: v for k, v in full.items() if k not in ("forward_batch", "device")}
-
-
 def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
     """Database id of each query's own image (same file), -1 when the query is not in the database."""
-    by_file = dict(zip(database["file"].map(os.path.normpath), database["image_id"]))
-    return np.array([by_file.get(os.path.normpath(f), -1) for f in queries["file"]], dtype=np.int64)
+    by_file = dict(zip(database["file"].map(sfs.canonical), database["image_id"]))
+    return np.array([by_file.get(sfs.canonical(f), -1) for f in queries["file"]], dtype=np.int64)
 
 
 def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:

@@ -46,7 +46,7 @@ class DescriptorConfig:
     sift_n: int = 2000                     # rootsift: features per image
     device: str = "auto"                   # auto | cpu | cuda
     forward_batch: int = 0                 # max same-shape images per forward; 0: 16 on GPU, 1 on CPU
-                                           # (measured on 2 CPU cores: batching is 0.73x, see benchmarks/)
+                                           # (measured on 2 CPU cores: batching is 0.78x, README)
 
 
 class Describer:

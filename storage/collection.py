@@ -4,8 +4,9 @@ A collection is normalised to one table, :data:`COLLECTION_COLUMNS`:
 
 - ``image_id`` (int64): stable integer id. Taken from the manifest's ``image_id`` column when present,
   else ``id_offset + row order`` (folders are listed in sorted order). Jobs record the table once
-  under the index root (``images.parquet``) and reuse it on reruns, so ids never change.
-- ``file``: absolute path or URI of the image; ``name``: the key it is known by (manifest path
+  under the index root (``images.parquet``, with each image's shard) and reuse it on reruns, so ids
+  never change; images added to the collection later get new ids (``jobs.extract.prepare_images``).
+- ``file``: absolute path or URI of the image (relative folders and manifests are resolved); ``name``: the key it is known by (manifest path
   as written, path relative to the folder, or the revisited image name).
 - ``group``: instance label (same group = same object), may be null.
 - ``x0, y0, x1, y1``: query crop box in pixels of the original image, NaN when absent.
@@ -41,6 +42,7 @@ def load_collection(uri: str, role: str = "database", options: sfs.StorageOption
     ``role`` matters only for revisited ``.pkl`` ground truth: ``"database"`` reads ``imlist``,
     ``"queries"`` reads ``qimlist`` with the ``bbx`` crop boxes.
     """
+    uri = sfs.canonical(uri)  # files are recorded absolute: workers on other nodes or folders read them
     lower = uri.lower()
     if lower.endswith(".pkl"):
         df = _from_revisited(uri, role, options)
@@ -50,7 +52,8 @@ def load_collection(uri: str, role: str = "database", options: sfs.StorageOption
         df = _from_folder(uri, options)
     if df.empty:
         raise CollectionError(f"collection {uri!r} holds no images")
-    if "image_id" not in df or df["image_id"].isna().any():
+    ids_given = "image_id" in df and not df["image_id"].isna().any()
+    if not ids_given:
         df["image_id"] = np.arange(len(df), dtype=np.int64) + id_offset
     df["image_id"] = df["image_id"].astype(np.int64)
     if df["image_id"].duplicated().any():
@@ -60,7 +63,9 @@ def load_collection(uri: str, role: str = "database", options: sfs.StorageOption
     if "group" not in df:
         df["group"] = None
     df["group"] = df["group"].astype(object).where(df["group"].notna(), None)
-    return df[COLLECTION_COLUMNS].reset_index(drop=True)
+    out = df[COLLECTION_COLUMNS].reset_index(drop=True)
+    out.attrs["ids_given"] = ids_given  # the manifest chose the ids (kept when the collection grows)
+    return out
 
 
 def _from_folder(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:

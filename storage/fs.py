@@ -52,6 +52,13 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri, *parts)
 
 
+def canonical(uri: str) -> str:
+    """One spelling per location: local paths absolute and normalised (``file://`` dropped), URIs as given."""
+    if protocol(uri) != "file":
+        return uri
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def is_absolute(uri: str) -> bool:
     return "://" in uri or os.path.isabs(uri)
 

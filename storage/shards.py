@@ -3,7 +3,7 @@
 Layout under a dataset URI (e.g. ``ROOT/features``)::
 
     part-00012.parquet        # written by a worker (atomic rename locally, single PUT on S3)
-    _commits/part-00012.json  # commit record, written after the shard: counts, timings, config hash
+    _commits/part-00012.json  # commit record, written after the shard: counts, timings, settings digest
 
 Readers list ``_commits/`` and read only committed shards, so a shard whose writer was killed is
 invisible and is simply redone on the next run (``pending`` gives the work left). Each worker
@@ -41,6 +41,15 @@ class ShardSet:
     def commit_path(self, index: int) -> str:
         return sfs.join(self.uri, COMMITS, f"{shard_name(index)}.json")
 
+    def indices(self) -> list[int]:
+        """Indices of the complete shards, from one listing of ``_commits/`` (no record is read)."""
+        names = sfs.listdir(sfs.join(self.uri, COMMITS), self.options)
+        return sorted(int(n[5:-5]) for n in names if n.startswith("part-") and n.endswith(".json"))
+
+    def record(self, index: int) -> dict:
+        """The commit record of shard ``index``."""
+        return sfs.read_json(self.commit_path(index), self.options)
+
     def committed(self) -> dict[int, dict]:
         """Commit records of the complete shards, by shard index."""
         out = {}
@@ -50,7 +59,7 @@ class ShardSet:
         return out
 
     def pending(self, indices: list[int]) -> list[int]:
-        done = self.committed()
+        done = set(self.indices())
         return [i for i in indices if i not in done]
 
     def write(self, index: int, table: pa.Table, record: dict | None = None) -> dict:
@@ -79,7 +88,7 @@ class ShardSet:
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Committed shards in index order."""
-        for index in sorted(self.committed()):
+        for index in self.indices():
             yield self.read_shard(index, columns)
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
@@ -90,9 +99,10 @@ class ShardSet:
 
     def schema_metadata(self) -> dict[str, str]:
         """Key-value metadata of the first committed shard's schema."""
-        first = min(self.committed(), default=None)
-        if first is None:
+        indices = self.indices()
+        if not indices:
             return {}
+        first = indices[0]
         fs, path = sfs.filesystem(self.path(first), self.options)
         with fs.open(path, "rb") as f:
             meta = pq.read_schema(f).metadata or {}

@@ -106,3 +106,10 @@ def test_plan_actors_sizes_to_the_cluster():
     assert (gpu.actors, gpu.num_gpus) == (4, 1.0)
     pinned = plan_actors(RayConfig(actor_resources={"extract": 1}), {"CPU": 8, "extract": 3, "memory": 64 * gib})
     assert (pinned.actors, pinned.resources) == (3, {"extract": 1})
+    # an autoscaling cluster before any worker is up (ray_config.yaml: CPU-only head, GPU workers from 0)
+    auto = plan_actors(RayConfig(actor_gpus=1, max_actors=8), {"CPU": 0.0, "memory": 16 * gib})
+    assert (auto.concurrency, auto.num_gpus, auto.num_cpus) == ((1, 8), 1.0, 1.0)
+    assert plan_actors(RayConfig(max_actors=4), {"CPU": 2, "memory": 20 * gib}).concurrency == (1, 4)
+    cpu_only = plan_actors(RayConfig(actor_gpus=0), {"CPU": 16, "GPU": 4, "memory": 64 * gib})
+    assert cpu_only.num_gpus == 0 and cpu_only.num_cpus == 0.5
+    assert plan_actors(RayConfig(actor_gpus=0.5), {"CPU": 16, "GPU": 2, "memory": 64 * gib}).actors == 4

@@ -112,3 +112,40 @@ def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
         has0 = len({"easy": roxford["gnd"][0]["easy"], "medium": roxford["gnd"][0]["easy"] + roxford["gnd"][0]["hard"],
                      "hard": roxford["gnd"][0]["hard"]}[setup]) > 0
         assert metrics[setup]["mAP"] == pytest.approx((n - has0) / n)
+
+
+def test_revisited_positives_missing_from_the_database_count_as_never_retrieved(roxford):
+    """Half of imlist indexed: a perfect ranking of what is there recalls only the indexed positives.
+
+    By hand (trapezoid rule): the m indexed positives at ranks 0…m−1 each add 1/n, so AP = m / n with
+    n the full positive count (revisitop divides by len(qgnd)).
+    """
+    imlist = list(roxford["imlist"])
+    kept = np.arange(0, len(imlist), 2)
+    database = pd.DataFrame({"image_id": kept + 10, "name": [imlist[i] for i in kept]})
+    setups = evaluate_job.revisited_ground_truth(roxford, database, list(roxford["qimlist"]))
+    pos, ign = setups["medium"]
+    expect, rankings = [], []
+    for q, g in enumerate(roxford["gnd"]):
+        p = np.asarray(g["easy"] + g["hard"], np.int64)
+        indexed = p[p % 2 == 0] + 10
+        rest = np.setdiff1d(kept + 10, indexed)
+        rankings.append(np.concatenate([indexed, rest]))
+        expect.append(len(indexed) / len(p))
+    m = evaluate(rankings, pos, ign)
+    assert m["mAP"] == pytest.approx(np.mean(expect), rel=1e-12)
+    assert m["mAP"] < 0.7  # merging the missing positives into one id had reported ~0.97
+
+
+def test_group_ground_truth_matches_folder_names_in_full():
+    """Folder collections (class/0001.jpg) share stems across folders: names match in full."""
+    names = ["a/0001.jpg", "a/0002.jpg", "b/0001.jpg", "b/0002.jpg", "b/0003.jpg"]
+    database = pd.DataFrame({"image_id": np.arange(5) + 100, "name": names})
+    gt = pd.DataFrame({"name": names, "group": ["a", "a", "b", "b", "b"]})
+    (pos, ign), = evaluate_job.group_ground_truth(gt, database, names).values()
+    assert [sorted(p.tolist()) for p in pos] == [[101], [100], [103, 104], [102, 104], [102, 103]]
+    # a query manifest elsewhere names the same images by another path: stems decide (unique here)
+    flat = pd.DataFrame({"image_id": [7, 8], "name": ["x/q1.jpg", "x/q2.jpg"]})
+    gt2 = pd.DataFrame({"name": ["q1.jpg", "q2.jpg"], "group": ["g", "g"]})
+    (pos, _), = evaluate_job.group_ground_truth(gt2, flat, ["../queries/q1.png"]).values()
+    assert pos[0].tolist() == [8]

@@ -11,6 +11,7 @@ import pytest
 from jobs import evaluate as evaluate_job
 from jobs import index as index_job
 from jobs import search as search_job
+from jobs.extract import ExtractionMismatch
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from tests.conftest import FAST
@@ -60,6 +61,82 @@ def test_rerun_resumes_only_missing_shards(built_index, collection):
     summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST])
     assert summary["counts"]["shards_skipped"] == len(before) - 1 and summary["counts"]["shards_written"] == 1
     assert set(root.shards().committed()) == set(before)
+
+
+def test_rerun_with_other_settings_is_refused_before_any_work(built_index, collection):
+    out, _ = built_index
+    root = ArtifactRoot(str(out))
+    images_before = (out / "images.parquet").read_bytes()
+    with pytest.raises(ExtractionMismatch, match="describe.sift_n 300 -> 200"):
+        index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "describe.sift_n=200"])
+    assert (out / "images.parquet").read_bytes() == images_before
+    assert root.meta()["stages"]["extract"]["config"]["describe"]["sift_n"] == 300
+
+
+def test_collection_grows_with_stable_ids(ray_session, mini_subset, tmp_path):
+    """Images added to the collection get new ids and new shards; recorded ones keep theirs."""
+    df = pd.read_csv(mini_subset)
+    first, later = df.iloc[:6], df.iloc[6:9]
+    out = tmp_path / "grow"
+    args = ["--out", str(out), *FAST, "--set", "stages=[extract,global]"]
+    first.to_csv(tmp_path / "v1.csv", index=False)
+    index_job.main(["--collection", str(tmp_path / "v1.csv"), *args])
+    ids_v1 = ArtifactRoot(str(out)).images().set_index("file")["image_id"]
+    pd.concat([later, first]).to_csv(tmp_path / "v2.csv", index=False)  # new images listed first
+    # a smaller shard size cuts only the new images; an autoscaling pool of 1…2 actors extracts them
+    summary = index_job.main(["--collection", str(tmp_path / "v2.csv"), *args, "--set", "shard_size=2",
+                              "--set", "ray.max_actors=2"])
+    assert summary["counts"]["shards_skipped"] == 2 and summary["counts"]["shards_written"] == 2
+    assert summary["actors"]["min_actors"] == 1 and summary["actors"]["actors"] == 2
+    root = ArtifactRoot(str(out))
+    images = root.images().set_index("file")
+    assert images.loc[ids_v1.index, "image_id"].tolist() == ids_v1.tolist()
+    assert sorted(images.loc[later.file, "image_id"]) == [6, 7, 8]
+    assert images.loc[later.file, "shard"].tolist() == [2, 2, 3]
+    assert sorted(root.load_array("global/ids.npy").tolist()) == list(range(9))
+    pd.concat([later, first.iloc[1:]]).to_csv(tmp_path / "v3.csv", index=False)
+    with pytest.raises(ValueError, match="1 image\\(s\\) missing now"):
+        index_job.main(["--collection", str(tmp_path / "v3.csv"), *args])
+
+
+def test_global_whitening_applies_to_database_and_queries(built_index, collection, mini_subset, tmp_path):
+    """PCA-whitening learned on a sample of the database, applied to queries too; removed when off."""
+    out, _ = built_index
+    root = ArtifactRoot(str(out))
+    raw = root.load_array("global/vectors.npy", mmap=False).copy()
+    try:
+        summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST,
+                                  "--set", "stages=[global]", "--global-whiten-dim", "8",
+                                  "--set", "global_whiten_images=10"])
+        assert summary["counts"]["global_whitening_sample"] == 10
+        white = root.whitening("global")
+        assert white.dim == 8 and root.load_array("global/vectors.npy").shape == (14, 8)
+        res = tmp_path / "res"
+        search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "13",
+                         "--set", "reuse_database_features=false"])
+        results = pd.read_parquet(res / "results.parquet").set_index("query_id")
+        vectors = dict(zip(root.load_array("global/ids.npy").tolist(), root.load_array("global/vectors.npy")))
+        q = 0  # a fresh query extraction, whitened: its own image's whitened vector scores ~1
+        assert vectors[results.ids[q][0]] @ vectors[q] == pytest.approx(results.scores[q][0], abs=1e-3)
+    finally:
+        index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]"])
+    assert root.whitening("global") is None
+    assert np.allclose(root.load_array("global/vectors.npy"), raw)
+
+
+def test_query_manifest_boxes_crop_the_queries(built_index, mini_subset, tmp_path):
+    out, _ = built_index
+    q = pd.read_csv(mini_subset).head(3)
+    q = q.assign(x0=[10, 20, 30], y0=[5, 6, 7], x1=[200, 210, 220], y1=[150, 160, 170])
+    q.to_csv(tmp_path / "queries.csv", index=False)
+    res = tmp_path / "res"
+    summary = search_job.main(["--index", str(out), "--queries", str(tmp_path / "queries.csv"), "--out", str(res),
+                               "--topk", "5"])
+    assert summary["counts"].get("queries_reusing_database_features", 0) == 0  # cropped: described anew
+    meta = ArtifactRoot(str(res / "queries")).shards().read_all(["image_id", "x0", "y0", "x1", "y1"]).to_pandas()
+    assert meta.sort_values("image_id")[["x0", "y0", "x1", "y1"]].to_numpy().tolist() == \
+        q[["x0", "y0", "x1", "y1"]].to_numpy().astype(float).tolist()
+    assert len(pd.read_parquet(res / "results.parquet")) == 3
 
 
 def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_path):

@@ -98,6 +98,18 @@ def test_collection_formats(tmp_path, instance_mini):
         load_collection(str(tmp_path / "imgs" / "notes.txt"))
 
 
+def test_relative_collections_record_absolute_files(tmp_path, monkeypatch):
+    """Workers on other nodes (or under ``ray job submit --working-dir``) must find the files."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
+    pd.DataFrame({"file": ["a.jpg"]}).to_csv(tmp_path / "imgs" / "m.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    for uri in ("imgs", "./imgs/", "imgs/m.csv", "file://imgs"):
+        df = load_collection(uri)
+        assert df["file"].tolist() == [str(tmp_path / "imgs" / "a.jpg")], uri
+        assert df["name"].tolist() == ["a.jpg"]
+
+
 def test_collection_from_s3_prefix(s3_server, instance_mini):
     fs, _ = sfs.filesystem("s3://x", s3_server["options"])
     for name in ("one.jpg", "two.jpg"):
