@@ -40,6 +40,8 @@ class IndexConfig(ExtractConfig):
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
     global_whiten_images: int = 5000                  # images sampled (from random shards) to learn it
+    global_whiten_source: str | None = None           # learn it on another root's shards (independent data)
+    global_whiten_shrinkage: float = 1.0              # eigenvalue power s/2 (1: plain PCAw; 0.5: HOW's shrinkage)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -56,8 +58,9 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
     dim = int(shards.read_shard(min(records), ["global"]).schema.field("global").type.list_size)
     whitening = None
     if cfg.global_whiten_dim:
-        sample = sample_globals(shards, cfg.global_whiten_images)
-        whitening = learn_pca_whitening(sample, cfg.global_whiten_dim)
+        source = ArtifactRoot(cfg.global_whiten_source, cfg.storage) if cfg.global_whiten_source else root
+        sample = sample_globals(source.shards(), cfg.global_whiten_images)
+        whitening = learn_pca_whitening(sample, cfg.global_whiten_dim, cfg.global_whiten_shrinkage)
         root.write_whitening("global", whitening)
         summary.add(global_whitening_sample=len(sample))
         dim = whitening.dim

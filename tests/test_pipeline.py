@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import scipy.sparse as sp
@@ -118,6 +119,16 @@ def test_global_whitening_applies_to_database_and_queries(built_index, collectio
         vectors = dict(zip(root.load_array("global/ids.npy").tolist(), root.load_array("global/vectors.npy")))
         q = 0  # a fresh query extraction, whitened: its own image's whitened vector scores ~1
         assert vectors[results.ids[q][0]] @ vectors[q] == pytest.approx(results.scores[q][0], abs=1e-3)
+        # learned on another root: a copy holding only shards 0 and 1 (4 + 4 images)
+        other = tmp_path / "other"
+        shutil.copytree(out / "features", other / "features")
+        for c in (other / "features" / "_commits").glob("part-*.json"):
+            if int(c.stem[5:]) > 1:
+                c.unlink()
+        summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST,
+                                  "--set", "stages=[global]", "--global-whiten-dim", "4",
+                                  "--set", f"global_whiten_source={other}"])
+        assert summary["counts"]["global_whitening_sample"] == 8 and root.whitening("global").dim == 4
     finally:
         index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]"])
     assert root.whitening("global") is None
