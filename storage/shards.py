@@ -12,6 +12,7 @@ writes its own commit record, so no shared manifest file is ever rewritten concu
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -51,12 +52,10 @@ class ShardSet:
         return sfs.read_json(self.commit_path(index), self.options)
 
     def committed(self) -> dict[int, dict]:
-        """Commit records of the complete shards, by shard index."""
-        out = {}
-        for name in sfs.listdir(sfs.join(self.uri, COMMITS), self.options):
-            if name.startswith("part-") and name.endswith(".json"):
-                out[int(name[5:-5])] = sfs.read_json(sfs.join(self.uri, COMMITS, name), self.options)
-        return out
+        """Commit records of the complete shards, by shard index (read concurrently)."""
+        indices = self.indices()
+        blobs = sfs.read_many([self.commit_path(i) for i in indices], self.options)
+        return {i: json.loads(b) for i, b in zip(indices, blobs)}
 
     def pending(self, indices: list[int]) -> list[int]:
         done = set(self.indices())
