@@ -73,3 +73,20 @@ def parse(cls: type[T], argv: list[str] | None, flags: dict[str, tuple[str, type
     except (TypeError, ValueError) as e:
         ap.error(str(e))
         raise
+
+
+def run_cli(main: typing.Callable[[], Any]) -> None:
+    """Run a job's ``main`` from the command line: an error in the user's input (unreadable
+    collection, a root made under other settings, a missing artifact) prints one line and exits 2
+    instead of a traceback; anything else is a bug and keeps its traceback."""
+    import sys
+
+    from jobs.extract import ExtractionMismatch
+    from storage.artifacts import ArtifactError
+    from storage.collection import CollectionError
+
+    try:
+        main()
+    except (CollectionError, ExtractionMismatch, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

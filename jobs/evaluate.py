@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from jobs.config import parse
+from jobs.config import parse, run_cli
 from jobs.search import read_results
 from operators.metrics import evaluate, revisited_setups
 from storage import fs as sfs
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cluster.ray_env import RayConfig, connect, plan_actors
-from jobs.config import from_dict, parse, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.describe import DescriptorConfig, Describer
 from operators.images import center_box, crop, decode_image
@@ -75,7 +75,7 @@ def load_image(file: str, box: tuple, center_crop: float | None, options: dict) 
     """Read, decode and crop one image; returns the image and its size/box record fields."""
     img = decode_image(sfs.read_bytes(file, options))
     h, w = img.shape[:2]
-    if any(np.isnan(box)) and center_crop:
+    if all(np.isnan(box)) and center_crop:
         box = center_box(w, h, center_crop)
     return crop(img, box), {"width": w, "height": h, **dict(zip(("x0", "y0", "x1", "y1"), box))}
 
@@ -219,26 +219,44 @@ def check_settings(shards: ShardSet, cfg: dict, previous: dict | None = None) ->
 
 
 def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening:
-    """HOW's P, m: PCA-whitening of single-scale raw local descriptors of a sample (L9317-9333, L9499)."""
+    """HOW's P, m: PCA-whitening of single-scale raw local descriptors of a sample (L9317-9333, L9499).
+
+    ``local_whiten_images`` images are drawn at random; images that cannot be described are replaced
+    by further random draws until that many are described or the collection is exhausted.
+    """
     import ray
 
     @ray.remote(num_cpus=cfg.ray.actor_cpus)
-    def sample_descriptors(files: list[str]) -> np.ndarray:
+    def sample_descriptors(files: list[str]) -> list[np.ndarray]:
         d = Describer(dataclasses.replace(cfg.describe, local_scales=[1.0], global_scales=[1.0]))
         out = []
         for f in files:
             try:
                 img, _ = load_image(f, (np.nan,) * 4, None, cfg.storage)
                 out.append(d([img])[0]["local_desc"])
-            except Exception:  # noqa: BLE001 - skip unreadable samples
+            except Exception:  # noqa: BLE001 - an unreadable sample is replaced by another draw
                 continue
-        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+        return out
 
     rng = np.random.default_rng(0)
-    pick = images.iloc[np.sort(rng.choice(len(images), min(len(images), cfg.local_whiten_images), replace=False))]
-    chunks = np.array_split(pick["file"].to_numpy(), max(1, min(8, len(pick) // 16)))
-    x = np.concatenate(ray.get([sample_descriptors.remote(list(c)) for c in chunks if len(c)]))
-    return learn_pca_whitening(x, cfg.local_whiten_dim)
+    target = min(len(images), cfg.local_whiten_images)
+    first = np.sort(rng.choice(len(images), target, replace=False))
+    order = np.concatenate([first, rng.permutation(np.setdiff1d(np.arange(len(images)), first))])
+    files = images["file"].to_numpy()[order]
+    parts: list[np.ndarray] = []
+    tried = 0
+    while len(parts) < target and tried < len(files):
+        batch = files[tried:tried + target - len(parts)]
+        tried += len(batch)
+        chunks = np.array_split(batch, max(1, min(8, len(batch) // 16)))
+        for got in ray.get([sample_descriptors.remote(list(c)) for c in chunks if len(c)]):
+            parts.extend(got)
+    if sum(len(p) for p in parts) < 2:
+        raise ValueError(f"local whitening: {tried} sampled image(s) gave {sum(len(p) for p in parts)} local "
+                         f"descriptor(s); at least 2 are needed (e.g. {list(files[:3])})")
+    log.info("local whitening: %d descriptors from %d of %d images tried", sum(len(p) for p in parts),
+             len(parts), tried)
+    return learn_pca_whitening(np.concatenate(parts), cfg.local_whiten_dim)
 
 
 def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None,
@@ -351,4 +369,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cluster.ray_env import RayConfig, connect
-from jobs.config import parse, to_dict
+from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators import graph as G
 from operators.global_index import iter_blocks
@@ -357,4 +357,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,7 @@ import numpy as np
 from cluster.ray_env import connect
 from jobs.asmk import AsmkConfig, build_asmk
 from jobs.codebook import CodebookConfig, build_codebook
-from jobs.config import parse, to_dict
+from jobs.config import parse, run_cli, to_dict
 from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
 from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
 from jobs.summary import JobSummary
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.ray_env import RayConfig, connect
-from jobs.config import parse, to_dict
+from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.rerank import RerankParams, rerank
 from storage import fs as sfs
@@ -123,4 +123,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

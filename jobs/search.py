@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from cluster.ray_env import RayConfig, connect
 from jobs.asmk import AsmkConfig, codebook_hash, search_task as asmk_search_task
-from jobs.config import from_dict, parse, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.extract import ExtractConfig, check_settings, prepare_images, run_extraction
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, aggregate
@@ -101,6 +101,7 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
                                       if k in ExtractConfig.__dataclass_fields__})
     qcfg = ExtractConfig(collection=cfg.queries, out=sfs.join(cfg.out, "queries"), role=cfg.role,
                          shard_size=built.shard_size, batch_size=built.batch_size, center_crop=cfg.center_crop,
+                         local_whiten_dim=built.local_whiten_dim,
                          describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
     qroot = ArtifactRoot(qcfg.out, cfg.storage)
     previous = qroot.meta().get("stages", {}).get("extract", {}).get("config")
@@ -108,7 +109,8 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
     queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size)
     queries["own"] = self_ids(queries, root.images())
     uncropped = queries[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
-    queries["reuse"] = (queries["own"].to_numpy() >= 0) & uncropped & cfg.reuse_database_features
+    described = np.isin(queries["own"].to_numpy(), root.load_array("global/ids.npy"))  # own image described ok
+    queries["reuse"] = described & uncropped & cfg.reuse_database_features
     summary.add(queries_reusing_database_features=int(queries["reuse"].sum()))
     with summary.stage("extract queries"):
         run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), root.whitening("local"), summary)
@@ -255,11 +257,16 @@ class GlobalLookup:
             self.parts.append((np.asarray(ids)[order], order, vec))
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids``; an id in no partition (not indexed, or its image failed) is a KeyError."""
         out = np.zeros((len(ids), self.parts[0][2].shape[1]), np.float32)
+        found = np.zeros(len(ids), bool)
         for sorted_ids, order, vec in self.parts:
             pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
             hit = sorted_ids[pos] == ids
             out[hit] = np.asarray(vec[order[pos[hit]]])
+            found |= hit
+        if not found.all():
+            raise KeyError(f"{int((~found).sum())} id(s) have no global descriptor, e.g. {ids[~found][:5].tolist()}")
         return out
 
 
@@ -283,7 +290,9 @@ def run_query_expansion(cfg: SearchConfig, queries: pd.DataFrame, qroot: Artifac
         ids = np.asarray(ranked.get(int(q), (np.zeros(0, np.int64),))[0])
         ids = ids[ids >= 0][:p.qe_n]
         top[j, :len(ids)] = ids
-    vec = lookup(np.maximum(top, 0).reshape(-1)).reshape(len(rows), p.qe_n, -1)
+    vec = np.zeros((top.size, xq.shape[1]), np.float32)
+    vec[top.reshape(-1) >= 0] = lookup(top[top >= 0])  # padding (−1) stays zero and is masked below
+    vec = vec.reshape(len(rows), p.qe_n, -1)
     sims = np.where(top >= 0, np.einsum("mkd,md->mk", vec, xq), -np.inf)  # global similarity, whatever ranked them
     return run_global(cfg, queries, qroot, cfg.topk, (rows, expand(xq, vec, sims, alpha, p.qe_n)))
 
@@ -414,4 +423,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

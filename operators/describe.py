@@ -49,6 +49,10 @@ class DescriptorConfig:
                                            # (measured on 2 CPU cores: batching is 0.78x, README)
 
 
+class ImageTooSmall(ValueError):
+    """No scale of the image is large enough for the network."""
+
+
 class Describer:
     """Batch callable: list of RGB images -> list of descriptor dicts (see module doc)."""
 
@@ -62,6 +66,7 @@ class Describer:
             if name not in self.net.maps:
                 raise ValueError(f"{cfg.backbone} has no map {name!r}; choose from {sorted(self.net.maps)}")
         self.sift = RootSift(cfg.max_side, cfg.sift_n) if cfg.local == "rootsift" else None
+        self.min_side = max(m.stride for m in self.net.maps.values())  # smallest input the network takes
         self.local_whitening, self.global_whitening = local_whitening, global_whitening
 
     @property
@@ -92,6 +97,7 @@ class Describer:
                         local_parts[idx].append((d.float().cpu().numpy(), w.float().cpu().numpy(),
                                                  p.cpu().numpy(), scale, bases[idx][1]))
         for i, row in enumerate(rows):
+            self._check_scales(images[i], gem_parts[i], local_parts[i])
             g = multiscale_gem([v[None].float() for v in gem_parts[i]], cfg.gem_p)[0].cpu().numpy()
             row["global"] = self.global_whitening(g[None])[0] if self.global_whitening else g
             if cfg.local == "how":
@@ -102,6 +108,16 @@ class Describer:
             elif self.sift is not None:
                 row.update(self.sift.describe(images[i]))
         return rows
+
+    def _check_scales(self, image: np.ndarray, gem_parts: list, local_parts: list) -> None:
+        """Scales whose image is below the network's smallest input are skipped; an image left with
+        no global scale (or, for HOW, no local scale) is an error."""
+        missing = [kind for kind, parts in (("global", gem_parts), ("local", local_parts))
+                   if not parts and (kind == "global" or self.cfg.local == "how")]
+        if missing:
+            h, w = image.shape[:2]
+            raise ImageTooSmall(f"image {w}x{h} is too small: no {' or '.join(missing)} scale gives both sides "
+                                f">= {self.min_side} px")
 
     def _plan(self) -> dict[tuple[int, float], tuple[str, ...]]:
         """Maps needed at each (max side, scale); a pass shared by global and local runs once."""
@@ -118,7 +134,8 @@ class Describer:
         groups: dict[tuple, list[int]] = defaultdict(list)
         scaled = [rescale(b, scale) for b in bases]
         for i, img in enumerate(scaled):
-            groups[img.shape].append(i)
+            if min(img.shape[:2]) >= self.min_side:  # smaller ones skip this scale (_check_scales)
+                groups[img.shape].append(i)
         step = self.cfg.forward_batch or (16 if self.device.type == "cuda" else 1)
         chunks = [idxs[s:s + step] for idxs in groups.values() for s in range(0, len(idxs), step)]
         for idxs in chunks:

@@ -19,11 +19,23 @@ def decode_image(data: bytes) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+class BadBoxError(ValueError):
+    """A crop box that selects no part of the image."""
+
+
 def crop(img: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
-    """Crop ``box = (x0, y0, x1, y1)`` in pixels (clipped to the image); ``None`` or NaN keeps it whole."""
-    if box is None or any(np.isnan(v) for v in box):
+    """Crop ``box = (x0, y0, x1, y1)`` in pixels (clipped to the image); ``None`` or all-NaN keeps it whole.
+
+    A box with some coordinates missing, x1 ≤ x0 or y1 ≤ y0, or no overlap with the image raises
+    :class:`BadBoxError`.
+    """
+    if box is None or all(np.isnan(v) for v in box):
         return img
     h, w = img.shape[:2]
+    if any(np.isnan(v) for v in box):
+        raise BadBoxError(f"crop box {tuple(box)} has missing coordinates")
+    if not (box[2] > box[0] and box[3] > box[1] and box[0] < w and box[1] < h and box[2] > 0 and box[3] > 0):
+        raise BadBoxError(f"crop box {tuple(box)} selects nothing of the {w}x{h} image")
     x0, y0 = int(np.clip(np.floor(box[0]), 0, w - 1)), int(np.clip(np.floor(box[1]), 0, h - 1))
     x1, y1 = int(np.clip(np.ceil(box[2]), x0 + 1, w)), int(np.clip(np.ceil(box[3]), y0 + 1, h))
     return img[y0:y1, x0:x1]

@@ -58,6 +58,9 @@ def load_collection(uri: str, role: str = "database", options: sfs.StorageOption
     df["image_id"] = df["image_id"].astype(np.int64)
     if df["image_id"].duplicated().any():
         raise CollectionError(f"collection {uri!r}: duplicate image_id values")
+    if role == "database" and df["file"].duplicated().any():  # queries may repeat a file with other boxes
+        dup = df.loc[df["file"].duplicated(), "file"].unique().tolist()
+        raise CollectionError(f"collection {uri!r}: {len(dup)} file(s) listed more than once (e.g. {dup[:3]})")
     for col in BOX_COLUMNS:
         df[col] = df[col].astype(float) if col in df else np.nan
     if "group" not in df:
@@ -80,9 +83,17 @@ def _from_folder(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
 
 def _from_manifest(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
     data = sfs.read_bytes(uri, options)
-    df = pd.read_parquet(io.BytesIO(data)) if uri.lower().endswith((".parquet", ".pq")) else pd.read_csv(io.BytesIO(data))
+    try:
+        df = (pd.read_parquet(io.BytesIO(data)) if uri.lower().endswith((".parquet", ".pq"))
+              else pd.read_csv(io.BytesIO(data)))
+    except Exception as e:  # noqa: BLE001 - empty or malformed manifest
+        raise CollectionError(f"manifest {uri!r} cannot be read: {type(e).__name__}: {e}") from e
     if "file" not in df:
         raise CollectionError(f"manifest {uri!r} has no 'file' column (columns: {list(df.columns)})")
+    empty = df["file"].isna() | (df["file"].astype(str).str.strip() == "")
+    if empty.any():
+        rows = (np.flatnonzero(empty.to_numpy()) + 1).tolist()
+        raise CollectionError(f"manifest {uri!r}: {int(empty.sum())} row(s) with an empty 'file' (data rows {rows[:5]})")
     base = uri.rsplit("/", 1)[0] if sfs.protocol(uri) != "file" else os.path.dirname(os.path.abspath(uri))
     df = df.copy()
     df["name"] = df["file"].astype(str)

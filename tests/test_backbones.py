@@ -1,12 +1,14 @@
 """Backbones: shipped EfficientNet-Lite0 weights, torchvision/cirtorch-format ResNet checkpoints."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from operators.backbones import EfficientNetLite0, ResNet, build_backbone, load_resnet, to_tensor
-from operators.describe import DescriptorConfig, Describer
+from operators.describe import DescriptorConfig, Describer, ImageTooSmall
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,19 @@ def test_describer_batches_equal_single(lite0):
         assert np.allclose(one["local_desc"], row["local_desc"], atol=1e-4)
         assert np.array_equal(one["local_xy"], row["local_xy"])
     assert batch[0]["global"].shape == (1280,) and batch[0]["local_desc"].shape == (50, 112)
+
+
+def test_describer_skips_scales_below_the_network_input(lite0):
+    """A scale whose image is under the network's stride (32 px) is skipped; no scale left is an error."""
+    rng = np.random.default_rng(1)
+    d = Describer(DescriptorConfig(local="how", local_layer="block10", local_n=20, max_side=160, global_max_side=160,
+                                   local_scales=[1.0, 0.25], global_scales=[1.0, 0.25]))
+    thumb = (rng.random((96, 96, 3)) * 255).astype(np.uint8)
+    row = d([thumb])[0]
+    assert set(np.unique(row["local_scale"]).tolist()) == {1.0}  # 0.25 → 24 px: skipped
+    assert np.allclose(row["global"], d.__class__(dataclasses.replace(d.cfg, global_scales=[1.0]))([thumb])[0]["global"],
+                       atol=1e-5)
+    with pytest.raises(ImageTooSmall, match="image 7x5 is too small"):
+        d([np.zeros((5, 7, 3), np.uint8)])
+    with pytest.raises(ImageTooSmall):
+        d([np.zeros((3, 4000, 3), np.uint8)])

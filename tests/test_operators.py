@@ -7,7 +7,7 @@ import torch
 
 from operators.gem import gem, multiscale_gem
 from operators.how import merge_scales, select_local
-from operators.images import ImageDecodeError, center_box, crop, decode_image, resize_max_side
+from operators.images import BadBoxError, ImageDecodeError, center_box, crop, decode_image, resize_max_side
 from operators.knn import knn_blocks
 from operators.rootsift import RootSift, rootsift
 from operators.whitening import Whitening, learn_pca_whitening
@@ -66,6 +66,10 @@ def test_images_crop_resize_decode():
     img = np.zeros((100, 200, 3), np.uint8)
     assert crop(img, center_box(200, 100, 0.4)).shape == (40, 80, 3)
     assert crop(img, (np.nan,) * 4).shape == img.shape
+    assert crop(img, (-10, -10, 20, 5)).shape == (5, 20, 3)  # clipped to the image
+    for bad in ((50, np.nan, 100, np.nan), (100, 10, 50, 80), (300, 0, 400, 50), (-20, -20, -1, -1)):
+        with pytest.raises(BadBoxError):
+            crop(img, bad)
     small, f = resize_max_side(img, 50)
     assert small.shape[:2] == (25, 50) and f == 0.25
     assert resize_max_side(img, 400)[1] == 1.0, "never enlarges by default"

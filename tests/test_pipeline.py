@@ -150,6 +150,39 @@ def test_query_manifest_boxes_crop_the_queries(built_index, mini_subset, tmp_pat
     assert len(pd.read_parquet(res / "results.parquet")) == 3
 
 
+def test_queries_whose_database_image_failed_get_empty_rankings(built_index, collection, tmp_path):
+    """The corrupt and the missing database images as queries: described anew, fail, rank nothing."""
+    out, _ = built_index
+    files = pd.read_csv(collection)["file"].tolist()
+    pd.DataFrame({"file": [files[14], files[15], files[0]]}).to_csv(tmp_path / "q.csv", index=False)
+    res = tmp_path / "res"
+    summary = search_job.main(["--index", str(out), "--queries", str(tmp_path / "q.csv"), "--out", str(res),
+                               "--topk", "5"])
+    assert summary["counts"]["queries_reusing_database_features"] == 1
+    results = pd.read_parquet(res / "results.parquet").set_index("query_id")
+    assert len(results.ids[0]) == 0 and len(results.ids[1]) == 0
+    assert len(results.ids[2]) == 5 and 0 not in results.ids[2]
+
+
+def test_local_whitening_sample_replaces_images_it_cannot_describe(ray_session, mini_subset, tmp_path):
+    """Six images too small for the network and two good ones; the sample of two must find the good."""
+    import cv2
+
+    files = pd.read_csv(mini_subset)["file"].head(2).tolist()
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"tiny{i}.png"), np.full((5 + i, 7, 3), 40 * i, np.uint8))
+        files.insert(0, str(tmp_path / f"tiny{i}.png"))
+    pd.DataFrame({"file": files}).to_csv(tmp_path / "c.csv", index=False)
+    summary = index_job.main(["--collection", str(tmp_path / "c.csv"), "--out", str(tmp_path / "idx"), *FAST,
+                              "--set", "stages=[extract,global]", "--set", "describe.local=how",
+                              "--set", "describe.local_scales=[1.0]", "--set", "describe.local_n=20",
+                              "--set", "local_whiten_images=2", "--set", "local_whiten_dim=8"])
+    assert summary["counts"]["images_ok"] == 2 and summary["counts"]["images_error"] == 6
+    assert ArtifactRoot(str(tmp_path / "idx")).whitening("local").dim == 8
+    errors = ArtifactRoot(str(tmp_path / "idx")).shards().read_all(["status", "error"]).to_pandas()
+    assert errors[errors.status == "error"].error.str.contains("too small").all()
+
+
 def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_path):
     out, _ = built_index
     for crop, floor in ((None, 0.9), (0.4, 0.3)):

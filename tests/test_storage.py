@@ -1,6 +1,8 @@
 """Storage against a local folder and a real S3 API (moto_server)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -116,3 +118,37 @@ def test_collection_from_s3_prefix(s3_server, instance_mini):
         fs.put(str(next((instance_mini / "images").glob("sceaux*"))), f"{s3_server['bucket']}/coll/{name}")
     df = load_collection(f"s3://{s3_server['bucket']}/coll", options=s3_server["options"])
     assert df["file"].tolist() == [f"s3://{s3_server['bucket']}/coll/one.jpg", f"s3://{s3_server['bucket']}/coll/two.jpg"]
+
+
+def test_bad_manifests_are_clear_errors(tmp_path):
+    (tmp_path / "empty.csv").write_bytes(b"")
+    pd.DataFrame({"file": ["a.jpg", None, "b.jpg"], "group": ["x", "y", "z"]}).to_csv(tmp_path / "hole.csv", index=False)
+    pd.DataFrame({"file": ["a.jpg", "b.jpg", "a.jpg"]}).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(CollectionError, match="cannot be read"):
+        load_collection(str(tmp_path / "empty.csv"))
+    with pytest.raises(CollectionError, match=r"1 row\(s\) with an empty 'file' \(data rows \[2\]\)"):
+        load_collection(str(tmp_path / "hole.csv"))
+    with pytest.raises(CollectionError, match="listed more than once"):
+        load_collection(str(tmp_path / "dup.csv"))
+    # a query manifest may list one image twice (two boxes)
+    assert len(load_collection(str(tmp_path / "dup.csv"), role="queries")) == 3
+
+
+def test_reading_a_non_regular_file_fails_instead_of_blocking(tmp_path):
+    import threading
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    errors = []
+
+    def read(name):
+        try:
+            sfs.read_bytes(str(tmp_path / name))
+        except OSError as e:
+            errors.append(e)
+    for name in ("pipe.jpg", "dir.jpg"):
+        t = threading.Thread(target=read, args=(name,), daemon=True)  # a blocked open must not hang the tests
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"reading {name} blocked"
+    assert len(errors) == 2 and all("not a regular file" in str(e) for e in errors)
