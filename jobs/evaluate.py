@@ -5,8 +5,8 @@
 Ground truth is either a manifest with a ``group`` column (positives of a query = the other
 database images of its group; nothing ignored) or revisited ``gnd_*.pkl`` (Easy / Medium / Hard
 setups with their ignored sets, :mod:`operators.metrics`). Queries and database images are matched
-to the ground truth by name: in full where the names agree, else without folder or extension. Prints a table and writes
-``RES/metrics.json``.
+to the ground truth by name: in full where the names agree, else without folder or extension. Prints a
+table and writes ``RES/metrics.json`` and the HTML report ``RES/report.html`` (:mod:`jobs.report`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.config import parse, run_cli
+from jobs.report import ReportConfig, write_report
 from jobs.search import read_results
 from operators.metrics import evaluate, revisited_setups
 from storage import fs as sfs
@@ -29,6 +30,7 @@ class EvaluateConfig:
     results: str = ""
     ground_truth: str = ""
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    report: ReportConfig = field(default_factory=ReportConfig)  # RES/report.html (report.enabled=false: none)
     storage: dict = field(default_factory=dict)
 
 
@@ -114,6 +116,12 @@ def run(cfg: EvaluateConfig) -> dict:
         out = {**metrics, "per_query_ap": {s: dict(zip(names, v)) for s, v in per_query.items()}}
     sfs.write_json(sfs.join(cfg.results, "metrics.json"), out, cfg.storage)
     print_table(metrics, cfg.ks)
+    if cfg.report.enabled:
+        setup = "all" if "all" in setups else "medium"
+        rows = pd.DataFrame({"query_id": table.column("query_id").to_pylist(), "query_name": names, "ids": rankings,
+                             "ap": [np.nan if a is None else a for a in per_query[setup]]})
+        uri = write_report(cfg.results, cfg.storage, cfg.report, metrics, cfg.ks, setup, rows, *setups[setup], database)
+        print(f"report: {uri}")
     return out
 
 

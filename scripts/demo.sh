@@ -21,3 +21,4 @@ done
 echo
 echo "index:   $OUT/index   (summary-index.json, features/, global/)"
 echo "results: $OUT/search-whole/{results.parquet,metrics.json}  $OUT/search-0.4/{results.parquet,metrics.json}"
+echo "reports: $OUT/search-whole/report.html  $OUT/search-0.4/report.html"

@@ -89,6 +89,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts and reports are for others to read too
         os.replace(tmp, path)
     else:
         with fs.open(path, "wb") as f:

@@ -106,6 +106,8 @@ def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
     sfs.write_json(str(res / "run.json"), {"config": {"index": str(index)}})
     evaluate_job.main(["--results", str(res), "--ground-truth", str(REVISITED / "gnd_roxford5k.pkl")])
     metrics = json.loads((res / "metrics.json").read_text())
+    page = (res / "report.html").read_text()  # images that cannot be read show as empty frames
+    assert page.count('class="q"') == 24 and "<img " not in page and "AP per query (medium)" in page
     # query 0 keeps only 300 non-positives (padding dropped) -> AP 0; the others are perfect
     for setup in ("easy", "medium", "hard"):
         n = metrics[setup]["queries"]

@@ -198,6 +198,10 @@ def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_pat
         assert metrics["queries"] == 12  # the two distractors have no positives
         assert json.loads((res / "metrics.json").read_text())["mAP"] == pytest.approx(metrics["mAP"])
         assert metrics["mAP"] >= floor, (crop, metrics["mAP"])
+        page = (res / "report.html").read_text()  # 12 queries with positives: each + its top 10 as thumbnails
+        assert page.count('class="q"') == 12 and page.count("<img ") == 12 * 11
+        assert f"{100 * metrics['mAP']:.2f}" in page
+        assert page.count("border-color:#2e9e44") + page.count("border-color:#d0342c") == 12 * 10
     qmeta = ArtifactRoot(str(tmp_path / "res-0.4" / "queries")).shards().read_all(["x0", "x1", "width"]).to_pandas()
     assert np.allclose(qmeta.x0, qmeta.width * 0.3, atol=1) and np.allclose(qmeta.x1, qmeta.width * 0.7, atol=1)
 
