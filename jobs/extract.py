@@ -31,7 +31,7 @@ from operators.images import center_box, crop, decode_image
 from operators.whitening import Whitening, learn_pca_whitening
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
-from storage.collection import load_collection
+from storage.collection import CollectionError, load_collection
 from storage.schemas import feature_schema, feature_table
 from storage.shards import ShardSet
 
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class ExtractionMismatch(ValueError):
-    """Committed shards (or the stored whitening) were made under other extraction settings."""
+    """The root was made under other extraction settings (shards, stored whitening) or from a
+    collection holding images the new one lacks."""
 
 
 @dataclass
@@ -252,7 +253,7 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
         for got in ray.get([sample_descriptors.remote(list(c)) for c in chunks if len(c)]):
             parts.extend(got)
     if sum(len(p) for p in parts) < 2:
-        raise ValueError(f"local whitening: {tried} sampled image(s) gave {sum(len(p) for p in parts)} local "
+        raise CollectionError(f"local whitening: {tried} sampled image(s) gave {sum(len(p) for p in parts)} local "
                          f"descriptor(s); at least 2 are needed (e.g. {list(files[:3])})")
     log.info("local whitening: %d descriptors from %d of %d images tried", sum(len(p) for p in parts),
              len(parts), tried)
@@ -312,13 +313,13 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
     in_fresh = fresh["file"].map(sfs.canonical)
     removed = known - set(in_fresh)
     if removed:
-        raise ValueError(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
+        raise ExtractionMismatch(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
                          f"(e.g. {sorted(removed)[:3]}); use a new --out")
     added = fresh[~in_fresh.isin(known)].copy()
     if added.empty:
         return recorded
     if "shard" not in recorded:
-        raise ValueError(f"{root.uri} predates recorded shards and cannot grow; use a new --out")
+        raise ExtractionMismatch(f"{root.uri} predates recorded shards and cannot grow; use a new --out")
     if not fresh.attrs.get("ids_given") or added["image_id"].isin(recorded["image_id"]).any():
         added["image_id"] = int(recorded["image_id"].max()) + 1 + np.arange(len(added), dtype=np.int64)
     added["shard"] = int(recorded["shard"].max()) + 1 + np.arange(len(added)) // max(1, shard_size)
