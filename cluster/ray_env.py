@@ -77,21 +77,19 @@ def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool 
     res = resources if resources is not None else ray.cluster_resources()
     if cfg.actor_resources and not cfg.actors:  # as many actors as the custom resources admit
         cfg = dataclasses.replace(cfg, actors=max(1, int(min(res.get(k, 0) / v for k, v in cfg.actor_resources.items()))))
+    gpus = cfg.actor_gpus if cfg.actor_gpus is not None else (1.0 if prefer_gpu and res.get("GPU") else 0.0)
     if cfg.max_actors:
-        gpus = cfg.actor_gpus if cfg.actor_gpus is not None else (1.0 if prefer_gpu and res.get("GPU") else 0.0)
         plan = ActorPlan(cfg.max_actors, 1.0 if gpus else cfg.actor_cpus, gpus, cfg.actor_memory_mb, min_actors=1)
     else:
-        plan = _plan(cfg, res, prefer_gpu)
+        plan = _plan(cfg, res, gpus)
     plan.resources = cfg.actor_resources
     return plan
 
 
-def _plan(cfg: RayConfig, res: dict, prefer_gpu: bool) -> ActorPlan:
-    gpus = int(res.get("GPU", 0))
-    if cfg.actor_gpus:  # asked for explicitly: one actor per actor_gpus GPUs present (at least one)
-        return ActorPlan(cfg.actors or max(1, int(gpus / cfg.actor_gpus)), 1.0, cfg.actor_gpus, cfg.actor_memory_mb)
-    if prefer_gpu and gpus and cfg.actor_gpus is None:
-        return ActorPlan(cfg.actors or gpus, 1.0, 1.0, cfg.actor_memory_mb)
+def _plan(cfg: RayConfig, res: dict, gpus_per_actor: float) -> ActorPlan:
+    if gpus_per_actor:  # one actor per gpus_per_actor GPUs present (at least one)
+        n = cfg.actors or max(1, int(res.get("GPU", 0) / gpus_per_actor))
+        return ActorPlan(n, 1.0, gpus_per_actor, cfg.actor_memory_mb)
     cpus = float(res.get("CPU", 1))
     if cfg.actors:
         return ActorPlan(cfg.actors, cfg.actor_cpus, 0.0, cfg.actor_memory_mb)

@@ -204,11 +204,10 @@ def check_settings(shards: ShardSet, cfg: dict, previous: dict | None = None) ->
     if not indices:
         return
     digest = shards.record(indices[0]).get("settings")
-    if digest is None and previous is None:
-        return
-    if digest is not None and digest == settings_digest(cfg):
-        return
-    if digest is None and extraction_settings(previous) == extraction_settings(cfg):
+    if digest is not None:
+        if digest == settings_digest(cfg):
+            return
+    elif previous is None or extraction_settings(previous) == extraction_settings(cfg):
         return
     changed = ""
     if previous is not None:
@@ -252,11 +251,11 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
         chunks = np.array_split(batch, max(1, min(8, len(batch) // 16)))
         for got in ray.get([sample_descriptors.remote(list(c)) for c in chunks if len(c)]):
             parts.extend(got)
-    if sum(len(p) for p in parts) < 2:
-        raise CollectionError(f"local whitening: {tried} sampled image(s) gave {sum(len(p) for p in parts)} local "
-                         f"descriptor(s); at least 2 are needed (e.g. {list(files[:3])})")
-    log.info("local whitening: %d descriptors from %d of %d images tried", sum(len(p) for p in parts),
-             len(parts), tried)
+    n_desc = sum(len(p) for p in parts)
+    if n_desc < 2:
+        raise CollectionError(f"local whitening: {tried} sampled image(s) gave {n_desc} local descriptor(s); "
+                              f"at least 2 are needed (e.g. {list(files[:3])})")
+    log.info("local whitening: %d descriptors from %d of %d images tried", n_desc, len(parts), tried)
     return learn_pca_whitening(np.concatenate(parts), cfg.local_whiten_dim)
 
 

@@ -112,8 +112,9 @@ class Describer:
     def _check_scales(self, image: np.ndarray, gem_parts: list, local_parts: list) -> None:
         """Scales whose image is below the network's smallest input are skipped; an image left with
         no global scale (or, for HOW, no local scale) is an error."""
-        missing = [kind for kind, parts in (("global", gem_parts), ("local", local_parts))
-                   if not parts and (kind == "global" or self.cfg.local == "how")]
+        missing = [] if gem_parts else ["global"]
+        if self.cfg.local == "how" and not local_parts:
+            missing.append("local")
         if missing:
             h, w = image.shape[:2]
             raise ImageTooSmall(f"image {w}x{h} is too small: no {' or '.join(missing)} scale gives both sides "

@@ -72,8 +72,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     """The whole file. Local paths must be regular files (a FIFO or device would block the reader)."""
     fs, path = filesystem(uri, options)
     if protocol(uri) == "file" and os.path.exists(path) and not os.path.isfile(path):
-        raise IsADirectoryError(f"{path} is not a regular file") if os.path.isdir(path) else \
-            OSError(f"{path} is not a regular file")
+        raise (IsADirectoryError if os.path.isdir(path) else OSError)(f"{path} is not a regular file")
     with fs.open(path, "rb") as f:
         return f.read()
 
