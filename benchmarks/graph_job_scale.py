@@ -27,16 +27,20 @@ from benchmarks.memory import reset_peak, rss_mb  # noqa: E402
 from jobs import graph as graph_job  # noqa: E402
 from operators.knn import build_ivf, search_ivf  # noqa: E402
 from operators.rerank import RerankParams, rerank  # noqa: E402
+from operators.spectral import sparsify  # noqa: E402
 from storage.artifacts import ArtifactRoot  # noqa: E402
+from storage.global_index import GlobalMeta, global_writer  # noqa: E402
+from storage.graph import load_graph  # noqa: E402
+from storage.spectral import load_sparse_u, load_u, write_sparse_u  # noqa: E402
 
 
 def write_index(root: ArtifactRoot, x: np.ndarray) -> None:
     """A root with the ``global`` stage only: ids 0..n−1 and their unit vectors."""
-    vec, commit = root.open_array_writer("global/vectors.npy", x.shape, np.float32)
+    vec, ids, commit = global_writer(root, len(x), x.shape[1])
     vec[:] = x
-    commit()
-    root.write_array("global/ids.npy", np.arange(len(x), dtype=np.int64))
-    root.record_stage("global", {"synthetic": True, "n": len(x), "dim": x.shape[1]})
+    ids[:] = np.arange(len(x))
+    commit(GlobalMeta(count=len(x), dim=x.shape[1], whitened=False))
+    root.record_stage("global", "benchmark", {"synthetic": True, "n": len(x), "dim": x.shape[1]})
 
 
 def main() -> None:
@@ -58,8 +62,8 @@ def main() -> None:
         summary = graph_job.main(["--index", a.root, "--k", str(a.k), "--rank", str(a.rank)])
         print(f"jobs.graph: {time.time() - t:.0f} s; stages {json.dumps(summary['timings_s'])}; driver peak "
               f"{summary['driver_peak_rss_mb']:.0f} MB, worker peak {summary['worker_peak_rss_mb']:.0f} MB", flush=True)
-    elif graph_job.load_sparse_u(root, 0.01) is None:  # a root from before the stage stored SHybrid's U
-        graph_job.write_sparse_u(root, 0.01)
+    elif load_sparse_u(root, 0.01) is None:  # a root from before the stage stored SHybrid's U
+        write_sparse_u(root, sparsify(np.asarray(load_u(root)), 0.01, as_csr=True), 0.01)
 
     _, ids = search_ivf(build_ivf(x, 0), xq, 1000, 16)  # initial rankings (not timed)
     sims = np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], xq).astype(np.float64)
@@ -68,7 +72,7 @@ def main() -> None:
         for run in ("first", "second"):  # the first run in a process also loads compiled kernels and pages
             base = reset_peak()
             t = time.time()
-            graph = graph_job.load_graph(root, sparse_keep=keep)
+            graph = load_graph(root, sparse_keep=keep)
             rerank(method, graph, ids, sims, own, 100, RerankParams(sparse_keep=keep))
             dt = time.time() - t
             print(f"task: {name:16s} {run:6s} {dt / len(ids) * 1000:7.1f} ms/query incl. loading the graph and merging "

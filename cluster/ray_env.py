@@ -1,14 +1,17 @@
-"""Connecting to Ray and sizing work to the cluster.
+"""Connecting to Ray on purpose, and sizing work to the cluster.
 
-``connect()`` reuses an initialised Ray (tests share one per session), joins the cluster named by
-``RAY_ADDRESS`` (or ``address``) when given — that is also what ``ray job submit`` sets — and
-otherwise starts an embedded local Ray sized to this machine.
+``connect()`` reuses an initialised Ray (tests share one per session); joins a cluster only when
+told to — ``ray.address`` in the config or ``RAY_ADDRESS`` (which ``ray job submit`` sets) — and
+otherwise starts its own embedded local Ray sized to this machine (``address="local"``: never
+the latest ``ray start`` cluster of the machine, never a dead one's leftover address file). It
+logs which. :func:`ray_failure` turns Ray dying under a job into one line for the command line.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -18,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RayConfig:
-    address: str | None = None          # None: RAY_ADDRESS, else an embedded local Ray
+    address: str | None = None          # a cluster to join (None: RAY_ADDRESS, else an embedded local Ray)
     num_cpus: int | None = None         # embedded Ray only
     object_store_mb: int | None = None  # embedded Ray only
     actor_cpus: float = 0.5             # fractional CPUs per extraction actor (2-core machines)
@@ -32,20 +35,39 @@ class RayConfig:
 
 
 def connect(cfg: RayConfig | None = None) -> dict:
-    """Initialise Ray if needed; returns the cluster's resources."""
+    """Initialise Ray if needed (see module doc); returns the cluster's resources."""
     cfg = cfg or RayConfig()
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
-        kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+        kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
         if address:
+            print(f"[ray] joining the Ray cluster at {address}", file=sys.stderr, flush=True)
             ray.init(address=address, **kwargs)
         else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # this process's own local instance only
             store = cfg.object_store_mb * 2**20 if cfg.object_store_mb else None
-            ray.init(num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False, **kwargs)
+            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False, **kwargs)
+            print(f"[ray] started an embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs); "
+                  "set RAY_ADDRESS to join a cluster", file=sys.stderr, flush=True)
     res = ray.cluster_resources()
     log.info("ray cluster: %s", {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")})
     return res
+
+
+def ray_failure(e: BaseException) -> str | None:
+    """One line when ``e`` is Ray (a node, worker, actor, object or the cluster itself) failing
+    under the job; None for anything else (a task's own exception keeps its traceback)."""
+    from ray import exceptions as rex
+
+    system = (rex.RaySystemError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ActorDiedError, rex.ObjectLostError,
+              rex.OwnerDiedError, rex.LocalRayletDiedError, rex.GetTimeoutError, ConnectionError)
+    if isinstance(e, rex.RayTaskError) and not isinstance(e.cause, system):
+        return None
+    cause = e.cause if isinstance(e, rex.RayTaskError) else e
+    if not isinstance(cause, system):
+        return None
+    first = next((ln for ln in str(cause).splitlines() if ln.strip()), "")
+    return f"the Ray cluster failed under the job ({type(cause).__name__}: {first[:300]})"
 
 
 @dataclass

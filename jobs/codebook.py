@@ -17,8 +17,8 @@ import numpy as np
 
 from jobs.summary import JobSummary
 from operators.codebook import effective_k, train_codebook
-from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
+from storage.codebook import codebook_meta, load_codebook, write_codebook
 from storage.schemas import local_arrays
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class CodebookConfig:
     niter: int = 10
     seed: int = 0
     source: str | None = None      # reuse the codebook of another artifact root
+    cpus: int | None = None        # CPUs of the k-means task (None: every CPU of the largest node)
 
 
 def sample_descriptors(root: ArtifactRoot, n: int, seed: int) -> np.ndarray:
@@ -50,27 +51,33 @@ def sample_descriptors(root: ArtifactRoot, n: int, seed: int) -> np.ndarray:
     return x[rng.permutation(len(x))[:n]]
 
 
+def task_cpus() -> int:
+    """The CPUs of the cluster's largest node (faiss k-means threads over all of them), at least 1."""
+    import ray
+
+    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
+
+
 def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary, gpus: float = 0) -> np.ndarray:
     """Train (or copy from ``cfg.source``) the codebook of ``root``."""
     import ray
 
-    meta_uri = root.path("codebook", "meta.json")
-    if sfs.exists(meta_uri, root.options) and sfs.read_json(meta_uri, root.options).get("config") == dataclasses.asdict(cfg):
+    meta = codebook_meta(root)
+    if meta is not None and meta.get("config") == dataclasses.asdict(cfg):
         summary.add(codebook_reused=1)
-        return root.load_array("codebook/centroids.npy", mmap=False)
+        return load_codebook(root)
     if cfg.source:
-        centroids = ArtifactRoot(cfg.source, root.options).load_array("codebook/centroids.npy", mmap=False)
+        centroids = load_codebook(ArtifactRoot(cfg.source, root.options))
         info = {"source": cfg.source}
     else:
         x = sample_descriptors(root, cfg.sample, cfg.seed)
         k = effective_k(len(x), cfg.k)
         if k < cfg.k:
             warnings.warn(f"codebook: {len(x)} sampled descriptors are too few for k={cfg.k}; using k={k}")
-        task = ray.remote(num_cpus=1, num_gpus=gpus)(train_codebook)
-        centroids = ray.get(task.remote(x, k, cfg.niter, cfg.seed))
-        info = {"sample": len(x), "k_requested": cfg.k}
-    root.write_array("codebook/centroids.npy", centroids)
-    sfs.write_json(meta_uri, {"k": len(centroids), "dim": centroids.shape[1], "config": dataclasses.asdict(cfg), **info},
-                   root.options)
+        cpus = cfg.cpus or task_cpus()
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(train_codebook)
+        centroids = ray.get(task.remote(x, k, cfg.niter, cfg.seed, threads=int(cpus)))
+        info = {"sample": len(x), "k_requested": cfg.k, "cpus": cpus}
+    write_codebook(root, centroids, dataclasses.asdict(cfg), **info)
     summary.add(codebook_k=len(centroids))
     return centroids

@@ -1,92 +1,209 @@
-"""One config object per job: dataclasses filled from a YAML file, then job flags, then ``--set``.
+"""One typed config object per job: dataclasses filled from a YAML file, then job flags, then ``--set``.
 
 ``python -m jobs.index --config my.yaml --collection C --out ROOT --set describe.local=how``
 Precedence: dataclass defaults < YAML < flags < ``--set key.sub=value`` (values parsed as YAML).
-Unknown keys are errors, so typos never pass silently.
+
+Values are validated by pydantic against the dataclasses' type hints before any work starts:
+types (``--set topk=abc`` is refused, ``asmk.params.binary=maybe`` too), ``Literal`` choices
+(``--method``, ``--rerank``, ``describe.local``…), nested sections (``--set ray=5`` is refused),
+required fields (a dataclass field without default) and unknown keys (typos never pass
+silently). Every such mistake is a :class:`storage.errors.ConfigError`: one line, exit 2.
+``--print-config`` prints the resolved config as YAML and exits.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from storage.errors import ConfigError, InputError
 
 T = TypeVar("T")
+Flag = tuple[str, str]  # (dotted config key, help)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, recursing into dataclass-typed fields."""
+def _dataclass_in(typ: Any) -> type | None:
+    """The dataclass inside ``typ`` (itself, or the member of ``X | None``), else None."""
+    if dataclasses.is_dataclass(typ):
+        return typ
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def check_keys(cls: type, data: dict, where: str = "") -> None:
+    """Unknown keys (at any depth of nested dataclass sections) are a :class:`ConfigError`."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; known: {sorted(names)}")
-    kwargs = {}
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; known under "
+                          f"{where.rstrip('.') or 'the top level'}: {names}")
     for key, value in data.items():
-        typ = hints[key]
-        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[SomeConfig]
-            typ = next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), typ)
-        if dataclasses.is_dataclass(typ) and isinstance(value, dict):
-            value = from_dict(typ, value, f"{where}{key}.")
-        kwargs[key] = value
-    return cls(**kwargs)
+        sub = _dataclass_in(hints[key])
+        if sub is not None and isinstance(value, dict):
+            check_keys(sub, value, f"{where}{key}.")
+
+
+def _explain(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        parts.append(f"{loc or 'config'}: {err['msg']}{got}")
+    more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Validate a nested dict into dataclass ``cls`` (types, choices, required fields, unknown keys)."""
+    check_keys(cls, data)
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
+def choices(cls: type, key: str) -> list[str] | None:
+    """The ``Literal`` choices of the (dotted) field ``key`` of ``cls``, if it has them."""
+    typ: Any = cls
+    for part in key.split("."):
+        typ = typing.get_type_hints(_dataclass_in(typ))[part]
+    args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) in (
+        typing.Union, types.UnionType) else [typ]
+    lit = [a for a in args if typing.get_origin(a) is Literal]
+    return [str(c) for c in typing.get_args(lit[0])] if lit else None
+
+
+def default_of(cls: type, key: str) -> Any:
+    """The default of the (dotted) field ``key`` (``dataclasses.MISSING`` when required)."""
+    obj: Any = cls
+    for part in key.split("."):
+        field = {f.name: f for f in dataclasses.fields(obj)}[part]
+        if field.default is not dataclasses.MISSING:
+            obj = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            obj = field.default_factory()
+        else:
+            return dataclasses.MISSING
+    return obj
+
+
+def flag_value(cls: type, key: str, raw: str) -> Any:
+    """A flag's text as its field wants it: kept as text for ``str`` fields, split on commas for
+    lists, else parsed as YAML (``10`` → 10, ``0.4`` → 0.4) and left to validation."""
+    typ: Any = cls
+    for part in key.split("."):
+        typ = typing.get_type_hints(_dataclass_in(typ))[part]
+    args = set(typing.get_args(typ)) - {type(None)} if typing.get_origin(typ) in (typing.Union, types.UnionType) else {typ}
+    if args == {str}:
+        return raw
+    if any(typing.get_origin(a) is list for a in args):
+        return [v for v in raw.split(",") if v]
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
-        data = data.setdefault(p, {})
+        nxt = data.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
+        data = nxt
     data[parts[-1]] = value
 
 
-def parse(cls: type[T], argv: list[str] | None, flags: dict[str, tuple[str, type, str]], description: str = "") -> T:
-    """Parse ``argv`` into ``cls``. ``flags`` maps ``--flag`` to (dotted config key, type, help)."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", help="YAML config file")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # argparse's own usage errors: one line, exit 2
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def parser(cls: type, flags: dict[str, Flag], description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """The job's argument parser: ``--config``, ``--set``, ``--print-config`` and its flags, each
+    flag's help showing its default and choices (read from ``cls``)."""
+    ap = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", metavar="FILE", help="YAML config file (any key of the job's config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any config key, e.g. --set describe.local=how (repeatable)")
-    for flag, (key, typ, help_) in flags.items():
-        ap.add_argument(flag, dest=key.replace(".", "__"), type=typ, default=None, help=help_)
+                    help="override any config key, e.g. --set describe.local=how (repeatable; values parsed as YAML)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for flag, (key, help_) in flags.items():
+        opts = choices(cls, key)
+        default = default_of(cls, key)
+        shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+        if opts:
+            shown += f"; one of {', '.join(opts)}"
+        ap.add_argument(flag, dest=key.replace(".", "__"), default=None, metavar=key.split(".")[-1].upper(),
+                        help=f"{help_} ({shown})")
+    return ap
+
+
+def parse(cls: type[T], argv: list[str] | None, flags: dict[str, Flag], description: str = "",
+          prog: str | None = None) -> T:
+    """Parse ``argv`` into a validated ``cls``; ``--print-config`` prints it and exits."""
+    ap = parser(cls, flags, description, prog)
     ns = ap.parse_args(argv)
     data: dict = {}
     if ns.config:
-        with open(ns.config) as f:
-            data = yaml.safe_load(f) or {}
-    for key, _, _ in flags.values():
+        try:
+            with open(ns.config) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {ns.config}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {ns.config}: a YAML mapping of config keys is expected")
+    for key, _ in flags.values():
         value = getattr(ns, key.replace(".", "__"))
         if value is not None:
-            _set_dotted(data, key, value)
+            set_dotted(data, key, flag_value(cls, key, value))
     for item in ns.set:
         if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        _set_dotted(data, key, yaml.safe_load(value))
-    try:
-        return from_dict(cls, data)
-    except (TypeError, ValueError) as e:
-        ap.error(str(e))
-        raise
+        try:
+            set_dotted(data, key, yaml.safe_load(value))
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML") from None
+    cfg = from_dict(cls, data)
+    if ns.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        raise SystemExit(0)
+    return cfg
 
 
-def run_cli(main: typing.Callable[[], Any]) -> None:
-    """Run a job's ``main`` from the command line: an error in the user's input (unreadable
-    collection, a root made under other settings, a missing artifact) prints one line and exits 2
-    instead of a traceback; anything else is a bug and keeps its traceback."""
-    import sys
-
-    from jobs.extract import ExtractionMismatch
-    from storage.artifacts import ArtifactError
-    from storage.collection import CollectionError
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a job's ``main`` from the command line. A mistake in the user's input
+    (:class:`storage.errors.InputError`, also when raised inside a Ray task) prints one line and
+    exits 2; the Ray cluster failing under the job prints one line and exits 1; anything else is a
+    bug and keeps its traceback."""
+    from cluster.ray_env import ray_failure
 
     try:
         main()
-    except (CollectionError, ExtractionMismatch, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except InputError as e:
+        cause = getattr(e, "cause", None)  # a RayTaskError is also an instance of its task's error
+        print(f"error: {input_message(cause if isinstance(cause, InputError) else e)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - Ray's own failures become one line; anything else is re-raised
+        failure = ray_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
+
+
+def input_message(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -18,17 +18,17 @@ import pandas as pd
 
 from jobs.config import parse, run_cli
 from jobs.report import ReportConfig, write_report
-from jobs.search import read_results
 from operators.metrics import evaluate, revisited_setups
-from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.collection import load_collection, read_revisited
+from storage.errors import GroundTruthError
+from storage.results import read_results, write_metrics
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvaluateConfig:
-    results: str = ""
-    ground_truth: str = ""
+    results: str                    # results folder written by jobs.search / jobs.rerank (required)
+    ground_truth: str               # manifest with a group column, or revisited gnd_*.pkl (required)
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     report: ReportConfig = field(default_factory=ReportConfig)  # RES/report.html (report.enabled=false: none)
     storage: dict = field(default_factory=dict)
@@ -55,7 +55,7 @@ def name_key(database_names: list[str], reference_names: list[str], query_names:
 def _id_by_name(database: pd.DataFrame, key) -> dict[str, int]:
     keys = database["name"].map(key)
     if keys.duplicated().any():
-        raise ValueError(f"image names are ambiguous once reduced to {key.__name__}: "
+        raise GroundTruthError(f"image names are ambiguous once reduced to {key.__name__}: "
                          f"{keys[keys.duplicated()].tolist()[:5]}")
     return dict(zip(keys, database["image_id"]))
 
@@ -88,7 +88,7 @@ def revisited_ground_truth(gnd: dict, database: pd.DataFrame, query_names: list[
     qpos = {n: i for i, n in enumerate(gnd["qimlist"])}
     missing = [q for q in query_names if stem(q) not in qpos]
     if missing:
-        raise ValueError(f"queries not in the ground truth's qimlist: {missing[:5]}")
+        raise GroundTruthError(f"queries not in the ground truth's qimlist: {missing[:5]}")
     rows = [qpos[stem(q)] for q in query_names]
     out = {}
     for setup, (pos, ign) in revisited_setups(gnd["gnd"]).items():
@@ -106,7 +106,7 @@ def run(cfg: EvaluateConfig) -> dict:
     else:
         gt = load_collection(cfg.ground_truth, "database", cfg.storage)
         if gt["group"].isna().all():
-            raise SystemExit(f"{cfg.ground_truth} has no 'group' column: it cannot serve as ground truth")
+            raise GroundTruthError(f"{cfg.ground_truth} has no 'group' column: it cannot serve as ground truth")
         setups = group_ground_truth(gt, database, names)
     metrics = {s: evaluate(rankings, pos, ign, tuple(cfg.ks)) for s, (pos, ign) in setups.items()}
     per_query = {s: [None if np.isnan(a) else a for a in m.pop("ap")] for s, m in metrics.items()}
@@ -114,7 +114,9 @@ def run(cfg: EvaluateConfig) -> dict:
         out = {**metrics["all"], "per_query_ap": dict(zip(names, per_query["all"]))}
     else:  # revisited: easy / medium / hard
         out = {**metrics, "per_query_ap": {s: dict(zip(names, v)) for s, v in per_query.items()}}
-    sfs.write_json(sfs.join(cfg.results, "metrics.json"), out, cfg.storage)
+    out["run"] = {k: run_info.get(k) for k in ("method", "rerank", "index", "timings_s")}
+    out["run"]["params"] = run_info.get("config", {}).get("rerank_params") if run_info.get("rerank") not in (None, "none") else None
+    write_metrics(cfg.results, out, cfg.storage)
     print_table(metrics, cfg.ks)
     if cfg.report.enabled:
         setup = "all" if "all" in setups else "medium"
@@ -133,13 +135,13 @@ def print_table(metrics: dict, ks: list[int]) -> None:
 
 
 FLAGS = {
-    "--results": ("results", str, "results folder written by jobs.search"),
-    "--ground-truth": ("ground_truth", str, "manifest with a group column, or revisited gnd_*.pkl"),
+    "--results": ("results", "results folder written by jobs.search"),
+    "--ground-truth": ("ground_truth", "manifest with a group column, or revisited gnd_*.pkl"),
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return run(parse(EvaluateConfig, argv, FLAGS, __doc__))
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    return run(parse(EvaluateConfig, argv, FLAGS, __doc__, prog))
 
 
 if __name__ == "__main__":

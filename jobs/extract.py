@@ -19,6 +19,7 @@ import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -31,24 +32,22 @@ from operators.images import center_box, crop, decode_image
 from operators.whitening import Whitening, learn_pca_whitening
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
-from storage.collection import CollectionError, load_collection
+from storage.collection import load_collection, read_image_bytes
+from storage.errors import CollectionError, SettingsMismatch
 from storage.schemas import feature_schema, feature_table
 from storage.shards import ShardSet
+from storage.summaries import write_failed_images
+from storage.whitening import read_whitening, write_whitening
 
 
 log = logging.getLogger(__name__)
 
 
-class ExtractionMismatch(ValueError):
-    """The root was made under other extraction settings (shards, stored whitening) or from a
-    collection holding images the new one lacks."""
-
-
-@dataclass
+@dataclass(kw_only=True)
 class ExtractConfig:
-    collection: str = ""
-    out: str = ""
-    role: str = "database"                 # revisited .pkl: database (imlist) or queries (qimlist)
+    collection: str                        # folder, manifest, s3:// prefix or revisited .pkl (required)
+    out: str                               # artifact root (required)
+    role: Literal["database", "queries"] = "database"  # revisited .pkl: imlist or qimlist (with boxes)
     id_offset: int = 0
     shard_size: int = 32                   # images per Parquet shard
     batch_size: int = 8                    # images read ahead and passed per describer call
@@ -74,7 +73,7 @@ def _node_id() -> str | None:
 # ------------------------------------------------------------------------------------------
 def load_image(file: str, box: tuple, center_crop: float | None, options: dict) -> tuple[np.ndarray, dict]:
     """Read, decode and crop one image; returns the image and its size/box record fields."""
-    img = decode_image(sfs.read_bytes(file, options))
+    img = decode_image(read_image_bytes(file, options))
     h, w = img.shape[:2]
     if all(np.isnan(box)) and center_crop:
         box = center_box(w, h, center_crop)
@@ -214,7 +213,7 @@ def check_settings(shards: ShardSet, cfg: dict, previous: dict | None = None) ->
         old, new = extraction_settings(previous), extraction_settings(cfg)
         changed = " (changed: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new)
                                             if old.get(k) != new.get(k)) + ")"
-    raise ExtractionMismatch(f"{shards.uri} holds {len(indices)} shard(s) extracted with other settings{changed}; "
+    raise SettingsMismatch(f"{shards.uri} holds {len(indices)} shard(s) extracted with other settings{changed}; "
                              "use a new --out (or the settings it was built with)")
 
 
@@ -312,13 +311,13 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
     in_fresh = fresh["file"].map(sfs.canonical)
     removed = known - set(in_fresh)
     if removed:
-        raise ExtractionMismatch(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
+        raise SettingsMismatch(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
                          f"(e.g. {sorted(removed)[:3]}); use a new --out")
     added = fresh[~in_fresh.isin(known)].copy()
     if added.empty:
         return recorded
     if "shard" not in recorded:
-        raise ExtractionMismatch(f"{root.uri} predates recorded shards and cannot grow; use a new --out")
+        raise SettingsMismatch(f"{root.uri} predates recorded shards and cannot grow; use a new --out")
     if not fresh.attrs.get("ids_given") or added["image_id"].isin(recorded["image_id"]).any():
         added["image_id"] = int(recorded["image_id"].max()) + 1 + np.arange(len(added), dtype=np.int64)
     added["shard"] = int(recorded["shard"].max()) + 1 + np.arange(len(added)) // max(1, shard_size)
@@ -329,43 +328,70 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
     return grown
 
 
-def extract(cfg: ExtractConfig, summary: JobSummary) -> ArtifactRoot:
+def recorded_settings(cfg: ExtractConfig) -> dict:
+    """What the ``extract`` stage records: the extraction config alone (no cluster or storage options)."""
+    names = [f.name for f in dataclasses.fields(ExtractConfig) if f.name not in ("ray", "storage")]
+    return {k: v for k, v in to_dict(cfg).items() if k in names}
+
+
+def failed_images(shards: ShardSet, images: pd.DataFrame) -> pd.DataFrame:
+    """image_id, file, error of every image whose extraction failed, over all committed shards
+    (only shards whose commit record counts errors are read, and only their small columns)."""
+    parts = [shards.read_shard(i, ["image_id", "status", "error"]).to_pandas()
+             for i, rec in shards.committed().items() if rec.get("errors")]
+    rows = pd.concat(parts) if parts else pd.DataFrame({"image_id": [], "status": [], "error": []})
+    rows = rows[rows["status"] == "error"]
+    return rows.merge(images[["image_id", "file"]], on="image_id", how="left")[["image_id", "file", "error"]]
+
+
+def count_collection(root: ArtifactRoot, images: pd.DataFrame, summary: JobSummary) -> None:
+    """Counts of the whole collection (this run's and earlier runs' shards) and the failed-images list."""
+    records = root.shards().committed()
+    failed = failed_images(root.shards(), images)
+    summary.counts.update(collection_images=len(images), collection_ok=sum(r.get("ok", 0) for r in records.values()),
+                          collection_failed=len(failed))
+    summary.info["failed_images_csv"] = write_failed_images(root.uri, failed, root.options)
+    summary.info["failed_images"] = failed.head(20).to_dict("records")
+
+
+def extract(cfg: ExtractConfig, summary: JobSummary, job: str = "extract") -> ArtifactRoot:
     """Extraction into ``cfg.out`` (with the local whitening it needs)."""
     root = ArtifactRoot(cfg.out, cfg.storage)
-    previous = root.meta().get("stages", {}).get("extract", {}).get("config")
+    previous = root.stage_settings("extract", required=False)
     check_settings(root.shards(), to_dict(cfg), previous)
     images = prepare_images(root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage, cfg.shard_size)
     summary.add(images=len(images))
     whitening = None
     if cfg.describe.local == "how" and cfg.local_whiten_dim:
-        whitening = root.whitening("local")
+        whitening = read_whitening(root, "local")
         if whitening is not None and whitening.dim != min(cfg.local_whiten_dim, len(whitening.mean)):
-            raise ExtractionMismatch(f"{root.uri} holds a {whitening.dim}-d local whitening, not "
+            raise SettingsMismatch(f"{root.uri} holds a {whitening.dim}-d local whitening, not "
                                      f"{cfg.local_whiten_dim}-d; use a new --out")
         if whitening is None:
             with summary.stage("learn local whitening"):
                 whitening = learn_local_whitening(cfg, images)
-                root.write_whitening("local", whitening)
+                write_whitening(root, "local", whitening)
     with summary.stage("extract"):
         run_extraction(cfg, images, root.shards(), whitening, summary)
-    root.record_stage("extract", to_dict(cfg), images=len(images))
+    count_collection(root, images, summary)
+    root.record_stage("extract", job, recorded_settings(cfg), images=len(images))
     return root
 
 
 FLAGS = {
-    "--collection": ("collection", str, "folder, CSV/Parquet manifest, s3:// prefix or revisited .pkl"),
-    "--out": ("out", str, "artifact root (local folder or s3:// prefix)"),
-    "--role": ("role", str, "revisited .pkl: database or queries"),
-    "--center-crop": ("center_crop", float, "crop images without a box to this central fraction"),
+    "--collection": ("collection", "folder, CSV/Parquet manifest, s3:// prefix or revisited .pkl"),
+    "--out": ("out", "artifact root (local folder or s3:// prefix)"),
+    "--role": ("role", "revisited .pkl: database images (imlist) or queries (qimlist with boxes)"),
+    "--center-crop": ("center_crop", "crop images without a box to this central fraction"),
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(ExtractConfig, argv, FLAGS, __doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    cfg = parse(ExtractConfig, argv, FLAGS, __doc__, prog)
     summary = JobSummary("extract")
     connect(cfg.ray)
     extract(cfg, summary)
-    return summary.finish(sfs.join(cfg.out, "summary-extract.json"), cfg.storage)
+    return summary.finish(cfg.out, cfg.storage)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Extraction resumes (committed shards are skipped); the cheap ``global`` stage is
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -27,17 +29,20 @@ from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
 from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
 from jobs.summary import JobSummary
 from operators.whitening import learn_pca_whitening
-from storage import fs as sfs
+from storage.errors import CollectionError
 from storage.artifacts import ArtifactRoot
+from storage.global_index import GlobalMeta, global_writer
 from storage.schemas import global_matrix
+from storage.whitening import remove_whitening, write_whitening
 
-STAGES = ("extract", "global", "codebook", "asmk", "graph", "spectral")
+Stage = Literal["extract", "global", "codebook", "asmk", "graph", "spectral"]
+STAGES = typing.get_args(Stage)
 LOCAL_STAGES = ("codebook", "asmk")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IndexConfig(ExtractConfig):
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[Stage] = field(default_factory=lambda: list(STAGES))
     global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
     global_whiten_images: int = 5000                  # images sampled (from random shards) to learn it
     global_whiten_source: str | None = None           # learn it on another root's shards (independent data)
@@ -54,20 +59,19 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
     records = shards.committed()
     n = sum(r["ok"] for r in records.values())
     if n == 0:
-        raise RuntimeError(f"{root.uri}: no successfully extracted images to index")
+        raise CollectionError(f"{root.uri}: no image of the collection could be described (see failed-images.csv)")
     dim = int(shards.read_shard(min(records), ["global"]).schema.field("global").type.list_size)
     whitening = None
     if cfg.global_whiten_dim:
         source = ArtifactRoot(cfg.global_whiten_source, cfg.storage) if cfg.global_whiten_source else root
         sample = sample_globals(source.shards(), cfg.global_whiten_images)
         whitening = learn_pca_whitening(sample, cfg.global_whiten_dim, cfg.global_whiten_shrinkage)
-        root.write_whitening("global", whitening)
+        write_whitening(root, "global", whitening)
         summary.add(global_whitening_sample=len(sample))
         dim = whitening.dim
     else:  # queries are whitened when this file exists: none may outlive a raw rebuild
-        sfs.remove(root.path("whitening", "global.npz"), root.options)
-    vectors, commit_v = root.open_array_writer("global/vectors.npy", (n, dim), np.float32)
-    ids = np.empty(n, np.int64)
+        remove_whitening(root, "global")
+    vectors, ids, commit = global_writer(root, n, dim)
     at = 0
     for table in shards.iter_tables(["image_id", "status", "global"]):
         table = _ok(table)
@@ -75,9 +79,7 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
         vectors[at:at + len(x)] = whitening(x) if whitening else x
         ids[at:at + len(x)] = table.column("image_id").to_numpy()
         at += len(x)
-    commit_v()
-    root.write_array("global/ids.npy", ids)
-    sfs.write_json(root.path("global", "meta.json"), {"count": n, "dim": dim, "whitened": bool(whitening)}, root.options)
+    commit(GlobalMeta(count=n, dim=dim, whitened=bool(whitening)))
     summary.add(global_vectors=n)
 
 
@@ -101,37 +103,35 @@ def _ok(table):
     return table.filter(pc.equal(table.column("status"), "ok"))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     cfg = parse(IndexConfig, argv, EXTRACT_FLAGS | {
-        "--global-whiten-dim": ("global_whiten_dim", int, "PCA-whiten global descriptors to this dimension")},
-        __doc__)
-    unknown = set(cfg.stages) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; known: {STAGES}")
+        "--global-whiten-dim": ("global_whiten_dim", "PCA-whiten global descriptors to this dimension")},
+        __doc__, prog)
     summary = JobSummary("index")
     res = connect(cfg.ray)
     root = ArtifactRoot(cfg.out, cfg.storage)
     if "extract" in cfg.stages:
-        extract(cfg, summary)
+        extract(cfg, summary, job="index")
     if "global" in cfg.stages:
         with summary.stage("global"):
             build_global(cfg, root, summary)
-        root.record_stage("global", to_dict(cfg))
+        root.record_stage("global", "index", {k: v for k, v in to_dict(cfg).items() if k.startswith("global_whiten")})
     stages = [st for st in LOCAL_STAGES if st in cfg.stages and cfg.describe.local != "none"]
     if "codebook" in stages:
         with summary.stage("codebook"):
             build_codebook(cfg.codebook, root, summary, gpus=1 if res.get("GPU") else 0)
-        root.record_stage("codebook", to_dict(cfg))
+        root.record_stage("codebook", "index", to_dict(cfg.codebook))
     if "asmk" in stages:
         with summary.stage("asmk"):
             build_asmk(cfg.asmk, root, summary)
-        root.record_stage("asmk", to_dict(cfg))
+        root.record_stage("asmk", "index", to_dict(cfg.asmk))
     graph_stages = [st for st in ("graph", "spectral") if st in cfg.stages]
     if graph_stages and not (cfg.graph.source == "asmk" and cfg.describe.local == "none"):
-        run_graph_stages(GraphJobConfig(cfg.out, graph_stages, cfg.graph, cfg.spectral, cfg.ray, cfg.storage),
-                         root, summary)
+        run_graph_stages(GraphJobConfig(index=cfg.out, stages=graph_stages, graph=cfg.graph, spectral=cfg.spectral,
+                                        ray=cfg.ray, storage=cfg.storage),
+                         root, summary, job="index")
     summary.info["index"] = cfg.out
-    return summary.finish(root.path("summary-index.json"), cfg.storage)
+    return summary.finish(root.uri, cfg.storage)
 
 
 if __name__ == "__main__":

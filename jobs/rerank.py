@@ -16,28 +16,29 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from cluster.ray_env import RayConfig, connect
-from jobs.config import parse, run_cli, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.rerank import RerankParams, rerank
-from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
-from storage.shards import ShardSet
+from storage.errors import ArtifactError
+from storage.global_index import global_ids
+from storage.graph import graph_problem, load_graph, load_knn
+from storage.results import result_parts, write_run
+from storage.schemas import RESULTS_SCHEMA
 
 
-OFFLINE = ("dfs", "fsr", "hybrid")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class RerankJobConfig:
-    index: str = ""
-    out: str = ""
-    method: str = "dfs"             # dfs | fsr | hybrid
+    index: str                      # artifact root with a kNN graph (required)
+    out: str                        # results folder (required)
+    method: Literal["dfs", "fsr", "hybrid"] = "dfs"
     top: int = 100                  # L: list length per item
-    seed: str = "self"              # self: y = e_i (K e_i, spec §8) | knn: y from the item's k_q neighbours
+    seed: Literal["self", "knn"] = "self"              # self: y = e_i (K e_i, spec §8) | knn: y from the item's k_q neighbours
     items_per_task: int = 1024
     params: RerankParams = field(default_factory=lambda: RerankParams(block=32))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -48,16 +49,14 @@ def rerank_items_task(uri: str, options: dict, out: str, part: int, start: int, 
     """Diffusion lists of items ``start:stop``, committed as part ``part`` of ``out``."""
     import pyarrow as pa
 
-    from jobs.graph import load_graph
-    from storage.schemas import RESULTS_SCHEMA
-
-    c = RerankJobConfig(**{**cfg, "params": RerankParams(**cfg["params"]), "ray": RayConfig()})
+    c = from_dict(RerankJobConfig, {**cfg, "ray": {}})
     root = ArtifactRoot(uri, options)
     graph = load_graph(root, spectral=c.method in ("fsr", "hybrid"), sparse_keep=c.params.sparse_keep)
-    node_ids = np.asarray(root.load_array("global/ids.npy"))
+    node_ids = np.asarray(global_ids(root))
     items = np.arange(start, stop)
-    knn_i = np.asarray(root.load_array("graph/knn_ids.npy")[start:stop])
-    knn_s = np.asarray(root.load_array("graph/knn_sims.npy")[start:stop], np.float64)
+    knn_ids, knn_sims = load_knn(root)
+    knn_i = np.asarray(knn_ids[start:stop])
+    knn_s = np.asarray(knn_sims[start:stop], np.float64)
     rows = np.concatenate([items[:, None], knn_i], axis=1)   # the item first: its own seed, weight 1
     sims = np.concatenate([np.ones((len(items), 1)), knn_s], axis=1)
     kq = 1 if c.seed == "self" else c.params.kq + 1
@@ -70,30 +69,26 @@ def rerank_items_task(uri: str, options: dict, out: str, part: int, start: int, 
                       "query_name": pa.array(names.loc[node_ids[items]].astype(str).to_numpy(), pa.string()),
                       "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
                      schema=RESULTS_SCHEMA)
-    return ShardSet(out, options).write(part, table, {"items": [int(start), int(stop)], "method": c.method})
+    return result_parts(out, options).write(part, table, {"items": [int(start), int(stop)], "method": c.method})
 
 
 def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
     import ray
     from tqdm import tqdm
 
-    from jobs.graph import graph_problem
-
-    if cfg.method not in OFFLINE:
-        raise SystemExit(f"unknown method {cfg.method!r}; available: {OFFLINE}")
     root = ArtifactRoot(cfg.index, cfg.storage)
     problem = graph_problem(root, spectral=cfg.method in ("fsr", "hybrid"))
     if problem:
-        raise SystemExit(problem)
-    n = len(root.load_array("global/ids.npy"))
-    parts = ShardSet(sfs.join(cfg.out, "parts"), cfg.storage)
+        raise ArtifactError(problem)
+    n = len(global_ids(root))
+    parts = result_parts(cfg.out, cfg.storage)
     blocks = list(enumerate(range(0, n, cfg.items_per_task)))
     done = parts.committed()
     pending = [(i, s) for i, s in blocks if done.get(i, {}).get("method") != cfg.method]
     summary.add(items=n, parts_total=len(blocks), parts_skipped=len(blocks) - len(pending))
     task = ray.remote(num_cpus=1)(rerank_items_task)
     conf = to_dict(cfg)
-    futures = [task.remote(root.uri, root.options, parts.uri, i, s, min(n, s + cfg.items_per_task), conf)
+    futures = [task.remote(root.uri, root.options, cfg.out, i, s, min(n, s + cfg.items_per_task), conf)
                for i, s in pending]
     with tqdm(total=len(futures), desc=f"offline {cfg.method}", unit="part") as bar:
         while futures:
@@ -101,25 +96,26 @@ def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
             for rec in ray.get(ready):
                 summary.add(rows_written=rec["rows"])
             bar.update(len(ready))
-    sfs.write_json(sfs.join(cfg.out, "run.json"), {"config": to_dict(cfg), "queries": n}, cfg.storage)
+    write_run(cfg.out, {"config": to_dict(cfg), "method": cfg.method, "rerank": "offline", "index": cfg.index,
+                        "queries": n}, cfg.storage)
 
 
 FLAGS = {
-    "--index": ("index", str, "artifact root with a kNN graph (jobs.graph)"),
-    "--out": ("out", str, "results folder or s3:// prefix"),
-    "--method": ("method", str, f"diffusion: {', '.join(OFFLINE)}"),
-    "--top": ("top", int, "list length per database item"),
+    "--index": ("index", "artifact root with a kNN graph (jobs.graph)"),
+    "--out": ("out", "results folder or s3:// prefix"),
+    "--method": ("method", "diffusion"),
+    "--top": ("top", "list length per database item"),
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(RerankJobConfig, argv, FLAGS, __doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    cfg = parse(RerankJobConfig, argv, FLAGS, __doc__, prog)
     summary = JobSummary("rerank")
     connect(cfg.ray)
     with summary.stage(f"offline {cfg.method}"):
         run(cfg, summary)
-    summary.info["results"] = sfs.join(cfg.out, "parts")
-    return summary.finish(sfs.join(cfg.out, "summary-rerank.json"), cfg.storage)
+    summary.info["results"] = result_parts(cfg.out, cfg.storage).uri
+    return summary.finish(cfg.out, cfg.storage)
 
 
 if __name__ == "__main__":

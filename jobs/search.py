@@ -26,19 +26,19 @@ Output ``RES/results.parquet`` (``storage.schemas.RESULTS_SCHEMA``), ``RES/run.j
 from __future__ import annotations
 
 import dataclasses
-import io
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cluster.ray_env import RayConfig, connect
-from jobs.asmk import AsmkConfig, codebook_hash, search_task as asmk_search_task
+from jobs.asmk import AsmkConfig, search_task as asmk_search_task
 from jobs.config import from_dict, parse, run_cli, to_dict
-from jobs.extract import ExtractConfig, check_settings, prepare_images, run_extraction
+from jobs.extract import ExtractConfig, check_settings, prepare_images, recorded_settings, run_extraction
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, aggregate
 from operators.codebook import Quantizer
@@ -48,22 +48,32 @@ from operators.global_index import iter_blocks
 from operators.knn import knn_blocks
 from operators.qe import expand
 from operators.rerank import DIFFUSION, METHODS as RERANK_METHODS, RerankParams, rerank
+from operators.graph import index_of
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
+from storage.codebook import codebook_hash, load_codebook
+from storage.global_index import GlobalLookup, global_ids, open_global
+from storage.graph import graph_problem, load_graph
+from storage.results import write_results as store_results
+from storage.whitening import read_whitening
+from storage.errors import ArtifactError, ConfigError, SettingsMismatch
 from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 
-METHODS = ("global", "asmk", "fused")
+Method = Literal["global", "asmk", "fused"]
+Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid"]
+METHODS = typing.get_args(Method)
+assert typing.get_args(Rerank) == RERANK_METHODS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SearchConfig:
-    index: str = ""
-    queries: str = ""
-    out: str = ""
-    method: str = "global"
+    index: str                            # artifact root written by jobs.index (required)
+    queries: str                          # query collection (required)
+    out: str                              # results folder (required)
+    method: Method = "global"
     topk: int = 100
     distractors: list[str] = field(default_factory=list)  # more index roots searched with ``index``
-    role: str = "queries"                 # revisited .pkl: queries (qimlist + bbx) or database
+    role: Literal["queries", "database"] = "queries"  # revisited .pkl: queries (qimlist + bbx) or database
     center_crop: float | None = None      # crop queries without a box to this central fraction
     exclude_self: bool = True
     reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
@@ -72,7 +82,7 @@ class SearchConfig:
     asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
     fusion_beta: float = 0.5              # fused: weight of the global term (measured, operators/fusion.py)
     fusion_shortlist: int = 1000          # fused: shortlist of each method
-    rerank: str = "none"                  # none | aqe | alpha-qe | dfs | truncated-dfs | fsr | hybrid
+    rerank: Rerank = "none"
     rerank_params: RerankParams = field(default_factory=RerankParams)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
@@ -87,7 +97,8 @@ def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: n
     def blocks():
         for uri, options in roots:
             root = ArtifactRoot(uri, options)
-            yield from iter_blocks(root.load_array("global/ids.npy"), root.load_array("global/vectors.npy"), db_block)
+            g = open_global(root)
+            yield from iter_blocks(g.ids, g.vectors, db_block)
     return knn_blocks(xq, blocks(), k, exclude)
 
 
@@ -97,24 +108,23 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary)
     A query that is an uncropped database image is not described again: its database features are
     reused (``reuse`` column). Rerunning into a folder made with other query settings is refused.
     """
-    built = from_dict(ExtractConfig, {k: v for k, v in root.stage_config("extract").items()
-                                      if k in ExtractConfig.__dataclass_fields__})
+    built = from_dict(ExtractConfig, root.stage_settings("extract"))
     qcfg = ExtractConfig(collection=cfg.queries, out=sfs.join(cfg.out, "queries"), role=cfg.role,
                          shard_size=built.shard_size, batch_size=built.batch_size, center_crop=cfg.center_crop,
                          local_whiten_dim=built.local_whiten_dim,
                          describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
     qroot = ArtifactRoot(qcfg.out, cfg.storage)
-    previous = qroot.meta().get("stages", {}).get("extract", {}).get("config")
+    previous = qroot.stage_settings("extract", required=False)
     check_settings(qroot.shards(), to_dict(qcfg), previous)
     queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size)
     queries["own"] = self_ids(queries, root.images())
     uncropped = queries[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
-    described = np.isin(queries["own"].to_numpy(), root.load_array("global/ids.npy"))  # own image described ok
+    described = np.isin(queries["own"].to_numpy(), global_ids(root))  # own image described ok
     queries["reuse"] = described & uncropped & cfg.reuse_database_features
     summary.add(queries_reusing_database_features=int(queries["reuse"].sum()))
     with summary.stage("extract queries"):
-        run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), root.whitening("local"), summary)
-    qroot.record_stage("extract", to_dict(qcfg), images=len(queries))
+        run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), read_whitening(root, "local"), summary)
+    qroot.record_stage("extract", "search", recorded_settings(qcfg), images=len(queries))
     return queries, qroot
 
 
@@ -134,7 +144,7 @@ def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame
         t = qroot.shards().read_all(["image_id", "status", "global"])
         ok = np.array([s == "ok" for s in t.column("status").to_pylist()], bool)
         x = global_matrix(t)[ok]
-        white = root.whitening("global")
+        white = read_whitening(root, "global")
         parts.append((t.column("image_id").to_numpy()[ok], white(x) if white is not None else x))
     reuse = queries[queries["reuse"]]
     if len(reuse):
@@ -192,10 +202,10 @@ def query_locals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame)
 
 
 def asmk_params(cfg: SearchConfig, root: ArtifactRoot) -> tuple[AsmkParams, int]:
-    built = root.stage_config("asmk")["asmk"]
+    built = root.stage_settings("asmk")
     chosen = cfg.asmk or from_dict(AsmkConfig, {**built, "params": AsmkParams(**built["params"])})
     if chosen.params.binary != built["params"]["binary"]:
-        raise SystemExit("asmk.params.binary must match the index (it decides what the inverted file stores)")
+        raise ConfigError("asmk.params.binary must match the index (it decides what the inverted file stores)")
     return chosen.params, chosen.buffer_mb
 
 
@@ -205,10 +215,10 @@ def run_asmk(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: i
 
     parts = partitions(cfg)
     root = parts[0]
-    centroids = root.load_array("codebook/centroids.npy", mmap=False)
+    centroids = load_codebook(root)
     for other in parts[1:]:
-        if codebook_hash(other.load_array("codebook/centroids.npy", mmap=False)) != codebook_hash(centroids):
-            raise SystemExit(f"{other.uri} was built with another codebook; it cannot be searched with {root.uri}")
+        if codebook_hash(load_codebook(other)) != codebook_hash(centroids):
+            raise SettingsMismatch(f"{other.uri} was built with another codebook; it cannot be searched with {root.uri}")
     params, buffer_mb = asmk_params(cfg, root)
     desc, qimg = query_locals(root, qroot, queries)
     agg = aggregate(desc, qimg, Quantizer(centroids)(desc, params.query_ma), centroids, params.binary)
@@ -246,30 +256,6 @@ def run_fused(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot) -> 
     return out
 
 
-class GlobalLookup:
-    """Global descriptors by database id across partitions (memory-mapped rows)."""
-
-    def __init__(self, roots: list[ArtifactRoot]):
-        self.parts = []
-        for r in roots:
-            ids, vec = r.load_array("global/ids.npy"), r.load_array("global/vectors.npy")
-            order = np.argsort(ids)
-            self.parts.append((np.asarray(ids)[order], order, vec))
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of ``ids``; an id in no partition (not indexed, or its image failed) is a KeyError."""
-        out = np.zeros((len(ids), self.parts[0][2].shape[1]), np.float32)
-        found = np.zeros(len(ids), bool)
-        for sorted_ids, order, vec in self.parts:
-            pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-            hit = sorted_ids[pos] == ids
-            out[hit] = np.asarray(vec[order[pos[hit]]])
-            found |= hit
-        if not found.all():
-            raise KeyError(f"{int((~found).sum())} id(s) have no global descriptor, e.g. {ids[~found][:5].tolist()}")
-        return out
-
-
 def initial_depth(cfg: SearchConfig) -> int:
     """How deep the initial ranking must go for the chosen re-ranking."""
     p = cfg.rerank_params
@@ -300,8 +286,6 @@ def run_query_expansion(cfg: SearchConfig, queries: pd.DataFrame, qroot: Artifac
 def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
                 topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """Diffusion re-ranking of one block of queries on the index's graph (a Ray task)."""
-    from jobs.graph import load_graph
-
     p = RerankParams(**params)
     graph = load_graph(ArtifactRoot(uri, options), spectral=method in ("fsr", "hybrid"), sparse_keep=p.sparse_keep)
     return rerank(method, graph, rows, sims, own, topk, p)
@@ -310,16 +294,15 @@ def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np
 def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tuple]) -> dict[int, tuple]:
     """Diffusion re-ranking of every query's initial ranking (node rows of the index's graph)."""
     import ray
-    from jobs.graph import graph_problem, rows_of
 
     if cfg.distractors:
-        raise SystemExit("diffusion re-ranking needs one graph over the whole database; build the index over the "
+        raise ConfigError("diffusion re-ranking needs one graph over the whole database; build the index over the "
                          "collection and its distractors together instead of --distractors")
     root = partitions(cfg)[0]
     problem = graph_problem(root, spectral=cfg.rerank in ("fsr", "hybrid"))
     if problem:
-        raise SystemExit(f"--rerank {cfg.rerank}: {problem}")
-    node_ids = np.asarray(root.load_array("global/ids.npy"))
+        raise ArtifactError(f"--rerank {cfg.rerank}: {problem}")
+    node_ids = np.asarray(global_ids(root))
     qids = [int(q) for q in queries.sort_values("image_id")["image_id"] if int(q) in ranked]
     depth = initial_depth(cfg)
     ids = np.full((len(qids), depth), -1, np.int64)
@@ -329,7 +312,7 @@ def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tu
         ids[j, :len(i)], sims[j, :len(sc)] = i, sc
     own_id = dict(zip(queries["image_id"].astype(int), queries["own"].astype(int)))
     own_ids = np.array([own_id[q] if cfg.exclude_self else -1 for q in qids], np.int64)
-    rows, own = rows_of(node_ids, ids), rows_of(node_ids, own_ids)  # one id → row lookup for all queries
+    rows, own = index_of(node_ids, ids, -1), index_of(node_ids, own_ids, -1)  # one id → row lookup for all queries
     task = ray.remote(num_cpus=1)(rerank_task)
     block = 4 * cfg.rerank_params.block
     params = dataclasses.asdict(cfg.rerank_params)
@@ -358,43 +341,27 @@ def results_table(queries: pd.DataFrame, ranked: dict[int, tuple[np.ndarray, np.
                     schema=RESULTS_SCHEMA)
 
 
-def write_results(cfg: SearchConfig, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    sfs.write_bytes(sfs.join(cfg.out, "results.parquet"), buf.getvalue(), cfg.storage)
-    sfs.write_json(sfs.join(cfg.out, "run.json"), {"config": to_dict(cfg), "queries": table.num_rows}, cfg.storage)
-
-
-def read_results(res: str, options: dict | None = None) -> tuple[pa.Table, dict]:
-    """``RES/results.parquet`` (jobs.search), or the committed ``RES/parts`` (jobs.rerank)."""
-    from storage.shards import ShardSet
-
-    info = sfs.read_json(sfs.join(res, "run.json"), options)
-    single = sfs.join(res, "results.parquet")
-    if sfs.exists(single, options):
-        return pq.read_table(io.BytesIO(sfs.read_bytes(single, options))), info
-    return ShardSet(sfs.join(res, "parts"), options or {}).read_all(), info
+def write_results(cfg: SearchConfig, table: pa.Table, timings: dict | None = None) -> str:
+    """Results with what made them: method, re-ranking and its parameters, index, timings."""
+    run = {"config": to_dict(cfg), "method": cfg.method, "rerank": cfg.rerank, "index": cfg.index,
+           "queries": table.num_rows, "timings_s": timings or {}}
+    return store_results(cfg.out, table, run, cfg.storage)
 
 
 FLAGS = {
-    "--index": ("index", str, "artifact root written by jobs.index"),
-    "--queries": ("queries", str, "query collection: folder, manifest (with x0,y0,x1,y1 boxes) or revisited .pkl"),
-    "--out": ("out", str, "results folder or s3:// prefix"),
-    "--method": ("method", str, f"ranking method: {', '.join(METHODS)}"),
-    "--topk": ("topk", int, "results kept per query"),
-    "--center-crop": ("center_crop", float, "crop queries without a box to this central fraction (e.g. 0.4)"),
-    "--rerank": ("rerank", str, f"re-ranking: {', '.join(RERANK_METHODS)}"),
-    "--distractors": ("distractors", lambda v: [u for u in v.split(",") if u],
-                      "comma-separated index roots searched together with --index (same codebook)"),
+    "--index": ("index", "artifact root written by jobs.index"),
+    "--queries": ("queries", "query collection: folder, manifest (with x0,y0,x1,y1 boxes) or revisited .pkl"),
+    "--out": ("out", "results folder or s3:// prefix"),
+    "--method": ("method", "ranking method"),
+    "--topk": ("topk", "results kept per query"),
+    "--center-crop": ("center_crop", "crop queries without a box to this central fraction (e.g. 0.4)"),
+    "--rerank": ("rerank", "re-ranking of the initial ranking"),
+    "--distractors": ("distractors", "comma-separated index roots searched together with --index (same codebook)"),
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(SearchConfig, argv, FLAGS, __doc__)
-    if cfg.method not in METHODS:
-        raise SystemExit(f"unknown method {cfg.method!r}; available: {METHODS}")
-    if cfg.rerank not in RERANK_METHODS:
-        raise SystemExit(f"unknown re-ranking {cfg.rerank!r}; available: {RERANK_METHODS}")
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    cfg = parse(SearchConfig, argv, FLAGS, __doc__, prog)
     summary = JobSummary("search")
     connect(cfg.ray)
     root = ArtifactRoot(cfg.index, cfg.storage)
@@ -417,9 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         ranked = {q: (np.asarray(i)[:cfg.topk], np.asarray(s)[:cfg.topk]) for q, (i, s) in ranked.items()}
     table = results_table(queries, ranked)
     summary.add(queries=len(queries), queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
-    write_results(cfg, table)
-    summary.info["results"] = sfs.join(cfg.out, "results.parquet")
-    return summary.finish(sfs.join(cfg.out, "summary-search.json"), cfg.storage)
+    summary.info["results"] = write_results(cfg, table, dict(summary.timings))
+    return summary.finish(cfg.out, cfg.storage)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from storage import fs as sfs
+from storage.summaries import write_summary
 
 
 def peak_rss_mb() -> float:
@@ -62,9 +63,10 @@ class JobSummary:
                 "total_s": round(time.time() - self.started, 3), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
                 "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1), **self.info}
 
-    def finish(self, uri: str | None = None, options: sfs.StorageOptions | None = None) -> dict:
+    def finish(self, folder: str | None = None, options: sfs.StorageOptions | None = None) -> dict:
+        """Print the summary and store it as ``folder/summary-<job>.json`` (:mod:`storage.summaries`)."""
         d = self.as_dict()
-        if uri:
-            sfs.write_json(uri, d, options)
+        if folder:
+            write_summary(folder, self.job, d, options)
         print(json.dumps(d, indent=2, default=str))
         return d

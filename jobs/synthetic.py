@@ -7,12 +7,14 @@ share local structure the way photos of one landmark do.
 """
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pandas as pd
+
+from jobs.config import parse, run_cli
 
 
 def scene(rng: np.random.Generator, size: int = 640) -> np.ndarray:
@@ -55,14 +57,24 @@ def generate(out: str, groups: int = 8, per_group: int = 5, seed: int = 0) -> st
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--groups", type=int, default=8)
-    ap.add_argument("--per-group", type=int, default=5)
-    a = ap.parse_args(argv)
-    print(generate(a.out, a.groups, a.per_group))
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    out: str                 # folder to write (required)
+    groups: int = 8          # objects
+    per_group: int = 5       # views of each object
+    seed: int = 0
+
+
+FLAGS = {"--out": ("out", "folder to write"), "--groups": ("groups", "objects"),
+         "--per-group": ("per_group", "views of each object"), "--seed": ("seed", "random seed")}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> str:
+    cfg = parse(SyntheticConfig, argv, FLAGS, __doc__, prog)
+    path = generate(cfg.out, cfg.groups, cfg.per_group, cfg.seed)
+    print(path)
+    return path
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

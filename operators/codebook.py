@@ -23,9 +23,13 @@ def effective_k(n_samples: int, k: int, min_points_per_centroid: int = 39) -> in
     return max(2, min(k, reduced))
 
 
-def train_codebook(x: np.ndarray, k: int, niter: int = 10, seed: int = 1234, gpu: bool | None = None) -> np.ndarray:
-    """k-means centroids (k, d) float32 of samples ``x`` (L2 k-means, like the reference asmk)."""
+def train_codebook(x: np.ndarray, k: int, niter: int = 10, seed: int = 1234, gpu: bool | None = None,
+                   threads: int | None = None) -> np.ndarray:
+    """k-means centroids (k, d) float32 of samples ``x`` (L2 k-means, like the reference asmk);
+    ``threads``: faiss's OpenMP threads (a Ray worker starts with as many as its task's CPUs)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if threads:
+        faiss.omp_set_num_threads(threads)
     use_gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=False)
     t0 = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,20 +32,20 @@ GEM_SCALES = [1.0, 1 / math.sqrt(2), 0.5]
 
 @dataclass
 class DescriptorConfig:
-    backbone: str = "efficientnet-lite0"
+    backbone: Literal["efficientnet-lite0", "resnet50", "resnet101"] = "efficientnet-lite0"
     checkpoint: str | None = None          # local weights file (required for resnet50/101)
     global_layer: str = "head"             # map pooled by GeM
     global_scales: list[float] = field(default_factory=lambda: list(GEM_SCALES))
     gem_p: float = 3.0
     global_max_side: int = 1024            # image max side the global scales are relative to
     max_side: int = 1024                   # image max side the local scales are relative to
-    local: str = "rootsift"                # rootsift | how | none
+    local: Literal["rootsift", "how", "none"] = "rootsift"
     local_layer: str = "head"              # how: map giving local descriptors (head: stride 32; block10: stride 16)
     local_scales: list[float] = field(default_factory=lambda: list(HOW_SCALES))
     local_n: int = 1000                    # how: strongest features kept across scales
     local_smoothing: int = 3
     sift_n: int = 2000                     # rootsift: features per image
-    device: str = "auto"                   # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     forward_batch: int = 0                 # max same-shape images per forward; 0: 16 on GPU, 1 on CPU
                                            # (measured on 2 CPU cores: batching is 0.78x, README)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -42,7 +43,7 @@ class RerankParams:
     qe_alpha: float = 3.0      # αQE exponent (α = 0: AQE) (T:3506-3515)
     qe_n: int = 50             # αQE: results averaged
     block: int = 64            # queries per multi-right-hand-side solve
-    dtype: str = "float32"     # solver precision: float32 halves memory traffic; float64 for exactness tests
+    dtype: Literal["float32", "float64"] = "float32"  # solver precision: float32 halves memory traffic; float64 for exactness tests
     sparse_keep: float = 1.0   # fsr / hybrid: keep this fraction of U's entries (SHybrid: 0.01, T:20425-20431)
     fsrw: bool = False         # fsr: FSRw, x_i + (1 − η_i) s(q, x_i) over the initial ranking (T:19561-19580)
 

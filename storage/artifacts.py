@@ -1,14 +1,18 @@
-"""The artifact layout under one root URI (local folder or ``s3://`` prefix).
+"""One artifact root (local folder or ``s3://`` prefix): its record and the primitives artifacts use.
 
-    ROOT/index.json            schema version, the config of every stage run, stage records
-    ROOT/images.parquet        the collection table with its stable image ids (written once)
-    ROOT/features/             feature shards + commit records (storage.shards.ShardSet)
-    ROOT/whitening/{local,global}.npz   PCA-whitening learned on a sample
-    ROOT/global/vectors.npy, ids.npy    global descriptors (float32, row i ↔ ids[i]), memory-mapped at query time
-    ROOT/global/meta.json
+    ROOT/index.json            schema version and one record per stage run (:meth:`ArtifactRoot.record_stage`)
+    ROOT/images.parquet        the collection table with its stable image ids and shards
+    ROOT/features/             feature shards + commit records (:mod:`storage.shards`)
 
-Every artifact carries the schema version and the config that made it. Later stages (codebook,
-ASMK inverted files, kNN graphs, spectral embeddings) add their own folders next to these.
+Each other artifact has its own module, which alone knows its files and format:
+:mod:`storage.whitening`, :mod:`storage.global_index`, :mod:`storage.codebook`,
+:mod:`storage.inverted_file`, :mod:`storage.graph`, :mod:`storage.spectral`,
+:mod:`storage.results`, :mod:`storage.summaries`. Jobs and Ray tasks call those modules; the array
+and JSON primitives below are for them.
+
+Every stage record has one shape: ``{"job": …, "settings": {…}, "done_at": …}`` plus counts, where
+``settings`` are the settings of that stage alone (the extraction config for ``extract``, the
+``codebook`` section for ``codebook``…). A root written by another schema version is refused on open.
 """
 from __future__ import annotations
 
@@ -21,14 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from operators.whitening import Whitening
 from storage import fs as sfs
+from storage.errors import ArtifactError
 from storage.schemas import SCHEMA_VERSION
 from storage.shards import ShardSet
 
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing or was made by an incompatible schema version."""
+__all__ = ["ArtifactError", "ArtifactRoot"]
 
 
 @dataclass
@@ -44,21 +46,36 @@ class ArtifactRoot:
         uri = self.path("index.json")
         if not sfs.exists(uri, self.options):
             return {"schema_version": SCHEMA_VERSION, "stages": {}}
-        meta = sfs.read_json(uri, self.options)
+        try:
+            meta = sfs.read_json(uri, self.options)
+        except ValueError as e:
+            raise ArtifactError(f"{uri} is not a readable index record ({e}); rebuild the root") from None
         if meta.get("schema_version") != SCHEMA_VERSION:
-            raise ArtifactError(f"{self.uri}: schema version {meta.get('schema_version')} != {SCHEMA_VERSION}; rebuild it")
+            raise ArtifactError(f"{self.uri} was made by schema version {meta.get('schema_version')}, this code reads "
+                                f"{SCHEMA_VERSION}: rebuild it into a new --out")
         return meta
 
-    def record_stage(self, stage: str, config: dict, **info) -> None:
+    def stages(self) -> dict[str, dict]:
+        """Every stage record (see module doc), by stage name."""
+        return self.meta().get("stages", {})
+
+    def has_stage(self, stage: str) -> bool:
+        return stage in self.stages()
+
+    def record_stage(self, stage: str, job: str, settings: dict, **info) -> None:
+        """Record that ``stage`` ran (by ``job``) with ``settings``, the settings of that stage alone."""
         meta = self.meta()
-        meta.setdefault("stages", {})[stage] = {"config": config, "done_at": time.time(), **info}
+        meta.setdefault("stages", {})[stage] = {"job": job, "settings": settings, "done_at": time.time(), **info}
         sfs.write_json(self.path("index.json"), meta, self.options)
 
-    def stage_config(self, stage: str) -> dict:
-        stages = self.meta().get("stages", {})
+    def stage_settings(self, stage: str, required: bool = True) -> dict | None:
+        """The settings ``stage`` last ran with (None, or an :class:`ArtifactError`, when it has not run)."""
+        stages = self.stages()
         if stage not in stages:
+            if not required:
+                return None
             raise ArtifactError(f"{self.uri}: stage {stage!r} has not run (have: {sorted(stages)})")
-        return stages[stage]["config"]
+        return stages[stage]["settings"]
 
     # -- collection table -------------------------------------------------------------------
     def images(self) -> pd.DataFrame | None:
@@ -76,12 +93,29 @@ class ArtifactRoot:
     def shards(self, name: str = "features") -> ShardSet:
         return ShardSet(self.path(name), self.options)
 
-    def whitening(self, kind: str) -> Whitening | None:
-        uri = self.path("whitening", f"{kind}.npz")
-        return Whitening.from_bytes(sfs.read_bytes(uri, self.options)) if sfs.exists(uri, self.options) else None
+    # -- primitives for the artifact modules -----------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return sfs.exists(self.path(rel), self.options)
 
-    def write_whitening(self, kind: str, w: Whitening) -> None:
-        sfs.write_bytes(self.path("whitening", f"{kind}.npz"), w.to_bytes(), self.options)
+    def read_json(self, rel: str) -> dict:
+        if not self.exists(rel):
+            raise ArtifactError(f"missing artifact {self.path(rel)}")
+        return sfs.read_json(self.path(rel), self.options)
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        sfs.write_json(self.path(rel), obj, self.options)
+
+    def read_bytes(self, rel: str) -> bytes:
+        if not self.exists(rel):
+            raise ArtifactError(f"missing artifact {self.path(rel)}")
+        return sfs.read_bytes(self.path(rel), self.options)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        sfs.write_bytes(self.path(rel), data, self.options)
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            sfs.remove(self.path(rel), self.options)
 
     # -- arrays -----------------------------------------------------------------------------
     def write_array(self, rel: str, array: np.ndarray) -> None:

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import posixpath
 
 import numpy as np
 import pandas as pd
 
 from storage import fs as sfs
+from storage.errors import CollectionError, GroundTruthError
+from storage.safe_pickle import loads_data
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 COLLECTION_COLUMNS = ["image_id", "file", "name", "group", *BOX_COLUMNS]
-
-
-class CollectionError(ValueError):
-    """The collection cannot be read (missing file column, unknown format, empty folder…)."""
 
 
 def load_collection(uri: str, role: str = "database", options: sfs.StorageOptions | None = None,
@@ -118,10 +115,25 @@ def _from_revisited(uri: str, role: str, options: sfs.StorageOptions | None) -> 
     return df
 
 
+def read_image_bytes(file: str, options: sfs.StorageOptions | None = None) -> bytes:
+    """The encoded bytes of one image of a collection (local file or URI)."""
+    return sfs.read_bytes(file, options)
+
+
 def read_revisited(uri: str, options: sfs.StorageOptions | None = None) -> dict:
-    """The revisitop ground-truth dict (``imlist``, ``qimlist``, ``gnd``), validated."""
-    gnd = pickle.loads(sfs.read_bytes(uri, options))
+    """The revisitop ground-truth dict (``imlist``, ``qimlist``, ``gnd``), validated.
+
+    Read with a data-only unpickler (:mod:`storage.safe_pickle`): a file that names any callable
+    is refused before anything in it runs.
+    """
+    gnd = loads_data(sfs.read_bytes(uri, options), repr(uri))
+    if not isinstance(gnd, dict):
+        raise GroundTruthError(f"{uri!r} is not revisited ground truth: a {type(gnd).__name__}, not a dict")
     missing = {"imlist", "qimlist", "gnd"} - set(gnd)
     if missing:
-        raise CollectionError(f"{uri!r} is not revisited ground truth: missing keys {sorted(missing)}")
+        raise GroundTruthError(f"{uri!r} is not revisited ground truth: missing keys {sorted(missing)}")
+    if not all(isinstance(gnd[k], (list, tuple)) for k in ("imlist", "qimlist", "gnd")) or not all(
+            isinstance(g, dict) for g in gnd["gnd"]) or len(gnd["gnd"]) != len(gnd["qimlist"]):
+        raise GroundTruthError(f"{uri!r} is not revisited ground truth: imlist, qimlist and gnd must be lists, "
+                               "gnd one dict per query")
     return gnd

@@ -24,7 +24,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one stage-record shape (job, settings)
 
 
 def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None) -> pa.Schema:

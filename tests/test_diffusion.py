@@ -185,13 +185,39 @@ def test_hybrid_converges_to_the_exact_solution(graph):
     # with the top eigenpairs removed, few CG iterations reach what temporal CG needs many more for
     temporal_err = np.abs(temporal(s, y, tol=0.0, maxiter=5) - exact).max()
     assert errs[2] < temporal_err
-    # SHybrid: a sparsified U is no longer an exact eigenbasis, so the split is an approximation (T:20425-20431)
+
+def test_shybrid_is_basis_independent_and_approaches_hybrid_as_more_of_u_is_kept():
+    """SHybrid: a sparsified U is no longer an exact eigenbasis, so the split is an approximation
+    (T:20425-20431). Tested on a connected graph (the spectral stage decomposes the largest
+    component), where the top eigenvalues are simple: then U — and what sparsifying keeps — is the
+    same whichever solver or LAPACK / ARPACK build computed it. (On a graph of many components λ = 1
+    repeats and any basis of its eigenspace is returned; SHybrid's error there moved from 0.004 to
+    0.069 between builds.)"""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 16))[rng.integers(0, 12, 240)] + 0.8 * rng.normal(size=(240, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    w = affinity(*knn_graph(x, 10), gamma=3.0)
+    lcc = largest_component(w)
+    s = normalize(sp.csr_matrix(w[lcc][:, lcc]))
+    n = s.shape[0]
+    y = np.zeros((n, 3))
+    y[[0, n // 2, n - 1], [0, 1, 2]] = 1.0
+    exact = 0.01 * np.linalg.solve(np.eye(n) - 0.99 * s.toarray(), y)
+    lam, u = eigenpairs(s, 30, method="lanczos")
+    lam_d, u_d = eigenpairs(s, 30, method="dense")
+    assert np.all(-np.diff(lam) > 1e-5)  # simple eigenvalues: the basis is unique up to signs
+    np.testing.assert_allclose(hybrid(s, sparsify(u, 0.3), lam, y, iters=5),
+                               hybrid(s, sparsify(u_d, 0.3), lam_d, y, iters=5), atol=1e-8)
     us = sparsify(u, keep=0.3)
     assert np.count_nonzero(us) <= 0.31 * us.size
-    approx = hybrid(s, us, lam, y, iters=400)
     np.testing.assert_allclose(hybrid(s, sp.csr_matrix(us), lam, y, iters=5), hybrid(s, us, lam, y, iters=5), atol=1e-12)
-    assert np.abs(approx - exact).max() < 1e-2 * np.abs(exact).max()
-    assert np.array_equal(np.argsort(-approx[:, 0])[:10], np.argsort(-exact[:, 0])[:10])
+    scale = np.abs(exact).max()
+    errs = [np.abs(hybrid(s, sparsify(u, keep), lam, y, iters=400) - exact).max() / scale for keep in (0.1, 0.3, 0.7, 1.0)]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-8
+    # 5 iterations with 30% of U beat 5 iterations of temporal CG (measured: 0.155 vs 0.256)
+    shybrid5 = np.abs(hybrid(s, us, lam, y, iters=5) - exact).max() / scale
+    assert shybrid5 < np.abs(temporal(s, y, tol=0.0, maxiter=5) - exact).max() / scale
 
 
 def test_filters_and_top_k():

@@ -12,7 +12,10 @@ import pytest
 from jobs import evaluate as evaluate_job
 from jobs import index as index_job
 from jobs import search as search_job
-from jobs.extract import ExtractionMismatch
+from storage.errors import SettingsMismatch
+from storage.graph import graph_problem
+from storage.results import read_results
+from storage.whitening import read_whitening
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from tests.conftest import FAST
@@ -49,9 +52,42 @@ def test_index_records_errors_and_builds_global(built_index):
     assert vectors.shape == (14, 1280) and sorted(ids.tolist()) == list(range(14))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     meta = root.meta()
-    assert meta["schema_version"] == 1 and meta["stages"]["extract"]["config"]["describe"]["local"] == "rootsift"
+    assert meta["schema_version"] == 2 and meta["stages"]["extract"]["settings"]["describe"]["local"] == "rootsift"
     local = root.shards().read_all(["local_desc"]).column("local_desc")
     assert 0 < len(local[0]) <= 300
+    # the whole collection is counted and its failures listed, also in a CSV
+    assert summary["counts"]["collection_images"] == 16 and summary["counts"]["collection_failed"] == 2
+    failed = pd.read_csv(out / "failed-images.csv")
+    assert failed["image_id"].tolist() == [14, 15] and failed["file"].str.endswith(".jpg").all()
+    assert [f["image_id"] for f in summary["failed_images"]] == [14, 15]
+
+
+def test_a_resumed_run_counts_the_whole_collection(built_index, collection):
+    out, _ = built_index
+    again = index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[extract]"])
+    assert again["counts"]["shards_skipped"] == again["counts"]["shards_total"]
+    assert again["counts"].get("images_ok", 0) == 0  # nothing extracted by this run …
+    assert again["counts"]["collection_ok"] == 14 and again["counts"]["collection_failed"] == 2  # … all counted
+
+
+def test_search_in_small_query_blocks_equals_one_block_and_exclude_self(built_index, mini_subset, tmp_path):
+    """Offsets between query blocks (query_block = 3 over 14 queries) and exclude_self=false."""
+    out, _ = built_index
+    q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "5"]
+    search_job.main([*q, "--out", str(tmp_path / "one")])
+    search_job.main([*q, "--out", str(tmp_path / "blocks"), "--set", "query_block=3", "--set", "db_block=4"])
+    one = pd.read_parquet(tmp_path / "one" / "results.parquet")
+    blocks = pd.read_parquet(tmp_path / "blocks" / "results.parquet")
+    assert one["query_id"].tolist() == blocks["query_id"].tolist()
+    assert all(list(a) == list(b) for a, b in zip(one["ids"], blocks["ids"]))
+    assert all(np.allclose(a, b) for a, b in zip(one["scores"], blocks["scores"]))
+    assert not any(qid in ids for qid, ids in zip(one["query_id"], one["ids"]))  # own image left out
+    search_job.main([*q, "--out", str(tmp_path / "self"), "--set", "exclude_self=false"])
+    own = pd.read_parquet(tmp_path / "self" / "results.parquet")
+    assert [ids[0] for ids in own["ids"]] == own["query_id"].tolist()  # own image first, score ~1
+    assert np.allclose([s[0] for s in own["scores"]], 1.0, atol=1e-4)
+    run = json.loads((tmp_path / "self" / "run.json").read_text())
+    assert run["method"] == "global" and run["rerank"] == "none" and run["index"] == str(out)
 
 
 def test_rerun_resumes_only_missing_shards(built_index, collection):
@@ -68,10 +104,10 @@ def test_rerun_with_other_settings_is_refused_before_any_work(built_index, colle
     out, _ = built_index
     root = ArtifactRoot(str(out))
     images_before = (out / "images.parquet").read_bytes()
-    with pytest.raises(ExtractionMismatch, match="describe.sift_n 300 -> 200"):
+    with pytest.raises(SettingsMismatch, match="describe.sift_n 300 -> 200"):
         index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "describe.sift_n=200"])
     assert (out / "images.parquet").read_bytes() == images_before
-    assert root.meta()["stages"]["extract"]["config"]["describe"]["sift_n"] == 300
+    assert root.meta()["stages"]["extract"]["settings"]["describe"]["sift_n"] == 300
 
 
 def test_collection_grows_with_stable_ids(ray_session, mini_subset, tmp_path):
@@ -110,7 +146,7 @@ def test_global_whitening_applies_to_database_and_queries(built_index, collectio
                                   "--set", "stages=[global]", "--global-whiten-dim", "8",
                                   "--set", "global_whiten_images=10"])
         assert summary["counts"]["global_whitening_sample"] == 10
-        white = root.whitening("global")
+        white = read_whitening(root, "global")
         assert white.dim == 8 and root.load_array("global/vectors.npy").shape == (14, 8)
         res = tmp_path / "res"
         search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "13",
@@ -128,10 +164,10 @@ def test_global_whitening_applies_to_database_and_queries(built_index, collectio
         summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST,
                                   "--set", "stages=[global]", "--global-whiten-dim", "4",
                                   "--set", f"global_whiten_source={other}"])
-        assert summary["counts"]["global_whitening_sample"] == 8 and root.whitening("global").dim == 4
+        assert summary["counts"]["global_whitening_sample"] == 8 and read_whitening(root, "global").dim == 4
     finally:
         index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]"])
-    assert root.whitening("global") is None
+    assert read_whitening(root, "global") is None
     assert np.allclose(root.load_array("global/vectors.npy"), raw)
 
 
@@ -178,7 +214,7 @@ def test_local_whitening_sample_replaces_images_it_cannot_describe(ray_session, 
                               "--set", "describe.local_scales=[1.0]", "--set", "describe.local_n=20",
                               "--set", "local_whiten_images=2", "--set", "local_whiten_dim=8"])
     assert summary["counts"]["images_ok"] == 2 and summary["counts"]["images_error"] == 6
-    assert ArtifactRoot(str(tmp_path / "idx")).whitening("local").dim == 8
+    assert read_whitening(ArtifactRoot(str(tmp_path / "idx")), "local").dim == 8
     errors = ArtifactRoot(str(tmp_path / "idx")).shards().read_all(["status", "error"]).to_pandas()
     assert errors[errors.status == "error"].error.str.contains("too small").all()
 
@@ -250,7 +286,7 @@ def test_how_local_features_with_learned_whitening(ray_session, mini_subset, tmp
                               "--set", "local_whiten_images=6", "--set", "local_whiten_dim=16"])
     assert summary["counts"]["images_ok"] == 14
     root = ArtifactRoot(str(out))
-    white = root.whitening("local")
+    white = read_whitening(root, "local")
     assert white is not None and white.proj.shape == (16, 112)
     t = root.shards().read_all(["local_desc", "local_scale", "local_xy", "width", "height"])
     first = np.array(t.column("local_desc")[0].as_py(), np.float32)
@@ -265,7 +301,7 @@ def test_asmk_stage_merge_equals_single_build(built_index):
     """The merged inverted file equals one built in one process from all descriptors."""
     import pyarrow.compute as pc
 
-    from jobs.asmk import open_inverted_file
+    from storage.inverted_file import open_inverted_file
     from operators.asmk import aggregate, build_inverted_file
     from operators.codebook import Quantizer
     from storage.schemas import local_arrays
@@ -324,7 +360,7 @@ def test_distractor_index_searched_together(built_index, mini_subset, tmp_path):
 
 def test_graph_and_spectral_stages(built_index):
     """The index's default graph stage: exact kNN of the global vectors, mutual affinity, eigenpairs on the LCC."""
-    from jobs.graph import load_affinity, load_graph
+    from storage.graph import load_affinity, load_graph
     from operators.graph import affinity, largest_component, normalize
 
     out, summary = built_index
@@ -379,10 +415,10 @@ def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path)
     skipped = graph_job.main(["--index", str(out), "--set", "stages=[spectral]", "--set", "spectral.max_nodes=3"])
     assert skipped["spectral"]["skipped"] and not (out / "spectral" / "meta.json").exists()
     # drivers refuse, before any task, what the graph cannot serve — with the command that fixes it
-    assert graph_job.graph_problem(root) is None
-    assert "stages=[spectral]" in graph_job.graph_problem(root, spectral=True)
+    assert graph_problem(root) is None
+    assert "stages=[spectral]" in graph_problem(root, spectral=True)
     (out / "graph" / "ordered_data.npy").rename(out / "graph" / "moved.npy")
-    assert "rebuild" in graph_job.graph_problem(root)
+    assert "rebuild" in graph_problem(root)
     (out / "graph" / "moved.npy").rename(out / "graph" / "ordered_data.npy")
     graph_job.main(["--index", str(out), "--source", "asmk", "--k", "5", "--rank", "0"])
     nn, sims = root.load_array("graph/knn_ids.npy"), root.load_array("graph/knn_sims.npy")
@@ -416,7 +452,7 @@ def test_search_rerank_methods(built_index, mini_subset, tmp_path):
 
 def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_path):
     from jobs import rerank as rerank_job
-    from jobs.graph import load_affinity
+    from storage.graph import load_affinity
     from operators.diffusion import temporal, top_k
     from operators.graph import normalize
 
@@ -429,7 +465,7 @@ def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_pa
     sfs.remove(sfs.join(str(res), "parts", "_commits", "part-00001.json"))
     s2 = rerank_job.main(args)
     assert s2["counts"]["parts_skipped"] == 2 and s2["counts"]["rows_written"] == 5
-    table, _ = search_job.read_results(str(res))
+    table, _ = read_results(str(res))
     lists = dict(zip(table.column("query_id").to_pylist(), table.column("ids").to_pylist()))
     ids = np.asarray(ArtifactRoot(str(out)).load_array("global/ids.npy"))
     f = temporal(normalize(load_affinity(ArtifactRoot(str(out)))), np.eye(14), tol=1e-6, maxiter=20)

@@ -68,8 +68,8 @@ def test_artifacts_arrays_and_meta(root_uri):
     assert not sfs.exists(root.path("global", "vectors.npy"), opts), "invisible before commit"
     commit()
     assert np.array_equal(root.load_array("global/vectors.npy"), np.arange(15).reshape(5, 3))
-    root.record_stage("extract", {"a": 1})
-    assert root.stage_config("extract") == {"a": 1}
+    root.record_stage("extract", "test", {"a": 1})
+    assert root.stage_settings("extract") == {"a": 1} and root.stages()["extract"]["job"] == "test"
 
 
 def test_collection_formats(tmp_path, instance_mini):

@@ -1,0 +1,51 @@
+"""``retrieval``: one command line for every job (``retrieval JOB --help`` shows a job's options
+with their defaults and choices). ``python -m jobs.JOB`` runs the same job with the same options,
+which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
+
+    retrieval index     --collection C --out ROOT          extract, global, codebook, asmk, graph, spectral
+    retrieval extract   --collection C --out ROOT          the extraction stage alone
+    retrieval graph     --index ROOT                       kNN graph + eigenpairs
+    retrieval search    --index ROOT --queries Q --out RES ranking (+ re-ranking)
+    retrieval rerank    --index ROOT --out RES             offline database-side diffusion
+    retrieval evaluate  --results RES --ground-truth G     mAP, mP@k, HTML report
+    retrieval synthetic --out DIR                          a small synthetic collection
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+JOBS = {
+    "index": "build every stage of an index over a collection",
+    "extract": "extract global and local descriptors into Parquet shards",
+    "graph": "build the kNN graph and its eigenpairs",
+    "search": "rank (and re-rank) queries against an index",
+    "rerank": "offline diffusion lists for every database item",
+    "evaluate": "mAP / mP@k of results against ground truth, with an HTML report",
+    "synthetic": "write a small synthetic instance collection",
+}
+
+
+def usage() -> str:
+    width = max(map(len, JOBS))
+    return ("usage: retrieval JOB [options]   (retrieval JOB --help for the job's options)\n\njobs:\n"
+            + "\n".join(f"  {name:<{width}}  {what}" for name, what in JOBS.items()) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        sys.exit(0 if argv else 2)
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        print(f"error: unknown job {job!r}; one of {', '.join(JOBS)}", file=sys.stderr)
+        sys.exit(2)
+    from jobs.config import run_cli
+
+    module = importlib.import_module(f"jobs.{job}")
+    run_cli(lambda: module.main(rest, prog=f"retrieval {job}"))
+
+
+if __name__ == "__main__":
+    main()

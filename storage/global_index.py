@@ -1,0 +1,94 @@
+"""The global descriptor matrix: ``ROOT/global/vectors.npy`` (n, D) float32, ``ids.npy`` (n,) int64
+(row i ↔ image ids[i]; these rows are also the nodes of the kNN graph) and ``meta.json``.
+
+Written once per ``global`` stage by streaming shards into a memory-mapped file
+(:func:`global_writer`); read memory-mapped by search and graph tasks (:func:`open_global`).
+:class:`GlobalLookup` fetches rows by image id across several roots (partitions).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from storage.artifacts import ArtifactRoot
+from storage.errors import ArtifactError
+
+
+@dataclass
+class GlobalMeta:
+    count: int
+    dim: int
+    whitened: bool
+
+
+@dataclass
+class GlobalDescriptors:
+    ids: np.ndarray        # (n,) int64, memory-mapped
+    vectors: np.ndarray    # (n, D) float32, memory-mapped
+    meta: GlobalMeta
+
+
+def global_writer(root: ArtifactRoot, n: int, dim: int) -> tuple[np.ndarray, np.ndarray, Callable[[GlobalMeta], None]]:
+    """Writable ``vectors`` (memory-mapped) and ``ids`` arrays for ``n`` rows, and a ``commit(meta)``
+    that publishes vectors, ids and meta together."""
+    vectors, commit_vectors = root.open_array_writer("global/vectors.npy", (n, dim), np.float32)
+    ids = np.empty(n, np.int64)
+
+    def commit(meta: GlobalMeta) -> None:
+        commit_vectors()
+        root.write_array("global/ids.npy", ids)
+        root.write_json("global/meta.json", asdict(meta))
+    return vectors, ids, commit
+
+
+def has_global(root: ArtifactRoot) -> bool:
+    return root.exists("global/ids.npy") and root.exists("global/vectors.npy")
+
+
+def global_ids(root: ArtifactRoot) -> np.ndarray:
+    """Image id of each row (memory-mapped); an :class:`ArtifactError` when the stage has not run."""
+    if not has_global(root):
+        raise ArtifactError(f"{root.uri} has no global descriptors: run python -m jobs.index --collection … --out {root.uri}")
+    return root.load_array("global/ids.npy")
+
+
+def open_global(root: ArtifactRoot) -> GlobalDescriptors:
+    ids = global_ids(root)
+    vectors = root.load_array("global/vectors.npy")
+    meta = root.read_json("global/meta.json") if root.exists("global/meta.json") else {
+        "count": len(ids), "dim": vectors.shape[1], "whitened": False}
+    return GlobalDescriptors(ids, vectors, GlobalMeta(**meta))
+
+
+class GlobalLookup:
+    """Global descriptors by image id across partitions (memory-mapped rows)."""
+
+    def __init__(self, roots: list[ArtifactRoot]):
+        self.parts = []
+        for r in roots:
+            g = open_global(r)
+            order = np.argsort(g.ids)
+            self.parts.append((np.asarray(g.ids)[order], order, g.vectors))
+
+    @property
+    def dim(self) -> int:
+        return self.parts[0][2].shape[1]
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids``; an id in no partition (not indexed, or its image failed) is an ArtifactError."""
+        ids = np.asarray(ids, np.int64)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        found = np.zeros(len(ids), bool)
+        for sorted_ids, order, vec in self.parts:
+            if not len(sorted_ids):
+                continue
+            pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+            hit = sorted_ids[pos] == ids
+            out[hit] = np.asarray(vec[order[pos[hit]]])
+            found |= hit
+        if not found.all():
+            raise ArtifactError(f"{int((~found).sum())} image id(s) have no global descriptor in the index "
+                                f"(not indexed, or their extraction failed), e.g. {ids[~found][:5].tolist()}")
+        return out

@@ -1,0 +1,91 @@
+"""The ASMK inverted file, partitioned by visual word, and the per-shard partials it is merged from.
+
+    ROOT/asmk/partials/part-NNNNN.npz (+ _commits/)   one feature shard's partial inverted file
+    ROOT/asmk/offsets.npy (k+1 int64)  entry_image.npy (uint32)  codes.npy (uint8 packed bits or float32)
+    ROOT/asmk/images.npy (int64 ids)   image_entries.npy (int64)  meta.json
+
+Entries of word c are ``offsets[c]:offsets[c+1]``; ``entry_image`` indexes ``images``. The merge
+places every partial's postings of word c after those of the partials before it, writing straight
+into memory-mapped output arrays, one partial in memory at a time, so partials merge in any order
+and image ids need not be consecutive. Readers memory-map the arrays (local, or cached from S3).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from operators.asmk import InvertedFile
+from storage.artifacts import ArtifactRoot
+from storage.errors import ArtifactError
+from storage.shards import ShardSet, shard_name
+
+ARRAYS = ("offsets", "entry_image", "codes", "images", "image_entries")
+
+
+def partials(root: ArtifactRoot) -> ShardSet:
+    return root.shards("asmk/partials")
+
+
+def write_partial(root: ArtifactRoot, shard: int, ivf: InvertedFile, record: dict) -> dict:
+    """Commit one shard's partial inverted file (with its commit ``record``)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{a: getattr(ivf, a) for a in ARRAYS})
+    return partials(root).write_blob(shard, buf.getvalue(), record)
+
+
+def load_partial(root: ArtifactRoot, shard: int) -> dict[str, np.ndarray]:
+    z = np.load(io.BytesIO(root.read_bytes(f"asmk/partials/{shard_name(shard)}.npz")))
+    return {a: z[a] for a in ARRAYS}
+
+
+def merge_partials(root: ArtifactRoot, shards: list[int], k: int) -> dict:
+    """Merge committed partials into the word-partitioned layout (see module doc)."""
+    parts_images = [load_partial(root, s)["images"] for s in shards]
+    images = np.unique(np.concatenate(parts_images)) if parts_images else np.zeros(0, np.int64)
+    counts = np.zeros(k, np.int64)
+    width, dtype = None, None
+    for s in shards:
+        p = load_partial(root, s)
+        counts += np.diff(p["offsets"])
+        width, dtype = p["codes"].shape[1], p["codes"].dtype
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(offsets[-1])
+    entry_image, commit_e = root.open_array_writer("asmk/entry_image.npy", (n,), np.uint32)
+    codes, commit_c = root.open_array_writer("asmk/codes.npy", (n, width or 16), dtype or np.uint8)
+    image_entries = np.zeros(len(images), np.int64)
+    cursor = offsets[:-1].copy()
+    for s in shards:
+        p = load_partial(root, s)
+        pc = np.diff(p["offsets"])
+        words = np.repeat(np.arange(k), pc)
+        rank = np.arange(len(words)) - np.repeat(p["offsets"][:-1], pc)
+        dest = cursor[words] + rank
+        gidx = np.searchsorted(images, p["images"])
+        entry_image[dest] = gidx[p["entry_image"]]
+        codes[dest] = p["codes"]
+        image_entries[gidx] += p["image_entries"]
+        cursor += pc
+    commit_e(), commit_c()
+    root.write_array("asmk/offsets.npy", offsets)
+    root.write_array("asmk/images.npy", images)
+    root.write_array("asmk/image_entries.npy", image_entries)
+    return {"entries": n, "images": len(images), "bytes_per_entry": 4 + (width or 16) * np.dtype(dtype or np.uint8).itemsize}
+
+
+def write_meta(root: ArtifactRoot, meta: dict) -> None:
+    root.write_json("asmk/meta.json", meta)
+
+
+def inverted_file_meta(root: ArtifactRoot) -> dict:
+    if not root.exists("asmk/meta.json"):
+        raise ArtifactError(f"{root.uri} has no ASMK inverted file: run the asmk stage "
+                            f"(python -m jobs.index … --out {root.uri} --set stages=[codebook,asmk])")
+    return root.read_json("asmk/meta.json")
+
+
+def open_inverted_file(root: ArtifactRoot) -> tuple[InvertedFile, dict]:
+    """The merged inverted file (arrays memory-mapped) and its meta."""
+    meta = inverted_file_meta(root)
+    arrays = {a: root.load_array(f"asmk/{a}.npy") for a in ARRAYS}
+    return InvertedFile(**arrays, binary=meta["params"]["binary"]), meta

@@ -1,0 +1,62 @@
+"""Search and re-ranking results: ``RES/results.parquet`` (one row per query,
+:data:`storage.schemas.RESULTS_SCHEMA`) or committed ``RES/parts/`` (offline re-ranking, resumable),
+and ``RES/run.json`` (the config that made them: method, re-ranking, parameters, index)."""
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import fs as sfs
+from storage.errors import ArtifactError
+from storage.shards import ShardSet
+
+
+def write_results(out: str, table: pa.Table, run: dict, options: dict | None = None) -> str:
+    """Write ``RES/results.parquet`` and ``RES/run.json``; returns the results URI."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = sfs.join(out, "results.parquet")
+    sfs.write_bytes(uri, buf.getvalue(), options)
+    write_run(out, run, options)
+    return uri
+
+
+def write_run(out: str, run: dict, options: dict | None = None) -> None:
+    sfs.write_json(sfs.join(out, "run.json"), run, options)
+
+
+def result_parts(out: str, options: dict | None = None) -> ShardSet:
+    """The committed parts of an offline re-ranking (``RES/parts``)."""
+    return ShardSet(sfs.join(out, "parts"), options or {})
+
+
+def read_run(res: str, options: dict | None = None) -> dict:
+    uri = sfs.join(res, "run.json")
+    if not sfs.exists(uri, options):
+        raise ArtifactError(f"{res} holds no results (no run.json): give a folder written by jobs.search or jobs.rerank")
+    return sfs.read_json(uri, options)
+
+
+def read_results(res: str, options: dict | None = None) -> tuple[pa.Table, dict]:
+    """``RES/results.parquet`` (jobs.search), or the committed ``RES/parts`` (jobs.rerank), and run.json."""
+    info = read_run(res, options)
+    single = sfs.join(res, "results.parquet")
+    if sfs.exists(single, options):
+        return pq.read_table(io.BytesIO(sfs.read_bytes(single, options))), info
+    return result_parts(res, options).read_all(), info
+
+
+def write_metrics(res: str, metrics: dict, options: dict | None = None) -> str:
+    """``RES/metrics.json`` (jobs.evaluate): the figures and the run that made the results."""
+    uri = sfs.join(res, "metrics.json")
+    sfs.write_json(uri, metrics, options)
+    return uri
+
+
+def read_metrics(res: str, options: dict | None = None) -> dict:
+    uri = sfs.join(res, "metrics.json")
+    if not sfs.exists(uri, options):
+        raise ArtifactError(f"{res} has no metrics.json: run python -m jobs.evaluate --results {res} --ground-truth …")
+    return sfs.read_json(uri, options)

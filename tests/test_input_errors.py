@@ -1,0 +1,92 @@
+"""User mistakes end in one line on stderr and exit 2 (no traceback); ground-truth pickles run nothing."""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from storage.collection import load_collection, read_revisited
+from storage.errors import GroundTruthError, InputError
+from storage.safe_pickle import loads_data
+
+from conftest import REPO, REVISITED
+
+
+class Evil:
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def test_a_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    target = tmp_path / "pwned"
+    evil = tmp_path / "gnd_evil.pkl"
+    evil.write_bytes(pickle.dumps({"imlist": ["a"], "qimlist": ["b"], "gnd": [{"x": Evil(str(target))}]}))
+    assert not target.exists()
+    with pytest.raises(GroundTruthError, match="refused: the pickle names (posix|os).system"):
+        read_revisited(str(evil))
+    with pytest.raises(GroundTruthError):  # also as a collection (database or queries role)
+        load_collection(str(evil), "queries")
+    assert not target.exists()
+    # the unrestricted loader would have run it: the test can fail
+    pickle.loads(evil.read_bytes())
+    assert target.exists()
+
+
+def test_plain_data_and_numpy_arrays_load():
+    gnd = read_revisited(str(REVISITED / "gnd_roxford5k.pkl"))
+    assert len(gnd["qimlist"]) == 70 and len(gnd["imlist"]) == 4993
+    data = {"gnd": [{"bbx": np.array([1.0, 2.0, 3.0, 4.0]), "easy": np.arange(3), "junk": np.int64(5)}]}
+    back = loads_data(pickle.dumps(data))
+    np.testing.assert_array_equal(back["gnd"][0]["bbx"], [1, 2, 3, 4])
+    assert back["gnd"][0]["junk"] == 5
+    with pytest.raises(GroundTruthError, match="cannot be read as a pickle"):
+        loads_data(b"not a pickle")
+    with pytest.raises(GroundTruthError, match="collections.OrderedDict"):
+        loads_data(pickle.dumps({"x": collections.OrderedDict()}))
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "jobs.cli", "nosuchjob"], "unknown job 'nosuchjob'"),
+    (["-m", "jobs.cli", "search", "--index", "i", "--queries", "q", "--out", "o", "--topk", "abc"],
+     "topk: Input should be a valid integer"),
+    (["-m", "jobs.search", "--index", "i", "--out", "o"], "queries: Field required"),
+    (["-m", "jobs.index", "--collection", "c", "--out", "o", "--set", "ray=5"], "ray: Input should be"),
+    (["-m", "jobs.graph", "--index", "i", "--source", "sift"], "graph.source: Input should be 'global' or 'asmk'"),
+    (["-m", "jobs.rerank", "--index", "i", "--out", "o", "--method", "truncated-dfs"], "method: Input should be"),
+    (["-m", "jobs.evaluate", "--results", "/nonexistent/res", "--ground-truth", "g.csv"], "holds no results"),
+    (["-m", "jobs.synthetic"], "out: Field required"),
+])
+def test_command_line_mistakes_print_one_line_and_exit_2(args, message):
+    p = run(*args)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_input_error_raised_inside_a_ray_task_is_one_line(ray_session, capsys):
+    from jobs.config import run_cli
+    from storage.errors import ArtifactError
+
+    @ray_session.remote
+    def task():
+        raise ArtifactError("missing artifact /x/graph/order.npy")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: ray_session.get(task.remote()))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: missing artifact /x/graph/order.npy"
+    assert issubclass(ArtifactError, InputError)
