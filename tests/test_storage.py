@@ -10,7 +10,7 @@ import pytest
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.collection import CollectionError, load_collection
-from storage.schemas import feature_schema, feature_table, global_matrix, local_arrays
+from storage.schemas import SCHEMA_VERSION, feature_schema, feature_table, global_matrix, local_arrays
 from storage.shards import ShardSet
 from tests.conftest import REVISITED
 
@@ -30,7 +30,7 @@ def _rows(n: int, gdim=4, ldim=3):
 def test_feature_table_roundtrip():
     rows = _rows(3)
     t = feature_table(rows, feature_schema(4, 3, {"extractor": {"local": "rootsift"}}))
-    assert t.schema.metadata[b"schema_version"] == b"1"
+    assert t.schema.metadata[b"schema_version"] == str(SCHEMA_VERSION).encode() == b"2"
     assert np.allclose(global_matrix(t)[:3], np.stack([r["global"] for r in rows[:3]]), atol=1e-6)
     desc, ids, counts = local_arrays(t)
     assert counts.tolist() == [1, 2, 3, 0] and ids.tolist() == [100, 101, 101, 102, 102, 102]
@@ -57,7 +57,7 @@ def test_shards_commit_and_resume(root_uri):
     assert shards.pending([0, 1, 2]) == [1, 2]
     shards.write(2, table)
     assert shards.read_all().num_rows == 2 * table.num_rows
-    assert shards.schema_metadata()["schema_version"] == "1"
+    assert shards.schema_metadata()["schema_version"] == str(SCHEMA_VERSION)
 
 
 def test_artifacts_arrays_and_meta(root_uri):
