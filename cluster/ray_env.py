@@ -60,7 +60,7 @@ def ray_failure(e: BaseException) -> str | None:
     from ray import exceptions as rex
 
     system = (rex.RaySystemError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ActorDiedError, rex.ObjectLostError,
-              rex.OwnerDiedError, rex.LocalRayletDiedError, rex.GetTimeoutError, ConnectionError)
+              rex.OwnerDiedError, rex.LocalRayletDiedError)
     if isinstance(e, rex.RayTaskError) and not isinstance(e.cause, system):
         return None
     cause = e.cause if isinstance(e, rex.RayTaskError) else e

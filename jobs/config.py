@@ -23,6 +23,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from storage.errors import ConfigError, InputError
+from storage.fs import read_yaml
 
 T = TypeVar("T")
 Flag = tuple[str, str]  # (dotted config key, help)
@@ -158,8 +159,7 @@ def parse(cls: type[T], argv: list[str] | None, flags: dict[str, Flag], descript
     data: dict = {}
     if ns.config:
         try:
-            with open(ns.config) as f:
-                data = yaml.safe_load(f) or {}
+            data = read_yaml(ns.config) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"--config {ns.config}: {type(e).__name__}: {e}".splitlines()[0]) from None
         if not isinstance(data, dict):

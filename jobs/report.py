@@ -20,6 +20,8 @@ import pandas as pd
 from operators.images import decode_image, resize_max_side
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
+from storage.collection import read_image_bytes
+from storage.results import write_report_page
 
 COLORS = {"positive": "#2e9e44", "ignored": "#9a9a9a", "negative": "#d0342c"}
 
@@ -35,7 +37,7 @@ class ReportConfig:
 def thumbnail(uri: str, box: tuple, side: int, options: dict) -> str | None:
     """A JPEG data URI of the image at max side ``side``, ``box`` drawn; None when unreadable."""
     try:
-        img, f = resize_max_side(decode_image(sfs.read_bytes(uri, options)), side)
+        img, f = resize_max_side(decode_image(read_image_bytes(uri, options)), side)
     except Exception:  # noqa: BLE001 - a missing image shows as an empty frame
         return None
     img = np.ascontiguousarray(img[:, :, ::-1])  # RGB -> BGR for OpenCV
@@ -122,9 +124,7 @@ def write_report(results: str, options: dict, cfg: ReportConfig, metrics: dict[s
                 for r in chosen]
     page = PAGE.format(title=html.escape(results), table=metrics_table(metrics, ks), setup=html.escape(setup),
                        curve=ap_curve_svg(aps), shown=cfg.shown, queries="".join(sections), thumb=cfg.thumb)
-    uri = sfs.join(results, "report.html")
-    sfs.write_bytes(uri, page.encode(), options)
-    return uri
+    return write_report_page(results, page, options)
 
 
 def query_section(q, thumbs: dict, rel: list[str], r: int, cfg: ReportConfig) -> str:

@@ -97,18 +97,21 @@ class ArtifactRoot:
     def exists(self, rel: str) -> bool:
         return sfs.exists(self.path(rel), self.options)
 
+    def existing(self, rel: str) -> str:
+        """The URI of ``rel``; an :class:`ArtifactError` when it does not exist."""
+        uri = self.path(rel)
+        if not sfs.exists(uri, self.options):
+            raise ArtifactError(f"missing artifact {uri}")
+        return uri
+
     def read_json(self, rel: str) -> dict:
-        if not self.exists(rel):
-            raise ArtifactError(f"missing artifact {self.path(rel)}")
-        return sfs.read_json(self.path(rel), self.options)
+        return sfs.read_json(self.existing(rel), self.options)
 
     def write_json(self, rel: str, obj: dict) -> None:
         sfs.write_json(self.path(rel), obj, self.options)
 
     def read_bytes(self, rel: str) -> bytes:
-        if not self.exists(rel):
-            raise ArtifactError(f"missing artifact {self.path(rel)}")
-        return sfs.read_bytes(self.path(rel), self.options)
+        return sfs.read_bytes(self.existing(rel), self.options)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         sfs.write_bytes(self.path(rel), data, self.options)
@@ -149,7 +152,4 @@ class ArtifactRoot:
 
     def load_array(self, rel: str, mmap: bool = True) -> np.ndarray:
         """A (memory-mapped) ``.npy`` artifact; remote ones are cached locally first."""
-        uri = self.path(rel)
-        if not sfs.exists(uri, self.options):
-            raise ArtifactError(f"missing artifact {uri}")
-        return np.load(sfs.local_copy(uri, self.options), mmap_mode="r" if mmap else None)
+        return np.load(sfs.local_copy(self.existing(rel), self.options), mmap_mode="r" if mmap else None)

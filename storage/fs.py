@@ -103,6 +103,13 @@ def read_json(uri: str, options: StorageOptions | None = None) -> Any:
     return json.loads(read_bytes(uri, options))
 
 
+def read_yaml(uri: str, options: StorageOptions | None = None) -> Any:
+    """A YAML file (local or URI), parsed safely (plain data only)."""
+    import yaml
+
+    return yaml.safe_load(read_bytes(uri, options))
+
+
 def read_many(uris: list[str], options: StorageOptions | None = None) -> list[bytes]:
     """The bytes of many small files under one file system, fetched concurrently where the file
     system can (s3fs batches the GETs); in the order given."""

@@ -55,6 +55,13 @@ def write_metrics(res: str, metrics: dict, options: dict | None = None) -> str:
     return uri
 
 
+def write_report_page(res: str, page: str, options: dict | None = None) -> str:
+    """``RES/report.html`` (jobs.evaluate's report)."""
+    uri = sfs.join(res, "report.html")
+    sfs.write_bytes(uri, page.encode(), options)
+    return uri
+
+
 def read_metrics(res: str, options: dict | None = None) -> dict:
     uri = sfs.join(res, "metrics.json")
     if not sfs.exists(uri, options):
