@@ -8,6 +8,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval search    --index ROOT --queries Q --out RES ranking (+ re-ranking)
     retrieval rerank    --index ROOT --out RES             offline database-side diffusion
     retrieval evaluate  --results RES --ground-truth G     mAP, mP@k, HTML report
+    retrieval report    --results RES1,RES2 --out DIR      comparison page of evaluated results
     retrieval synthetic --out DIR                          a small synthetic collection
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ JOBS = {
     "search": "rank (and re-rank) queries against an index",
     "rerank": "offline diffusion lists for every database item",
     "evaluate": "mAP / mP@k of results against ground truth, with an HTML report",
+    "report": "compare evaluated results: table, mAP-per-method plot, time per stage",
     "synthetic": "write a small synthetic instance collection",
 }
 

@@ -114,15 +114,14 @@ def run(cfg: EvaluateConfig) -> dict:
         out = {**metrics["all"], "per_query_ap": dict(zip(names, per_query["all"]))}
     else:  # revisited: easy / medium / hard
         out = {**metrics, "per_query_ap": {s: dict(zip(names, v)) for s, v in per_query.items()}}
-    out["run"] = {k: run_info.get(k) for k in ("method", "rerank", "index", "timings_s")}
-    out["run"]["params"] = run_info.get("config", {}).get("rerank_params") if run_info.get("rerank") not in (None, "none") else None
+    out["run"] = {k: run_info.get(k) for k in ("method", "rerank", "params", "index", "queries", "center_crop", "timings_s")}
     write_metrics(cfg.results, out, cfg.storage)
     print_table(metrics, cfg.ks)
     if cfg.report.enabled:
         setup = "all" if "all" in setups else "medium"
         rows = pd.DataFrame({"query_id": table.column("query_id").to_pylist(), "query_name": names, "ids": rankings,
                              "ap": [np.nan if a is None else a for a in per_query[setup]]})
-        uri = write_report(cfg.results, cfg.storage, cfg.report, metrics, cfg.ks, setup, rows, *setups[setup], database)
+        uri = write_report(cfg.results, cfg.storage, cfg.report, metrics, cfg.ks, setup, rows, *setups[setup], database, run_info)
         print(f"report: {uri}")
     return out
 

@@ -293,16 +293,17 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
 
 
 def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: int, options: dict,
-                   shard_size: int = 32) -> pd.DataFrame:
+                   shard_size: int = 32, fresh: pd.DataFrame | None = None) -> pd.DataFrame:
     """The collection table with its stable ids and shards, recorded once under ``root``.
 
     A rerun reuses the recorded ids. Images added to the collection since are appended: new ids
     after the largest recorded one (or the manifest's own ``image_id``s) and new shards after the
     last, so committed shards keep their content and only the new images are extracted. Images
-    removed from the collection are an error (the index still holds them).
+    removed from the collection are an error (the index still holds them). ``fresh``: the collection
+    table when the caller has loaded it already.
     """
     recorded = root.images()
-    fresh = load_collection(collection, role, options, id_offset)
+    fresh = load_collection(collection, role, options, id_offset) if fresh is None else fresh.copy()
     if recorded is None:
         fresh["shard"] = np.arange(len(fresh)) // max(1, shard_size)
         root.write_images(fresh)

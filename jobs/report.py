@@ -1,6 +1,11 @@
-"""Evaluation report: one self-contained HTML page, ``RES/report.html``, written by ``jobs.evaluate``.
+"""Reports: the per-query gallery of one evaluated search, and the comparison of several.
 
-It shows the metrics of every setup, each query's AP as a sorted curve (inline SVG), and the
+``retrieval report --results RES1,RES2,… --out DIR`` (``python -m jobs.report``) writes
+``DIR/comparison.html`` and ``DIR/comparison.csv``: each evaluated results folder's method,
+re-ranking, query set, mAP, mP@k and time per query, a mAP-per-method plot, search time per query
+and the index's time per stage. It also prints the table.
+
+The gallery, ``RES/report.html``, is written by ``jobs.evaluate``. It shows the metrics of every setup, each query's AP as a sorted curve (inline SVG), and the
 worst and best queries with their top results as thumbnails (embedded JPEGs, so the page works
 from S3 or a laptop alike). The query's box is drawn in yellow; results are framed by relevance:
 green positive, grey ignored (junk), red negative. Only ``2 · shown`` queries and ``depth`` results
@@ -11,17 +16,20 @@ from __future__ import annotations
 import base64
 import html
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from jobs.config import parse, run_cli
 from operators.images import decode_image, resize_max_side
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.collection import read_image_bytes
-from storage.results import write_report_page
+from storage.results import read_metrics, write_comparison, write_report_page
+from storage.summaries import read_summary
 
 COLORS = {"positive": "#2e9e44", "ignored": "#9a9a9a", "negative": "#d0342c"}
 
@@ -73,6 +81,18 @@ def metrics_table(metrics: dict[str, dict], ks: list[int]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
+def run_table(run: dict) -> str:
+    """What made the results: method, re-ranking, parameters, index, queries and time per stage."""
+    params = run.get("params") or {}
+    rows = [("method", run.get("method")), ("re-ranking", run.get("rerank")), ("index", run.get("index")),
+            ("queries", run.get("queries")), ("centre crop", run.get("center_crop")),
+            *((f"param {k}", v) for k, v in params.items()),
+            *((f"time: {k}", f"{v:.2f} s") for k, v in (run.get("timings_s") or {}).items())]
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                   for k, v in rows if v is not None)
+    return f"<table>{body}</table>"
+
+
 def relevance(ids: np.ndarray, positives: np.ndarray, ignore: np.ndarray) -> list[str]:
     pos, ign = set(np.asarray(positives).tolist()), set(np.asarray(ignore).tolist())
     return ["positive" if i in pos else "ignored" if i in ign else "negative" for i in ids.tolist()]
@@ -86,12 +106,14 @@ def pick_queries(aps: np.ndarray, shown: int) -> list[int]:
     return worst + [i for i in order[::-1][:shown].tolist() if i not in worst]
 
 
-def query_files(results: str, options: dict, database: pd.DataFrame) -> pd.DataFrame:
-    """file and box of every query id: ``RES/queries`` (jobs.search) or the database (jobs.rerank).
+def query_files(queries_root: str | None, options: dict, database: pd.DataFrame) -> pd.DataFrame:
+    """file and box of every query id: the described queries (jobs.search) or the database (jobs.rerank).
 
     Boxes are the ones the queries were described with (their shards record them, centre crops included).
     """
-    root = ArtifactRoot(sfs.join(results, "queries"), options)
+    if queries_root is None:
+        return database.set_index("image_id").reindex(columns=["file", "x0", "y0", "x1", "y1"])
+    root = ArtifactRoot(queries_root, options)
     queries = root.images()
     table = (queries if queries is not None else database).set_index("image_id").reindex(
         columns=["file", "x0", "y0", "x1", "y1"])
@@ -103,11 +125,15 @@ def query_files(results: str, options: dict, database: pd.DataFrame) -> pd.DataF
 
 def write_report(results: str, options: dict, cfg: ReportConfig, metrics: dict[str, dict], ks: list[int],
                  setup: str, table: pd.DataFrame, positives: list[np.ndarray], ignore: list[np.ndarray],
-                 database: pd.DataFrame) -> str:
-    """Write ``RES/report.html`` for the rows of ``table`` (query_id, query_name, ids, ap); returns its URI."""
+                 database: pd.DataFrame, run: dict | None = None) -> str:
+    """Write ``RES/report.html`` for the rows of ``table`` (query_id, query_name, ids, ap); returns its URI.
+
+    ``run``: ``run.json`` of the results (what made them; its ``queries_root`` locates the query images).
+    """
+    run = run or {}
     aps = table["ap"].to_numpy(float)
     chosen = pick_queries(aps, cfg.shown)
-    qfiles, dbfiles = query_files(results, options, database), database.set_index("image_id")["file"]
+    qfiles, dbfiles = query_files(run.get("queries_root"), options, database), database.set_index("image_id")["file"]
     jobs = {}
     with ThreadPoolExecutor(8) as pool:
         for r in chosen:
@@ -122,7 +148,8 @@ def write_report(results: str, options: dict, cfg: ReportConfig, metrics: dict[s
     sections = [query_section(table.iloc[r], thumbs, relevance(np.asarray(table.iloc[r].ids)[:cfg.depth],
                                                                  positives[r], ignore[r]), r, cfg)
                 for r in chosen]
-    page = PAGE.format(title=html.escape(results), table=metrics_table(metrics, ks), setup=html.escape(setup),
+    page = PAGE.format(title=html.escape(results), run=run_table(run), table=metrics_table(metrics, ks),
+                       setup=html.escape(setup),
                        curve=ap_curve_svg(aps), shown=cfg.shown, queries="".join(sections), thumb=cfg.thumb)
     return write_report_page(results, page, options)
 
@@ -144,9 +171,128 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} .q{{margin:10px 
 .h{{font-weight:bold;margin-bottom:3px}} .t{{display:inline-block;border:4px solid;margin:2px;
 width:{thumb}px;height:{thumb}px;vertical-align:top;text-align:center;overflow:hidden}}
 .t img{{max-width:100%;max-height:100%}}</style></head><body>
-<h2>{title}</h2>{table}
+<h2>{title}</h2>{run}<h3>Metrics</h3>{table}
 <h3>AP per query ({setup})</h3>{curve}
 <h3>The {shown} worst and best queries ({setup}): query (box in yellow), then its top results</h3>
 <p><span style="color:#2e9e44">■</span> positive <span style="color:#9a9a9a">■</span> ignored
 <span style="color:#d0342c">■</span> negative</p>{queries}</body></html>
 """
+
+
+# ------------------------------------------------------------------------------------------
+# The comparison page: ``retrieval report --results RES1,RES2,… --out DIR``
+# ------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class CompareConfig:
+    results: list[str]              # evaluated results folders (jobs.search + jobs.evaluate) (required)
+    out: str                        # folder receiving comparison.html and comparison.csv (required)
+    title: str = "Method comparison"
+    setup: str = "medium"           # revisited ground truth: the setup compared (group ground truth has one)
+    storage: dict = field(default_factory=dict)
+
+
+RERANK_COLORS = {"none": "#1f6fb2", "aqe": "#7fb8e6", "alpha-qe": "#2e9e44", "dfs": "#d0342c",
+                 "truncated-dfs": "#f08a5d", "fsr": "#8e44ad", "hybrid": "#e0a800", "offline": "#555555"}
+
+
+def comparison_rows(cfg: CompareConfig) -> pd.DataFrame:
+    """One row per results folder: what made it, its mAP / mP@k and its time per query."""
+    rows = []
+    for res in cfg.results:
+        metrics = read_metrics(res, cfg.storage)
+        run = metrics.get("run") or {}
+        m = metrics if "mAP" in metrics else metrics[cfg.setup]
+        timings = run.get("timings_s") or {}
+        searching = sum(v for k, v in timings.items() if k != "extract queries")
+        n = run.get("queries") or m["queries"]
+        crop = run.get("center_crop")
+        rows.append({"results": res, "method": run.get("method"), "rerank": run.get("rerank") or "none",
+                     "queries": "whole" if crop is None else f"crop {crop:g}", "n_queries": n,
+                     "mAP": 100 * m["mAP"], **{k: 100 * v for k, v in m.items() if k.startswith("mP@")},
+                     "ms_per_query": 1000 * searching / max(n, 1), "describe_s": timings.get("extract queries", 0.0),
+                     **{f"time {k}": v for k, v in timings.items() if k != "extract queries"},
+                     "index": run.get("index")})
+    return pd.DataFrame(rows)
+
+
+def bars_svg(labels: list[str], values: list[float], colors: list[str], unit: str, width: int = 640) -> str:
+    """Horizontal bars with their values, one per label (inline SVG)."""
+    top = max(values) if values and max(values) > 0 else 1.0
+    h, left = 18, 230
+    items = []
+    for i, (lab, v, c) in enumerate(zip(labels, values, colors)):
+        y, w = 4 + i * h, (width - left - 70) * v / top
+        items.append(f'<text x="{left - 6}" y="{y + 12}" text-anchor="end">{html.escape(lab)}</text>'
+                     f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{h - 4}" fill="{c}"/>'
+                     f'<text x="{left + w + 4:.1f}" y="{y + 12}">{v:.1f} {unit}</text>')
+    return f'<svg width="{width}" height="{8 + h * len(labels)}" style="font:11px sans-serif">{"".join(items)}</svg>'
+
+
+def comparison_page(cfg: CompareConfig, rows: pd.DataFrame, index_summary: dict | None) -> str:
+    order = rows.sort_values(["queries", "method", "rerank"], kind="stable")
+    labels = [f"{q} · {m} + {r}" for q, m, r in zip(order["queries"], order["method"], order["rerank"])]
+    colors = [RERANK_COLORS.get(r, "#444") for r in order["rerank"]]
+    legend = " ".join(f'<span style="color:{c}">■</span> {html.escape(r)}' for r, c in RERANK_COLORS.items()
+                      if r in set(order["rerank"]))
+    shown = [c for c in rows.columns if c not in ("results", "index") and not c.startswith("time ")]
+    table = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{v:.2f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+                         for v in r) + "</tr>" for r in order[shown].itertuples(index=False)) + "</table>"
+    index_part = ""
+    if index_summary:
+        stages = index_summary.get("timings_s", {})
+        index_part = (f"<h3>Index build: time per stage ({index_summary.get('total_s', 0):.0f} s in all)</h3>"
+                      + bars_svg(list(stages), list(stages.values()), ["#888"] * len(stages), "s"))
+    links = "".join(f'<li><a href="{html.escape(sfs.join(r, "report.html"))}">{html.escape(r)}</a></li>'
+                    for r in order["results"])
+    return COMPARISON.format(
+        title=html.escape(cfg.title), index=html.escape(str(rows["index"].iloc[0])), table=table, legend=legend,
+        map_plot=bars_svg(labels, order["mAP"].tolist(), colors, "mAP"),
+        time_plot=bars_svg(labels, order["ms_per_query"].tolist(), colors, "ms/query"),
+        index_part=index_part, links=links)
+
+
+COMPARISON = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font:14px sans-serif;margin:20px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
+<h2>{title}</h2><p>index: {index}</p>{table}
+<h3>mAP per method and re-ranking</h3><p>{legend}</p>{map_plot}
+<h3>Search time per query (ranking + re-ranking; query description excluded, it is cached)</h3>{time_plot}
+{index_part}<h3>Per-query galleries</h3><ul>{links}</ul></body></html>
+"""
+
+
+def print_comparison(rows: pd.DataFrame) -> None:
+    pivot = rows.pivot_table(index=["method", "rerank"], columns="queries", values=["mAP", "ms_per_query"],
+                             aggfunc="first", sort=False)
+    cols = sorted(rows["queries"].unique(), key=lambda q: (q != "whole", q))
+    head = f"{'method':<8} {'re-ranking':<14}" + "".join(f" {('mAP ' + q):>13} {'ms/q':>7}" for q in cols)
+    print(head)
+    for (method, rerank), r in pivot.iterrows():
+        print(f"{method:<8} {rerank:<14}" + "".join(
+            f" {r[('mAP', q)]:>13.2f} {r[('ms_per_query', q)]:>7.1f}" if ("mAP", q) in r and pd.notna(r[("mAP", q)])
+            else f" {'-':>13} {'-':>7}" for q in cols))
+
+
+FLAGS = {
+    "--results": ("results", "comma-separated evaluated results folders"),
+    "--out": ("out", "folder receiving comparison.html and comparison.csv"),
+    "--title": ("title", "page title"),
+}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Compare evaluated results: one page with a table, a mAP-per-method plot and time per stage."""
+    cfg = parse(CompareConfig, argv, FLAGS, __doc__, prog)
+    rows = comparison_rows(cfg)
+    index = rows["index"].dropna()
+    summary = read_summary(str(index.iloc[0]), "index", cfg.storage) if len(index) else None
+    uri = write_comparison(cfg.out, comparison_page(cfg, rows, summary), pa.Table.from_pandas(rows, preserve_index=False),
+                           cfg.storage)
+    print_comparison(rows)
+    print(f"comparison: {uri}")
+    return {"page": uri, "rows": len(rows)}
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -97,7 +97,8 @@ def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
                 summary.add(rows_written=rec["rows"])
             bar.update(len(ready))
     write_run(cfg.out, {"config": to_dict(cfg), "method": cfg.method, "rerank": "offline", "index": cfg.index,
-                        "queries": n}, cfg.storage)
+                        "params": {"top": cfg.top, "seed": cfg.seed, "rerank": dataclasses.asdict(cfg.params)},
+                        "queries": n, "timings_s": dict(summary.timings)}, cfg.storage)
 
 
 FLAGS = {

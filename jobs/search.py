@@ -1,16 +1,22 @@
-"""Search job: extract the queries, rank the database, write top-K results to Parquet.
+"""Search job: describe the queries, rank the database, write top-K results to Parquet.
 
 ``python -m jobs.search --index ROOT --queries Q --out RES --method {global,asmk,fused} --topk K``
 
 Queries (folder, manifest with optional ``x0,y0,x1,y1`` boxes, or revisited ``.pkl`` with its
-``bbx``) are cropped and described exactly as the database was (same describer config and
-whitening, read from ``ROOT/index.json``). Ranking runs in Ray tasks over blocks of queries:
+``bbx``) are cropped and described exactly as the database was (same describer config and local
+whitening, read from ``ROOT/index.json``). Described queries are cached per index and query
+settings (:mod:`storage.query_cache`): a second search of the same queries describes nothing. A
+query that is an uncropped database image reuses that image's features, read from its own shard.
+
+Everything one search reads is read once into a :class:`SearchContext`; every stage takes and
+returns a :class:`operators.ranking.Ranking` (queries × k arrays). Ranking runs in Ray tasks over
+blocks of queries:
 
 - ``global``: each task memory-maps the descriptor matrices and streams them in blocks with a
   top-k heap (memory O(queries × k));
 - ``asmk``: queries are quantised with multiple assignment and aggregated; each task scores its
   block against the memory-mapped inverted files (:func:`operators.asmk.search`);
-- ``fused``: ASMK score + β × cubed global similarity, normalised per query (:mod:`operators.fusion`).
+- ``fused``: ASMK and global rankings fused over the union of their shortlists (:mod:`operators.fusion`).
 
 ``--rerank`` re-ranks the initial ranking (:mod:`operators.rerank`): ``aqe`` / ``alpha-qe`` expand
 the query's global descriptor with its top results and search again; ``dfs``, ``truncated-dfs``,
@@ -38,26 +44,30 @@ import pyarrow.compute as pc
 from cluster.ray_env import RayConfig, connect
 from jobs.asmk import AsmkConfig, search_task as asmk_search_task
 from jobs.config import from_dict, parse, run_cli, to_dict
-from jobs.extract import ExtractConfig, check_settings, prepare_images, recorded_settings, run_extraction
+from jobs.extract import (ExtractConfig, check_settings, extraction_settings, prepare_images, recorded_settings,
+                          run_extraction)
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, aggregate
 from operators.codebook import Quantizer
 from operators.describe import DescriptorConfig
-from operators.fusion import fuse
+from operators.fusion import Mode as FusionMode, fuse
 from operators.global_index import iter_blocks
+from operators.graph import index_of
 from operators.knn import knn_blocks
 from operators.qe import expand
+from operators.ranking import Ranking
 from operators.rerank import DIFFUSION, METHODS as RERANK_METHODS, RerankParams, rerank
-from operators.graph import index_of
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
+from storage.collection import load_collection
+from storage.errors import ArtifactError, ConfigError, SettingsMismatch
 from storage.global_index import GlobalLookup, global_ids, open_global
 from storage.graph import graph_problem, load_graph
+from storage.query_cache import query_cache_key, query_cache_root
 from storage.results import write_results as store_results
-from storage.whitening import read_whitening
-from storage.errors import ArtifactError, ConfigError, SettingsMismatch
 from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
+from storage.whitening import read_whitening
 
 Method = Literal["global", "asmk", "fused"]
 Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid"]
@@ -77,10 +87,12 @@ class SearchConfig:
     center_crop: float | None = None      # crop queries without a box to this central fraction
     exclude_self: bool = True
     reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
+    query_cache: str = "index"            # described queries: "index" (ROOT/query-cache), "results" (RES/queries, no reuse) or a folder
     query_block: int = 1024               # queries per Ray search task (global)
     db_block: int = 65536                 # database rows per faiss call
     asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
-    fusion_beta: float = 0.5              # fused: weight of the global term (measured, operators/fusion.py)
+    fusion: FusionMode = "rank"           # fused: rank (reciprocal rank fusion) or score (normalised sum)
+    fusion_beta: float = 1.5              # fused: weight of the global term (group-wise cross-validated, README "Fusion")
     fusion_shortlist: int = 1000          # fused: shortlist of each method
     rerank: Rerank = "none"
     rerank_params: RerankParams = field(default_factory=RerankParams)
@@ -88,42 +100,92 @@ class SearchConfig:
     storage: dict = field(default_factory=dict)
 
 
-def partitions(cfg: SearchConfig) -> list[ArtifactRoot]:
-    return [ArtifactRoot(u, cfg.storage) for u in [cfg.index, *cfg.distractors]]
+@dataclass
+class SearchContext:
+    """What one search reads once and passes down: partitions, queries, their global vectors.
 
-
-def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int):
-    """Rank the memory-mapped descriptors of every partition for one block of queries (a Ray task)."""
-    def blocks():
-        for uri, options in roots:
-            root = ArtifactRoot(uri, options)
-            g = open_global(root)
-            yield from iter_blocks(g.ids, g.vectors, db_block)
-    return knn_blocks(xq, blocks(), k, exclude)
-
-
-def describe_queries(cfg: SearchConfig, root: ArtifactRoot, summary: JobSummary) -> tuple[pd.DataFrame, ArtifactRoot]:
-    """Extract the queries that need it into ``RES/queries`` with the index's describer config.
-
-    A query that is an uncropped database image is not described again: its database features are
-    reused (``reuse`` column). Rerunning into a folder made with other query settings is refused.
+    Every :class:`Ranking` of the search has one row per described query, in ``qids`` order.
     """
+
+    cfg: SearchConfig
+    parts: list[ArtifactRoot]   # the index, then the distractor roots
+    database: pd.DataFrame      # the index's image table (ids, files, shards)
+    queries: pd.DataFrame       # every query: image_id, name, file, box, own (database id or −1), reuse
+    qroot: ArtifactRoot         # the described queries (cache entry)
+    qids: np.ndarray            # (m,) described queries, sorted
+    xq: np.ndarray              # (m, D) their global descriptors, in the database's (whitened) space
+    exclude: np.ndarray         # (m,) database id left out of each query's ranking (−1: none)
+    lookup: GlobalLookup        # global descriptors by database id, over every partition
+
+    @property
+    def root(self) -> ArtifactRoot:
+        return self.parts[0]
+
+    @property
+    def roots(self) -> list[tuple[str, dict]]:
+        """(uri, options) of every partition, as Ray tasks take them."""
+        return [(r.uri, r.options) for r in self.parts]
+
+    def block_starts(self, block: int) -> range:
+        return range(0, len(self.qids), block)
+
+
+# ------------------------------------------------------------------------------------------
+# The context: queries described (or cached) and read once
+# ------------------------------------------------------------------------------------------
+def build_context(cfg: SearchConfig, summary: JobSummary) -> SearchContext:
+    parts = [ArtifactRoot(u, cfg.storage) for u in [cfg.index, *cfg.distractors]]
+    root = parts[0]
+    database = root.images()
+    if database is None:
+        raise ArtifactError(f"{root.uri} is not an index (no images.parquet): run python -m jobs.index first")
+    queries, qroot = describe_queries(cfg, root, database, summary)
+    lookup = GlobalLookup(parts)
+    qids, xq = query_globals(root, qroot, queries, lookup)
+    own = queries.set_index("image_id").loc[qids, "own"].to_numpy(np.int64)
+    exclude = own if cfg.exclude_self else np.full(len(qids), -1, np.int64)
+    return SearchContext(cfg, parts, database, queries, qroot, qids, xq, exclude, lookup)
+
+
+def query_extract_config(cfg: SearchConfig, root: ArtifactRoot, out: str) -> ExtractConfig:
+    """The index's extraction settings applied to the queries (their crop policy and role)."""
     built = from_dict(ExtractConfig, root.stage_settings("extract"))
-    qcfg = ExtractConfig(collection=cfg.queries, out=sfs.join(cfg.out, "queries"), role=cfg.role,
-                         shard_size=built.shard_size, batch_size=built.batch_size, center_crop=cfg.center_crop,
+    return ExtractConfig(collection=cfg.queries, out=out, role=cfg.role, shard_size=built.shard_size,
+                         batch_size=built.batch_size, center_crop=cfg.center_crop,
                          local_whiten_dim=built.local_whiten_dim,
                          describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
-    qroot = ArtifactRoot(qcfg.out, cfg.storage)
-    previous = qroot.stage_settings("extract", required=False)
-    check_settings(qroot.shards(), to_dict(qcfg), previous)
-    queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size)
-    queries["own"] = self_ids(queries, root.images())
-    uncropped = queries[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
-    described = np.isin(queries["own"].to_numpy(), global_ids(root))  # own image described ok
-    queries["reuse"] = described & uncropped & cfg.reuse_database_features
+
+
+def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFrame,
+                     summary: JobSummary) -> tuple[pd.DataFrame, ArtifactRoot]:
+    """Describe the queries that need it into their cache entry; returns the query table and the entry.
+
+    A query that is an uncropped database image is not described: its database features are reused
+    (``reuse`` column). Queries already in the cache entry are not described again.
+    """
+    qcfg = query_extract_config(cfg, root, "")
+    fresh = load_collection(cfg.queries, cfg.role, cfg.storage)
+    whitening = read_whitening(root, "local")
+    db_ids = global_ids(root)
+    fresh["own"] = self_ids(fresh, database)
+    uncropped = fresh[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
+    fresh["reuse"] = np.isin(fresh["own"].to_numpy(), db_ids) & uncropped & cfg.reuse_database_features
+    if cfg.query_cache == "results":
+        qroot = ArtifactRoot(sfs.join(cfg.out, "queries"), cfg.storage)
+    else:
+        key = query_cache_key(root, {**extraction_settings(to_dict(qcfg)), "role": cfg.role,
+                                     "reuse": cfg.reuse_database_features},
+                              fresh, whitening.to_bytes() if whitening else None, len(db_ids))
+        qroot = query_cache_root(root, key, None if cfg.query_cache == "index" else cfg.query_cache)
+    qcfg = dataclasses.replace(qcfg, out=qroot.uri)
+    check_settings(qroot.shards(), to_dict(qcfg), qroot.stage_settings("extract", required=False))
+    queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size,
+                             fresh=fresh.drop(columns=["own", "reuse"]))
+    queries = queries.merge(fresh[["image_id", "own", "reuse"]], on="image_id", how="left")
     summary.add(queries_reusing_database_features=int(queries["reuse"].sum()))
+    summary.info["query_cache"] = qroot.uri
     with summary.stage("extract queries"):
-        run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), read_whitening(root, "local"), summary)
+        run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), whitening, summary)
     qroot.record_stage("extract", "search", recorded_settings(qcfg), images=len(queries))
     return queries, qroot
 
@@ -134,71 +196,81 @@ def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
     return np.array([by_file.get(sfs.canonical(f), -1) for f in queries["file"]], dtype=np.int64)
 
 
-def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
-    """Global descriptors of the successfully described queries, in the database's (whitened) space.
+def _ok(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table.column("status"), "ok"))
 
-    Returns the query rows (in output order) and their (n, D) matrix.
-    """
-    parts = []
+
+def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame,
+                  lookup: GlobalLookup) -> tuple[np.ndarray, np.ndarray]:
+    """Ids (sorted) and global descriptors, in the database's (whitened) space, of the described queries."""
+    ids, vectors = [], []
     if (~queries["reuse"]).any():
-        t = qroot.shards().read_all(["image_id", "status", "global"])
-        ok = np.array([s == "ok" for s in t.column("status").to_pylist()], bool)
-        x = global_matrix(t)[ok]
-        white = read_whitening(root, "global")
-        parts.append((t.column("image_id").to_numpy()[ok], white(x) if white is not None else x))
+        t = _ok(qroot.shards().read_all(["image_id", "status", "global"]))
+        if t.num_rows:
+            white = read_whitening(root, "global")
+            x = global_matrix(t)
+            ids.append(t.column("image_id").to_numpy()), vectors.append(white(x) if white is not None else x)
     reuse = queries[queries["reuse"]]
     if len(reuse):
-        parts.append((reuse["image_id"].to_numpy(), GlobalLookup([root])(reuse["own"].to_numpy())))
-    if not parts:
-        return queries.iloc[:0], np.zeros((0, 1), np.float32)
-    qids = np.concatenate([p[0] for p in parts])
-    xq = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        ids.append(reuse["image_id"].to_numpy()), vectors.append(lookup(reuse["own"].to_numpy()))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, lookup.dim), np.float32)
+    qids = np.concatenate(ids).astype(np.int64)
     order = np.argsort(qids)
-    return queries.set_index("image_id").loc[qids[order]].reset_index(), xq[order]
+    return qids[order], np.concatenate(vectors).astype(np.float32)[order]
 
 
-def run_global(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: int,
-               described: tuple[pd.DataFrame, np.ndarray] | None = None) -> dict[int, tuple]:
-    """{query id: (ids, scores)} by global-descriptor similarity (``described``: rows and vectors if already read)."""
-    import ray
+def query_locals(ctx: SearchContext) -> tuple[np.ndarray, np.ndarray]:
+    """Local descriptors (float32) of the queries and their query ids.
 
-    rows, xq = described or query_globals(partitions(cfg)[0], qroot, queries)
-    exclude = rows["own"].to_numpy() if cfg.exclude_self else np.full(len(rows), -1)
-    roots = [(r.uri, r.options) for r in partitions(cfg)]
-    task = ray.remote(num_cpus=1)(global_search_task)
-    futures = [task.remote(roots, xq[s:s + cfg.query_block], exclude[s:s + cfg.query_block], k, cfg.db_block)
-               for s in range(0, len(xq), cfg.query_block)]
-    out = {}
-    for s0, (scores, ids) in zip(range(0, len(xq), cfg.query_block), ray.get(futures)):
-        for j, q in enumerate(rows["image_id"].to_numpy()[s0:s0 + cfg.query_block]):
-            out[int(q)] = (ids[j], scores[j])
-    return out
-
-
-def query_locals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Local descriptors of the queries (float32) and their query ids; reused ones come from the index."""
+    Described queries come from the cache entry; reused ones from their database images' own shards
+    (only those shards are read).
+    """
     descs, ids = [], []
 
-    def take(table: pa.Table) -> None:
-        table = table.filter(pc.equal(table.column("status"), "ok"))
-        d, i, _ = local_arrays(table)
-        descs.append(d.astype(np.float32)), ids.append(i)
+    def take(table: pa.Table, to_query: dict | None = None) -> None:
+        d, i, _ = local_arrays(_ok(table))
+        descs.append(d.astype(np.float32))
+        ids.append(i if to_query is None else np.array([to_query[int(x)] for x in i], np.int64))
 
-    if (~queries["reuse"]).any():
-        take(qroot.shards().read_all(["image_id", "status", "local_desc"]))
-    reuse = queries[queries["reuse"]]
+    q = ctx.queries
+    if (~q["reuse"]).any():
+        take(ctx.qroot.shards().read_all(["image_id", "status", "local_desc"]))
+    reuse = q[q["reuse"]]
     if len(reuse):
-        to_query = dict(zip(reuse["own"], reuse["image_id"]))
-        for table in root.shards().iter_tables(["image_id", "status", "local_desc"]):
-            table = table.filter(pc.is_in(table.column("image_id"), pa.array(list(to_query), pa.int64())))
-            if table.num_rows:
-                n = len(descs)
-                take(table)
-                if len(descs) > n:
-                    ids[-1] = np.array([to_query[int(i)] for i in ids[-1]], np.int64)
+        to_query = dict(zip(reuse["own"].astype(int), reuse["image_id"].astype(int)))
+        shard_of = ctx.database.set_index("image_id")["shard"]
+        wanted = pa.array(list(to_query), pa.int64())
+        for shard in sorted(set(shard_of.loc[list(to_query)].astype(int))):
+            table = ctx.root.shards().read_shard(shard, ["image_id", "status", "local_desc"])
+            take(table.filter(pc.is_in(table.column("image_id"), wanted)), to_query)
     if not descs:
         return np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
     return np.concatenate(descs), np.concatenate(ids)
+
+
+# ------------------------------------------------------------------------------------------
+# Initial rankings
+# ------------------------------------------------------------------------------------------
+def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int):
+    """Rank the memory-mapped descriptors of every partition for one block of queries (a Ray task)."""
+    def blocks():
+        for uri, options in roots:
+            g = open_global(ArtifactRoot(uri, options))
+            yield from iter_blocks(g.ids, g.vectors, db_block)
+    return knn_blocks(xq, blocks(), k, exclude)
+
+
+def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
+    """Top-``k`` by global-descriptor similarity of query vectors ``xq`` (one per ``ctx.qids``)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(global_search_task)
+    b = ctx.cfg.query_block
+    futures = [task.remote(ctx.roots, xq[s:s + b], ctx.exclude[s:s + b], k, ctx.cfg.db_block)
+               for s in ctx.block_starts(b)]
+    got = ray.get(futures)
+    return Ranking.concat([Ranking(ctx.qids[s:s + b], ids, scores) for s, (scores, ids) in zip(ctx.block_starts(b), got)])
 
 
 def asmk_params(cfg: SearchConfig, root: ArtifactRoot) -> tuple[AsmkParams, int]:
@@ -209,53 +281,68 @@ def asmk_params(cfg: SearchConfig, root: ArtifactRoot) -> tuple[AsmkParams, int]
     return chosen.params, chosen.buffer_mb
 
 
-def run_asmk(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot, k: int) -> dict[int, tuple]:
-    """{query id: (ids, scores)} by ASMK over every partition's inverted file."""
+def asmk_search(ctx: SearchContext, k: int) -> Ranking:
+    """Top-``k`` by ASMK over every partition's inverted file (one codebook)."""
     import ray
 
-    parts = partitions(cfg)
-    root = parts[0]
-    centroids = load_codebook(root)
-    for other in parts[1:]:
+    centroids = load_codebook(ctx.root)
+    for other in ctx.parts[1:]:
         if codebook_hash(load_codebook(other)) != codebook_hash(centroids):
-            raise SettingsMismatch(f"{other.uri} was built with another codebook; it cannot be searched with {root.uri}")
-    params, buffer_mb = asmk_params(cfg, root)
-    desc, qimg = query_locals(root, qroot, queries)
+            raise SettingsMismatch(f"{other.uri} was built with another codebook; it cannot be searched with {ctx.root.uri}")
+    params, buffer_mb = asmk_params(ctx.cfg, ctx.root)
+    desc, qimg = query_locals(ctx)
     agg = aggregate(desc, qimg, Quantizer(centroids)(desc, params.query_ma), centroids, params.binary)
-    exclude = dict(zip(queries["image_id"], queries["own"])) if cfg.exclude_self else {}
+    exclude = dict(zip(ctx.qids.tolist(), ctx.exclude.tolist()))
     uq = np.unique(agg.image_ids)
-    block = (cfg.asmk or AsmkConfig()).query_block
+    block = (ctx.cfg.asmk or AsmkConfig()).query_block
     task = ray.remote(num_cpus=1)(asmk_search_task)
-    roots = [(r.uri, r.options) for r in parts]
     futures = []
     for s in range(0, len(uq), block):
         m = np.isin(agg.image_ids, uq[s:s + block])
-        futures.append(task.remote(roots, agg.words[m], agg.codes[m], agg.image_ids[m], dataclasses.asdict(params),
-                                   k, {q: exclude[q] for q in uq[s:s + block].tolist()}, buffer_mb))
-    out = {}
-    for qids, scores, ids in ray.get(futures):
-        for j, q in enumerate(qids.tolist()):
-            out[q] = (ids[j], scores[j])
-    return out
+        futures.append(task.remote(ctx.roots, agg.words[m], agg.codes[m], agg.image_ids[m], dataclasses.asdict(params),
+                                   k, {q: exclude.get(q, -1) for q in uq[s:s + block].tolist()}, buffer_mb))
+    parts = [Ranking(qids, ids, scores) for qids, scores, ids in ray.get(futures)]
+    return Ranking.concat(parts).align(ctx.qids).top(k)
 
 
-def run_fused(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot) -> dict[int, tuple]:
-    """ASMK + β · global (see :mod:`operators.fusion`) over the union of both shortlists."""
-    shortlist = max(cfg.fusion_shortlist, cfg.topk)
-    rows, xq = query_globals(partitions(cfg)[0], qroot, queries)
-    a, g = run_asmk(cfg, queries, qroot, shortlist), run_global(cfg, queries, qroot, shortlist, (rows, xq))
-    row_of = {int(q): j for j, q in enumerate(rows["image_id"])}
-    lookup = GlobalLookup(partitions(cfg))
-    out = {}
-    for q in set(a) | set(g):
-        a_ids, a_s = a.get(q, (np.zeros(0, np.int64), np.zeros(0)))
-        cand = np.unique(np.concatenate([a_ids[a_ids >= 0], g.get(q, (np.zeros(0, np.int64),))[0]]))
-        cand = cand[cand >= 0]
-        sims = lookup(cand) @ xq[row_of[q]] if q in row_of and len(cand) else np.zeros(len(cand))
-        out[q] = fuse(a_ids, a_s, cand, sims, cfg.fusion_beta, cfg.topk)
-    return out
+def fused_search(ctx: SearchContext, k: int) -> Ranking:
+    """ASMK fused with global similarity (:func:`operators.fusion.fuse`) over the union of both shortlists.
+
+    Candidates found by ASMK alone get their global similarity from the memory-mapped matrices.
+    """
+    shortlist = max(ctx.cfg.fusion_shortlist, k)
+    a, g = asmk_search(ctx, shortlist), global_search(ctx, ctx.xq, shortlist)
+    cand, asmk_s, glob = union_candidates(a, g.top(shortlist))
+    need = (cand >= 0) & np.isnan(glob)
+    rows, cols = np.nonzero(need)
+    for s in range(0, len(rows), 65536):  # blocks bound the memory of the looked-up rows
+        r, c = rows[s:s + 65536], cols[s:s + 65536]
+        glob[r, c] = np.einsum("nd,nd->n", ctx.lookup(cand[r, c]), ctx.xq[r])
+    ids, scores = fuse(cand, asmk_s, glob, ctx.cfg.fusion_beta, k, ctx.cfg.fusion)
+    return Ranking(ctx.qids, ids, scores)
 
 
+def union_candidates(a: Ranking, g: Ranking) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the union of two rankings' ids: (ids, ASMK score or −inf, global score or NaN), (m, ka + kg).
+
+    Each id appears once (padding −1); an id of both keeps ``a``'s score and takes ``g``'s similarity.
+    """
+    ids = np.concatenate([a.ids, g.ids], 1)
+    asmk = np.concatenate([a.scores, np.full(g.scores.shape, -np.inf, np.float32)], 1).astype(np.float64)
+    glob = np.concatenate([np.full(a.scores.shape, np.nan), g.scores], 1).astype(np.float64)
+    order = np.argsort(ids, axis=1, kind="stable")  # an id of both: a's entry first, g's next to it
+    ids, asmk, glob = (np.take_along_axis(x, order, 1) for x in (ids, asmk, glob))
+    dup = np.zeros(ids.shape, bool)
+    dup[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+    first = np.roll(dup, -1, axis=1)  # the a-entry of a duplicated id
+    glob[first] = glob[dup]
+    ids[dup] = -1
+    return ids, asmk, glob
+
+
+# ------------------------------------------------------------------------------------------
+# Re-ranking
+# ------------------------------------------------------------------------------------------
 def initial_depth(cfg: SearchConfig) -> int:
     """How deep the initial ranking must go for the chosen re-ranking."""
     p = cfg.rerank_params
@@ -264,23 +351,20 @@ def initial_depth(cfg: SearchConfig) -> int:
     return max(cfg.topk, need)
 
 
-def run_query_expansion(cfg: SearchConfig, queries: pd.DataFrame, qroot: ArtifactRoot,
-                        ranked: dict[int, tuple]) -> dict[int, tuple]:
+def query_expansion(ctx: SearchContext, ranked: Ranking, block: int = 256) -> Ranking:
     """AQE / αQE: expand each query's global descriptor with its top results, then search again."""
-    p = cfg.rerank_params
-    alpha = 0.0 if cfg.rerank == "aqe" else p.qe_alpha
-    rows, xq = query_globals(partitions(cfg)[0], qroot, queries)
-    lookup = GlobalLookup(partitions(cfg))
-    top = np.full((len(rows), p.qe_n), -1, np.int64)
-    for j, q in enumerate(rows["image_id"].to_numpy()):
-        ids = np.asarray(ranked.get(int(q), (np.zeros(0, np.int64),))[0])
-        ids = ids[ids >= 0][:p.qe_n]
-        top[j, :len(ids)] = ids
-    vec = np.zeros((top.size, xq.shape[1]), np.float32)
-    vec[top.reshape(-1) >= 0] = lookup(top[top >= 0])  # padding (−1) stays zero and is masked below
-    vec = vec.reshape(len(rows), p.qe_n, -1)
-    sims = np.where(top >= 0, np.einsum("mkd,md->mk", vec, xq), -np.inf)  # global similarity, whatever ranked them
-    return run_global(cfg, queries, qroot, cfg.topk, (rows, expand(xq, vec, sims, alpha, p.qe_n)))
+    p = ctx.cfg.rerank_params
+    alpha = 0.0 if ctx.cfg.rerank == "aqe" else p.qe_alpha
+    top = ranked.top(p.qe_n).ids
+    expanded = np.empty_like(ctx.xq)
+    for s in ctx.block_starts(block):  # blocks bound the (block, n, D) neighbour vectors
+        t = top[s:s + block]
+        vec = np.zeros((t.size, ctx.xq.shape[1]), np.float32)
+        vec[t.reshape(-1) >= 0] = ctx.lookup(t[t >= 0])  # padding (−1) stays zero and is masked below
+        vec = vec.reshape(len(t), p.qe_n, -1)
+        sims = np.where(t >= 0, np.einsum("mkd,md->mk", vec, ctx.xq[s:s + block]), -np.inf)  # global similarity
+        expanded[s:s + block] = expand(ctx.xq[s:s + block], vec, sims, alpha, p.qe_n)
+    return global_search(ctx, expanded, ctx.cfg.topk)
 
 
 def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
@@ -291,60 +375,57 @@ def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np
     return rerank(method, graph, rows, sims, own, topk, p)
 
 
-def run_diffusion(cfg: SearchConfig, queries: pd.DataFrame, ranked: dict[int, tuple]) -> dict[int, tuple]:
+def diffusion(ctx: SearchContext, ranked: Ranking) -> Ranking:
     """Diffusion re-ranking of every query's initial ranking (node rows of the index's graph)."""
     import ray
 
+    cfg = ctx.cfg
     if cfg.distractors:
         raise ConfigError("diffusion re-ranking needs one graph over the whole database; build the index over the "
-                         "collection and its distractors together instead of --distractors")
-    root = partitions(cfg)[0]
-    problem = graph_problem(root, spectral=cfg.rerank in ("fsr", "hybrid"))
+                          "collection and its distractors together instead of --distractors")
+    problem = graph_problem(ctx.root, spectral=cfg.rerank in ("fsr", "hybrid"))
     if problem:
         raise ArtifactError(f"--rerank {cfg.rerank}: {problem}")
-    node_ids = np.asarray(global_ids(root))
-    qids = [int(q) for q in queries.sort_values("image_id")["image_id"] if int(q) in ranked]
-    depth = initial_depth(cfg)
-    ids = np.full((len(qids), depth), -1, np.int64)
-    sims = np.full((len(qids), depth), -np.inf)
-    for j, q in enumerate(qids):
-        i, sc = (np.asarray(a)[:depth] for a in ranked[q])
-        ids[j, :len(i)], sims[j, :len(sc)] = i, sc
-    own_id = dict(zip(queries["image_id"].astype(int), queries["own"].astype(int)))
-    own_ids = np.array([own_id[q] if cfg.exclude_self else -1 for q in qids], np.int64)
-    rows, own = index_of(node_ids, ids, -1), index_of(node_ids, own_ids, -1)  # one id → row lookup for all queries
+    node_ids = np.asarray(global_ids(ctx.root))
+    initial = ranked.top(initial_depth(cfg))
+    rows, own = index_of(node_ids, initial.ids, -1), index_of(node_ids, ctx.exclude, -1)
+    sims = initial.scores.astype(np.float64)
     task = ray.remote(num_cpus=1)(rerank_task)
     block = 4 * cfg.rerank_params.block
     params = dataclasses.asdict(cfg.rerank_params)
-    futures = [task.remote(root.uri, root.options, cfg.rerank, rows[s:s + block], sims[s:s + block],
-                           own[s:s + block], cfg.topk, params) for s in range(0, len(qids), block)]
-    out = {}
-    for s0, (r, sc) in zip(range(0, len(qids), block), ray.get(futures)):
-        for j, q in enumerate(qids[s0:s0 + block]):
-            out[q] = (np.where(r[j] >= 0, node_ids[np.maximum(r[j], 0)], -1), sc[j])
-    return out
+    futures = [task.remote(ctx.root.uri, ctx.root.options, cfg.rerank, rows[s:s + block], sims[s:s + block],
+                           own[s:s + block], cfg.topk, params) for s in ctx.block_starts(block)]
+    r, scores = (np.concatenate(x) for x in zip(*ray.get(futures))) if futures else (
+        np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
+    return Ranking(ctx.qids, np.where(r >= 0, node_ids[np.maximum(r, 0)], -1), scores)
 
 
-def results_table(queries: pd.DataFrame, ranked: dict[int, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
-    """One row per query (in query-id order); padding (-1) removed, empty when the query has no result."""
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+def results_table(queries: pd.DataFrame, ranked: Ranking) -> pa.Table:
+    """One row per query (in query-id order); padding removed, empty when the query has no result."""
     queries = queries.sort_values("image_id")
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
-    lists_i, lists_s = [], []
-    for q in queries["image_id"].tolist():
-        ids, scores = ranked.get(int(q), empty)
-        ids, scores = np.asarray(ids), np.asarray(scores)
-        keep = (ids >= 0) & np.isfinite(scores)
-        lists_i.append(ids[keep].tolist()), lists_s.append(scores[keep].astype(np.float32).tolist())
+    ids, scores = ranked.align(queries["image_id"].to_numpy()).lists()
     return pa.table({"query_id": pa.array(queries["image_id"], pa.int64()),
                      "query_name": pa.array(queries["name"].astype(str), pa.string()),
-                     "ids": pa.array(lists_i, pa.list_(pa.int64())), "scores": pa.array(lists_s, pa.list_(pa.float32()))},
+                     "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
                     schema=RESULTS_SCHEMA)
 
 
-def write_results(cfg: SearchConfig, table: pa.Table, timings: dict | None = None) -> str:
-    """Results with what made them: method, re-ranking and its parameters, index, timings."""
-    run = {"config": to_dict(cfg), "method": cfg.method, "rerank": cfg.rerank, "index": cfg.index,
-           "queries": table.num_rows, "timings_s": timings or {}}
+def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
+    """Results with what made them: method, re-ranking and its parameters, index, queries, timings."""
+    cfg = ctx.cfg
+    params = {"topk": cfg.topk}
+    if cfg.method in ("asmk", "fused"):
+        params["asmk"] = dataclasses.asdict(asmk_params(cfg, ctx.root)[0])
+    if cfg.method == "fused":
+        params.update(fusion=cfg.fusion, fusion_beta=cfg.fusion_beta, fusion_shortlist=cfg.fusion_shortlist)
+    if cfg.rerank != "none":
+        params["rerank"] = dataclasses.asdict(cfg.rerank_params)
+    run = {"config": to_dict(cfg), "method": cfg.method, "rerank": cfg.rerank, "params": params, "index": cfg.index,
+           "queries": table.num_rows, "queries_root": ctx.qroot.uri, "center_crop": cfg.center_crop,
+           "timings_s": timings}
     return store_results(cfg.out, table, run, cfg.storage)
 
 
@@ -360,31 +441,32 @@ FLAGS = {
 }
 
 
+def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
+    """The initial ranking of ``ctx.cfg.method``, re-ranked by ``ctx.cfg.rerank``, top ``topk``."""
+    cfg = ctx.cfg
+    depth = initial_depth(cfg)
+    initial = {"global": lambda: global_search(ctx, ctx.xq, depth), "asmk": lambda: asmk_search(ctx, depth),
+               "fused": lambda: fused_search(ctx, depth)}[cfg.method]
+    with summary.stage(f"search ({cfg.method})"):
+        ranked = initial()
+    if cfg.rerank in ("aqe", "alpha-qe"):
+        with summary.stage(f"re-rank ({cfg.rerank})"):
+            ranked = query_expansion(ctx, ranked)
+    elif cfg.rerank in DIFFUSION:
+        with summary.stage(f"re-rank ({cfg.rerank})"):
+            ranked = diffusion(ctx, ranked)
+    return ranked.top(cfg.topk)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     cfg = parse(SearchConfig, argv, FLAGS, __doc__, prog)
     summary = JobSummary("search")
     connect(cfg.ray)
-    root = ArtifactRoot(cfg.index, cfg.storage)
-    queries, qroot = describe_queries(cfg, root, summary)
-    depth = initial_depth(cfg)
-    with summary.stage(f"search ({cfg.method})"):
-        if cfg.method == "global":
-            ranked = run_global(cfg, queries, qroot, depth)
-        elif cfg.method == "asmk":
-            ranked = run_asmk(cfg, queries, qroot, depth)
-        else:
-            ranked = run_fused(dataclasses.replace(cfg, topk=depth), queries, qroot)
-    if cfg.rerank in ("aqe", "alpha-qe"):
-        with summary.stage(f"re-rank ({cfg.rerank})"):
-            ranked = run_query_expansion(cfg, queries, qroot, ranked)
-    elif cfg.rerank in DIFFUSION:
-        with summary.stage(f"re-rank ({cfg.rerank})"):
-            ranked = run_diffusion(cfg, queries, ranked)
-    else:
-        ranked = {q: (np.asarray(i)[:cfg.topk], np.asarray(s)[:cfg.topk]) for q, (i, s) in ranked.items()}
-    table = results_table(queries, ranked)
-    summary.add(queries=len(queries), queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
-    summary.info["results"] = write_results(cfg, table, dict(summary.timings))
+    ctx = build_context(cfg, summary)
+    table = results_table(ctx.queries, search(ctx, summary))
+    summary.add(queries=len(ctx.queries), queries_described=len(ctx.qids),
+                queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
+    summary.info["results"] = write_results(ctx, table, dict(summary.timings))
     return summary.finish(cfg.out, cfg.storage)
 
 

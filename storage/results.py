@@ -62,6 +62,18 @@ def write_report_page(res: str, page: str, options: dict | None = None) -> str:
     return uri
 
 
+def write_comparison(out: str, page: str, table: pa.Table, options: dict | None = None) -> str:
+    """``OUT/comparison.html`` and ``OUT/comparison.csv`` (``retrieval report``); returns the page's URI."""
+    import pyarrow.csv as pcsv
+
+    buf = io.BytesIO()
+    pcsv.write_csv(table, buf)
+    sfs.write_bytes(sfs.join(out, "comparison.csv"), buf.getvalue(), options)
+    uri = sfs.join(out, "comparison.html")
+    sfs.write_bytes(uri, page.encode(), options)
+    return uri
+
+
 def read_metrics(res: str, options: dict | None = None) -> dict:
     uri = sfs.join(res, "metrics.json")
     if not sfs.exists(uri, options):

@@ -15,6 +15,12 @@ def write_summary(folder: str, job: str, summary: dict, options: dict | None = N
     return uri
 
 
+def read_summary(folder: str, job: str, options: dict | None = None) -> dict | None:
+    """``summary-<job>.json`` of ``folder``, None when that job has not finished there."""
+    uri = sfs.join(folder, f"summary-{job}.json")
+    return sfs.read_json(uri, options) if sfs.exists(uri, options) else None
+
+
 def write_failed_images(folder: str, failed: pd.DataFrame, options: dict | None = None) -> str:
     """``failed-images.csv`` with columns image_id, file, error (rewritten whole each run)."""
     buf = io.StringIO()

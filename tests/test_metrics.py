@@ -11,6 +11,7 @@ import pytest
 
 from jobs import evaluate as evaluate_job
 from jobs.search import results_table
+from operators.ranking import Ranking
 from operators.metrics import average_precision, evaluate, positive_ranks, precision_at, revisited_setups
 from storage import fs as sfs
 from tests.conftest import REVISITED
@@ -97,7 +98,7 @@ def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
     rankings[0] = _ranking(roxford, 0, "RUHE")[:300] + 1000  # truncated: its positives are cut off
     rankings[0] = np.pad(rankings[0], (0, len(rankings[1]) - 300), constant_values=-1)
     queries = pd.DataFrame({"image_id": np.arange(70), "name": list(roxford["qimlist"])})
-    table = results_table(queries, {q: (r, np.zeros(len(r), np.float32)) for q, r in enumerate(rankings)})
+    table = results_table(queries, Ranking(np.arange(70), np.stack(rankings), np.zeros((70, len(rankings[1])))))
     res = tmp_path / "res"
     buf = io.BytesIO()
     import pyarrow.parquet as pq

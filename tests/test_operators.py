@@ -122,3 +122,63 @@ def test_knn_blocks_pads_when_database_is_small():
     xb = np.eye(3, dtype=np.float32)
     scores, ids = knn_blocks(xb[:1], [(np.arange(3), xb)], k=5)
     assert ids[0, :3].tolist()[0] == 0 and ids[0, 3:].tolist() == [-1, -1]
+
+
+def test_ranking_align_top_concat_and_lists():
+    from operators.ranking import Ranking
+
+    r = Ranking([5, 2], [[7, 8, -1], [9, -1, -1]], [[0.9, 0.5, 3.0], [0.7, 1.0, 2.0]])
+    assert np.isneginf(r.scores[0, 2]) and np.isneginf(r.scores[1, 1:]).all()  # padding scores are −inf
+    a = r.align(np.array([2, 4, 5]))  # 4 is not held: an empty row
+    assert a.ids.tolist() == [[9, -1, -1], [-1, -1, -1], [7, 8, -1]]
+    assert r.top(1).ids.tolist() == [[7], [9]] and r.top(4).ids.shape == (2, 4)
+    both = Ranking.concat([r.top(1), Ranking([3], [[1, 2, 3, 4]], [[4, 3, 2, 1]])])
+    assert both.qids.tolist() == [5, 2, 3] and both.ids[0].tolist() == [7, -1, -1, -1]
+    assert r.lists() == ([[7, 8], [9]], [[pytest.approx(0.9), pytest.approx(0.5)], [pytest.approx(0.7)]])
+
+
+def _fuse_by_hand(ids, asmk, glob, beta, mode):
+    """One query, written out: the formulas of operators.fusion."""
+    valid = [i for i in range(len(ids)) if ids[i] >= 0]
+    if mode == "score":
+        a = {i: max(asmk[i], 0) if np.isfinite(asmk[i]) else 0.0 for i in valid}
+        g = {i: max(glob[i], 0) ** 3 for i in valid}
+        am, gm = max(a.values()), max(g.values())
+        s = {i: (a[i] / am if am > 0 else 0) + beta * (g[i] / gm if gm > 0 else 0) for i in valid}
+    else:
+        in_a = sorted((i for i in valid if np.isfinite(asmk[i])), key=lambda i: -asmk[i])
+        by_g = sorted(valid, key=lambda i: -glob[i])
+        s = {i: (1 / (60 + in_a.index(i) + 1) if i in in_a else 0) + beta / (60 + by_g.index(i) + 1) for i in valid}
+    order = sorted(valid, key=lambda i: (-s[i], ids[i]))
+    return [ids[i] for i in order], [s[i] for i in order]
+
+
+@pytest.mark.parametrize("mode", ["score", "rank"])
+def test_fusion_matches_the_formula_per_query(mode):
+    from operators.fusion import fuse
+
+    rng = np.random.default_rng(0)
+    m, c = 5, 12
+    ids = rng.permutation(100)[:m * c].reshape(m, c)
+    ids[:, -2:] = -1                                           # padding
+    asmk = rng.random((m, c)) * 3
+    asmk[rng.random((m, c)) < 0.4] = -np.inf                    # outside the ASMK shortlist
+    glob = rng.random((m, c)) * 2 - 0.5                         # negative similarities count as 0 in score mode
+    got_ids, got_s = fuse(ids, asmk, glob, beta=0.7, k=8, mode=mode)
+    for q in range(m):
+        want_ids, want_s = _fuse_by_hand(ids[q], asmk[q], glob[q], 0.7, mode)
+        assert got_ids[q].tolist() == want_ids[:8]
+        assert np.allclose(got_s[q], want_s[:8])
+
+
+def test_union_candidates_keeps_each_id_once_with_both_scores():
+    from jobs.search import union_candidates
+    from operators.ranking import Ranking
+
+    a = Ranking([0], [[3, 1, -1]], [[2.0, 1.0, 0]])
+    g = Ranking([0], [[1, 4, 5]], [[0.9, 0.8, 0.1]])
+    ids, asmk, glob = union_candidates(a, g)
+    got = {int(i): (s, t) for i, s, t in zip(ids[0], asmk[0], glob[0]) if i >= 0}
+    assert set(got) == {1, 3, 4, 5}
+    assert got[1] == (1.0, pytest.approx(0.9)) and got[3][0] == 2.0 and np.isnan(got[3][1])
+    assert np.isneginf(got[4][0]) and got[5][1] == pytest.approx(0.1)

@@ -14,7 +14,7 @@ from jobs import index as index_job
 from jobs import search as search_job
 from storage.errors import SettingsMismatch
 from storage.graph import graph_problem
-from storage.results import read_results
+from storage.results import read_results, read_run
 from storage.whitening import read_whitening
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
@@ -180,7 +180,7 @@ def test_query_manifest_boxes_crop_the_queries(built_index, mini_subset, tmp_pat
     summary = search_job.main(["--index", str(out), "--queries", str(tmp_path / "queries.csv"), "--out", str(res),
                                "--topk", "5"])
     assert summary["counts"].get("queries_reusing_database_features", 0) == 0  # cropped: described anew
-    meta = ArtifactRoot(str(res / "queries")).shards().read_all(["image_id", "x0", "y0", "x1", "y1"]).to_pandas()
+    meta = ArtifactRoot(read_run(str(res))["queries_root"]).shards().read_all(["image_id", "x0", "y0", "x1", "y1"]).to_pandas()
     assert meta.sort_values("image_id")[["x0", "y0", "x1", "y1"]].to_numpy().tolist() == \
         q[["x0", "y0", "x1", "y1"]].to_numpy().astype(float).tolist()
     assert len(pd.read_parquet(res / "results.parquet")) == 3
@@ -238,23 +238,41 @@ def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_pat
         assert page.count('class="q"') == 12 and page.count("<img ") == 12 * 11
         assert f"{100 * metrics['mAP']:.2f}" in page
         assert page.count("border-color:#2e9e44") + page.count("border-color:#d0342c") == 12 * 10
-    qmeta = ArtifactRoot(str(tmp_path / "res-0.4" / "queries")).shards().read_all(["x0", "x1", "width"]).to_pandas()
+    qmeta = ArtifactRoot(read_run(str(tmp_path / "res-0.4"))["queries_root"]).shards().read_all(["x0", "x1", "width"]).to_pandas()
     assert np.allclose(qmeta.x0, qmeta.width * 0.3, atol=1) and np.allclose(qmeta.x1, qmeta.width * 0.7, atol=1)
 
 
-def test_reused_database_features_equal_fresh_extraction(built_index, mini_subset, tmp_path):
+@pytest.mark.parametrize("method", ["global", "asmk"])
+def test_reused_database_features_equal_fresh_extraction(built_index, mini_subset, tmp_path, method):
+    """Reused queries read their database image's own shard (global row, local descriptors)."""
     out, _ = built_index
     runs = {}
     for reuse in (True, False):
         res = tmp_path / f"res-{reuse}"
         s = search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "5",
-                             "--set", f"reuse_database_features={str(reuse).lower()}"])
+                             "--method", method, "--set", f"reuse_database_features={str(reuse).lower()}"])
         assert s["counts"].get("queries_reusing_database_features", 0) == (14 if reuse else 0)
         runs[reuse] = pd.read_parquet(res / "results.parquet")
     a, b = runs[True], runs[False]
     assert a.query_id.tolist() == b.query_id.tolist()
     assert np.allclose(np.stack(a.scores), np.stack(b.scores), atol=1e-4)
     assert [list(x) for x in a.ids] == [list(x) for x in b.ids]
+
+
+def test_second_search_of_the_same_queries_describes_nothing(built_index, mini_subset, tmp_path):
+    out, _ = built_index
+    args = ["--index", str(out), "--queries", str(mini_subset), "--topk", "5", "--center-crop", "0.7"]
+    first = search_job.main(args + ["--out", str(tmp_path / "a")])
+    again = search_job.main(args + ["--out", str(tmp_path / "b"), "--method", "asmk"])
+    assert first["counts"]["shards_written"] > 0 and "shards_written" not in again["counts"]
+    assert again["counts"]["shards_skipped"] == again["counts"]["shards_total"]
+    assert first["query_cache"] == again["query_cache"] and first["query_cache"].startswith(str(out / "query-cache"))
+    other = search_job.main(args[:-1] + ["0.6", "--out", str(tmp_path / "c")])  # another crop: another entry
+    assert other["query_cache"] != first["query_cache"] and other["counts"]["shards_written"] > 0
+    off = search_job.main(args + ["--out", str(tmp_path / "d"), "--set", "query_cache=results"])
+    assert off["query_cache"] == str(tmp_path / "d" / "queries") and off["counts"]["shards_written"] > 0
+    same = [pd.read_parquet(tmp_path / r / "results.parquet").ids.map(list).tolist() for r in ("a", "d")]
+    assert same[0] == same[1]
 
 
 def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
