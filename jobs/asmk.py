@@ -19,6 +19,7 @@ from operators.asmk import AsmkParams, build_index, idf_weights, search
 from operators.codebook import Quantizer
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
+from storage.iasmk import open_compressed
 from storage.inverted_file import merge_partials, open_inverted_file, partials, write_meta, write_partial
 from storage.schemas import local_arrays
 
@@ -73,15 +74,19 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
 
 
 def search_task(roots: list[tuple[str, dict]], words: np.ndarray, codes: np.ndarray, qimg: np.ndarray,
-                params: dict, k: int, exclude: dict, buffer_mb: int):
-    """Search aggregated queries in every partition (same codebook) and merge their top-k."""
+                params: dict, k: int, exclude: dict, buffer_mb: int, layout: str = "asmk"):
+    """Search aggregated queries in every partition (same codebook) and merge their top-k.
+
+    ``layout``: ``asmk`` (the inverted file) or ``iasmk`` (the i-ASMK* compressed one, jobs.discover).
+    """
     from operators.asmk import Aggregated
 
     p = AsmkParams(**params)
-    ivfs = [open_inverted_file(ArtifactRoot(u, o))[0] for u, o in roots]
+    opener = open_compressed if layout == "iasmk" else open_inverted_file
+    ivfs = [opener(ArtifactRoot(u, o))[0] for u, o in roots]
     weight = None
     if p.use_idf:  # IDF over all partitions together
-        weight = idf_weights(sum(ivf.counts for ivf in ivfs), sum(len(ivf.images) for ivf in ivfs))
+        weight = idf_weights(sum(ivf.word_images for ivf in ivfs), sum(len(ivf.images) for ivf in ivfs))
     query = Aggregated(qimg, words, codes)
     results = [search(ivf, query, p, k, exclude, weight, buffer_bytes=buffer_mb * 2**20) for ivf in ivfs]
     qids = results[0][0]

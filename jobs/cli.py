@@ -7,6 +7,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval graph     --index ROOT                       kNN graph + eigenpairs
     retrieval search    --index ROOT --queries Q --out RES ranking (+ re-ranking)
     retrieval rerank    --index ROOT --out RES             offline database-side diffusion
+    retrieval discover  --index ROOT                       i-ASMK* components, graph centrality
     retrieval evaluate  --results RES --ground-truth G     mAP, mP@k, HTML report
     retrieval report    --results RES1,RES2 --out DIR      comparison page of evaluated results
     retrieval synthetic --out DIR                          a small synthetic collection
@@ -22,6 +23,7 @@ JOBS = {
     "graph": "build the kNN graph and its eigenpairs",
     "search": "rank (and re-rank) queries against an index",
     "rerank": "offline diffusion lists for every database item",
+    "discover": "i-ASMK* compressed inverted file and graph centrality of an index",
     "evaluate": "mAP / mP@k of results against ground truth, with an HTML report",
     "report": "compare evaluated results: table, mAP-per-method plot, time per stage",
     "synthetic": "write a small synthetic instance collection",

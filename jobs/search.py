@@ -16,7 +16,9 @@ blocks of queries:
   top-k heap (memory O(queries × k));
 - ``asmk``: queries are quantised with multiple assignment and aggregated; each task scores its
   block against the memory-mapped inverted files (:func:`operators.asmk.search`);
-- ``fused``: ASMK and global rankings fused over the union of their shortlists (:mod:`operators.fusion`).
+- ``fused``: ASMK and global rankings fused over the union of their shortlists (:mod:`operators.fusion`);
+- ``iasmk`` / ``fused-iasmk``: the same over the i-ASMK* compressed inverted file (``jobs.discover``),
+  where a component's match scores every image of the component.
 
 ``--rerank`` re-ranks the initial ranking (:mod:`operators.rerank`): ``aqe`` / ``alpha-qe`` expand
 the query's global descriptor with its top results and search again; ``dfs``, ``truncated-dfs``,
@@ -64,12 +66,13 @@ from storage.collection import load_collection
 from storage.errors import ArtifactError, ConfigError, SettingsMismatch
 from storage.global_index import GlobalLookup, global_ids, open_global
 from storage.graph import graph_problem, load_graph
+from storage.iasmk import iasmk_meta
 from storage.query_cache import query_cache_key, query_cache_root
 from storage.results import write_results as store_results
 from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 from storage.whitening import read_whitening
 
-Method = Literal["global", "asmk", "fused"]
+Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk"]
 Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid"]
 METHODS = typing.get_args(Method)
 assert typing.get_args(Rerank) == RERANK_METHODS
@@ -136,6 +139,7 @@ class SearchContext:
 def build_context(cfg: SearchConfig, summary: JobSummary) -> SearchContext:
     parts = [ArtifactRoot(u, cfg.storage) for u in [cfg.index, *cfg.distractors]]
     root = parts[0]
+    root.meta()  # a root of another schema version is refused first
     database = root.images()
     if database is None:
         raise ArtifactError(f"{root.uri} is not an index (no images.parquet): run python -m jobs.index first")
@@ -281,10 +285,14 @@ def asmk_params(cfg: SearchConfig, root: ArtifactRoot) -> tuple[AsmkParams, int]
     return chosen.params, chosen.buffer_mb
 
 
-def asmk_search(ctx: SearchContext, k: int) -> Ranking:
-    """Top-``k`` by ASMK over every partition's inverted file (one codebook)."""
+def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
+    """Top-``k`` by ASMK over every partition's inverted file (one codebook); ``layout="iasmk"``:
+    over their i-ASMK* compressed inverted files (``jobs.discover``)."""
     import ray
 
+    if layout == "iasmk":
+        for part in ctx.parts:
+            iasmk_meta(part)  # an ArtifactError before any task when discovery has not run
     centroids = load_codebook(ctx.root)
     for other in ctx.parts[1:]:
         if codebook_hash(load_codebook(other)) != codebook_hash(centroids):
@@ -300,7 +308,7 @@ def asmk_search(ctx: SearchContext, k: int) -> Ranking:
     for s in range(0, len(uq), block):
         m = np.isin(agg.image_ids, uq[s:s + block])
         futures.append(task.remote(ctx.roots, agg.words[m], agg.codes[m], agg.image_ids[m], dataclasses.asdict(params),
-                                   k, {q: exclude.get(q, -1) for q in uq[s:s + block].tolist()}, buffer_mb))
+                                   k, {q: exclude.get(q, -1) for q in uq[s:s + block].tolist()}, buffer_mb, layout))
     parts = [Ranking(qids, ids, scores) for qids, scores, ids in ray.get(futures)]
     return Ranking.concat(parts).align(ctx.qids).top(k)
 
@@ -311,7 +319,8 @@ def fused_search(ctx: SearchContext, k: int) -> Ranking:
     Candidates found by ASMK alone get their global similarity from the memory-mapped matrices.
     """
     shortlist = max(ctx.cfg.fusion_shortlist, k)
-    a, g = asmk_search(ctx, shortlist), global_search(ctx, ctx.xq, shortlist)
+    layout = "iasmk" if ctx.cfg.method == "fused-iasmk" else "asmk"
+    a, g = asmk_search(ctx, shortlist, layout), global_search(ctx, ctx.xq, shortlist)
     cand, asmk_s, glob = union_candidates(a, g.top(shortlist))
     need = (cand >= 0) & np.isnan(glob)
     rows, cols = np.nonzero(need)
@@ -417,9 +426,11 @@ def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
     """Results with what made them: method, re-ranking and its parameters, index, queries, timings."""
     cfg = ctx.cfg
     params = {"topk": cfg.topk}
-    if cfg.method in ("asmk", "fused"):
+    if cfg.method != "global":
         params["asmk"] = dataclasses.asdict(asmk_params(cfg, ctx.root)[0])
-    if cfg.method == "fused":
+    if "iasmk" in cfg.method:
+        params["iasmk"] = iasmk_meta(ctx.root)["params"]
+    if cfg.method.startswith("fused"):
         params.update(fusion=cfg.fusion, fusion_beta=cfg.fusion_beta, fusion_shortlist=cfg.fusion_shortlist)
     if cfg.rerank != "none":
         params["rerank"] = dataclasses.asdict(cfg.rerank_params)
@@ -446,7 +457,8 @@ def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     cfg = ctx.cfg
     depth = initial_depth(cfg)
     initial = {"global": lambda: global_search(ctx, ctx.xq, depth), "asmk": lambda: asmk_search(ctx, depth),
-               "fused": lambda: fused_search(ctx, depth)}[cfg.method]
+               "iasmk": lambda: asmk_search(ctx, depth, "iasmk"), "fused": lambda: fused_search(ctx, depth),
+               "fused-iasmk": lambda: fused_search(ctx, depth)}[cfg.method]
     with summary.stage(f"search ({cfg.method})"):
         ranked = initial()
     if cfg.rerank in ("aqe", "alpha-qe"):

@@ -198,6 +198,7 @@ class InvertedFile:
     images: np.ndarray        # (n_img,) int64 real image ids, sorted
     image_entries: np.ndarray  # (n_img,) int64 number of postings of each image
     binary: bool = True
+    entry_indptr: np.ndarray | None = None  # i-ASMK*: entry e stands for images entry_image[indptr[e]:indptr[e+1]]
 
     @property
     def k(self) -> int:
@@ -206,6 +207,13 @@ class InvertedFile:
     @property
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @property
+    def word_images(self) -> np.ndarray:
+        """Images holding each word (n_c of the IDF): postings per word, or their members when compressed."""
+        if self.entry_indptr is None:
+            return self.counts
+        return np.diff(np.asarray(self.entry_indptr)[np.asarray(self.offsets)])
 
     @property
     def dim(self) -> int:
@@ -286,6 +294,8 @@ def image_norms(ivf: InvertedFile, word_weight: np.ndarray | None) -> np.ndarray
     if word_weight is None:
         return ivf.image_entries.astype(np.float64)
     words = np.repeat(np.arange(ivf.k), ivf.counts)
+    if ivf.entry_indptr is not None:  # one word per member image of each entry
+        words = np.repeat(words, np.diff(ivf.entry_indptr))
     return np.bincount(ivf.entry_image, weights=word_weight[words], minlength=len(ivf.images))
 
 
@@ -309,7 +319,8 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
         sel = np.flatnonzero((q_of_entry >= q0) & (q_of_entry < q0 + chunk))
         sel = sel[np.argsort(query.words[sel], kind="stable")]  # word order: sequential reads of the postings
         nq = min(chunk, len(qids) - q0)
-        accumulate = _accumulate_numba if ivf.binary and ivf.codes.shape[1] % 8 == 0 and use_numba else _accumulate_numpy
+        compiled = ivf.binary and ivf.codes.shape[1] % 8 == 0 and (use_numba or ivf.entry_indptr is not None)
+        accumulate = _accumulate_numba if compiled else _accumulate_numpy
         acc = accumulate(ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params,
                          word_weight, inv_sqrt_norm)
         qw = np.ones(len(sel)) if word_weight is None else word_weight[query.words[sel]]
@@ -380,9 +391,13 @@ def _accumulate_numba(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q
     bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True]).astype(np.int64)
     table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, params.alpha, params.tau)
     weight = np.zeros(0) if word_weight is None else np.asarray(word_weight, np.float64)
-    _binary_kernel(bounds, np.asarray(words, np.int64), np.asarray(q_local, np.int64),
-                   np.ascontiguousarray(codes).view(np.uint64), np.asarray(ivf.offsets, np.int64),
-                   ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc)
+    args = (bounds, np.asarray(words, np.int64), np.asarray(q_local, np.int64), np.ascontiguousarray(codes).view(np.uint64),
+            np.asarray(ivf.offsets, np.int64))
+    if ivf.entry_indptr is None:
+        _binary_kernel(*args, ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc)
+    else:
+        _binary_kernel_members(*args, np.asarray(ivf.entry_indptr, np.int64), ivf.entry_image, ivf.codes.view(np.uint64),
+                               table, inv_sqrt_norm, weight, acc)
     return acc
 
 
@@ -430,3 +445,27 @@ def _binary_kernel(bounds, words, q_local, qcodes, offsets, entry_image, pcodes,
                     h += np.int64(_popcount64(qcodes[e, j] ^ pcodes[p, j]))
                 img = entry_image[p]
                 row[img] += table[h] * inv_sqrt_norm[img] * ww  # branch-free: σ = 0 adds nothing
+
+
+@numba.njit(cache=True, nogil=True)
+def _binary_kernel_members(bounds, words, q_local, qcodes, offsets, indptr, members, pcodes, table, inv_sqrt_norm,
+                           weight, acc):
+    """:func:`_binary_kernel` for entries that stand for several images (i-ASMK* components): the
+    similarity of a (query entry, posting) pair is added to every member image of the posting."""
+    lanes = qcodes.shape[1]
+    for g in range(len(bounds) - 1):
+        a, b = bounds[g], bounds[g + 1]
+        w = words[a]
+        ww = weight[w] if weight.size else 1.0
+        lo, hi = offsets[w], offsets[w + 1]
+        for e in range(a, b):
+            row = acc[q_local[e]]
+            for p in range(lo, hi):
+                h = np.int64(0)
+                for j in range(lanes):
+                    h += np.int64(_popcount64(qcodes[e, j] ^ pcodes[p, j]))
+                s = table[h] * ww
+                if s != 0.0:
+                    for m in range(indptr[p], indptr[p + 1]):
+                        img = members[m]
+                        row[img] += s * inv_sqrt_norm[img]

@@ -221,6 +221,7 @@ def test_local_whitening_sample_replaces_images_it_cannot_describe(ray_session, 
 
 def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_path):
     out, _ = built_index
+    maps = []
     for crop, floor in ((None, 0.9), (0.4, 0.3)):
         res = tmp_path / f"res-{crop}"
         args = ["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "50"]
@@ -238,8 +239,18 @@ def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_pat
         assert page.count('class="q"') == 12 and page.count("<img ") == 12 * 11
         assert f"{100 * metrics['mAP']:.2f}" in page
         assert page.count("border-color:#2e9e44") + page.count("border-color:#d0342c") == 12 * 10
+        maps.append(100 * metrics["mAP"])
     qmeta = ArtifactRoot(read_run(str(tmp_path / "res-0.4"))["queries_root"]).shards().read_all(["x0", "x1", "width"]).to_pandas()
     assert np.allclose(qmeta.x0, qmeta.width * 0.3, atol=1) and np.allclose(qmeta.x1, qmeta.width * 0.7, atol=1)
+    # the comparison page of both: one row each, in the given order, with the evaluated mAP
+    from jobs import report as report_job
+
+    report_job.main(["--results", f"{tmp_path / 'res-None'},{tmp_path / 'res-0.4'}", "--out", str(tmp_path / "cmp")])
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert table.queries.tolist() == ["whole", "crop 0.4"] and table.method.tolist() == ["global", "global"]
+    assert np.allclose(table.mAP, maps) and (table.ms_per_query > 0).all()
+    page = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert page.count("<svg") == 3 and "Index: time per stage" in page and f"{maps[1]:.1f} mAP" in page
 
 
 @pytest.mark.parametrize("method", ["global", "asmk"])
@@ -491,3 +502,100 @@ def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_pa
     for i in range(14):
         reached = [j for j in idx[i] if f[j, i] > 0]
         assert lists[int(ids[i])][:len(reached)] == ids[reached].tolist()
+
+
+def test_codebook_is_reused_unless_its_config_changes(built_index, collection, tmp_path):
+    from storage.codebook import codebook_meta, load_codebook
+
+    out, _ = built_index
+    root = ArtifactRoot(str(out))
+    before = load_codebook(root).copy()
+    again = index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[codebook]"])
+    assert again["counts"]["codebook_reused"] == 1 and np.array_equal(load_codebook(root), before)
+    # another root takes this codebook by reference: copied, not trained
+    other = tmp_path / "other"
+    shutil.copytree(out / "features", other / "features")
+    shutil.copy(out / "images.parquet", other / "images.parquet")
+    copied = index_job.main(["--collection", str(collection), "--out", str(other), *FAST,
+                             "--set", "stages=[codebook]", "--set", f"codebook.source={out}"])
+    assert "codebook_reused" not in copied["counts"]
+    assert np.array_equal(load_codebook(ArtifactRoot(str(other))), before)
+    assert codebook_meta(ArtifactRoot(str(other)))["source"] == str(out)
+    # another seed: trained anew (a different codebook), then its config is the recorded one
+    seeded = index_job.main(["--collection", str(collection), "--out", str(other), *FAST,
+                             "--set", "stages=[codebook]", "--set", "codebook.seed=7"])
+    assert "codebook_reused" not in seeded["counts"] and not np.array_equal(load_codebook(ArtifactRoot(str(other))), before)
+
+
+def _exit_line(capsys, main) -> tuple[int, str]:
+    from jobs.config import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1, err
+    return e.value.code, err[0]
+
+
+def test_user_mistakes_inside_jobs_exit_2_with_one_line(built_index, mini_subset, tmp_path, capsys):
+    """Mistakes only the job can see (files, roots, ground truth) — in-process, on the session's Ray."""
+    from jobs import report as report_job
+
+    out, _ = built_index
+    base = ["--queries", str(mini_subset), "--out", str(tmp_path / "r")]
+    nogroup = tmp_path / "nogroup.csv"
+    pd.read_csv(mini_subset)[["file"]].to_csv(nogroup, index=False)
+    res = tmp_path / "ok"
+    search_job.main(["--index", str(out), *base[:2], "--out", str(res), "--topk", "3"])
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.json").write_text(json.dumps({"schema_version": 1, "stages": {}}))
+    cases = [
+        (lambda: search_job.main(["--index", str(tmp_path / "nothing"), *base]), "is not an index (no images.parquet)"),
+        (lambda: search_job.main(["--index", str(out), "--queries", str(tmp_path / "none"), "--out", str(tmp_path / "r")]),
+         "none"),
+        (lambda: search_job.main(["--index", str(out), *base, "--method", "asmk", "--set", "asmk.params.binary=false"]),
+         "asmk.params.binary must match the index"),
+        (lambda: search_job.main(["--index", str(old), *base]), "schema version 1"),
+        (lambda: evaluate_job.main(["--results", str(res), "--ground-truth", str(nogroup)]), "has no 'group' column"),
+        (lambda: report_job.main(["--results", str(res), "--out", str(tmp_path / "cmp")]), "has no metrics.json"),
+    ]
+    for main, message in cases:
+        code, line = _exit_line(capsys, main)
+        assert code == 2 and message in line, line
+
+
+def test_discover_compresses_the_index_and_search_reads_it(built_index, mini_subset, tmp_path):
+    from jobs import discover as discover_job
+    from storage.centrality import load_centrality
+    from storage.global_index import global_ids
+    from storage.iasmk import open_compressed
+
+    out, _ = built_index
+    root = ArtifactRoot(str(out))
+    s = discover_job.main(["--index", str(out), "--tau-g", "3"])
+    c = s["counts"]
+    assert isinstance(c["asmk_entries"], int) and isinstance(c["iasmk_entries"], int)
+    assert c["iasmk_entries"] == c["asmk_entries"] - c["iasmk_vectors_in_components"] + c["iasmk_components"]
+    assert c["iasmk_components"] > 0 and c["iasmk_ranges_built"] > 0
+    assert json.loads((out / "summary-discover.json").read_text())["counts"]["iasmk_entries"] == c["iasmk_entries"]
+    civf, meta = open_compressed(root)
+    assert civf.offsets[-1] == c["iasmk_entries"] and meta["params"]["tau_g"] == 3
+    scores, modes, cmeta = load_centrality(root)
+    assert np.isclose(np.sum(scores["stationary"]), 1.0) and len(scores["katz"]) == len(global_ids(root))
+    assert set(modes.tolist()) <= set(global_ids(root).tolist()) and cmeta["modes"] == len(modes) > 0
+    again = discover_job.main(["--index", str(out), "--tau-g", "3", "--set", "stages=[iasmk]"])
+    assert again["counts"]["iasmk_ranges_built"] == 0 and again["counts"]["iasmk_entries"] == c["iasmk_entries"]
+    q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "13"]
+    for method in ("iasmk", "fused-iasmk"):
+        search_job.main(q + ["--out", str(tmp_path / method), "--method", method])
+        results = pd.read_parquet(tmp_path / method / "results.parquet")
+        assert len(results) == 14 and all(len(ids) > 0 for ids in results.ids)
+        assert read_run(str(tmp_path / method))["params"]["iasmk"]["tau_g"] == 3
+    # without components (τ_g beyond any image pair) the compressed index ranks exactly as ASMK*
+    discover_job.main(["--index", str(out), "--tau-g", "100000", "--set", "stages=[iasmk]"])
+    for method in ("asmk", "iasmk"):
+        search_job.main(q + ["--out", str(tmp_path / f"plain-{method}"), "--method", method])
+    a, b = (pd.read_parquet(tmp_path / f"plain-{m}" / "results.parquet") for m in ("asmk", "iasmk"))
+    assert [list(x) for x in a.ids] == [list(x) for x in b.ids]
+    assert np.allclose(np.concatenate(a.scores.tolist()), np.concatenate(b.scores.tolist()))
