@@ -297,3 +297,45 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
 if __name__ == "__main__":
     run_cli(main)
+
+
+# ------------------------------------------------------------------------------------------
+# Mined pairs: ``PAIRS/pairs.html`` (jobs.mine)
+# ------------------------------------------------------------------------------------------
+def pairs_page(table: pa.Table, anchors: int, options: dict, shown: int = 8, thumb: int = 96) -> str:
+    """Sample anchors of each source with their strongest positives (green) and negatives (red)."""
+    df = table.to_pandas()
+    sections = []
+    with ThreadPoolExecutor(8) as pool:
+        for source, rows in df.groupby("source", sort=False):
+            picked = rows.groupby("anchor_id")["score"].size().sort_values(ascending=False).index[:anchors]
+            for anchor in picked:
+                mine = rows[rows.anchor_id == anchor]
+                pos = mine[mine.label == 1].nlargest(shown, "score")
+                neg = mine[mine.label == 0].nlargest(shown, "score")
+                cells = [pool.submit(thumbnail, mine.anchor_file.iloc[0], None, thumb, options)]
+                cells += [pool.submit(thumbnail, f, None, thumb, options) for f in [*pos.other_file, *neg.other_file]]
+                colors = ["#f0c000"] + [COLORS["positive"]] * len(pos) + [COLORS["negative"]] * len(neg)
+                titles = [f"anchor {anchor}"] + [f"+ {o} ({s:.3f})" for o, s in zip(pos.other_id, pos.score)] + \
+                         [f"− {o} ({s:.3f})" for o, s in zip(neg.other_id, neg.score)]
+                sections.append((source, anchor, len(pos), len(neg), cells, colors, titles))
+        body = "".join(
+            f'<div class="q"><div class="h">{html.escape(source)} · anchor {anchor}: {p} positive(s), {n} negative(s)'
+            f'</div>' + "".join(
+                f'<div class="t" style="border-color:{c};width:{thumb}px;height:{thumb}px" title="{html.escape(t)}">'
+                + (f'<img src="{f.result()}">' if f.result() else "<span>?</span>") + "</div>"
+                for f, c, t in zip(cells, colors, titles)) + "</div>"
+            for source, anchor, p, n, cells, colors, titles in sections)
+    counts = df.groupby(["source", "label"]).size()
+    summary = ", ".join(f"{s} {'positives' if lab == 1 else 'negatives'}: {v}" for (s, lab), v in counts.items())
+    return PAIRS.format(summary=html.escape(summary), body=body)
+
+
+PAIRS = """<!doctype html><html><head><meta charset="utf-8"><title>mined pairs</title>
+<style>body{{font:14px sans-serif;margin:20px}} .q{{margin:10px 0}} .h{{font-weight:bold;margin-bottom:3px}}
+.t{{display:inline-block;border:4px solid;margin:2px;vertical-align:top;text-align:center;overflow:hidden}}
+.t img{{max-width:100%;max-height:100%}}</style></head><body>
+<h2>Mined training pairs</h2><p>{summary}</p>
+<p><span style="color:#f0c000">■</span> anchor <span style="color:#2e9e44">■</span> positives (strongest first)
+<span style="color:#d0342c">■</span> negatives (hardest first)</p>{body}</body></html>
+"""

@@ -55,3 +55,30 @@ def learn_pca_whitening(x: np.ndarray, dim: int, shrinkage: float = 1.0, eps: fl
     eigval, eigvec = np.maximum(eigval[order], eps), eigvec[:, order]
     proj = (eigvec * eigval ** (-shrinkage / 2.0)).T
     return Whitening(mean.astype(np.float32), proj.astype(np.float32))
+
+
+def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray, dim: int, reg: float = 0.0) -> Whitening:
+    """Learned whitening Lw from matching and non-matching pairs (GeM paper L2804-2875, spec repr. §6).
+
+    C_S = mean over positive pairs of (f_i − f_j)(f_i − f_j)ᵀ, C_D the same over negative pairs;
+    P = eig(C_S^{-1/2} C_D C_S^{-1/2})ᵀ C_S^{-1/2}, keeping the ``dim`` largest eigenvalues, applied as
+    P(f − μ) with μ the mean descriptor of ``x``. So P C_S Pᵀ = I (matching pairs are whitened) and
+    P C_D Pᵀ is diagonal, largest first (non-matching differences are stretched). ``positives`` /
+    ``negatives`` are (p, 2) row indices into ``x``. With fewer pairs than dimensions C_S is singular:
+    ``reg`` > 0 adds reg · tr(C_S)/D to its diagonal [ours].
+    """
+    x = np.asarray(x, np.float64)
+    d_in = x.shape[1]
+
+    def scatter(pairs: np.ndarray) -> np.ndarray:
+        diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+        return diff.T @ diff / max(len(diff), 1)
+
+    cs, cd = scatter(np.asarray(positives)), scatter(np.asarray(negatives))
+    cs += reg * np.trace(cs) / d_in * np.eye(d_in)
+    val, vec = np.linalg.eigh(cs)
+    inv_sqrt = (vec / np.sqrt(np.maximum(val, 1e-12))) @ vec.T
+    val2, vec2 = np.linalg.eigh(inv_sqrt @ cd @ inv_sqrt)
+    top = np.argsort(val2)[::-1][:min(dim, d_in)]
+    proj = vec2[:, top].T @ inv_sqrt
+    return Whitening(x.mean(axis=0).astype(np.float32), proj.astype(np.float32))

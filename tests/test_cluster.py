@@ -38,6 +38,7 @@ def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              "--include-dashboard=true", "--disable-usage-stats",
+                             f"--dashboard-agent-listen-port={free_port()}",  # 52365 may be another Ray's
                              f"--temp-dir={tempfile.mkdtemp(prefix='r', dir='/tmp')}"],  # short: socket paths
                             env=_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"),
                             start_new_session=True)
@@ -56,7 +57,11 @@ def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
         cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
                "python", "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(out), *FAST,
                "--set", "describe.local=none"]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+        for _ in range(5):  # the head's job agent can come up after its dashboard
+            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+            if "No available agent to submit job" not in proc.stderr:
+                break
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         assert ArtifactRoot(str(out)).load_array("global/vectors.npy").shape == (14, 1280)

@@ -182,3 +182,24 @@ def test_union_candidates_keeps_each_id_once_with_both_scores():
     assert set(got) == {1, 3, 4, 5}
     assert got[1] == (1.0, pytest.approx(0.9)) and got[3][0] == 2.0 and np.isnan(got[3][1])
     assert np.isneginf(got[4][0]) and got[5][1] == pytest.approx(0.1)
+
+
+def test_learned_whitening_whitens_matches_and_diagonalises_non_matches():
+    from operators.whitening import learn_lw
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    pos, neg = rng.integers(0, 300, (200, 2)), rng.integers(0, 300, (150, 2))
+    w = learn_lw(x, pos, neg, dim=4)
+    diff = lambda p: x[p[:, 0]] - x[p[:, 1]]  # noqa: E731
+    cs = diff(pos).T @ diff(pos) / len(pos)
+    cd = diff(neg).T @ diff(neg) / len(neg)
+    p = w.proj.astype(np.float64)
+    assert np.allclose(p @ cs @ p.T, np.eye(4), atol=1e-4)
+    m = p @ cd @ p.T
+    assert np.allclose(m, np.diag(np.diag(m)), atol=1e-4) and np.all(np.diff(np.diag(m)) <= 1e-6)
+    # the generalised eigenvalues of (C_D, C_S), largest first
+    import scipy.linalg
+
+    assert np.allclose(np.diag(m), np.sort(scipy.linalg.eigh(cd, cs, eigvals_only=True))[::-1][:4], rtol=1e-4)
+    assert np.allclose(w.mean, x.mean(0), atol=1e-5) and w(x).shape == (300, 4)

@@ -599,3 +599,28 @@ def test_discover_compresses_the_index_and_search_reads_it(built_index, mini_sub
     a, b = (pd.read_parquet(tmp_path / f"plain-{m}" / "results.parquet") for m in ("asmk", "iasmk"))
     assert [list(x) for x in a.ids] == [list(x) for x in b.ids]
     assert np.allclose(np.concatenate(a.scores.tolist()), np.concatenate(b.scores.tolist()))
+
+
+def test_mine_writes_pairs_a_page_and_resumes(built_index, tmp_path):
+    from jobs import discover as discover_job
+    from jobs import mine as mine_job
+    from storage.global_index import global_ids
+
+    out, _ = built_index
+    discover_job.main(["--index", str(out), "--tau-g", "3", "--set", "stages=[iasmk]"])
+    pairs = tmp_path / "pairs"
+    s = mine_job.main(["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2",
+                       "--set", "iasmk_min_shared=1"])
+    table = pd.concat([pd.read_parquet(p) for p in sorted((pairs / "parts").glob("part-*.parquet"))])
+    assert {"anchor_id", "other_id", "label", "score", "source"} <= set(table.columns)
+    ids = set(global_ids(ArtifactRoot(str(out))).tolist())
+    assert set(table.anchor_id) <= ids and set(table.other_id) <= ids and set(table.label) <= {0, 1}
+    assert (table.anchor_id != table.other_id).all() and "iasmk" in set(table.source)
+    # 14 images: neighbourhoods of n / 4 = 3, so manifold pools may be empty, but every block is committed
+    assert len(list((pairs / "parts" / "_commits").glob("*.json"))) == -(-s["counts"]["anchors"] // 2) + 1
+    assert s["counts"]["pairs"] == len(table) and s["counts"]["anchors"] >= 1
+    assert (pairs / "pairs.html").read_text().count('class="q"') >= 1
+    assert json.loads((pairs / "summary-mine.json").read_text())["counts"]["pairs"] == len(table)
+    again = mine_job.main(["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2",
+                           "--set", "iasmk_min_shared=1"])
+    assert again["counts"]["parts_skipped"] >= 1 and again["counts"]["pairs"] == len(table)

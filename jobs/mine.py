@@ -1,0 +1,230 @@
+"""Mining job: unsupervised training pairs over a built index (:mod:`operators.mining`).
+
+``python -m jobs.mine --index ROOT --out PAIRS``
+
+- ``manifold`` pairs (mining on manifolds, spec search §10): anchors are the strongest modes of the
+  stationary distribution π of the index's kNN graph (``jobs.graph``; the paper's graph is the
+  reciprocal k = 30 one, ``--set graph.k=30`` at index time) on its largest component; Ray tasks over
+  blocks of anchors diffuse from them (one multi-right-hand-side CG solve per block, α = 0.99), find
+  their Euclidean neighbours in the global descriptors, and commit each block's positives and
+  negatives as one Parquet part.
+- ``iasmk`` pairs (when ``jobs.discover`` has run): images sharing an i-ASMK* component are
+  positives (score: components shared); an anchor's kNN-graph neighbours that share none are its
+  hard negatives.
+
+Writes ``PAIRS/parts`` (:mod:`storage.pairs`), ``PAIRS/pairs.html`` (sample anchors with their
+positives and negatives as thumbnails) and ``PAIRS/summary-mine.json``. A rerun skips committed parts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from cluster.ray_env import RayConfig, connect
+from jobs.config import parse, run_cli, to_dict
+from jobs.summary import JobSummary
+from operators.centrality import modes, stationary
+from operators.diffusion import temporal, top_k
+from operators.global_index import iter_blocks
+from operators.graph import components
+from operators.knn import knn_blocks
+from operators.mining import MiningParams, effective_sizes, pools
+from storage.artifacts import ArtifactRoot
+from storage.errors import ArtifactError
+from storage.global_index import global_ids, open_global
+from storage.graph import graph_problem, load_affinity, load_graph, load_knn
+from storage.pairs import PAIRS_SCHEMA, pair_parts, read_pairs, write_pairs, write_pairs_page
+
+
+@dataclass(kw_only=True)
+class MineConfig:
+    index: str                      # artifact root with a kNN graph (required)
+    out: str                        # pairs folder or s3:// prefix (required)
+    params: MiningParams = field(default_factory=MiningParams)
+    anchor_components: Literal["largest", "all"] = "largest"  # anchors on the largest component (the paper) or on
+                                    # every component of at least ``min_component`` nodes (small, fragmented collections)
+    min_component: int = 3
+    anchors_per_task: int = 64      # columns of one multi-right-hand-side solve
+    iasmk: bool = True              # also pairs from i-ASMK* components, when jobs.discover has run
+    iasmk_min_shared: int = 10      # i-ASMK* positives share at least this many components (τ_g of the
+                                    # paper's global-consistency check, applied to components)
+    page_anchors: int = 12          # anchors shown in pairs.html
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: dict = field(default_factory=dict)
+
+
+def pair_table(anchors: np.ndarray, others: np.ndarray, label: int, scores: np.ndarray, source: str,
+               files: pd.Series) -> pa.Table:
+    """Rows of one kind of pair; ``files`` maps image id → file."""
+    return pa.table({"anchor_id": anchors.astype(np.int64), "other_id": others.astype(np.int64),
+                     "label": np.full(len(anchors), label, np.int8), "score": np.asarray(scores, np.float32),
+                     "source": [source] * len(anchors), "anchor_file": files.loc[anchors].to_numpy(str),
+                     "other_file": files.loc[others].to_numpy(str)}, schema=PAIRS_SCHEMA)
+
+
+def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndarray, sizes: tuple[int, int],
+                  params: dict, record: dict) -> dict:
+    """Positives and negatives of one block of anchors (node rows), committed as part ``part``."""
+    p = MiningParams(**params)
+    k_pos, k_neg = sizes
+    root = ArtifactRoot(uri, options)
+    graph = load_graph(root, spectral=False)
+    y = np.zeros((graph.n, len(anchors)), np.float32)
+    y[graph.position[anchors], np.arange(len(anchors))] = 1.0
+    f = temporal(graph.s, y, p.alpha, p.tol, p.maxiter)[graph.position]        # node order
+    m_scores, m_rows = top_k(f, k_neg, exclude=anchors)
+    g = open_global(root)
+    rows = np.arange(len(g.ids), dtype=np.int64)
+    e_scores, e_rows = knn_blocks(np.asarray(g.vectors[anchors]), iter_blocks(rows, g.vectors, 65536), k_neg, anchors)
+    positives, negatives = pools(m_rows, m_scores, e_rows, e_scores, k_pos, k_neg, p.cap)
+    ids = np.asarray(g.ids)
+    files = root.images().set_index("image_id")["file"]
+    tables = []
+    for label, pool in ((1, positives), (0, negatives)):
+        a = np.concatenate([np.full(len(r), ids[x]) for x, (r, _) in zip(anchors, pool)] or [np.zeros(0, np.int64)])
+        o = np.concatenate([ids[r] for r, _ in pool] or [np.zeros(0, np.int64)])
+        s = np.concatenate([sc for _, sc in pool] or [np.zeros(0)])
+        tables.append(pair_table(a, o, label, s, "manifold", files))
+    table = pa.concat_tables(tables)
+    return write_pairs(out, part, table, {**record, "positives": len(tables[0]), "negatives": len(tables[1])}, options)
+
+
+def select_anchors(root: ArtifactRoot, n_anchors: int, where: str = "largest", min_component: int = 3
+                   ) -> tuple[np.ndarray, dict]:
+    """The ``n_anchors`` modes of π with the largest π (node rows), on the graph's largest component
+    (``where="largest"``) or on any component of at least ``min_component`` nodes (``"all"``)."""
+    w = load_affinity(root)
+    _, label = components(w)
+    size = np.bincount(label)
+    eligible = (label == size.argmax()) if where == "largest" else (size[label] >= min_component)
+    found = modes(w, stationary(w))
+    chosen = found[eligible[found]][:n_anchors]
+    return chosen, {"nodes": w.shape[0], "lcc": int(size.max()), "components": len(size), "modes": len(found),
+                    "eligible_modes": int(eligible[found].sum())}
+
+
+def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table | None:
+    """Positives: image pairs sharing ≥ ``min_shared`` i-ASMK* components (score: how many); negatives: each such
+    anchor's kNN-graph neighbours sharing none (score: global similarity). None without i-ASMK*."""
+    from storage.iasmk import open_compressed
+
+    if not root.exists("iasmk/meta.json"):
+        return None
+    civf, _ = open_compressed(root)
+    sizes = np.diff(np.asarray(civf.entry_indptr))
+    n_img = len(civf.images)
+    keys = []
+    for e in np.flatnonzero(sizes > 1):
+        m = np.sort(np.asarray(civf.entry_image[civf.entry_indptr[e]:civf.entry_indptr[e + 1]], np.int64))
+        i, j = np.triu_indices(len(m), 1)
+        keys.append(m[i] * n_img + m[j])
+    if not keys:
+        return None
+    key, shared = np.unique(np.concatenate(keys), return_counts=True)
+    key, shared = key[shared >= min_shared], shared[shared >= min_shared]
+    if not len(key):
+        return None
+    a, b = key // n_img, key % n_img
+    a, b, shared = np.r_[a, b], np.r_[b, a], np.r_[shared, shared]      # both directions, then cap per anchor
+    order = np.lexsort((b, -shared, a))
+    a, b, shared = a[order], b[order], shared[order]
+    keep = np.r_[0, np.flatnonzero(np.diff(a)) + 1]
+    rank = np.arange(len(a)) - np.repeat(keep, np.diff(np.r_[keep, len(a)]))
+    a, b, shared = a[rank < cap], b[rank < cap], shared[rank < cap]
+    img = np.asarray(civf.images)
+    files = root.images().set_index("image_id")["file"]
+    pos = pair_table(img[a], img[b], 1, shared, "iasmk", files)
+    neg = iasmk_negatives(root, img[np.unique(a)], set(zip(img[a].tolist(), img[b].tolist())), cap, files)
+    return pa.concat_tables([pos, neg])
+
+
+def iasmk_negatives(root: ArtifactRoot, anchors: np.ndarray, positive: set, cap: int, files: pd.Series) -> pa.Table:
+    """Each anchor's kNN-graph neighbours (global similarity, best first) that share no component with it."""
+    ids = np.asarray(global_ids(root))
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    knn_ids, knn_sims = load_knn(root)
+    a_out, o_out, s_out = [], [], []
+    for anchor in anchors.tolist():
+        r = row_of.get(anchor)
+        if r is None:
+            continue
+        nb, sims = np.asarray(knn_ids[r]), np.asarray(knn_sims[r])
+        keep = [(int(ids[x]), float(s)) for x, s in zip(nb, sims) if x >= 0 and (anchor, int(ids[x])) not in positive]
+        for other, s in keep[:cap]:
+            a_out.append(anchor), o_out.append(other), s_out.append(s)
+    return pair_table(np.array(a_out, np.int64), np.array(o_out, np.int64), 0, np.array(s_out), "iasmk", files)
+
+
+def run(cfg: MineConfig, summary: JobSummary) -> None:
+    import ray
+    from tqdm import tqdm
+
+    root = ArtifactRoot(cfg.index, cfg.storage)
+    problem = graph_problem(root)
+    if problem:
+        raise ArtifactError(f"mining: {problem}")
+    n = len(global_ids(root))
+    n_anchors, k_pos, k_neg = effective_sizes(cfg.params, n)
+    with summary.stage("anchors"):
+        anchors, graph_info = select_anchors(root, n_anchors, cfg.anchor_components, cfg.min_component)
+    summary.info.update(graph=graph_info, effective={"anchors": n_anchors, "k_pos": k_pos, "k_neg": k_neg})
+    summary.add(anchors=len(anchors))
+    blocks = [anchors[s:s + cfg.anchors_per_task] for s in range(0, len(anchors), cfg.anchors_per_task)]
+    done = pair_parts(cfg.out, cfg.storage).committed()
+    task = ray.remote(num_cpus=1)(manifold_task)
+    params = dataclasses.asdict(cfg.params)
+    futures = []
+    for part, block in enumerate(blocks):
+        record = {"source": "manifold", "anchors": block.tolist(), "params": params, "sizes": [k_pos, k_neg]}
+        if all(done.get(part, {}).get(k) == v for k, v in record.items()):
+            summary.add(parts_skipped=1)
+            continue
+        futures.append(task.remote(root.uri, root.options, cfg.out, part, block, (k_pos, k_neg), params, record))
+    with summary.stage("manifold pairs"), tqdm(total=len(futures), desc="anchor blocks", unit="block") as bar:
+        while futures:
+            ready, futures = ray.wait(futures)
+            ray.get(ready)
+            bar.update(len(ready))
+    if cfg.iasmk:
+        with summary.stage("i-ASMK* pairs"):
+            table = iasmk_pairs(root, cfg.params.cap, cfg.iasmk_min_shared)
+            if table is not None:
+                write_pairs(cfg.out, len(blocks), table, {"source": "iasmk"}, cfg.storage)
+
+
+def count_pairs(table: pa.Table, summary: JobSummary) -> None:
+    df = table.select(["label", "source"]).to_pandas()
+    for (source, label), n in df.groupby(["source", "label"]).size().items():
+        summary.counts[f"{source}_{'positives' if label == 1 else 'negatives'}"] = int(n)
+    summary.counts["pairs"] = len(df)
+
+
+FLAGS = {
+    "--index": ("index", "artifact root with a kNN graph (jobs.index / jobs.graph)"),
+    "--out": ("out", "pairs folder or s3:// prefix"),
+    "--anchors": ("params.anchors", "N_a: anchors (modes of π), scaled down for small collections"),
+}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    cfg = parse(MineConfig, argv, FLAGS, __doc__, prog)
+    summary = JobSummary("mine")
+    connect(cfg.ray)
+    run(cfg, summary)
+    table = read_pairs(cfg.out, cfg.storage)
+    count_pairs(table, summary)
+    with summary.stage("page"):
+        from jobs.report import pairs_page
+
+        summary.info["page"] = write_pairs_page(cfg.out, pairs_page(table, cfg.page_anchors, cfg.storage), cfg.storage)
+    summary.info["config"] = to_dict(cfg)
+    return summary.finish(cfg.out, cfg.storage)
+
+
+if __name__ == "__main__":
+    run_cli(main)

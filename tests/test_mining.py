@@ -1,0 +1,62 @@
+"""Mining on manifolds on two interleaved spirals, where the answer is known: positives lie along
+the anchor's own spiral, negatives on the other one."""
+from __future__ import annotations
+
+import numpy as np
+
+from operators.centrality import modes, stationary
+from operators.diffusion import temporal, top_k
+from operators.graph import affinity, normalize
+from operators.mining import MiningParams, effective_sizes, pools
+
+
+def spirals(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.sqrt(rng.random(n)) * 3 * np.pi + np.pi / 2
+    label = np.arange(n) % 2
+    r = t / (3 * np.pi)
+    x = np.stack([r * np.cos(t + np.pi * label), r * np.sin(t + np.pi * label)], 1)
+    return x + rng.normal(0, 0.004, x.shape), label
+
+
+def test_pools_follow_the_manifold_on_two_spirals():
+    x, label = spirals()
+    n = len(x)
+    d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1)[:, 1:]
+    knn = order[:, :10]
+    sims = np.exp(-np.take_along_axis(d2, knn, 1) / 0.002)
+    w = affinity(knn, sims, gamma=1.0)
+    pi = stationary(w)
+    anchors = modes(w, pi)[:20]
+    assert len(anchors) >= 5
+    f = temporal(normalize(w), np.eye(n)[:, anchors], alpha=0.99, tol=1e-8, maxiter=500)
+    k_pos, k_neg, cap = 40, 40, 50
+    m_scores, m_rows = top_k(f, k_neg, exclude=anchors)
+    e_rows = order[anchors][:, :k_neg]                              # Euclidean neighbours, self excluded
+    e_scores = -np.take_along_axis(d2[anchors], e_rows, 1)
+    positives, negatives = pools(m_rows, m_scores, e_rows, e_scores, k_pos, k_neg, cap)
+    same = [label[r] == label[a] for a, (r, _) in zip(anchors, positives)]
+    across = [label[r] != label[a] for a, (r, _) in zip(anchors, negatives)]
+    n_pos, n_neg = sum(len(s) for s in same), sum(len(s) for s in across)
+    assert n_pos > 0 and n_neg > 0
+    assert np.concatenate(same).mean() > 0.95          # along the anchor's own spiral
+    assert np.concatenate(across).mean() > 0.9         # near in the plane, on the other spiral
+    for a, (r, s) in zip(anchors, positives):           # set differences and order
+        assert not set(r.tolist()) & set(e_rows[list(anchors).index(a)][:k_pos].tolist())
+        assert np.all(np.diff(s) <= 0) and a not in r
+    # plain Euclidean neighbours at the same rank depth are far less pure across the spirals' gaps
+    euclid_same = np.mean([label[e_rows[j][:k_pos]] == label[a] for j, a in enumerate(anchors)])
+    assert np.concatenate(same).mean() > euclid_same
+
+
+def test_pool_set_differences_by_hand():
+    m_ids = np.array([[5, 6, 7, 8, -1]])
+    m_s = np.array([[0.9, 0.5, 0.4, 0.0, 0.0]])     # 8 not reached (f = 0)
+    e_ids = np.array([[6, 9, 10, 8, 5]])
+    e_s = np.array([[0.99, 0.98, 0.7, 0.6, 0.5]])
+    (pos, neg), = zip(*pools(m_ids, m_s, e_ids, e_s, k_pos=3, k_neg=4, cap=50))
+    assert pos[0].tolist() == [5, 7]                  # manifold top-3 {5,6,7} minus Euclidean top-3 {6,9,10}
+    assert neg[0].tolist() == [9, 10, 8]              # Euclidean top-4 minus manifold top-4 (reached: 5,6,7)
+    assert effective_sizes(MiningParams(), 1_000_000) == (1500, 50, 10000)
+    assert effective_sizes(MiningParams(), 186) == (16, 46, 46)
