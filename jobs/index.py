@@ -28,10 +28,11 @@ from jobs.config import parse, run_cli, to_dict
 from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
 from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
 from jobs.summary import JobSummary
-from operators.whitening import learn_pca_whitening
+from operators.whitening import Whitening, learn_lw, learn_pca_whitening
 from storage.errors import CollectionError
 from storage.artifacts import ArtifactRoot
 from storage.global_index import GlobalMeta, global_writer
+from storage.pairs import read_pairs
 from storage.schemas import global_matrix
 from storage.whitening import remove_whitening, write_whitening
 
@@ -47,6 +48,11 @@ class IndexConfig(ExtractConfig):
     global_whiten_images: int = 5000                  # images sampled (from random shards) to learn it
     global_whiten_source: str | None = None           # learn it on another root's shards (independent data)
     global_whiten_shrinkage: float = 1.0              # eigenvalue power s/2 (1: plain PCAw; 0.5: HOW's shrinkage)
+    global_whiten_pairs: str | None = None            # learned whitening Lw from mined pairs (jobs.mine) instead of PCAw
+    global_whiten_negatives: Literal["random", "mined"] = "random"  # Lw's non-matching pairs: random pairs of the
+                                                      # collection (C_D = 2Σ, as cirtorch) or the mined negatives
+    global_whiten_reg: float = 10.0                   # Lw: C_S + reg · tr(C_S)/D · I (few pairs, many dimensions;
+                                                      # leave-one-group-out CV on instance-mini, benchmarks/lw_cv.py)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -62,7 +68,11 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
         raise CollectionError(f"{root.uri}: no image of the collection could be described (see failed-images.csv)")
     dim = int(shards.read_shard(min(records), ["global"]).schema.field("global").type.list_size)
     whitening = None
-    if cfg.global_whiten_dim:
+    if cfg.global_whiten_pairs:
+        whitening = learn_from_pairs(cfg, root, summary)
+        write_whitening(root, "global", whitening)
+        dim = whitening.dim
+    elif cfg.global_whiten_dim:
         source = ArtifactRoot(cfg.global_whiten_source, cfg.storage) if cfg.global_whiten_source else root
         sample = sample_globals(source.shards(), cfg.global_whiten_images)
         whitening = learn_pca_whitening(sample, cfg.global_whiten_dim, cfg.global_whiten_shrinkage)
@@ -81,6 +91,34 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
         at += len(x)
     commit(GlobalMeta(count=n, dim=dim, whitened=bool(whitening)))
     summary.add(global_vectors=n)
+
+
+def learn_from_pairs(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> Whitening:
+    """Lw (:func:`operators.whitening.learn_lw`) from the mined pairs at ``global_whiten_pairs``: the
+    pairs' raw descriptors are gathered, and the mean and covariance of every descriptor are
+    accumulated, in one pass over the shards."""
+    pairs = read_pairs(cfg.global_whiten_pairs, cfg.storage).select(["anchor_id", "other_id", "label"]).to_pandas()
+    wanted = np.unique(np.r_[pairs.anchor_id.to_numpy(), pairs.other_id.to_numpy()])
+    ids, rows, n, total, outer = [], [], 0, 0.0, 0.0
+    for table in root.shards().iter_tables(["image_id", "status", "global"]):
+        table = _ok(table)
+        x = global_matrix(table).astype(np.float64)
+        n, total, outer = n + len(x), total + x.sum(0), outer + x.T @ x
+        i = table.column("image_id").to_numpy()
+        keep = np.isin(i, wanted)
+        ids.append(i[keep]), rows.append(x[keep])
+    ids, x = np.concatenate(ids), np.concatenate(rows)
+    mean = total / n
+    row_of = {int(v): r for r, v in enumerate(ids)}
+    known = pairs[pairs.anchor_id.isin(row_of) & pairs.other_id.isin(row_of)]
+    index = np.stack([known.anchor_id.map(row_of), known.other_id.map(row_of)], 1)
+    pos, neg = index[known.label.to_numpy() == 1], index[known.label.to_numpy() == 0]
+    if len(pos) == 0 or (cfg.global_whiten_negatives == "mined" and len(neg) == 0):
+        raise CollectionError(f"{cfg.global_whiten_pairs}: no usable positive (or negative) pairs to learn Lw from")
+    summary.add(lw_positive_pairs=len(pos), lw_negative_pairs=len(neg) if cfg.global_whiten_negatives == "mined" else 0)
+    cov = outer / n - np.outer(mean, mean)
+    negatives = neg if cfg.global_whiten_negatives == "mined" else None
+    return learn_lw(x, pos, negatives, cfg.global_whiten_dim or x.shape[1], cfg.global_whiten_reg, mean, cov)
 
 
 def sample_globals(shards, n: int, seed: int = 0) -> np.ndarray:

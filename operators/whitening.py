@@ -57,7 +57,8 @@ def learn_pca_whitening(x: np.ndarray, dim: int, shrinkage: float = 1.0, eps: fl
     return Whitening(mean.astype(np.float32), proj.astype(np.float32))
 
 
-def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray, dim: int, reg: float = 0.0) -> Whitening:
+def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray | None, dim: int, reg: float = 0.0,
+             mean: np.ndarray | None = None, cov: np.ndarray | None = None) -> Whitening:
     """Learned whitening Lw from matching and non-matching pairs (GeM paper L2804-2875, spec repr. §6).
 
     C_S = mean over positive pairs of (f_i − f_j)(f_i − f_j)ᵀ, C_D the same over negative pairs;
@@ -65,7 +66,10 @@ def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray, dim: i
     P(f − μ) with μ the mean descriptor of ``x``. So P C_S Pᵀ = I (matching pairs are whitened) and
     P C_D Pᵀ is diagonal, largest first (non-matching differences are stretched). ``positives`` /
     ``negatives`` are (p, 2) row indices into ``x``. With fewer pairs than dimensions C_S is singular:
-    ``reg`` > 0 adds reg · tr(C_S)/D to its diagonal [ours].
+    ``reg`` > 0 adds reg · tr(C_S)/D to its diagonal [ours]. ``negatives=None`` takes random pairs of the
+    collection as the non-matching ones: C_D = E[(f_i − f_j)(f_i − f_j)ᵀ] = 2 Σ, with ``cov`` Σ the
+    covariance of all descriptors (as cirtorch's ``whitenlearn`` does [ext]); ``mean`` μ when ``x`` is
+    a sample.
     """
     x = np.asarray(x, np.float64)
     d_in = x.shape[1]
@@ -74,11 +78,13 @@ def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray, dim: i
         diff = x[pairs[:, 0]] - x[pairs[:, 1]]
         return diff.T @ diff / max(len(diff), 1)
 
-    cs, cd = scatter(np.asarray(positives)), scatter(np.asarray(negatives))
+    cs = scatter(np.asarray(positives))
+    cd = scatter(np.asarray(negatives)) if negatives is not None else 2.0 * np.asarray(cov, np.float64)
     cs += reg * np.trace(cs) / d_in * np.eye(d_in)
     val, vec = np.linalg.eigh(cs)
     inv_sqrt = (vec / np.sqrt(np.maximum(val, 1e-12))) @ vec.T
     val2, vec2 = np.linalg.eigh(inv_sqrt @ cd @ inv_sqrt)
     top = np.argsort(val2)[::-1][:min(dim, d_in)]
     proj = vec2[:, top].T @ inv_sqrt
-    return Whitening(x.mean(axis=0).astype(np.float32), proj.astype(np.float32))
+    mu = x.mean(axis=0) if mean is None else np.asarray(mean, np.float64)
+    return Whitening(mu.astype(np.float32), proj.astype(np.float32))

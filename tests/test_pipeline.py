@@ -601,7 +601,7 @@ def test_discover_compresses_the_index_and_search_reads_it(built_index, mini_sub
     assert np.allclose(np.concatenate(a.scores.tolist()), np.concatenate(b.scores.tolist()))
 
 
-def test_mine_writes_pairs_a_page_and_resumes(built_index, tmp_path):
+def test_mine_writes_pairs_a_page_and_resumes(built_index, collection, tmp_path):
     from jobs import discover as discover_job
     from jobs import mine as mine_job
     from storage.global_index import global_ids
@@ -624,3 +624,14 @@ def test_mine_writes_pairs_a_page_and_resumes(built_index, tmp_path):
     again = mine_job.main(["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2",
                            "--set", "iasmk_min_shared=1"])
     assert again["counts"]["parts_skipped"] >= 1 and again["counts"]["pairs"] == len(table)
+    # the closed loop's last step: Lw learned from the pairs re-indexes the global descriptors
+    root = ArtifactRoot(str(out))
+    try:
+        s = index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]",
+                            "--set", f"global_whiten_pairs={pairs}", "--global-whiten-dim", "4"])
+        assert s["counts"]["lw_positive_pairs"] == int((table.label == 1).sum())
+        assert read_whitening(root, "global").dim == 4 and root.load_array("global/vectors.npy").shape == (14, 4)
+        assert np.allclose(np.linalg.norm(root.load_array("global/vectors.npy"), axis=1), 1, atol=1e-5)
+    finally:
+        index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]"])
+    assert read_whitening(root, "global") is None
