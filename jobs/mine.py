@@ -116,16 +116,9 @@ def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table |
     if not root.exists("iasmk/meta.json"):
         return None
     civf, _ = open_compressed(root)
-    sizes = np.diff(np.asarray(civf.entry_indptr))
+    key, shared = shared_components(np.asarray(civf.entry_indptr), np.asarray(civf.entry_image, np.int64),
+                                    len(civf.images))
     n_img = len(civf.images)
-    keys = []
-    for e in np.flatnonzero(sizes > 1):
-        m = np.sort(np.asarray(civf.entry_image[civf.entry_indptr[e]:civf.entry_indptr[e + 1]], np.int64))
-        i, j = np.triu_indices(len(m), 1)
-        keys.append(m[i] * n_img + m[j])
-    if not keys:
-        return None
-    key, shared = np.unique(np.concatenate(keys), return_counts=True)
     key, shared = key[shared >= min_shared], shared[shared >= min_shared]
     if not len(key):
         return None
@@ -141,6 +134,21 @@ def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table |
     pos = pair_table(img[a], img[b], 1, shared, "iasmk", files)
     neg = iasmk_negatives(root, img[np.unique(a)], set(zip(img[a].tolist(), img[b].tolist())), cap, files)
     return pa.concat_tables([pos, neg])
+
+
+def shared_components(indptr: np.ndarray, members: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image pairs (key i · n_img + j, i < j) of every component and how many components each shares;
+    components of one size are expanded together (no loop over components)."""
+    sizes = np.diff(indptr)
+    keys = []
+    for size in np.unique(sizes[sizes > 1]):
+        starts = indptr[:-1][sizes == size]
+        m = np.sort(members[starts[:, None] + np.arange(size)[None, :]], axis=1)   # (components, size)
+        i, j = np.triu_indices(size, 1)
+        keys.append((m[:, i] * n_img + m[:, j]).ravel())
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.unique(np.concatenate(keys), return_counts=True)
 
 
 def iasmk_negatives(root: ArtifactRoot, anchors: np.ndarray, positive: set, cap: int, files: pd.Series) -> pa.Table:

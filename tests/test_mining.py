@@ -60,3 +60,14 @@ def test_pool_set_differences_by_hand():
     assert neg[0].tolist() == [9, 10, 8]              # Euclidean top-4 minus manifold top-4 (reached: 5,6,7)
     assert effective_sizes(MiningParams(), 1_000_000) == (1500, 50, 10000)
     assert effective_sizes(MiningParams(), 186) == (16, 46, 46)
+
+
+def test_shared_components_counts_every_image_pair_of_every_component():
+    from jobs.mine import shared_components
+
+    # components {0,1,2}, {1,2}, {3,4}; one singleton {5}
+    indptr = np.array([0, 3, 5, 7, 8])
+    members = np.array([2, 0, 1, 1, 2, 4, 3, 5])
+    keys, counts = shared_components(indptr, members, 10)
+    got = {(int(k) // 10, int(k) % 10): int(c) for k, c in zip(keys, counts)}
+    assert got == {(0, 1): 1, (0, 2): 1, (1, 2): 2, (3, 4): 1}
