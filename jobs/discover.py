@@ -108,6 +108,36 @@ def run_parts(task, pending: list, desc: str) -> list[dict]:
     return out
 
 
+def pending(records: dict[int, dict], n: int, record: dict) -> list[int]:
+    """Ranges without a committed part made under ``record``'s settings."""
+    return [i for i in range(n) if any(records.get(i, {}).get(k) != v for k, v in record.items())]
+
+
+def count_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict) -> tuple:
+    """Pass 1 over every range (committed ones skipped); returns summed (keys, counts) and ranges built."""
+    import ray
+
+    todo = pending(pair_count_parts(root).committed(), len(ranges), record)
+    task = ray.remote(num_cpus=1)(count_task)
+    run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
+              "pair counts")
+    keys, counts = sum_counts(*zip(*[load_pair_counts(root, i) for i in range(len(ranges))]))
+    return keys, counts, len(todo)
+
+
+def compress_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict,
+                  consistent: np.ndarray) -> int:
+    """Pass 2 over every range (committed ones skipped); returns the ranges built."""
+    import ray
+
+    todo = pending(compressed_parts(root).committed(), len(ranges), record)
+    task = ray.remote(num_cpus=1)(compress_task)
+    ref = ray.put(consistent)
+    run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, ref, record)
+                     for i in todo], "components")
+    return len(todo)
+
+
 def build_iasmk(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     import ray
 
@@ -120,38 +150,26 @@ def build_iasmk(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) ->
     ranges = word_ranges(ivf.counts, c.tasks or 4 * int(ray.cluster_resources().get("CPU", 1)))
     record = {"tau_l": c.params.tau_l, "codebook_sha1": meta.get("codebook_sha1"),  # what pass 1 depends on
               "asmk_entries": int(ivf.offsets[-1]), "ranges": [list(r) for r in ranges]}
-    same = lambda rec: all(rec.get(k) == v for k, v in record.items())  # noqa: E731 - committed under these settings
-    done = pair_count_parts(root).committed()
-    todo = [i for i in range(len(ranges)) if not same(done.get(i, {}))]
-    task = ray.remote(num_cpus=1)(count_task)
     with summary.stage("i-ASMK* pass 1: matches per image pair"):
-        run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
-                  "pair counts")
-        keys, counts = sum_counts(*zip(*[load_pair_counts(root, i) for i in range(len(ranges))]))
+        keys, counts, _ = count_pass(root, ranges, max_h, c, record)
     consistent = np.sort(keys[counts >= c.params.tau_g])
-    record2 = {**record, "tau_g": c.params.tau_g, "consistent_pairs": len(consistent)}
-    done = compressed_parts(root).committed()
-    todo = [i for i in range(len(ranges)) if not all(done.get(i, {}).get(k) == v for k, v in record2.items())]
-    task = ray.remote(num_cpus=1)(compress_task)
-    ref = ray.put(consistent)
     with summary.stage("i-ASMK* pass 2: components"):
-        run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, ref, record2)
-                         for i in todo], "components")
+        built = compress_pass(root, ranges, max_h, c, {**record, "tau_g": c.params.tau_g,
+                                                        "consistent_pairs": len(consistent)}, consistent)
         sizes = np.concatenate([load_compressed_part(root, i).component_sizes for i in range(len(ranges))])
         merged = merge_compressed(root, list(range(len(ranges))), ivf.k, np.asarray(ivf.images),
                                   np.asarray(ivf.image_entries), ivf.codes.shape[1])
-    stats = iasmk_stats(ivf, counts, consistent, keys, sizes, merged, c.params.tau_g)
+    stats = iasmk_stats(ivf, counts, consistent, sizes, merged, c.params.tau_g)
     write_iasmk_meta(root, {"params": {**meta["params"], **dataclasses.asdict(c.params)}, "k": ivf.k,
                             "codebook_sha1": meta.get("codebook_sha1"), "ranges": len(ranges), **stats})
     summary.add(asmk_entries=int(ivf.offsets[-1]), iasmk_entries=merged["entries"], iasmk_components=len(sizes),
                 iasmk_vectors_in_components=int(sizes.sum()), iasmk_matches=stats["matches"],
-                iasmk_consistent_matches=stats["consistent_matches"], iasmk_ranges_built=len(todo))
+                iasmk_consistent_matches=stats["consistent_matches"], iasmk_ranges_built=built)
     summary.info["iasmk"] = stats
     return stats
 
 
-def iasmk_stats(ivf, counts: np.ndarray, consistent: np.ndarray, keys: np.ndarray, sizes: np.ndarray,
-                merged: dict, tau_g: int) -> dict:
+def iasmk_stats(ivf, counts: np.ndarray, consistent: np.ndarray, sizes: np.ndarray, merged: dict, tau_g: int) -> dict:
     """What the paper reports on Oxford105k (L7697-7713): matches before/after the global check,
     components, their mean size, the fraction of vectors in one, and how many images they span."""
     n = int(ivf.offsets[-1])
