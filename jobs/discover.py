@@ -19,6 +19,7 @@ Writes ``ROOT/summary-discover.json`` (counts ``asmk_entries``, ``iasmk_entries`
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -227,9 +228,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         build_iasmk(cfg, root, summary)
         root.record_stage("iasmk", "discover", to_dict(cfg.iasmk))
     if "centrality" in cfg.stages:
-        with summary.stage("centrality"):
-            build_centrality(cfg, root, summary)
-        root.record_stage("centrality", "discover", to_dict(cfg.centrality))
+        problem = graph_problem(root)
+        if problem and len(cfg.stages) > 1:  # with the defaults, an index without a graph still gets i-ASMK*
+            warnings.warn(f"centrality skipped: {problem}")
+            summary.info["centrality"] = f"skipped: {problem}"
+        else:
+            with summary.stage("centrality"):
+                build_centrality(cfg, root, summary)
+            root.record_stage("centrality", "discover", to_dict(cfg.centrality))
     return summary.finish(root.uri, cfg.storage)
 
 
