@@ -29,8 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from cluster.ray_env import connect  # noqa: E402
 from jobs.evaluate import group_ground_truth  # noqa: E402
-from jobs.search import (SearchConfig, asmk_search, build_context, global_search,  # noqa: E402
-                         union_candidates)
+from jobs.search import SearchConfig, asmk_search, build_context, fusion_candidates, global_search  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from operators.fusion import fuse  # noqa: E402
 from operators.metrics import evaluate  # noqa: E402
@@ -47,11 +46,7 @@ def candidates(cfg: SearchConfig, shortlist: int):
     """Described queries, their ASMK and global rankings and the union of both with every score."""
     ctx = build_context(cfg, JobSummary("fusion-cv"))
     a, g = asmk_search(ctx, shortlist), global_search(ctx, ctx.xq, shortlist)
-    cand, asmk_s, glob = union_candidates(a, g)
-    need = (cand >= 0) & np.isnan(glob)
-    r, c = np.nonzero(need)
-    glob[r, c] = np.einsum("nd,nd->n", ctx.lookup(cand[r, c]), ctx.xq[r])
-    return ctx, a, g, (cand, asmk_s, glob)
+    return ctx, a, g, fusion_candidates(ctx, a, g)
 
 
 def cross_validate(ap: dict, groups: np.ndarray) -> tuple[np.ndarray, list]:

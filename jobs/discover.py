@@ -35,7 +35,7 @@ from storage.centrality import write_centrality
 from storage.errors import ArtifactError
 from storage.global_index import global_ids
 from storage.graph import graph_problem, load_affinity
-from storage.iasmk import (compressed_parts, load_compressed_part, load_pair_counts, merge_compressed,
+from storage.iasmk import (compressed_parts, load_pair_counts, merge_compressed,
                            pair_count_parts, write_compressed_part, write_iasmk_meta, write_pair_counts)
 from storage.inverted_file import open_inverted_file
 
@@ -115,7 +115,7 @@ def pending(records: dict[int, dict], n: int, record: dict) -> list[int]:
 
 
 def count_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict) -> tuple:
-    """Pass 1 over every range (committed ones skipped); returns summed (keys, counts) and ranges built."""
+    """Pass 1 over every range (committed ones skipped); returns the summed (image-pair keys, counts)."""
     import ray
 
     todo = pending(pair_count_parts(root).committed(), len(ranges), record)
@@ -123,7 +123,7 @@ def count_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, rec
     run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
               "pair counts")
     keys, counts = sum_counts(*zip(*[load_pair_counts(root, i) for i in range(len(ranges))]))
-    return keys, counts, len(todo)
+    return keys, counts
 
 
 def compress_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict,
@@ -152,14 +152,14 @@ def build_iasmk(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) ->
     record = {"tau_l": c.params.tau_l, "codebook_sha1": meta.get("codebook_sha1"),  # what pass 1 depends on
               "asmk_entries": int(ivf.offsets[-1]), "ranges": [list(r) for r in ranges]}
     with summary.stage("i-ASMK* pass 1: matches per image pair"):
-        keys, counts, _ = count_pass(root, ranges, max_h, c, record)
+        keys, counts = count_pass(root, ranges, max_h, c, record)
     consistent = np.sort(keys[counts >= c.params.tau_g])
     with summary.stage("i-ASMK* pass 2: components"):
         built = compress_pass(root, ranges, max_h, c, {**record, "tau_g": c.params.tau_g,
                                                         "consistent_pairs": len(consistent)}, consistent)
-        sizes = np.concatenate([load_compressed_part(root, i).component_sizes for i in range(len(ranges))])
         merged = merge_compressed(root, list(range(len(ranges))), ivf.k, np.asarray(ivf.images),
                                   np.asarray(ivf.image_entries), ivf.codes.shape[1])
+        sizes = merged.pop("component_sizes")
     stats = iasmk_stats(ivf, counts, consistent, sizes, merged, c.params.tau_g)
     write_iasmk_meta(root, {"params": {**meta["params"], **dataclasses.asdict(c.params)}, "k": ivf.k,
                             "codebook_sha1": meta.get("codebook_sha1"), "ranges": len(ranges), **stats})
@@ -202,9 +202,6 @@ def centrality_task(uri: str, options: dict, cfg: dict) -> dict:
 def build_centrality(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     import ray
 
-    problem = graph_problem(root)
-    if problem:
-        raise ArtifactError(f"centrality: {problem}")
     meta = ray.get(ray.remote(num_cpus=1)(centrality_task).remote(root.uri, root.options,
                                                                    dataclasses.asdict(cfg.centrality)))
     summary.add(centrality_nodes=meta["nodes"], modes=meta["modes"])
@@ -229,7 +226,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         root.record_stage("iasmk", "discover", to_dict(cfg.iasmk))
     if "centrality" in cfg.stages:
         problem = graph_problem(root)
-        if problem and len(cfg.stages) > 1:  # with the defaults, an index without a graph still gets i-ASMK*
+        if problem and len(cfg.stages) == 1:
+            raise ArtifactError(f"centrality: {problem}")
+        if problem:  # with the defaults, an index without a graph still gets i-ASMK*
             warnings.warn(f"centrality skipped: {problem}")
             summary.info["centrality"] = f"skipped: {problem}"
         else:

@@ -111,9 +111,9 @@ def select_anchors(root: ArtifactRoot, n_anchors: int, where: str = "largest", m
 def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table | None:
     """Positives: image pairs sharing ≥ ``min_shared`` i-ASMK* components (score: how many); negatives: each such
     anchor's kNN-graph neighbours sharing none (score: global similarity). None without i-ASMK*."""
-    from storage.iasmk import open_compressed
+    from storage.iasmk import has_iasmk, open_compressed
 
-    if not root.exists("iasmk/meta.json"):
+    if not has_iasmk(root):
         return None
     civf, _ = open_compressed(root)
     key, shared = shared_components(np.asarray(civf.entry_indptr), np.asarray(civf.entry_image, np.int64),

@@ -25,10 +25,9 @@ import pyarrow as pa
 
 from jobs.config import parse, run_cli
 from operators.images import decode_image, resize_max_side
-from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.collection import read_image_bytes
-from storage.results import read_metrics, write_comparison, write_report_page
+from storage.results import read_metrics, report_page_uri, write_comparison, write_report_page
 from storage.summaries import read_summary
 
 COLORS = {"positive": "#2e9e44", "ignored": "#9a9a9a", "negative": "#d0342c"}
@@ -244,7 +243,7 @@ def comparison_page(cfg: CompareConfig, rows: pd.DataFrame, index_summary: dict 
         stages = index_summary.get("timings_s", {})
         index_part = (f"<h3>Index: time per stage of its last run ({index_summary.get('total_s', 0):.0f} s in all)</h3>"
                       + bars_svg(list(stages), list(stages.values()), ["#888"] * len(stages), "s"))
-    links = "".join(f'<li><a href="{html.escape(sfs.join(r, "report.html"))}">{html.escape(r)}</a></li>'
+    links = "".join(f'<li><a href="{html.escape(report_page_uri(r))}">{html.escape(r)}</a></li>'
                     for r in order["results"])
     return COMPARISON.format(
         title=html.escape(cfg.title), index=html.escape(str(rows["index"].iloc[0])), table=table, legend=legend,

@@ -67,7 +67,7 @@ from storage.errors import ArtifactError, ConfigError, SettingsMismatch
 from storage.global_index import GlobalLookup, global_ids, open_global
 from storage.graph import graph_problem, load_graph
 from storage.iasmk import iasmk_meta
-from storage.query_cache import query_cache_key, query_cache_root
+from storage.query_cache import query_cache_key, query_cache_root, results_query_root
 from storage.results import write_results as store_results
 from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 from storage.whitening import read_whitening
@@ -175,7 +175,7 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
     uncropped = fresh[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
     fresh["reuse"] = np.isin(fresh["own"].to_numpy(), db_ids) & uncropped & cfg.reuse_database_features
     if cfg.query_cache == "results":
-        qroot = ArtifactRoot(sfs.join(cfg.out, "queries"), cfg.storage)
+        qroot = results_query_root(cfg.out, cfg.storage)
     else:
         key = query_cache_key(root, {**extraction_settings(to_dict(qcfg)), "role": cfg.role,
                                      "reuse": cfg.reuse_database_features},
@@ -321,14 +321,19 @@ def fused_search(ctx: SearchContext, k: int) -> Ranking:
     shortlist = max(ctx.cfg.fusion_shortlist, k)
     layout = "iasmk" if ctx.cfg.method == "fused-iasmk" else "asmk"
     a, g = asmk_search(ctx, shortlist, layout), global_search(ctx, ctx.xq, shortlist)
-    cand, asmk_s, glob = union_candidates(a, g.top(shortlist))
-    need = (cand >= 0) & np.isnan(glob)
-    rows, cols = np.nonzero(need)
-    for s in range(0, len(rows), 65536):  # blocks bound the memory of the looked-up rows
-        r, c = rows[s:s + 65536], cols[s:s + 65536]
-        glob[r, c] = np.einsum("nd,nd->n", ctx.lookup(cand[r, c]), ctx.xq[r])
-    ids, scores = fuse(cand, asmk_s, glob, ctx.cfg.fusion_beta, k, ctx.cfg.fusion)
+    ids, scores = fuse(*fusion_candidates(ctx, a, g), ctx.cfg.fusion_beta, k, ctx.cfg.fusion)
     return Ranking(ctx.qids, ids, scores)
+
+
+def fusion_candidates(ctx: SearchContext, a: Ranking, g: Ranking, block: int = 65536) -> tuple[np.ndarray, ...]:
+    """:func:`union_candidates` of the ASMK and global rankings, with the global similarity of the
+    candidates only ASMK found looked up (in blocks, bounding the memory of the looked-up rows)."""
+    cand, asmk_s, glob = union_candidates(a, g)
+    rows, cols = np.nonzero((cand >= 0) & np.isnan(glob))
+    for s in range(0, len(rows), block):
+        r, c = rows[s:s + block], cols[s:s + block]
+        glob[r, c] = np.einsum("nd,nd->n", ctx.lookup(cand[r, c]), ctx.xq[r])
+    return cand, asmk_s, glob
 
 
 def union_candidates(a: Ranking, g: Ranking) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

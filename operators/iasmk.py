@@ -44,46 +44,43 @@ def max_hamming(tau_l: float, dim: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _matches(offsets, codes, w_lo, w_hi, max_h, out_a, out_b, tile):
+def _matches(offsets, codes, w_lo, w_hi, max_h, out_a, out_b):
     """Pairs (a < b) of postings of the same word in [w_lo, w_hi) within ``max_h`` bits, written to
     ``out_a``/``out_b`` while they have room; returns how many there are (a caller whose buffers were
-    too small calls again with larger ones). Postings are compared tile × tile, so the codes one
-    tile reads stay in cache however long the word's posting list."""
+    too small calls again with larger ones)."""
     lanes = codes.shape[1]
     cap = out_a.size
     n = 0
     for w in range(w_lo, w_hi):
         lo, hi = offsets[w], offsets[w + 1]
-        for ta in range(lo, hi, tile):
-            for tb in range(ta, hi, tile):
-                for a in range(ta, min(ta + tile, hi)):
-                    x0 = codes[a, 0]
-                    x1 = codes[a, 1] if lanes > 1 else np.uint64(0)
-                    for b in range(max(tb, a + 1), min(tb + tile, hi)):
-                        if lanes == 2:  # 128-bit codes, the ASMK* default: two popcounts, unrolled
-                            h = np.int64(_popcount64(x0 ^ codes[b, 0])) + np.int64(_popcount64(x1 ^ codes[b, 1]))
-                        else:
-                            h = np.int64(0)
-                            for j in range(lanes):
-                                h += np.int64(_popcount64(codes[a, j] ^ codes[b, j]))
-                        if h <= max_h:
-                            if n < cap:
-                                out_a[n] = a
-                                out_b[n] = b
-                            n += 1
+        for a in range(lo, hi):
+            x0 = codes[a, 0]
+            x1 = codes[a, 1] if lanes > 1 else np.uint64(0)
+            for b in range(a + 1, hi):
+                if lanes == 2:  # 128-bit codes, the ASMK* default: two popcounts, unrolled
+                    h = np.int64(_popcount64(x0 ^ codes[b, 0])) + np.int64(_popcount64(x1 ^ codes[b, 1]))
+                else:
+                    h = np.int64(0)
+                    for j in range(lanes):
+                        h += np.int64(_popcount64(codes[a, j] ^ codes[b, j]))
+                if h <= max_h:
+                    if n < cap:
+                        out_a[n] = a
+                        out_b[n] = b
+                    n += 1
     return n
 
 
-def word_matches(ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int, tile: int = 2048,
+def word_matches(ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int,
                  capacity: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Posting positions (a, b), a < b, of every locally consistent match in words [w_lo, w_hi)."""
     codes = np.ascontiguousarray(ivf.codes[ivf.offsets[w_lo]:ivf.offsets[w_hi]]).view(np.uint64)
     local = np.asarray(ivf.offsets[w_lo:w_hi + 1], np.int64) - ivf.offsets[w_lo]
     a, b = np.empty(capacity, np.int64), np.empty(capacity, np.int64)
-    n = _matches(local, codes, 0, w_hi - w_lo, max_h, a, b, tile)
+    n = _matches(local, codes, 0, w_hi - w_lo, max_h, a, b)
     if n > capacity:  # rare: more matches than the buffer holds; once more with room for all
         a, b = np.empty(n, np.int64), np.empty(n, np.int64)
-        _matches(local, codes, 0, w_hi - w_lo, max_h, a, b, tile)
+        _matches(local, codes, 0, w_hi - w_lo, max_h, a, b)
     return a[:n] + ivf.offsets[w_lo], b[:n] + ivf.offsets[w_lo]
 
 

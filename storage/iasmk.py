@@ -56,7 +56,8 @@ def load_compressed_part(root: ArtifactRoot, part: int) -> CompressedWords:
 
 def merge_compressed(root: ArtifactRoot, parts: list[int], k: int, images: np.ndarray, image_entries: np.ndarray,
                      width: int) -> dict:
-    """Append the parts (consecutive word ranges, in order) into the compressed inverted file."""
+    """Append the parts (consecutive word ranges, in order) into the compressed inverted file; returns
+    its entry and member counts and every part's component sizes (read once, here)."""
     records = compressed_parts(root).committed()
     n_entries = sum(records[p]["entries"] for p in parts)
     n_members = sum(records[p]["members"] for p in parts)
@@ -64,9 +65,11 @@ def merge_compressed(root: ArtifactRoot, parts: list[int], k: int, images: np.nd
     codes, commit_c = root.open_array_writer("iasmk/codes.npy", (n_entries, width), np.uint8)
     counts = np.zeros(k, np.int64)
     sizes = np.zeros(n_entries, np.int64)
+    component_sizes = []
     e = m = 0
     for p in parts:
         cw = load_compressed_part(root, p)
+        component_sizes.append(cw.component_sizes)
         ne, nm = len(cw.words), len(cw.members)
         codes[e:e + ne], members[m:m + nm] = cw.codes, cw.members
         sizes[e:e + ne] = np.diff(cw.indptr)
@@ -77,15 +80,20 @@ def merge_compressed(root: ArtifactRoot, parts: list[int], k: int, images: np.nd
     root.write_array("iasmk/entry_indptr.npy", np.r_[0, np.cumsum(sizes)].astype(np.int64))
     root.write_array("iasmk/images.npy", np.asarray(images, np.int64))
     root.write_array("iasmk/image_entries.npy", np.asarray(image_entries, np.int64))
-    return {"entries": n_entries, "members": n_members}
+    return {"entries": n_entries, "members": n_members,
+            "component_sizes": np.concatenate(component_sizes or [np.zeros(0, np.int64)])}
 
 
 def write_iasmk_meta(root: ArtifactRoot, meta: dict) -> None:
     root.write_json("iasmk/meta.json", meta)
 
 
+def has_iasmk(root: ArtifactRoot) -> bool:
+    return root.exists("iasmk/meta.json")
+
+
 def iasmk_meta(root: ArtifactRoot) -> dict:
-    if not root.exists("iasmk/meta.json"):
+    if not has_iasmk(root):
         raise ArtifactError(f"{root.uri} has no i-ASMK* inverted file: run python -m jobs.discover --index {root.uri}")
     return root.read_json("iasmk/meta.json")
 

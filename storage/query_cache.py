@@ -34,6 +34,11 @@ def query_cache_key(index: ArtifactRoot, settings: dict, queries: pd.DataFrame, 
     return digest.hexdigest()[:16]
 
 
+def results_query_root(out: str, options: dict | None = None) -> ArtifactRoot:
+    """Described queries kept with the results instead (``RES/queries``, no reuse across searches)."""
+    return ArtifactRoot(sfs.join(out, "queries"), options or {})
+
+
 def query_cache_root(index: ArtifactRoot, key: str, folder: str | None = None) -> ArtifactRoot:
     """The cache entry ``key``: under ``index`` (``folder`` None) or under ``folder``."""
     base = index.path(FOLDER) if folder is None else folder

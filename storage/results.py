@@ -55,9 +55,14 @@ def write_metrics(res: str, metrics: dict, options: dict | None = None) -> str:
     return uri
 
 
+def report_page_uri(res: str) -> str:
+    """Where the gallery of results ``res`` lives (``RES/report.html``)."""
+    return sfs.join(res, "report.html")
+
+
 def write_report_page(res: str, page: str, options: dict | None = None) -> str:
     """``RES/report.html`` (jobs.evaluate's report)."""
-    uri = sfs.join(res, "report.html")
+    uri = report_page_uri(res)
     sfs.write_bytes(uri, page.encode(), options)
     return uri
 
