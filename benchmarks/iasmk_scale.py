@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.memory import run_job  # noqa: E402
 from operators.asmk import Aggregated, build_inverted_file  # noqa: E402
 from storage.artifacts import ArtifactRoot  # noqa: E402
 from storage.inverted_file import ARRAYS, write_meta  # noqa: E402
@@ -77,14 +74,6 @@ def write_index(root: ArtifactRoot, n_images: int, entries: int, objects: int, s
     return int(ivf.offsets[-1])
 
 
-def tree_rss_mb(pid: int) -> float:
-    try:
-        proc = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
-    except psutil.Error:
-        return 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100_000)
@@ -99,29 +88,12 @@ def main() -> None:
     counts = np.diff(np.load(f"{a.root}/asmk/offsets.npy"))
     print(f"synthetic index: {a.images} images, {n} entries, {time.time() - t0:.0f} s to generate; "
           f"postings per word mean {counts.mean():.0f}, max {counts.max()}, Σn² / 2 = {(counts.astype(float) ** 2).sum() / 2:.3g} pairs")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.discover", "--index", a.root, "--set", "stages=[iasmk]"],
-                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    peak = [0.0]
-
-    def sample() -> None:
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-            time.sleep(0.2)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    proc.wait()
-    thread.join()
-    wall = time.time() - t0
-    if proc.returncode:
-        raise SystemExit(f"jobs.discover failed (exit {proc.returncode})")
+    wall, peak = run_job(["-m", "jobs.discover", "--index", a.root, "--set", "stages=[iasmk]"])
     summary = json.loads(Path(a.root, "summary-discover.json").read_text())
     sizes = {d: sum(f.stat().st_size for f in Path(a.root, d).rglob("*") if f.is_file()) / 2**20
              for d in ("asmk", "iasmk")}
     print(f"jobs.discover: {wall:.1f} s wall (Ray start included), passes {summary['timings_s']}")
-    print(f"peak RSS of the process tree: {peak[0]:.0f} MB; asmk/ {sizes['asmk']:.0f} MB, iasmk/ {sizes['iasmk']:.0f} MB")
+    print(f"peak RSS of the process tree: {peak:.0f} MB; asmk/ {sizes['asmk']:.0f} MB, iasmk/ {sizes['iasmk']:.0f} MB")
     print("statistics:", json.dumps(summary["iasmk"]))
 
 

@@ -1,8 +1,15 @@
 """Memory figures for the benchmarks: RSS and the peak since a reset (Linux ``/proc``)."""
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+
+import psutil
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -24,3 +31,34 @@ def reset_peak() -> float:
     except OSError:
         pass
     return rss_mb()
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants (Ray workers included), MB."""
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def run_job(args: list[str], period: float = 0.2) -> tuple[float, float]:
+    """Run ``python ARGS`` from the repository root on an embedded local Ray; returns (wall s, peak RSS MB of
+    its process tree, sampled every ``period`` s). Exits with the job's status if it fails."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+            time.sleep(period)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    proc.wait()
+    thread.join()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {proc.returncode})")
+    return time.time() - t0, peak[0]

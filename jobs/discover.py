@@ -12,6 +12,9 @@
   parameters are skipped.
 - ``centrality``: stationary distribution, PageRank, Katz centrality and the modes of the index's
   kNN graph (:mod:`operators.centrality`, :mod:`storage.centrality`).
+- ``objects`` (not a default: it runs the CNN over the database twice): object discovery by graph
+  centrality (:mod:`jobs.objects`): FS.egm regions, the region graph and its Katz centrality, object
+  saliency maps and a saliency-based global descriptor that ``jobs.search --method os`` ranks.
 
 Query images must take no part (seed 002 L7463-7476): index the database without them.
 Writes ``ROOT/summary-discover.json`` (counts ``asmk_entries``, ``iasmk_entries``, …).
@@ -27,6 +30,7 @@ import numpy as np
 
 from cluster.ray_env import RayConfig, connect
 from jobs.config import parse, run_cli, to_dict
+from jobs.objects import ObjectsConfig, build_objects
 from jobs.summary import JobSummary
 from operators.centrality import katz, modes, pagerank, stationary
 from operators.iasmk import IasmkParams, compress_words, image_pair_counts, max_hamming, sum_counts
@@ -39,7 +43,7 @@ from storage.iasmk import (compressed_parts, load_pair_counts, merge_compressed,
                            pair_count_parts, write_compressed_part, write_iasmk_meta, write_pair_counts)
 from storage.inverted_file import open_inverted_file
 
-Stage = Literal["iasmk", "centrality"]
+Stage = Literal["iasmk", "centrality", "objects"]
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DiscoverConfig:
     stages: list[Stage] = field(default_factory=lambda: ["iasmk", "centrality"])
     iasmk: IasmkConfig = field(default_factory=IasmkConfig)
     centrality: CentralityConfig = field(default_factory=CentralityConfig)
+    objects: ObjectsConfig = field(default_factory=ObjectsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
@@ -235,6 +240,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             with summary.stage("centrality"):
                 build_centrality(cfg, root, summary)
             root.record_stage("centrality", "discover", to_dict(cfg.centrality))
+    if "objects" in cfg.stages:
+        summary.info["objects"] = build_objects(cfg.objects, root, summary)
+        root.record_stage("objects", "discover", to_dict(cfg.objects))
     return summary.finish(root.uri, cfg.storage)
 
 

@@ -77,11 +77,12 @@ class GraphJobConfig:
 # Ray tasks
 # ------------------------------------------------------------------------------------------
 def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, index_bytes: bytes | None,
-                    nprobe: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Top-k neighbours (node rows, similarities) of items ``start:stop`` by global descriptor."""
+                    nprobe: int, name: str = "global") -> tuple[int, np.ndarray, np.ndarray]:
+    """Top-k neighbours (rows, similarities) of items ``start:stop`` of the vector set ``name`` (the global
+    descriptors; object discovery's regions)."""
     import faiss
 
-    x = open_global(ArtifactRoot(uri, options)).vectors
+    x = open_global(ArtifactRoot(uri, options), name).vectors
     xq = np.asarray(x[start:stop], np.float32)
     rows = np.arange(start, stop)
     if index_bytes is None:
@@ -128,17 +129,11 @@ def rows_of(node_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tuple[np.ndarray, np.ndarray]:
     """kNN lists of every node, computed by Ray tasks over blocks of ``cfg.block`` items."""
     import ray
-    from tqdm import tqdm
 
     n = len(global_ids(root))
     k = min(cfg.k, n - 1)
     if cfg.source == "global":
-        index_bytes = _ivf_index(cfg, root) if n > cfg.ivf_threshold else None
-        index_ref = ray.put(index_bytes)  # stored once in the object store, not copied per task
-        task = ray.remote(num_cpus=1)(global_knn_task)
-        futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, index_ref, cfg.nprobe)
-                   for s in range(0, n, cfg.block)]
-        summary.info["graph_knn"] = "ivf" if index_bytes is not None else "exact"
+        futures, summary.info["graph_knn"] = vector_knn(cfg, root, k)
     elif cfg.source == "asmk":
         from operators.asmk import entries_by_image
 
@@ -150,21 +145,43 @@ def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tupl
     else:  # unreachable: validated by the config
         raise AssertionError(cfg.source)
     ids, sims, commit = knn_writer(root, n, k)
-    with tqdm(total=n, desc=f"kNN graph ({cfg.source})", unit="item") as bar:
+    gather_knn(futures, ids, sims, f"kNN graph ({cfg.source})")
+    commit()
+    return load_knn(root)
+
+
+def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global") -> tuple[list, str]:
+    """Ray tasks finding the top-``k`` of every row of the vector set ``name`` (exact blocks, or faiss IVF
+    above ``cfg.ivf_threshold`` rows), and which of the two."""
+    import ray
+
+    n = len(global_ids(root, name))
+    index_bytes = ivf_index(cfg, root, name) if n > cfg.ivf_threshold else None
+    index_ref = ray.put(index_bytes)  # stored once in the object store, not copied per task
+    task = ray.remote(num_cpus=1)(global_knn_task)
+    futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, index_ref, cfg.nprobe, name)
+               for s in range(0, n, cfg.block)]
+    return futures, "ivf" if index_bytes is not None else "exact"
+
+
+def gather_knn(futures: list, ids: np.ndarray, sims: np.ndarray, desc: str) -> None:
+    """Write the results of :func:`global_knn_task`-like tasks into ``ids`` / ``sims`` as they finish."""
+    import ray
+    from tqdm import tqdm
+
+    with tqdm(total=len(ids), desc=desc, unit="item") as bar:
         while futures:
             done, futures = ray.wait(futures)
             for start, nn, s in ray.get(done):
                 ids[start:start + len(nn)], sims[start:start + len(nn)] = nn, s
                 bar.update(len(nn))
-    commit()
-    return load_knn(root)
 
 
-def _ivf_index(cfg: GraphConfig, root: ArtifactRoot) -> bytes:
-    """An IVF-Flat inner-product index over all global vectors (trained on a sample), serialised."""
+def ivf_index(cfg: GraphConfig, root: ArtifactRoot, name: str = "global") -> bytes:
+    """An IVF-Flat inner-product index over all vectors of ``name`` (trained on a sample), serialised."""
     import faiss
 
-    return faiss.serialize_index(build_ivf(open_global(root).vectors, cfg.nlist)).tobytes()
+    return faiss.serialize_index(build_ivf(open_global(root, name).vectors, cfg.nlist)).tobytes()
 
 
 def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     connect(cfg.ray)
     root = ArtifactRoot(cfg.index, cfg.storage)
     run_stages(cfg, root, summary)
-    return summary.finish(root.path("summary-graph.json"), cfg.storage)
+    return summary.finish(root.uri, cfg.storage)
 
 
 if __name__ == "__main__":

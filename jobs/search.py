@@ -19,6 +19,8 @@ blocks of queries:
 - ``fused``: ASMK and global rankings fused over the union of their shortlists (:mod:`operators.fusion`);
 - ``iasmk`` / ``fused-iasmk``: the same over the i-ASMK* compressed inverted file (``jobs.discover``),
   where a component's match scores every image of the component.
+- ``os``: as ``global``, over the saliency-based descriptors of the database (object discovery,
+  ``jobs.discover --set stages=[objects]``); queries keep their plain GeM.
 
 ``--rerank`` re-ranks the initial ranking (:mod:`operators.rerank`): ``aqe`` / ``alpha-qe`` expand
 the query's global descriptor with its top results and search again; ``dfs``, ``truncated-dfs``,
@@ -72,7 +74,7 @@ from storage.results import write_results as store_results
 from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 from storage.whitening import read_whitening
 
-Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk"]
+Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk", "os"]
 Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid"]
 METHODS = typing.get_args(Method)
 assert typing.get_args(Rerank) == RERANK_METHODS
@@ -119,6 +121,7 @@ class SearchContext:
     xq: np.ndarray              # (m, D) their global descriptors, in the database's (whitened) space
     exclude: np.ndarray         # (m,) database id left out of each query's ranking (−1: none)
     lookup: GlobalLookup        # global descriptors by database id, over every partition
+    db_lookup: GlobalLookup     # the database vectors the method ranks (``os``: the saliency-based ones)
 
     @property
     def root(self) -> ArtifactRoot:
@@ -148,7 +151,15 @@ def build_context(cfg: SearchConfig, summary: JobSummary) -> SearchContext:
     qids, xq = query_globals(root, qroot, queries, lookup)
     own = queries.set_index("image_id").loc[qids, "own"].to_numpy(np.int64)
     exclude = own if cfg.exclude_self else np.full(len(qids), -1, np.int64)
-    return SearchContext(cfg, parts, database, queries, qroot, qids, xq, exclude, lookup)
+    db_lookup = GlobalLookup(parts, vector_set(cfg.method)) if cfg.method == "os" else lookup
+    return SearchContext(cfg, parts, database, queries, qroot, qids, xq, exclude, lookup, db_lookup)
+
+
+def vector_set(method: str) -> str:
+    """The database vectors a global ranking of ``method`` reads (:mod:`storage.global_index` names)."""
+    from storage.objects import OBJECTS
+
+    return OBJECTS if method == "os" else "global"
 
 
 def query_extract_config(cfg: SearchConfig, root: ArtifactRoot, out: str) -> ExtractConfig:
@@ -256,11 +267,12 @@ def query_locals(ctx: SearchContext) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------
 # Initial rankings
 # ------------------------------------------------------------------------------------------
-def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int):
-    """Rank the memory-mapped descriptors of every partition for one block of queries (a Ray task)."""
+def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int,
+                       name: str = "global"):
+    """Rank the memory-mapped descriptors ``name`` of every partition for one block of queries (a Ray task)."""
     def blocks():
         for uri, options in roots:
-            g = open_global(ArtifactRoot(uri, options))
+            g = open_global(ArtifactRoot(uri, options), name)
             yield from iter_blocks(g.ids, g.vectors, db_block)
     return knn_blocks(xq, blocks(), k, exclude)
 
@@ -271,7 +283,7 @@ def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
 
     task = ray.remote(num_cpus=1)(global_search_task)
     b = ctx.cfg.query_block
-    futures = [task.remote(ctx.roots, xq[s:s + b], ctx.exclude[s:s + b], k, ctx.cfg.db_block)
+    futures = [task.remote(ctx.roots, xq[s:s + b], ctx.exclude[s:s + b], k, ctx.cfg.db_block, vector_set(ctx.cfg.method))
                for s in ctx.block_starts(b)]
     got = ray.get(futures)
     return Ranking.concat([Ranking(ctx.qids[s:s + b], ids, scores) for s, (scores, ids) in zip(ctx.block_starts(b), got)])
@@ -374,7 +386,7 @@ def query_expansion(ctx: SearchContext, ranked: Ranking, block: int = 256) -> Ra
     for s in ctx.block_starts(block):  # blocks bound the (block, n, D) neighbour vectors
         t = top[s:s + block]
         vec = np.zeros((t.size, ctx.xq.shape[1]), np.float32)
-        vec[t.reshape(-1) >= 0] = ctx.lookup(t[t >= 0])  # padding (−1) stays zero and is masked below
+        vec[t.reshape(-1) >= 0] = ctx.db_lookup(t[t >= 0])  # padding (−1) stays zero and is masked below
         vec = vec.reshape(len(t), p.qe_n, -1)
         sims = np.where(t >= 0, np.einsum("mkd,md->mk", vec, ctx.xq[s:s + block]), -np.inf)  # global similarity
         expanded[s:s + block] = expand(ctx.xq[s:s + block], vec, sims, alpha, p.qe_n)
@@ -461,7 +473,7 @@ def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     """The initial ranking of ``ctx.cfg.method``, re-ranked by ``ctx.cfg.rerank``, top ``topk``."""
     cfg = ctx.cfg
     depth = initial_depth(cfg)
-    initial = {"global": lambda: global_search(ctx, ctx.xq, depth), "asmk": lambda: asmk_search(ctx, depth),
+    initial = {"global": lambda: global_search(ctx, ctx.xq, depth), "os": lambda: global_search(ctx, ctx.xq, depth), "asmk": lambda: asmk_search(ctx, depth),
                "iasmk": lambda: asmk_search(ctx, depth, "iasmk"), "fused": lambda: fused_search(ctx, depth),
                "fused-iasmk": lambda: fused_search(ctx, depth)}[cfg.method]
     with summary.stage(f"search ({cfg.method})"):

@@ -110,6 +110,18 @@ class Describer:
                 row.update(self.sift.describe(images[i]))
         return rows
 
+    def global_maps(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Per image, the global layer's activation map (C, H, W) float32 at each global scale the image
+        is large enough for (the maps GeM pools; object discovery reads them)."""
+        cfg = self.cfg
+        out: list[list[np.ndarray]] = [[] for _ in images]
+        bases = [resize_max_side(img, cfg.global_max_side)[0] for img in images]
+        with torch.inference_mode():
+            for scale in cfg.global_scales:
+                for idx, maps in self._forward_scale(bases, scale, (cfg.global_layer,)):
+                    out[idx].append(maps[cfg.global_layer].float().cpu().numpy())
+        return out
+
     def _check_scales(self, image: np.ndarray, gem_parts: list, local_parts: list) -> None:
         """Scales whose image is below the network's smallest input are skipped; an image left with
         no global scale (or, for HOW, no local scale) is an error."""

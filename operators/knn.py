@@ -62,6 +62,17 @@ def drop_ids(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, k: int) -
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def drop_groups(scores: np.ndarray, ids: np.ndarray, group: np.ndarray, query_group: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Remove from row i every item of ``query_group[i]`` (``group[id]`` is an item's group, e.g. the
+    image a region belongs to), order kept, truncated to ``k`` columns padded with (−inf, −1)."""
+    hit = (ids < 0) | (group[np.maximum(ids, 0)] == query_group[:, None])
+    order = np.argsort(hit, axis=1, kind="stable")[:, :k]
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    gone = np.take_along_axis(hit, order, 1)
+    return np.where(gone, -np.inf, scores).astype(np.float32), np.where(gone, -1, ids)
+
+
 def build_ivf(x: np.ndarray, nlist: int = 0, train_per_list: int = 64, block: int = 65536, seed: int = 0) -> faiss.Index:
     """An IVF-Flat inner-product index over the rows of ``x`` (trained on a sample, added in blocks).
 

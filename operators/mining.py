@@ -28,8 +28,8 @@ class MiningParams:
     k_neg: int = 10000          # k_n: Euclidean / manifold neighbourhood for negatives (retrieval)
     cap: int = 50               # pool size per anchor (T:25482-25487)
     alpha: float = 0.99         # diffusion α (T:25472-25481)
-    tol: float = 1e-6           # CG relative residual
-    maxiter: int = 100          # CG iterations
+    tol: float = 1e-10          # CG relative residual  [ext: mom posmine.m/negmine.m, dfs(L, e, 1e-10, 20)]
+    maxiter: int = 20           # CG iterations: the reference stops at 20 (ranks, not values, are used)
 
 
 def effective_sizes(p: MiningParams, n: int) -> tuple[int, int, int]:

@@ -30,34 +30,38 @@ class GlobalDescriptors:
     meta: GlobalMeta
 
 
-def global_writer(root: ArtifactRoot, n: int, dim: int) -> tuple[np.ndarray, np.ndarray, Callable[[GlobalMeta], None]]:
+def global_writer(root: ArtifactRoot, n: int, dim: int, name: str = "global"
+                  ) -> tuple[np.ndarray, np.ndarray, Callable[[GlobalMeta], None]]:
     """Writable ``vectors`` (memory-mapped) and ``ids`` arrays for ``n`` rows, and a ``commit(meta)``
-    that publishes vectors, ids and meta together."""
-    vectors, commit_vectors = root.open_array_writer("global/vectors.npy", (n, dim), np.float32)
+    that publishes vectors, ids and meta together. ``name``: the folder; other vector sets in this
+    layout (the object-saliency descriptors and regions of :mod:`storage.objects`) name their own."""
+    vectors, commit_vectors = root.open_array_writer(f"{name}/vectors.npy", (n, dim), np.float32)
     ids = np.empty(n, np.int64)
 
     def commit(meta: GlobalMeta) -> None:
         commit_vectors()
-        root.write_array("global/ids.npy", ids)
-        root.write_json("global/meta.json", asdict(meta))
+        root.write_array(f"{name}/ids.npy", ids)
+        root.write_json(f"{name}/meta.json", asdict(meta))
     return vectors, ids, commit
 
 
-def has_global(root: ArtifactRoot) -> bool:
-    return root.exists("global/ids.npy") and root.exists("global/vectors.npy")
+def has_global(root: ArtifactRoot, name: str = "global") -> bool:
+    return root.exists(f"{name}/ids.npy") and root.exists(f"{name}/vectors.npy")
 
 
-def global_ids(root: ArtifactRoot) -> np.ndarray:
+def global_ids(root: ArtifactRoot, name: str = "global") -> np.ndarray:
     """Image id of each row (memory-mapped); an :class:`ArtifactError` when the stage has not run."""
-    if not has_global(root):
-        raise ArtifactError(f"{root.uri} has no global descriptors: run python -m jobs.index --collection … --out {root.uri}")
-    return root.load_array("global/ids.npy")
+    if not has_global(root, name):
+        hint = ("run python -m jobs.index --collection … --out " + root.uri if name == "global" else
+                "run python -m jobs.discover --index " + root.uri + " --set stages=[objects]")
+        raise ArtifactError(f"{root.uri} has no {name} descriptors: {hint}")
+    return root.load_array(f"{name}/ids.npy")
 
 
-def open_global(root: ArtifactRoot) -> GlobalDescriptors:
-    ids = global_ids(root)
-    vectors = root.load_array("global/vectors.npy")
-    meta = root.read_json("global/meta.json") if root.exists("global/meta.json") else {
+def open_global(root: ArtifactRoot, name: str = "global") -> GlobalDescriptors:
+    ids = global_ids(root, name)
+    vectors = root.load_array(f"{name}/vectors.npy")
+    meta = root.read_json(f"{name}/meta.json") if root.exists(f"{name}/meta.json") else {
         "count": len(ids), "dim": vectors.shape[1], "whitened": False}
     return GlobalDescriptors(ids, vectors, GlobalMeta(**meta))
 
@@ -65,10 +69,10 @@ def open_global(root: ArtifactRoot) -> GlobalDescriptors:
 class GlobalLookup:
     """Global descriptors by image id across partitions (memory-mapped rows)."""
 
-    def __init__(self, roots: list[ArtifactRoot]):
+    def __init__(self, roots: list[ArtifactRoot], name: str = "global"):
         self.parts = []
         for r in roots:
-            g = open_global(r)
+            g = open_global(r, name)
             order = np.argsort(g.ids)
             self.parts.append((np.asarray(g.ids)[order], order, g.vectors))
 

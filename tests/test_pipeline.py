@@ -635,3 +635,50 @@ def test_mine_writes_pairs_a_page_and_resumes(built_index, collection, tmp_path)
     finally:
         index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]"])
     assert read_whitening(root, "global") is None
+
+
+def test_object_discovery_stage_and_os_search(built_index, mini_subset, tmp_path):
+    from jobs import discover as discover_job
+    from jobs.objects import _describer, os_boxes, region_search
+    from operators.gem import multiscale_gem
+    from operators.saliency import SaliencyParams, l2n, region_gem
+    from storage.global_index import open_global
+    from storage.objects import load_katz, open_regions
+    import torch
+
+    out, _ = built_index
+    root = ArtifactRoot(str(out))
+    s = discover_job.main(["--index", str(out), "--set", "stages=[objects]", "--set", "objects.images_per_task=5"])
+    table, regions = open_regions(root)
+    g = open_global(root)
+    assert s["counts"]["object_regions"] == len(table) == len(regions.ids) == len(load_katz(root)) > len(g.ids)
+    assert set(table.image_id) == set(np.asarray(g.ids).tolist())
+    assert (table.y1 > table.y0).all() and (table.x1 > table.x0).all()
+    os_vec = open_global(root, "objects/global")
+    assert np.array_equal(os_vec.ids, g.ids) and os_vec.vectors.shape == g.vectors.shape
+    assert np.allclose(np.linalg.norm(os_vec.vectors, axis=1), 1, atol=1e-5)
+    assert not np.allclose(os_vec.vectors, g.vectors)
+    # one image's descriptor recomputed from the operators equals the stored one
+    describer, white = _describer(root)
+    row = 3
+    file = root.images().set_index("image_id").loc[int(g.ids[row]), "file"]
+    from operators.images import decode_image
+    from storage.collection import read_image_bytes
+    maps = describer.global_maps([decode_image(read_image_bytes(file))])[0]
+    p, search = SaliencyParams(), region_search(regions.vectors, None, 0)
+    fs, katz_g, owner = table.fs.to_numpy(np.float32), load_katz(root), np.asarray(regions.ids)
+    per_scale = [l2n(region_gem(a, os_boxes(a, int(g.ids[row]), search, owner, fs, katz_g, white, p, 3 * p.max_regions),
+                                p.gem_p).sum(0)) for a in maps]
+    v = l2n(multiscale_gem([torch.from_numpy(x)[None] for x in per_scale])[0].numpy())
+    assert np.allclose(v, os_vec.vectors[row], atol=1e-5)
+    again = discover_job.main(["--index", str(out), "--set", "stages=[objects]", "--set", "objects.images_per_task=5"])
+    assert again["counts"]["region_parts_skipped"] == 3 and again["counts"]["os_parts_skipped"] == 3
+    # the IVF path (many regions) probing every list is the exact search
+    exact = np.array(os_vec.vectors)
+    discover_job.main(["--index", str(out), "--set", "stages=[objects]", "--set", "objects.knn.ivf_threshold=10",
+                       "--set", "objects.knn.nlist=4", "--set", "objects.knn.nprobe=4"])
+    assert np.allclose(open_global(root, "objects/global").vectors, exact, atol=1e-5)
+    search_job.main(["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--out", str(tmp_path / "os"),
+                     "--method", "os"])
+    results = pd.read_parquet(tmp_path / "os" / "results.parquet")
+    assert len(results) == 14 and all(len(ids) == 13 for ids in results.ids)

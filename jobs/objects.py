@@ -1,0 +1,260 @@
+"""Object discovery by graph centrality: the ``objects`` stage of ``jobs.discover`` (spec search §9a).
+
+``python -m jobs.discover --index ROOT --set stages=[objects]``
+
+1. Pass 1 (Ray tasks over blocks of database images): the CNN's global-layer activations at each of
+   the index's global scales, their feature saliency F̂, FS.egm regions, each region's descriptor
+   (ν(GeM), the index's global whitening when it has one) and feature saliency f. Parts are committed
+   per block, so a killed run resumes.
+2. The region graph: mutual kNN over all regions (the same distributed kNN tasks as ``jobs.graph``:
+   exact blocks, faiss IVF at scale), regions of one image never linked (repetition across images is
+   what centrality should measure), s = [vᵀu]₊^β; Katz centrality g* by one CG solve of L_α g = 1.
+3. Pass 2 (Ray tasks): per image and scale the object-saliency map S (eq. 16) from each a × a patch's
+   nearest regions of other images, OS.egm regions on S, Σ ν(GeM) per scale; scales combined by GeM
+   as the index combines them, whitened like the index: the saliency-based global descriptor, stored
+   in the rows of ``ROOT/global`` (``jobs.search --method os`` ranks it; queries keep their plain GeM,
+   as the seed's queries keep theirs, T:23912-23913).
+
+Artifacts: :mod:`storage.objects`. Parameters: :class:`operators.saliency.SaliencyParams`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from jobs.config import from_dict
+from jobs.graph import GraphConfig, ivf_index, gather_knn, vector_knn
+from jobs.summary import JobSummary
+from operators.centrality import katz
+from operators.describe import DescriptorConfig, Describer
+from operators.gem import multiscale_gem
+from operators.global_index import iter_blocks
+from operators.graph import affinity
+from operators.images import decode_image
+from operators.knn import drop_groups, knn_blocks, search_ivf
+from operators.saliency import (SaliencyParams, egm, feature_saliency, l2n, object_saliency, patch_max, region_gem,
+                                region_mean)
+from operators.whitening import Whitening
+from storage.artifacts import ArtifactRoot
+from storage.collection import read_image_bytes
+from storage.global_index import GlobalMeta, open_global
+from storage.objects import (REGIONS, load_katz, load_part, object_parts, objects_writer, open_regions, write_katz,
+                             write_objects_meta, write_part, write_regions)
+from storage.whitening import read_whitening
+
+
+@dataclass
+class ObjectsConfig:
+    params: SaliencyParams = field(default_factory=SaliencyParams)
+    images_per_task: int = 32       # database images per Ray task (a committed part)
+    knn: GraphConfig = field(default_factory=GraphConfig)  # the region kNN tasks (block, IVF threshold, nprobe)
+
+
+# ------------------------------------------------------------------------------------------
+# Per image (inside the tasks)
+# ------------------------------------------------------------------------------------------
+def _describer(root: ArtifactRoot) -> tuple[Describer, Whitening | None]:
+    built = root.stage_settings("extract")["describe"]
+    cfg = from_dict(DescriptorConfig, {**built, "local": "none"})
+    return Describer(cfg), read_whitening(root, "global")
+
+
+def _whiten(x: np.ndarray, white: Whitening | None) -> np.ndarray:
+    return white(x) if white is not None else l2n(x)
+
+
+def _boxes_or_whole(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """EGM's boxes, or the whole map when the map held nothing above the mask."""
+    return boxes if len(boxes) else np.array([[0, 0, shape[0], shape[1]]], np.int64)
+
+
+def fs_regions(a: np.ndarray, p: SaliencyParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FS.egm on one activation map (C, H, W): boxes, their feature saliency and ν(GeM) descriptors."""
+    fhat = feature_saliency(a)
+    boxes = _boxes_or_whole(egm(fhat, p.sigma, p.fs_rho, p.tau, p.egm_iters, p.max_regions), fhat.shape)
+    return boxes, region_mean(fhat, boxes), region_gem(a, boxes, p.gem_p)
+
+
+def _images(root: ArtifactRoot, files: list[str]) -> tuple[list[int], list[np.ndarray], list[str]]:
+    """Decoded images (their positions in ``files``) and one error line per file that failed."""
+    ok, images, errors = [], [], []
+    for i, f in enumerate(files):
+        try:
+            images.append(decode_image(read_image_bytes(f, root.options)))
+            ok.append(i)
+        except Exception as e:  # noqa: BLE001 - recorded, the image keeps its plain GeM
+            errors.append(f"{f}: {type(e).__name__}: {e}")
+    return ok, images, errors
+
+
+def regions_task(uri: str, options: dict, part: int, image_ids: np.ndarray, files: list[str], params: dict,
+                 record: dict) -> dict:
+    """Pass 1 for a block of images: every FS.egm region (image, scale, box, f, descriptor), committed."""
+    root, p = ArtifactRoot(uri, options), SaliencyParams(**params)
+    describer, white = _describer(root)
+    cols: dict[str, list] = {k: [] for k in ("image_id", "scale", "boxes", "fs", "vectors")}
+    ok, images, errors = _images(root, files)
+    for i, maps in zip(ok, describer.global_maps(images) if images else []):
+        for scale, a in zip(describer.cfg.global_scales, maps):
+            boxes, fs, z = fs_regions(a, p)
+            for k, v in (("image_id", np.full(len(boxes), image_ids[i])), ("scale", np.full(len(boxes), scale)),
+                         ("boxes", boxes), ("fs", fs), ("vectors", _whiten(z, white))):
+                cols[k].append(v)
+    arrays = {k: np.concatenate(v) if v else np.zeros((0, 4) if k == "boxes" else 0) for k, v in cols.items()}
+    return write_part(root, "region_parts", part, arrays, {**record, "errors": errors, "found": len(arrays["fs"])})
+
+
+def os_task(uri: str, options: dict, part: int, image_ids: np.ndarray, files: list[str], params: dict,
+            record: dict, index_bytes: bytes | None = None, nprobe: int = 32) -> dict:
+    """Pass 2 for a block of images: OS maps, OS.egm regions and the saliency-based descriptors, committed."""
+    root, p = ArtifactRoot(uri, options), SaliencyParams(**params)
+    describer, white = _describer(root)
+    table, regions = open_regions(root)
+    f, g = table["fs"].to_numpy(np.float32), load_katz(root)
+    region_image = np.asarray(regions.ids)
+    extra = len(describer.cfg.global_scales) * p.max_regions  # an image's own regions, dropped after the search
+    search = region_search(regions.vectors, index_bytes, nprobe)
+    ok, images, errors = _images(root, files)
+    out_ids, out_vec, counts = [], [], []
+    for i, maps in zip(ok, describer.global_maps(images) if images else []):
+        per_scale = []
+        for a in maps:
+            boxes = os_boxes(a, image_ids[i], search, region_image, f, g, white, p, extra)
+            per_scale.append(l2n(region_gem(a, boxes, p.gem_p).sum(0)))
+            counts.append(len(boxes))
+        v = multiscale_gem([_torch(x) for x in per_scale], describer.cfg.gem_p)[0].numpy()
+        out_ids.append(image_ids[i]), out_vec.append(_whiten(v[None], white)[0])
+    arrays = {"image_id": np.asarray(out_ids, np.int64),
+              "vectors": np.stack(out_vec) if out_vec else np.zeros((0, regions.vectors.shape[1]), np.float32)}
+    return write_part(root, "os_parts", part, arrays, {**record, "errors": errors, "found": int(sum(counts))})
+
+
+def region_search(vectors: np.ndarray, index_bytes: bytes | None, nprobe: int):
+    """``search(u, k) -> (sims, region rows)`` over every region: exact blocks, or the faiss IVF index the
+    driver built when the regions are many (``objects.knn.ivf_threshold``)."""
+    if index_bytes is None:
+        return lambda u, k: knn_blocks(u, iter_blocks(np.arange(len(vectors)), vectors), k)
+    import faiss
+
+    index = faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
+    return lambda u, k: search_ivf(index, u, k, nprobe)
+
+
+def os_boxes(a: np.ndarray, image_id: int, search, region_image: np.ndarray, f: np.ndarray,
+             g: np.ndarray, white: Whitening | None, p: SaliencyParams, extra: int) -> np.ndarray:
+    """OS.egm regions of one activation map: S from each patch's nearest regions of other images (eq. 16)."""
+    fhat = feature_saliency(a)
+    u = _whiten(patch_max(a, p.patch), white)
+    sims, nb = search(u, p.patch_neighbours + extra)
+    sims, nb = drop_groups(sims, nb, region_image, np.full(len(u), image_id), p.patch_neighbours)
+    s = object_saliency(fhat, sims, nb, f, g, p.beta, p.theta)
+    return _boxes_or_whole(egm(s, p.sigma, p.os_rho, p.tau, p.egm_iters, p.max_regions), fhat.shape)
+
+
+def _torch(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.asarray(x, np.float32))[None]
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side
+# ------------------------------------------------------------------------------------------
+def _run_parts(root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: dict, desc: str,
+               summary: JobSummary, *args) -> list[int]:
+    """Run ``task`` over blocks of the database images, skipping parts committed with the same record."""
+    import ray
+    from tqdm import tqdm
+
+    ids = np.asarray(open_global(root).ids)
+    files = root.images().set_index("image_id").loc[ids, "file"].tolist()
+    done = object_parts(root, kind).committed()
+    params, futures = dataclasses.asdict(cfg.params), []
+    remote = ray.remote(num_cpus=1)(task)
+    blocks = range(0, len(ids), cfg.images_per_task)
+    for part, s in enumerate(blocks):
+        rec = {**record, "images": ids[s:s + cfg.images_per_task].tolist()}
+        if all(done.get(part, {}).get(k) == v for k, v in rec.items()):
+            summary.add(**{f"{kind}_skipped": 1})
+            continue
+        futures.append(remote.remote(root.uri, root.options, part, ids[s:s + cfg.images_per_task],
+                                     files[s:s + cfg.images_per_task], params, rec, *args))
+    with tqdm(total=len(futures), desc=desc, unit="block") as bar:
+        while futures:
+            ready, futures = ray.wait(futures)
+            for r in ray.get(ready):
+                summary.add(image_errors=len(r.get("errors", [])))
+            bar.update(len(ready))
+    return list(range(len(blocks)))
+
+
+def merge_regions(root: ArtifactRoot, parts: list[int]) -> int:
+    loaded = [load_part(root, "region_parts", i) for i in parts]
+    cat = {k: np.concatenate([x[k] for x in loaded]) for k in loaded[0]}
+    boxes = cat["boxes"].reshape(-1, 4).astype(np.int64)
+    table = pd.DataFrame({"image_id": cat["image_id"].astype(np.int64), "scale": cat["scale"].astype(np.float32),
+                          "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
+                          "fs": cat["fs"].astype(np.float32)})
+    write_regions(root, table, cat["vectors"].astype(np.float32))
+    return len(table)
+
+
+def region_centrality(root: ArtifactRoot, cfg: ObjectsConfig, summary: JobSummary) -> np.ndarray:
+    """Katz centrality of every region on the mutual kNN graph of regions of different images."""
+    p = cfg.params
+    _, regions = open_regions(root)
+    n, image = len(regions.ids), np.asarray(regions.ids)
+    k_search = min(n - 1, p.k + int(np.unique(image, return_counts=True)[1].max()))
+    futures, summary.info["region_knn"] = vector_knn(cfg.knn, root, k_search, REGIONS)
+    nn, sims = np.full((n, k_search), -1, np.int64), np.full((n, k_search), -np.inf, np.float32)
+    gather_knn(futures, nn, sims, "region kNN")
+    sims, nn = drop_groups(sims, nn, image, image, p.k)
+    w = affinity(nn, sims, n=n, k=p.k, gamma=p.beta, mode="mutual")
+    g = katz(w, p.alpha)
+    write_katz(root, g)
+    summary.add(region_graph_edges=int(w.nnz // 2), isolated_regions=int((np.diff(w.indptr) == 0).sum()))
+    return g
+
+
+def merge_descriptors(root: ArtifactRoot, parts: list[int]) -> int:
+    """The OS.egm descriptors in the rows of ``ROOT/global``; an image whose pass failed keeps its plain GeM."""
+    g = open_global(root)
+    ids = np.asarray(g.ids)
+    vec, out_ids, commit = objects_writer(root, len(ids), g.vectors.shape[1])
+    vec[:] = g.vectors
+    out_ids[:] = ids
+    row = {int(i): r for r, i in enumerate(ids)}
+    done = 0
+    for part in parts:
+        x = load_part(root, "os_parts", part)
+        rows = np.array([row[int(i)] for i in x["image_id"]], np.int64)
+        if len(rows):
+            vec[rows] = x["vectors"]
+        done += len(rows)
+    commit(GlobalMeta(count=len(ids), dim=g.vectors.shape[1], whitened=g.meta.whitened))
+    return done
+
+
+def build_objects(cfg: ObjectsConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
+    """The three steps of the module doc; returns the stage's meta (also ``objects/meta.json``)."""
+    import ray
+
+    settings = {"params": dataclasses.asdict(cfg.params), "extract": root.stage_settings("extract")["describe"]}
+    with summary.stage("objects pass 1: FS.egm regions"):
+        parts = _run_parts(root, "region_parts", regions_task, cfg, settings, "FS regions", summary)
+        n_regions = merge_regions(root, parts)
+    with summary.stage("objects: region graph and Katz centrality"):
+        region_centrality(root, cfg, summary)
+    record = {**settings, "knn": dataclasses.asdict(cfg.knn), "regions": n_regions}  # g follows from these (not bit for bit: CG)
+    with summary.stage("objects pass 2: OS maps and descriptors"):
+        index_ref = ray.put(ivf_index(cfg.knn, root, REGIONS) if n_regions > cfg.knn.ivf_threshold else None)
+        parts = _run_parts(root, "os_parts", os_task, cfg, record, "OS descriptors", summary, index_ref, cfg.knn.nprobe)
+        described = merge_descriptors(root, parts)
+    meta = {**settings, "regions": n_regions, "images": described,
+            "regions_per_image_scale": n_regions / max(1, described * len(settings["extract"]["global_scales"]))}
+    write_objects_meta(root, meta)
+    summary.add(object_regions=n_regions, object_images=described)
+    return meta

@@ -1,0 +1,81 @@
+"""Object discovery artifacts (``jobs.discover``'s ``objects`` stage): ``ROOT/objects/``.
+
+- ``region_parts/part-NNNNN.npz`` (+ ``_commits/``): pass 1, one part per block of images: every
+  FS.egm region's image id, scale, box, feature saliency and descriptor. Resumable.
+- ``regions/`` (the :mod:`storage.global_index` layout: ``vectors.npy`` (n_r, D), ``ids.npy`` = each
+  region's image id), ``regions.parquet`` (image_id, scale, y0, x0, y1, x1, fs) and ``katz.npy``
+  (each region's Katz centrality on the region graph).
+- ``os_parts/part-NNNNN.npz`` (+ ``_commits/``): pass 2, the OS.egm descriptors of a block of images.
+- ``global/`` (the global layout): the saliency-based descriptor of every database image, in the
+  rows of ``ROOT/global``; ``jobs.search --method os`` ranks them.
+- ``meta.json``: parameters and counts.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+from storage.artifacts import ArtifactRoot
+from storage.errors import ArtifactError
+from storage.global_index import GlobalDescriptors, GlobalMeta, global_writer, has_global, open_global
+from storage.shards import ShardSet, shard_name
+
+REGIONS, OBJECTS = "objects/regions", "objects/global"
+REGION_COLUMNS = ["image_id", "scale", "y0", "x0", "y1", "x1", "fs"]
+
+
+def object_parts(root: ArtifactRoot, kind: str) -> ShardSet:
+    """The committed parts of pass 1 (``kind="region_parts"``) or pass 2 (``"os_parts"``)."""
+    return root.shards(f"objects/{kind}")
+
+
+def write_part(root: ArtifactRoot, kind: str, part: int, arrays: dict[str, np.ndarray], record: dict) -> dict:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return object_parts(root, kind).write_blob(part, buf.getvalue(), record)
+
+
+def load_part(root: ArtifactRoot, kind: str, part: int) -> dict[str, np.ndarray]:
+    z = np.load(io.BytesIO(root.read_bytes(f"objects/{kind}/{shard_name(part)}.npz")))
+    return {k: z[k] for k in z.files}
+
+
+def write_regions(root: ArtifactRoot, table: pd.DataFrame, vectors: np.ndarray) -> None:
+    """The merged regions: their table (:data:`REGION_COLUMNS`) and descriptors."""
+    vec, ids, commit = global_writer(root, len(table), vectors.shape[1], REGIONS)
+    vec[:] = vectors
+    ids[:] = table["image_id"].to_numpy(np.int64)
+    commit(GlobalMeta(count=len(table), dim=vectors.shape[1], whitened=False))
+    buf = io.BytesIO()
+    table[REGION_COLUMNS].to_parquet(buf, index=False)
+    root.write_bytes("objects/regions.parquet", buf.getvalue())
+
+
+def open_regions(root: ArtifactRoot) -> tuple[pd.DataFrame, GlobalDescriptors]:
+    if not has_global(root, REGIONS):
+        raise ArtifactError(f"{root.uri} has no object regions: run python -m jobs.discover --index {root.uri} "
+                            "--set stages=[objects]")
+    return pd.read_parquet(io.BytesIO(root.read_bytes("objects/regions.parquet"))), open_global(root, REGIONS)
+
+
+def write_katz(root: ArtifactRoot, g: np.ndarray) -> None:
+    root.write_array("objects/katz.npy", np.asarray(g, np.float32))
+
+
+def load_katz(root: ArtifactRoot) -> np.ndarray:
+    return np.asarray(root.load_array("objects/katz.npy", mmap=False))
+
+
+def objects_writer(root: ArtifactRoot, n: int, dim: int):
+    """:func:`storage.global_index.global_writer` of the saliency-based descriptors."""
+    return global_writer(root, n, dim, OBJECTS)
+
+
+def write_objects_meta(root: ArtifactRoot, meta: dict) -> None:
+    root.write_json("objects/meta.json", meta)
+
+
+def has_objects(root: ArtifactRoot) -> bool:
+    return has_global(root, OBJECTS)
