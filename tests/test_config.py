@@ -28,7 +28,7 @@ def test_precedence_yaml_flags_set(tmp_path):
     (["--topk", "abc"], r"topk: Input should be a valid integer"),
     (["--set", "ray=5"], r"ray: Input should be a dictionary or an instance of RayConfig"),
     (["--set", "asmk.params.binary=maybe"], r"asmk.params.binary: Input should be a valid boolean"),
-    (["--method", "fuzed"], r"method: Input should be 'global', 'asmk', 'fused', 'iasmk' or 'fused-iasmk'"),
+    (["--method", "fuzed"], r"method: Input should be 'global', 'asmk', 'fused', 'iasmk', 'fused-iasmk' or 'os'"),
     (["--rerank", "diffusion"], r"rerank: Input should be 'none', 'aqe'"),
     (["--set", "rerank_params.dtype=float16"], r"rerank_params.dtype: Input should be 'float32' or 'float64'"),
     (["--set", "topk.x=3"], r"topk: Input should be a valid integer"),
