@@ -3,7 +3,8 @@
 # offline step (the split of benchmarks/iasmk_instance_mini.sh: every fifth image of each group is a query).
 #   bash benchmarks/objects_instance_mini.sh [OUT] [--set objects.params.k=20 …]   (extra arguments go to jobs.discover)
 # Reuses OUT/index when benchmarks/iasmk_instance_mini.sh built it. Prints the stage's statistics and
-# times, then mAP of global / os, without and with αQE, on whole and 40%-cropped queries.
+# times, then mAP of global / os, without and with αQE, on whole and 40%-cropped queries
+# (METHODS="os" RERANKS="none" for fewer searches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
@@ -21,8 +22,8 @@ print('counts', json.dumps(d['counts'])); print('objects time per stage (s):', d
 for crop in whole 0.4; do
   args=(); [ "$crop" != whole ] && args=(--center-crop "$crop")
   line="$crop"
-  for method in global os; do
-    for rerank in none alpha-qe; do
+  for method in ${METHODS:-global os}; do
+    for rerank in ${RERANKS:-none alpha-qe}; do
       res="$OUT/search/$crop-$method-$rerank"
       $PY -m jobs.search --index "$OUT/index" --queries "$OUT/queries.csv" --out "$res" --topk 1000 --method "$method" \
         --rerank "$rerank" --set rerank_params.qe_n=2 "${args[@]}" > "$res.log" 2>&1

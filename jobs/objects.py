@@ -46,6 +46,9 @@ from storage.objects import (REGIONS, load_katz, load_part, object_parts, object
 from storage.whitening import read_whitening
 
 
+FS_PARAMS = ("fs_rho", "sigma", "tau", "egm_iters", "max_regions", "gem_p")  # the parameters pass 1 reads
+
+
 @dataclass
 class ObjectsConfig:
     params: SaliencyParams = field(default_factory=SaliencyParams)
@@ -242,19 +245,22 @@ def build_objects(cfg: ObjectsConfig, root: ArtifactRoot, summary: JobSummary) -
     """The three steps of the module doc; returns the stage's meta (also ``objects/meta.json``)."""
     import ray
 
-    settings = {"params": dataclasses.asdict(cfg.params), "extract": root.stage_settings("extract")["describe"]}
+    params = dataclasses.asdict(cfg.params)
+    extract = root.stage_settings("extract")["describe"]
+    settings = {"fs": {k: params[k] for k in FS_PARAMS}, "extract": extract}  # what pass 1 depends on
     with summary.stage("objects pass 1: FS.egm regions"):
         parts = _run_parts(root, "region_parts", regions_task, cfg, settings, "FS regions", summary)
         n_regions = merge_regions(root, parts)
     with summary.stage("objects: region graph and Katz centrality"):
         region_centrality(root, cfg, summary)
-    record = {**settings, "knn": dataclasses.asdict(cfg.knn), "regions": n_regions}  # g follows from these (not bit for bit: CG)
+    record = {**settings, "params": params, "knn": dataclasses.asdict(cfg.knn), "regions": n_regions}  # g follows from
+    # these, though not bit for bit (CG)
     with summary.stage("objects pass 2: OS maps and descriptors"):
         index_ref = ray.put(ivf_index(cfg.knn, root, REGIONS) if n_regions > cfg.knn.ivf_threshold else None)
         parts = _run_parts(root, "os_parts", os_task, cfg, record, "OS descriptors", summary, index_ref, cfg.knn.nprobe)
         described = merge_descriptors(root, parts)
-    meta = {**settings, "regions": n_regions, "images": described,
-            "regions_per_image_scale": n_regions / max(1, described * len(settings["extract"]["global_scales"]))}
+    meta = {"params": params, "extract": extract, "regions": n_regions, "images": described,
+            "regions_per_image_scale": n_regions / max(1, described * len(extract["global_scales"]))}
     write_objects_meta(root, meta)
     summary.add(object_regions=n_regions, object_images=described)
     return meta
