@@ -16,7 +16,7 @@ import numpy as np
 
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, build_index, idf_weights, search
-from operators.codebook import Quantizer
+from operators.codebook import AssignConfig, Quantizer
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.iasmk import open_compressed
@@ -29,9 +29,11 @@ class AsmkConfig:
     params: AsmkParams = field(default_factory=AsmkParams)
     buffer_mb: int = 256           # search: score buffer per task (queries × images × 8 B)
     query_block: int = 256         # search: query images per Ray task
+    assign: AssignConfig = field(default_factory=AssignConfig)  # words of database (and query) descriptors:
+                                   # exact flat search, or HNSW (≥ 5× faster at k = 65,536, benchmarks/assignment.py)
 
 
-def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: int) -> dict:
+def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: int, assign: dict) -> dict:
     """Quantise, aggregate and commit one shard's partial inverted file (runs in a Ray task)."""
     import pyarrow.compute as pc
 
@@ -41,10 +43,10 @@ def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: 
     table = table.filter(pc.equal(table.column("status"), "ok"))
     desc, ids, _ = local_arrays(table)
     desc = desc.astype(np.float32)
-    ivf = build_index(desc, ids, Quantizer(centroids)(desc, db_ma), centroids, binary)
+    ivf = build_index(desc, ids, Quantizer(centroids, AssignConfig(**assign))(desc, db_ma), centroids, binary)
     return write_partial(root, shard, ivf, {
         "entries": len(ivf.entry_image), "descriptors": len(desc), "codebook_sha1": codebook_hash(centroids),
-        "binary": binary, "db_ma": db_ma})
+        "binary": binary, "db_ma": db_ma, "assign": assign})
 
 
 def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
@@ -53,11 +55,13 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
 
     centroids = load_codebook(root)
     shards = sorted(root.shards().committed())
-    want = {"codebook_sha1": codebook_hash(centroids), "binary": cfg.params.binary, "db_ma": cfg.params.db_ma}
+    want = {"codebook_sha1": codebook_hash(centroids), "binary": cfg.params.binary, "db_ma": cfg.params.db_ma,
+            "assign": dataclasses.asdict(cfg.assign)}
     done = partials(root).committed()
     pending = [s for s in shards if any(done.get(s, {}).get(key) != v for key, v in want.items())]
     task = ray.remote(num_cpus=1)(partial_task)
-    futures = [task.remote(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma) for s in pending]
+    futures = [task.remote(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma, want["assign"])
+               for s in pending]
     with tqdm(total=len(futures), desc="partial inverted files", unit="shard") as bar:
         while futures:
             done, futures = ray.wait(futures)

@@ -52,7 +52,7 @@ from jobs.extract import (ExtractConfig, check_settings, extraction_settings, pr
                           run_extraction)
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, aggregate
-from operators.codebook import Quantizer
+from operators.codebook import AssignConfig, Quantizer
 from operators.describe import DescriptorConfig
 from operators.fusion import Mode as FusionMode, fuse
 from operators.global_index import iter_blocks
@@ -289,12 +289,14 @@ def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
     return Ranking.concat([Ranking(ctx.qids[s:s + b], ids, scores) for s, (scores, ids) in zip(ctx.block_starts(b), got)])
 
 
-def asmk_params(cfg: SearchConfig, root: ArtifactRoot) -> tuple[AsmkParams, int]:
+def asmk_config(cfg: SearchConfig, root: ArtifactRoot) -> AsmkConfig:
+    """The search's ASMK settings: ``cfg.asmk`` when given, else the index's own (assignment included)."""
     built = root.stage_settings("asmk")
-    chosen = cfg.asmk or from_dict(AsmkConfig, {**built, "params": AsmkParams(**built["params"])})
+    chosen = cfg.asmk or from_dict(AsmkConfig, {**built, "params": AsmkParams(**built["params"]),
+                                                "assign": AssignConfig(**built.get("assign", {}))})
     if chosen.params.binary != built["params"]["binary"]:
         raise ConfigError("asmk.params.binary must match the index (it decides what the inverted file stores)")
-    return chosen.params, chosen.buffer_mb
+    return chosen
 
 
 def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
@@ -309,9 +311,10 @@ def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
     for other in ctx.parts[1:]:
         if codebook_hash(load_codebook(other)) != codebook_hash(centroids):
             raise SettingsMismatch(f"{other.uri} was built with another codebook; it cannot be searched with {ctx.root.uri}")
-    params, buffer_mb = asmk_params(ctx.cfg, ctx.root)
+    chosen = asmk_config(ctx.cfg, ctx.root)
+    params, buffer_mb = chosen.params, chosen.buffer_mb
     desc, qimg = query_locals(ctx)
-    agg = aggregate(desc, qimg, Quantizer(centroids)(desc, params.query_ma), centroids, params.binary)
+    agg = aggregate(desc, qimg, Quantizer(centroids, chosen.assign)(desc, params.query_ma), centroids, params.binary)
     exclude = dict(zip(ctx.qids.tolist(), ctx.exclude.tolist()))
     uq = np.unique(agg.image_ids)
     block = (ctx.cfg.asmk or AsmkConfig()).query_block
@@ -444,7 +447,7 @@ def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
     cfg = ctx.cfg
     params = {"topk": cfg.topk}
     if cfg.method != "global":
-        params["asmk"] = dataclasses.asdict(asmk_params(cfg, ctx.root)[0])
+        params["asmk"] = dataclasses.asdict(asmk_config(cfg, ctx.root).params)
     if "iasmk" in cfg.method:
         params["iasmk"] = iasmk_meta(ctx.root)["params"]
     if cfg.method.startswith("fused"):

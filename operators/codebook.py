@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -38,14 +40,31 @@ def train_codebook(x: np.ndarray, k: int, niter: int = 10, seed: int = 1234, gpu
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-class Quantizer:
-    """Nearest-word assignment with a faiss flat L2 index over the centroids."""
+@dataclass
+class AssignConfig:
+    """How descriptors find their nearest words: ``flat`` (exact, faiss brute force) or ``hnsw`` (faiss
+    HNSW graph over the centroids: approximate, several times faster on a 64k codebook; see
+    ``benchmarks/assignment.py`` for the agreement with the exact words)."""
+    method: Literal["flat", "hnsw"] = "flat"
+    hnsw_m: int = 32               # HNSW: links per node
+    ef_construction: int = 80      # HNSW: candidate list while building
+    ef_search: int = 64            # HNSW: candidate list per search (at least m of multiple assignment)
 
-    def __init__(self, centroids: np.ndarray):
+
+class Quantizer:
+    """Nearest-word assignment: a faiss index over the centroids, exact (flat L2) or HNSW (:class:`AssignConfig`)."""
+
+    def __init__(self, centroids: np.ndarray, cfg: AssignConfig | None = None):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        index = faiss.IndexFlatL2(self.centroids.shape[1])
-        if faiss.get_num_gpus() > 0:  # pragma: no cover - GPU machines only
-            index = faiss.index_cpu_to_all_gpus(index)
+        self.cfg = cfg or AssignConfig()
+        d = self.centroids.shape[1]
+        if self.cfg.method == "hnsw":
+            index = faiss.IndexHNSWFlat(d, self.cfg.hnsw_m)
+            index.hnsw.efConstruction = self.cfg.ef_construction
+        else:
+            index = faiss.IndexFlatL2(d)
+            if faiss.get_num_gpus() > 0:  # pragma: no cover - GPU machines only
+                index = faiss.index_cpu_to_all_gpus(index)
         index.add(self.centroids)
         self.index = index
 
@@ -57,5 +76,7 @@ class Quantizer:
         """Word ids (n, m) of the m nearest centroids of each row of ``x``."""
         if len(x) == 0:
             return np.zeros((0, m), np.int64)
+        if self.cfg.method == "hnsw":
+            self.index.hnsw.efSearch = max(self.cfg.ef_search, m)
         _, words = self.index.search(np.ascontiguousarray(x, dtype=np.float32), m)
         return words

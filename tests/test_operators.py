@@ -203,3 +203,18 @@ def test_learned_whitening_whitens_matches_and_diagonalises_non_matches():
 
     assert np.allclose(np.diag(m), np.sort(scipy.linalg.eigh(cd, cs, eigvals_only=True))[::-1][:4], rtol=1e-4)
     assert np.allclose(w.mean, x.mean(0), atol=1e-5) and w(x).shape == (300, 4)
+
+
+def test_hnsw_assignment_agrees_with_the_exact_words():
+    from operators.codebook import AssignConfig, Quantizer
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((4096, 8)).astype(np.float32)
+    lift = rng.standard_normal((8, 32)).astype(np.float32)
+    centroids = np.tanh(latent @ lift)                                 # words on a low-dimensional manifold
+    x = centroids[rng.integers(0, len(centroids), 2000)] + 0.05 * rng.standard_normal((2000, 32)).astype(np.float32)
+    exact = Quantizer(centroids)(x, 5)
+    approx = Quantizer(centroids, AssignConfig("hnsw"))(x, 5)
+    assert approx.shape == exact.shape == (2000, 5)
+    assert (approx[:, 0] == exact[:, 0]).mean() >= 0.98
+    assert Quantizer(centroids, AssignConfig("hnsw"))(x[:0]).shape == (0, 1)

@@ -349,6 +349,18 @@ def test_asmk_stage_merge_equals_single_build(built_index):
     assert np.array_equal(ivf.entry_image, ref.entry_image) and np.array_equal(ivf.codes, ref.codes)
     assert np.array_equal(ivf.image_entries, ref.image_entries)
     assert meta["bytes_per_entry"] == 20 and meta["entries"] == len(ref.entry_image)
+    # HNSW assignment searching as many candidates as there are words finds the exact words: the same index
+    collection = root.images()  # the stage reads the committed shards only
+    try:
+        s = index_job.main(["--collection", str(out / "unused.csv"), "--out", str(out), *FAST, "--set", "stages=[asmk]",
+                            "--set", "asmk.assign.method=hnsw", "--set", f"asmk.assign.ef_search={len(centroids)}"])
+        assert s["counts"]["asmk_partials_built"] == len(root.shards().committed())
+        hnsw, _ = open_inverted_file(root)
+        assert np.array_equal(hnsw.entry_image, ref.entry_image) and np.array_equal(hnsw.codes, ref.codes)
+        assert root.stage_settings("asmk")["assign"]["method"] == "hnsw"
+    finally:
+        index_job.main(["--collection", str(out / "unused.csv"), "--out", str(out), *FAST, "--set", "stages=[asmk]"])
+    assert root.images().equals(collection)
 
 
 def test_asmk_and_fused_search(built_index, mini_subset, tmp_path):
