@@ -33,41 +33,74 @@ def test_ray_config_is_a_valid_cluster_launcher_config():
     assert any("pip install" in c and "retrieval-pipeline" in c for c in cfg["setup_commands"])
 
 
-def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
+def _start_head(log: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    """A local head on free ports (its dashboard on loopback); returns the process and the dashboard port."""
     port, dash = free_port(), free_port()
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              "--include-dashboard=true", "--disable-usage-stats",
                              f"--dashboard-agent-listen-port={free_port()}",  # 52365 may be another Ray's
                              f"--temp-dir={tempfile.mkdtemp(prefix='r', dir='/tmp')}"],  # short: socket paths
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"),
-                            start_new_session=True)
-    try:
-        from ray.job_submission import JobSubmissionClient
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    return head, dash
 
-        client = None
-        for _ in range(120):
-            try:
-                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
-                break
-            except Exception:  # noqa: BLE001 - dashboard not up yet
-                time.sleep(0.5)
-        assert client is not None, "head did not come up: " + (tmp_path / "head.log").read_text()[-2000:]
+
+def _submit(dash: int, env: dict, entrypoint: list[str], working_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """``ray job submit`` (retried while the head's job agent is still coming up)."""
+    cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+           *(["--working-dir", str(working_dir)] if working_dir else []), "--", *entrypoint]
+    for _ in range(60):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        if not any(s in proc.stderr for s in ("No available agent to submit job", "Connection refused",
+                                              "Failed to connect")):
+            break
+        time.sleep(2)
+    return proc
+
+
+def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
+    head, dash = _start_head(tmp_path / "head.log", _env())
+    try:
         out = tmp_path / "index"
-        cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
-               "python", "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(out), *FAST,
-               "--set", "describe.local=none"]
-        for _ in range(5):  # the head's job agent can come up after its dashboard
-            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-            if "No available agent to submit job" not in proc.stderr:
-                break
-            time.sleep(3)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        proc = _submit(dash, _env(), ["python", "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(out),
+                                      *FAST, "--set", "describe.local=none"], REPO)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (tmp_path / "head.log").read_text()[-2000:]
         assert "succeeded" in proc.stdout
         assert ArtifactRoot(str(out)).load_array("global/vectors.npy").shape == (14, 1280)
     finally:
         os.killpg(head.pid, 15)
         head.wait(60)
+
+
+def test_a_head_with_token_authentication_refuses_submissions_without_the_token(tmp_path):
+    """The cluster's door: with RAY_AUTH_MODE=token only a client holding the token may submit (run code)."""
+    import secrets
+
+    token = secrets.token_hex(16)
+    home = tmp_path / "home"  # no ~/.ray/auth_token of the machine's user is read
+    home.mkdir()
+    server = dict(_env(), HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head, dash = _start_head(tmp_path / "head.log", server)
+    try:
+        probe = ["python", "-c", "print('ran on the cluster')"]
+        allowed = _submit(dash, server, probe)
+        assert allowed.returncode == 0 and "succeeded" in allowed.stdout, allowed.stderr[-3000:]
+        for name, client in (("no token", dict(_env(), HOME=str(home))),
+                             ("a wrong token", dict(server, RAY_AUTH_TOKEN=secrets.token_hex(16)))):
+            refused = _submit(dash, client, probe)
+            assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, (name, refused.stderr[-2000:])
+            assert "succeeded" not in refused.stdout
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(60)
+
+
+def test_ray_config_keeps_the_door_closed():
+    cfg = yaml.safe_load((REPO / "ray_config.yaml").read_text())
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert not any("0.0.0.0" in c for c in starts) and any("--dashboard-host=127.0.0.1" in c for c in starts)
+    assert "/home/ubuntu/.ray/auth_token" in cfg["file_mounts"]
 
 
 def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
