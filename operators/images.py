@@ -9,10 +9,35 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode JPEG/PNG/… bytes to an RGB uint8 array (EXIF orientation applied by OpenCV)."""
+MAX_PIXELS = 1 << 27  # 134M pixels: far above any photograph, far below what would exhaust a worker's memory
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a PNG or JPEG header declares, read without decoding; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(data):  # walk the JPEG segments up to the frame header (SOF0-15, not DHT/JPG/DAC)
+        if data[i] != 0xFF:
+            return None
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode JPEG/PNG/… bytes to an RGB uint8 array: EXIF orientation applied (OpenCV), grey, 16-bit, CMYK
+    and alpha images converted to 8-bit RGB. A header declaring more than ``max_pixels`` (a decompression
+    bomb) is refused before anything is decoded."""
     if not data:
         raise ImageDecodeError("empty file")
+    size = declared_size(data)
+    if size and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(f"declared size {size[0]}x{size[1]} exceeds {max_pixels} pixels (not decoded)")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
         raise ImageDecodeError("cannot decode image")

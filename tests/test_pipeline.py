@@ -694,3 +694,35 @@ def test_object_discovery_stage_and_os_search(built_index, mini_subset, tmp_path
                      "--method", "os"])
     results = pd.read_parquet(tmp_path / "os" / "results.parquet")
     assert len(results) == 14 and all(len(ids) == 13 for ids in results.ids)
+
+
+def test_unusual_images_are_described_and_a_bomb_is_an_error_row(ray_session, mini_subset, tmp_path):
+    """Grey, 16-bit, alpha and EXIF-rotated images are indexed like their plain versions; a decompression bomb
+    becomes an error row with its reason; no good image is dropped."""
+    import cv2
+
+    from tests.test_images import bomb_png, with_exif_orientation
+
+    photo = cv2.imread(pd.read_csv(mini_subset)["file"].iloc[0])
+    photo = cv2.resize(photo, (256, 192), interpolation=cv2.INTER_AREA)
+    q100 = [cv2.IMWRITE_JPEG_QUALITY, 100]
+    files = {"upright.jpg": cv2.imencode(".jpg", photo, q100)[1].tobytes(),
+             "exif.jpg": with_exif_orientation(cv2.imencode(".jpg", np.ascontiguousarray(np.rot90(photo)), q100)[1]
+                                               .tobytes(), 6),
+             "grey.png": cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY))[1].tobytes(),
+             "deep.png": cv2.imencode(".png", photo.astype(np.uint16) * 257)[1].tobytes(),
+             "alpha.png": cv2.imencode(".png", np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)]))[1].tobytes(),
+             "bomb.png": bomb_png(60_000, 60_000)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pd.DataFrame({"file": [str(tmp_path / n) for n in files]}).to_csv(tmp_path / "c.csv", index=False)
+    summary = index_job.main(["--collection", str(tmp_path / "c.csv"), "--out", str(tmp_path / "idx"), *FAST,
+                              "--set", "stages=[extract,global]", "--set", "describe.local=none"])
+    assert summary["counts"]["images_ok"] == 5 and summary["counts"]["images_error"] == 1
+    root = ArtifactRoot(str(tmp_path / "idx"))
+    table = root.shards().read_all(["image_id", "status", "error"]).to_pandas().set_index("image_id")
+    assert table.status[5] == "error" and "declared size 60000x60000" in table.error[5]
+    g = dict(zip(root.load_array("global/ids.npy").tolist(), root.load_array("global/vectors.npy")))
+    assert float(g[0] @ g[1]) > 0.99                        # EXIF-rotated = upright
+    assert float(g[0] @ g[3]) > 0.999 and float(g[0] @ g[4]) > 0.999   # 16-bit and alpha: the same colours
+    assert float(g[0] @ g[2]) > 0.9                         # grey: the same scene without its colours
