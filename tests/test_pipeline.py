@@ -295,10 +295,13 @@ def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
         fs.put(f, f"{bucket}/images/{f.rsplit('/', 1)[1]}")
     df["file"] = [f.rsplit("/", 1)[1] for f in df.file]
     fs.pipe(f"{bucket}/images/manifest.csv", df.to_csv(index=False).encode())
+    gone = pd.concat([df, pd.DataFrame({"file": ["gone.jpg"], "group": [None]})])  # listed, never uploaded
+    fs.pipe(f"{bucket}/images/database.csv", gone.to_csv(index=False).encode())
     opts = ["--set", f"storage={json.dumps(s3_server['options'])}"]
-    summary = index_job.main(["--collection", f"s3://{bucket}/images/manifest.csv", "--out", f"s3://{bucket}/idx",
+    summary = index_job.main(["--collection", f"s3://{bucket}/images/database.csv", "--out", f"s3://{bucket}/idx",
                               *FAST, *opts])
-    assert summary["counts"]["images_ok"] == 6
+    assert summary["counts"]["images_ok"] == 6 and summary["counts"]["images_error"] == 1
+    assert [f["file"].endswith("gone.jpg") and "FileNotFoundError" in f["error"] for f in summary["failed_images"]] == [True]
     search_job.main(["--index", f"s3://{bucket}/idx", "--queries", f"s3://{bucket}/images/manifest.csv",
                      "--out", f"s3://{bucket}/res", "--topk", "3", *opts])
     metrics = evaluate_job.main(["--results", f"s3://{bucket}/res", "--ground-truth", str(mini_subset), *opts])
