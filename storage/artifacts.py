@@ -1,6 +1,7 @@
 """One artifact root (local folder or ``s3://`` prefix): its record and the primitives artifacts use.
 
     ROOT/index.json            schema version and one record per stage run (:meth:`ArtifactRoot.record_stage`)
+    ROOT/stages/<stage>.json   each stage's record alone, written first (concurrent jobs lose no record)
     ROOT/images.parquet        the collection table with its stable image ids and shards
     ROOT/features/             feature shards + commit records (:mod:`storage.shards`)
 
@@ -43,17 +44,27 @@ class ArtifactRoot:
 
     # -- metadata ---------------------------------------------------------------------------
     def meta(self) -> dict:
+        """``index.json`` with every stage record of ``stages/`` laid over it (see :meth:`record_stage`)."""
         uri = self.path("index.json")
-        if not sfs.exists(uri, self.options):
-            return {"schema_version": SCHEMA_VERSION, "stages": {}}
-        try:
-            meta = sfs.read_json(uri, self.options)
-        except ValueError as e:
-            raise ArtifactError(f"{uri} is not a readable index record ({e}); rebuild the root") from None
+        meta = {"schema_version": SCHEMA_VERSION, "stages": {}}
+        if sfs.exists(uri, self.options):
+            try:
+                meta = sfs.read_json(uri, self.options)
+            except ValueError as e:
+                raise ArtifactError(f"{uri} is not a readable index record ({e}); rebuild the root") from None
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise ArtifactError(f"{self.uri} was made by schema version {meta.get('schema_version')}, this code reads "
                                 f"{SCHEMA_VERSION}: rebuild it into a new --out")
+        stages = meta.setdefault("stages", {})
+        for name, record in self._stage_files().items():
+            if record.get("done_at", 0) >= stages.get(name, {}).get("done_at", 0):
+                stages[name] = record
         return meta
+
+    def _stage_files(self) -> dict[str, dict]:
+        """The records of ``stages/<stage>.json``, by stage name."""
+        return {name[:-5]: sfs.read_json(self.path("stages", name), self.options)
+                for name in sfs.listdir(self.path("stages"), self.options) if name.endswith(".json")}
 
     def stages(self) -> dict[str, dict]:
         """Every stage record (see module doc), by stage name."""
@@ -63,10 +74,14 @@ class ArtifactRoot:
         return stage in self.stages()
 
     def record_stage(self, stage: str, job: str, settings: dict, **info) -> None:
-        """Record that ``stage`` ran (by ``job``) with ``settings``, the settings of that stage alone."""
-        meta = self.meta()
-        meta.setdefault("stages", {})[stage] = {"job": job, "settings": settings, "done_at": time.time(), **info}
-        sfs.write_json(self.path("index.json"), meta, self.options)
+        """Record that ``stage`` ran (by ``job``) with ``settings``, the settings of that stage alone.
+
+        The record is first written alone, as ``stages/<stage>.json`` (one object, written whole), then
+        ``index.json`` is rewritten with every record: two jobs recording stages of one root at once cannot
+        lose a record (:meth:`meta` reads ``stages/`` too, so a stale ``index.json`` loses nothing)."""
+        record = {"job": job, "settings": settings, "done_at": time.time(), **info}
+        sfs.write_json(self.path("stages", f"{stage}.json"), record, self.options)
+        sfs.write_json(self.path("index.json"), self.meta(), self.options)
 
     def stage_settings(self, stage: str, required: bool = True) -> dict | None:
         """The settings ``stage`` last ran with (None, or an :class:`ArtifactError`, when it has not run)."""

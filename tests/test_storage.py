@@ -152,3 +152,21 @@ def test_reading_a_non_regular_file_fails_instead_of_blocking(tmp_path):
         t.join(10)
         assert not t.is_alive(), f"reading {name} blocked"
     assert len(errors) == 2 and all("not a regular file" in str(e) for e in errors)
+
+
+def test_concurrent_stage_records_are_never_lost(tmp_path):
+    """Jobs recording stages of one root at once (index.json was read-modify-write) keep every record."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.artifacts import ArtifactRoot
+
+    root = ArtifactRoot(str(tmp_path / "root"))
+    root.record_stage("extract", "index", {"a": 1})
+    stages = [f"stage{i}" for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda s: ArtifactRoot(root.uri).record_stage(s, "job", {"name": s}), stages))
+    records = ArtifactRoot(root.uri).stages()
+    assert set(records) == {"extract", *stages} and all(records[s]["settings"] == {"name": s} for s in stages)
+    assert root.stage_settings("extract") == {"a": 1}
+    root.record_stage("extract", "index", {"a": 2})   # a rerun replaces its stage's record
+    assert ArtifactRoot(root.uri).stage_settings("extract") == {"a": 2}
