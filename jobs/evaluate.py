@@ -104,7 +104,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.ground_truth.lower().endswith(".pkl"):
         setups = revisited_ground_truth(read_revisited(cfg.ground_truth, cfg.storage), database, names)
     else:
-        gt = load_collection(cfg.ground_truth, "database", cfg.storage)
+        gt = load_collection(cfg.ground_truth, "database", cfg.storage, allow_outside=True)  # no image is read
         if gt["group"].isna().all():
             raise GroundTruthError(f"{cfg.ground_truth} has no 'group' column: it cannot serve as ground truth")
         setups = group_ground_truth(gt, database, names)

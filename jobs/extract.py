@@ -52,6 +52,7 @@ class ExtractConfig:
     shard_size: int = 32                   # images per Parquet shard
     batch_size: int = 8                    # images read ahead and passed per describer call
     center_crop: float | None = None       # crop images without a box to this central fraction
+    allow_outside_root: bool = False       # a manifest's relative paths may climb out of its folder (../)
     local_whiten_dim: int = 128            # how: PCA-whitening of local descriptors to this dim
     local_whiten_images: int = 200         # how: images sampled to learn it
     describe: DescriptorConfig = field(default_factory=DescriptorConfig)
@@ -293,7 +294,7 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
 
 
 def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: int, options: dict,
-                   shard_size: int = 32, fresh: pd.DataFrame | None = None) -> pd.DataFrame:
+                   shard_size: int = 32, fresh: pd.DataFrame | None = None, allow_outside: bool = False) -> pd.DataFrame:
     """The collection table with its stable ids and shards, recorded once under ``root``.
 
     A rerun reuses the recorded ids. Images added to the collection since are appended: new ids
@@ -303,7 +304,7 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
     table when the caller has loaded it already.
     """
     recorded = root.images()
-    fresh = load_collection(collection, role, options, id_offset) if fresh is None else fresh.copy()
+    fresh = load_collection(collection, role, options, id_offset, allow_outside) if fresh is None else fresh.copy()
     if recorded is None:
         fresh["shard"] = np.arange(len(fresh)) // max(1, shard_size)
         root.write_images(fresh)
@@ -360,7 +361,8 @@ def extract(cfg: ExtractConfig, summary: JobSummary, job: str = "extract") -> Ar
     root = ArtifactRoot(cfg.out, cfg.storage)
     previous = root.stage_settings("extract", required=False)
     check_settings(root.shards(), to_dict(cfg), previous)
-    images = prepare_images(root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage, cfg.shard_size)
+    images = prepare_images(root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage, cfg.shard_size,
+                            allow_outside=cfg.allow_outside_root)
     summary.add(images=len(images))
     whitening = None
     if cfg.describe.local == "how" and cfg.local_whiten_dim:

@@ -90,6 +90,7 @@ class SearchConfig:
     distractors: list[str] = field(default_factory=list)  # more index roots searched with ``index``
     role: Literal["queries", "database"] = "queries"  # revisited .pkl: queries (qimlist + bbx) or database
     center_crop: float | None = None      # crop queries without a box to this central fraction
+    allow_outside_root: bool = False      # the query manifest's relative paths may climb out of its folder (../)
     exclude_self: bool = True
     reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
     query_cache: str = "index"            # described queries: "index" (ROOT/query-cache), "results" (RES/queries, no reuse) or a folder
@@ -179,7 +180,7 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
     (``reuse`` column). Queries already in the cache entry are not described again.
     """
     qcfg = query_extract_config(cfg, root, "")
-    fresh = load_collection(cfg.queries, cfg.role, cfg.storage)
+    fresh = load_collection(cfg.queries, cfg.role, cfg.storage, allow_outside=cfg.allow_outside_root)
     whitening = read_whitening(root, "local")
     db_ids = global_ids(root)
     fresh["own"] = self_ids(fresh, database)

@@ -33,18 +33,20 @@ COLLECTION_COLUMNS = ["image_id", "file", "name", "group", *BOX_COLUMNS]
 
 
 def load_collection(uri: str, role: str = "database", options: sfs.StorageOptions | None = None,
-                    id_offset: int = 0) -> pd.DataFrame:
+                    id_offset: int = 0, allow_outside: bool = False) -> pd.DataFrame:
     """Read a collection as a :data:`COLLECTION_COLUMNS` table.
 
     ``role`` matters only for revisited ``.pkl`` ground truth: ``"database"`` reads ``imlist``,
-    ``"queries"`` reads ``qimlist`` with the ``bbx`` crop boxes.
+    ``"queries"`` reads ``qimlist`` with the ``bbx`` crop boxes. A manifest's relative paths must stay
+    inside its folder (``../`` leading out is refused unless ``allow_outside``); absolute paths and
+    URIs are explicit and taken as they are.
     """
     uri = sfs.canonical(uri)  # files are recorded absolute: workers on other nodes or folders read them
     lower = uri.lower()
     if lower.endswith(".pkl"):
         df = _from_revisited(uri, role, options)
     elif lower.endswith((".csv", ".parquet", ".pq")):
-        df = _from_manifest(uri, options)
+        df = _from_manifest(uri, options, allow_outside)
     else:
         df = _from_folder(uri, options)
     if df.empty:
@@ -78,7 +80,7 @@ def _from_folder(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
     return pd.DataFrame({"file": files, "name": names})
 
 
-def _from_manifest(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
+def _from_manifest(uri: str, options: sfs.StorageOptions | None, allow_outside: bool = False) -> pd.DataFrame:
     data = sfs.read_bytes(uri, options)
     try:
         df = (pd.read_parquet(io.BytesIO(data)) if uri.lower().endswith((".parquet", ".pq"))
@@ -95,7 +97,17 @@ def _from_manifest(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame
     df = df.copy()
     df["name"] = df["file"].astype(str)
     df["file"] = [f if sfs.is_absolute(f) else sfs.join(base, f) for f in df["name"]]
+    outside = [f for f in df["name"] if not sfs.is_absolute(f) and _escapes(f)]
+    if outside and not allow_outside:
+        raise CollectionError(f"manifest {uri!r}: {len(outside)} relative path(s) lead outside its folder (e.g. "
+                              f"{outside[:3]}); give them as absolute paths or set allow_outside_root=true")
     return df
+
+
+def _escapes(relative: str) -> bool:
+    """Does a relative path climb out of the folder it is relative to?"""
+    norm = posixpath.normpath(relative.replace("\\", "/"))
+    return norm == ".." or norm.startswith("../")
 
 
 def _from_revisited(uri: str, role: str, options: sfs.StorageOptions | None) -> pd.DataFrame:

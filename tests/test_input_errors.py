@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from storage.collection import load_collection, read_revisited
-from storage.errors import GroundTruthError, InputError
+from storage.errors import CollectionError, GroundTruthError, InputError
 from storage.safe_pickle import loads_data
 
 from conftest import REPO, REVISITED
@@ -90,3 +91,14 @@ def test_input_error_raised_inside_a_ray_task_is_one_line(ray_session, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: missing artifact /x/graph/order.npy"
     assert issubclass(ArtifactError, InputError)
+
+
+def test_manifest_paths_leading_out_of_its_folder_are_refused_unless_allowed(tmp_path):
+
+    (tmp_path / "coll").mkdir()
+    pd.DataFrame({"file": ["a.jpg", "sub/../b.jpg", "../../etc/passwd"]}).to_csv(tmp_path / "coll" / "m.csv", index=False)
+    with pytest.raises(CollectionError, match=r"1 relative path\(s\) lead outside its folder.*etc/passwd"):
+        load_collection(str(tmp_path / "coll" / "m.csv"))
+    assert len(load_collection(str(tmp_path / "coll" / "m.csv"), allow_outside=True)) == 3  # sub/../b.jpg stays in
+    pd.DataFrame({"file": [str(tmp_path / "elsewhere.jpg")]}).to_csv(tmp_path / "coll" / "abs.csv", index=False)
+    assert len(load_collection(str(tmp_path / "coll" / "abs.csv"))) == 1   # an absolute path is explicit
