@@ -132,6 +132,29 @@ def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
     assert counts["images_ok"] == 14
     nodes = {r["node"] for r in ArtifactRoot(str(out)).shards().committed().values()}
     assert len(nodes) == 2, nodes
+    # the same command on one node (its own embedded Ray) writes byte-identical artifacts
+    single = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(single),
+                           *FAST, "--set", "describe.local=none"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert artifact_bytes(out) == artifact_bytes(single)
+
+
+def artifact_bytes(root: Path) -> dict[str, bytes]:
+    """Every artifact file of a root, leaving out the records of when and where work ran (commit records,
+    stage records, summaries)."""
+    skip = ("_commits", "stages", "query-cache")
+
+    def content(f: Path) -> bytes:
+        if f.suffix != ".json":
+            return f.read_bytes()
+        record = json.loads(f.read_text())
+        record.pop("seconds", None)  # how long a stage took
+        return json.dumps(record, sort_keys=True).encode()
+    return {str(f.relative_to(root)): content(f) for f in sorted(root.rglob("*")) if f.is_file()
+            and not set(f.relative_to(root).parts) & set(skip) and f.name != "index.json"
+            and not f.name.startswith("summary-")}
 
 
 def test_plan_actors_sizes_to_the_cluster():
