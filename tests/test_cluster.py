@@ -104,7 +104,8 @@ def test_ray_config_keeps_the_door_closed():
 
 
 def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
-    """Two Ray nodes (ray.cluster_utils.Cluster); extraction actors must run on both.
+    """Two Ray nodes (ray.cluster_utils.Cluster); extraction actors must run on both, and every artifact of the
+    whole index (shards, global, codebook, ASMK*, graph, spectral) equals a one-node run's byte for byte.
 
     Each node offers one ``extract`` resource and each actor asks for it, so placement is forced
     (two 0.5-CPU actors would otherwise both fit on the head node).
@@ -120,7 +121,7 @@ def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
         ray.init(address=cluster.address)
         from jobs import index
         s = index.main(["--collection", {str(mini_subset)!r}, "--out", {str(out)!r},
-                        *{FAST!r}, "--set", "describe.local=none",
+                        *{FAST!r},
                         "--set", "ray.actor_resources={{extract: 1}}"])
         print("SUMMARY", json.dumps(s["counts"]))
         ray.shutdown(); cluster.shutdown()
@@ -135,7 +136,7 @@ def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
     # the same command on one node (its own embedded Ray) writes byte-identical artifacts
     single = tmp_path / "single"
     proc = subprocess.run([sys.executable, "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(single),
-                           *FAST, "--set", "describe.local=none"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           *FAST], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert artifact_bytes(out) == artifact_bytes(single)
@@ -143,14 +144,14 @@ def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
 
 def artifact_bytes(root: Path) -> dict[str, bytes]:
     """Every artifact file of a root, leaving out the records of when and where work ran (commit records,
-    stage records, summaries)."""
+    stage records, summaries, a stage's seconds and threads)."""
     skip = ("_commits", "stages", "query-cache")
 
     def content(f: Path) -> bytes:
         if f.suffix != ".json":
             return f.read_bytes()
         record = json.loads(f.read_text())
-        record.pop("seconds", None)  # how long a stage took
+        record.pop("seconds", None), record.pop("cpus", None)  # how long a stage took, on how many threads
         return json.dumps(record, sort_keys=True).encode()
     return {str(f.relative_to(root)): content(f) for f in sorted(root.rglob("*")) if f.is_file()
             and not set(f.relative_to(root).parts) & set(skip) and f.name != "index.json"
