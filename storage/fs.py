@@ -77,10 +77,15 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         return f.read()
 
 
+S3_PART = 50 * 2**20  # multipart upload part size
+
+
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Write ``data`` so that readers never see a partial file.
 
-    Local: write a temporary sibling, then ``os.replace`` (atomic rename). S3: a PUT is atomic.
+    Local: write a temporary sibling, then ``os.replace`` (atomic rename). S3: one PUT, or above
+    ``S3_PART`` · 2 bytes a multipart upload that is completed only when every part is in and
+    aborted on any failure (``pipe_file``), so an interrupted upload leaves no object.
     """
     fs, path = filesystem(uri, options)
     if protocol(uri) == "file":
@@ -91,8 +96,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts and reports are for others to read too
         os.replace(tmp, path)
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        fs.pipe_file(path, data, chunksize=S3_PART)
 
 
 def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:

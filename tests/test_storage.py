@@ -170,3 +170,28 @@ def test_concurrent_stage_records_are_never_lost(tmp_path):
     assert root.stage_settings("extract") == {"a": 1}
     root.record_stage("extract", "index", {"a": 2})   # a rerun replaces its stage's record
     assert ArtifactRoot(root.uri).stage_settings("extract") == {"a": 2}
+
+
+def test_an_interrupted_s3_upload_leaves_no_object(s3_server, monkeypatch):
+    """A multipart upload that fails after its first part is aborted: the key never appears (moto)."""
+    import s3fs
+
+    from storage import fs as sfs
+
+    monkeypatch.setattr(sfs, "S3_PART", 5 * 2**20)           # S3's smallest part: 12 MB take three parts
+    uri = f"s3://{s3_server['bucket']}/partial/vectors.npy"
+    real, parts = s3fs.S3FileSystem._call_s3, []
+
+    async def failing(self, method, *args, **kwargs):
+        if method == "upload_part":
+            parts.append(kwargs["PartNumber"])
+            if len(parts) == 2:
+                raise ConnectionError("the network went away")
+        return await real(self, method, *args, **kwargs)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", failing)
+    with pytest.raises(ConnectionError):
+        sfs.write_bytes(uri, b"x" * (12 * 2**20), s3_server["options"])
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", real)
+    assert len(parts) >= 2 and not sfs.exists(uri, s3_server["options"])
+    sfs.write_bytes(uri, b"y" * (12 * 2**20), s3_server["options"])  # the retry lands whole
+    assert sfs.read_bytes(uri, s3_server["options"]) == b"y" * (12 * 2**20)
