@@ -28,11 +28,10 @@ from cluster.ray_env import RayConfig, connect, plan_actors
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.describe import DescriptorConfig, Describer
-from operators.images import center_box, crop, decode_image
+from operators.images import center_box, crop
 from operators.whitening import Whitening, learn_pca_whitening
-from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
-from storage.collection import load_collection, read_image_bytes
+from storage.collection import file_keys, load_collection, read_image
 from storage.errors import CollectionError, SettingsMismatch
 from storage.schemas import feature_schema, feature_table
 from storage.shards import ShardSet
@@ -74,7 +73,7 @@ def _node_id() -> str | None:
 # ------------------------------------------------------------------------------------------
 def load_image(file: str, box: tuple, center_crop: float | None, options: dict) -> tuple[np.ndarray, dict]:
     """Read, decode and crop one image; returns the image and its size/box record fields."""
-    img = decode_image(read_image_bytes(file, options))
+    img = read_image(file, options)
     h, w = img.shape[:2]
     if all(np.isnan(box)) and center_crop:
         box = center_box(w, h, center_crop)
@@ -309,8 +308,8 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
         fresh["shard"] = np.arange(len(fresh)) // max(1, shard_size)
         root.write_images(fresh)
         return fresh
-    known = set(recorded["file"].map(sfs.canonical))
-    in_fresh = fresh["file"].map(sfs.canonical)
+    known = set(file_keys(recorded["file"]))
+    in_fresh = file_keys(fresh["file"])
     removed = known - set(in_fresh)
     if removed:
         raise SettingsMismatch(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "

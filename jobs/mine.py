@@ -83,7 +83,7 @@ def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndar
     e_scores, e_rows = knn_blocks(np.asarray(g.vectors[anchors]), iter_blocks(rows, g.vectors, 65536), k_neg, anchors)
     positives, negatives = pools(m_rows, m_scores, e_rows, e_scores, k_pos, k_neg, p.cap)
     ids = np.asarray(g.ids)
-    files = root.images().set_index("image_id")["file"]
+    files = root.image_files()
     tables = []
     for label, pool in ((1, positives), (0, negatives)):
         a = np.concatenate([np.full(len(r), ids[x]) for x, (r, _) in zip(anchors, pool)] or [np.zeros(0, np.int64)])
@@ -130,7 +130,7 @@ def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table |
     rank = np.arange(len(a)) - np.repeat(keep, np.diff(np.r_[keep, len(a)]))
     a, b, shared = a[rank < cap], b[rank < cap], shared[rank < cap]
     img = np.asarray(civf.images)
-    files = root.images().set_index("image_id")["file"]
+    files = root.image_files()
     pos = pair_table(img[a], img[b], 1, shared, "iasmk", files)
     neg = iasmk_negatives(root, img[np.unique(a)], set(zip(img[a].tolist(), img[b].tolist())), cap, files)
     return pa.concat_tables([pos, neg])

@@ -23,7 +23,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from jobs.config import from_dict
 from jobs.graph import GraphConfig, ivf_index, gather_knn, vector_knn
@@ -33,16 +32,15 @@ from operators.describe import DescriptorConfig, Describer
 from operators.gem import multiscale_gem
 from operators.global_index import iter_blocks
 from operators.graph import affinity
-from operators.images import decode_image
 from operators.knn import drop_groups, knn_blocks, search_ivf
 from operators.saliency import (SaliencyParams, egm, feature_saliency, l2n, object_saliency, patch_max, region_gem,
                                 region_mean)
 from operators.whitening import Whitening
 from storage.artifacts import ArtifactRoot
-from storage.collection import read_image_bytes
-from storage.global_index import GlobalMeta, open_global
-from storage.objects import (REGIONS, load_katz, load_part, object_parts, objects_writer, open_regions, write_katz,
-                             write_objects_meta, write_part, write_regions)
+from storage.collection import read_image
+from storage.global_index import open_global
+from storage.objects import (REGIONS, load_katz, merge_descriptors, merge_regions, object_parts, open_regions,
+                             write_katz, write_objects_meta, write_part)
 from storage.whitening import read_whitening
 
 
@@ -86,7 +84,7 @@ def _images(root: ArtifactRoot, files: list[str]) -> tuple[list[int], list[np.nd
     ok, images, errors = [], [], []
     for i, f in enumerate(files):
         try:
-            images.append(decode_image(read_image_bytes(f, root.options)))
+            images.append(read_image(f, root.options))
             ok.append(i)
         except Exception as e:  # noqa: BLE001 - recorded, the image keeps its plain GeM
             errors.append(f"{f}: {type(e).__name__}: {e}")
@@ -173,7 +171,7 @@ def _run_parts(root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: 
     from tqdm import tqdm
 
     ids = np.asarray(open_global(root).ids)
-    files = root.images().set_index("image_id").loc[ids, "file"].tolist()
+    files = root.image_files().loc[ids].tolist()
     done = object_parts(root, kind).committed()
     params, futures = dataclasses.asdict(cfg.params), []
     remote = ray.remote(num_cpus=1)(task)
@@ -194,17 +192,6 @@ def _run_parts(root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: 
     return list(range(len(blocks)))
 
 
-def merge_regions(root: ArtifactRoot, parts: list[int]) -> int:
-    loaded = [load_part(root, "region_parts", i) for i in parts]
-    cat = {k: np.concatenate([x[k] for x in loaded]) for k in loaded[0]}
-    boxes = cat["boxes"].reshape(-1, 4).astype(np.int64)
-    table = pd.DataFrame({"image_id": cat["image_id"].astype(np.int64), "scale": cat["scale"].astype(np.float32),
-                          "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
-                          "fs": cat["fs"].astype(np.float32)})
-    write_regions(root, table, cat["vectors"].astype(np.float32))
-    return len(table)
-
-
 def region_centrality(root: ArtifactRoot, cfg: ObjectsConfig, summary: JobSummary) -> np.ndarray:
     """Katz centrality of every region on the mutual kNN graph of regions of different images."""
     p = cfg.params
@@ -220,25 +207,6 @@ def region_centrality(root: ArtifactRoot, cfg: ObjectsConfig, summary: JobSummar
     write_katz(root, g)
     summary.add(region_graph_edges=int(w.nnz // 2), isolated_regions=int((np.diff(w.indptr) == 0).sum()))
     return g
-
-
-def merge_descriptors(root: ArtifactRoot, parts: list[int]) -> int:
-    """The OS.egm descriptors in the rows of ``ROOT/global``; an image whose pass failed keeps its plain GeM."""
-    g = open_global(root)
-    ids = np.asarray(g.ids)
-    vec, out_ids, commit = objects_writer(root, len(ids), g.vectors.shape[1])
-    vec[:] = g.vectors
-    out_ids[:] = ids
-    row = {int(i): r for r, i in enumerate(ids)}
-    done = 0
-    for part in parts:
-        x = load_part(root, "os_parts", part)
-        rows = np.array([row[int(i)] for i in x["image_id"]], np.int64)
-        if len(rows):
-            vec[rows] = x["vectors"]
-        done += len(rows)
-    commit(GlobalMeta(count=len(ids), dim=g.vectors.shape[1], whitened=g.meta.whitened))
-    return done
 
 
 def build_objects(cfg: ObjectsConfig, root: ArtifactRoot, summary: JobSummary) -> dict:

@@ -24,9 +24,9 @@ import pandas as pd
 import pyarrow as pa
 
 from jobs.config import parse, run_cli
-from operators.images import decode_image, resize_max_side
+from operators.images import resize_max_side
 from storage.artifacts import ArtifactRoot
-from storage.collection import read_image_bytes
+from storage.collection import read_image
 from storage.results import read_metrics, report_page_uri, write_comparison, write_report_page
 from storage.summaries import read_summary
 
@@ -44,7 +44,7 @@ class ReportConfig:
 def thumbnail(uri: str, box: tuple, side: int, options: dict) -> str | None:
     """A JPEG data URI of the image at max side ``side``, ``box`` drawn; None when unreadable."""
     try:
-        img, f = resize_max_side(decode_image(read_image_bytes(uri, options)), side)
+        img, f = resize_max_side(read_image(uri, options), side)
     except Exception:  # noqa: BLE001 - a missing image shows as an empty frame
         return None
     img = np.ascontiguousarray(img[:, :, ::-1])  # RGB -> BGR for OpenCV

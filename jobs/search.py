@@ -61,12 +61,12 @@ from operators.knn import knn_blocks
 from operators.qe import expand
 from operators.ranking import Ranking
 from operators.rerank import DIFFUSION, METHODS as RERANK_METHODS, RerankParams, rerank
-from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
-from storage.collection import load_collection
+from storage.collection import file_keys, load_collection
 from storage.errors import ArtifactError, ConfigError, SettingsMismatch
 from storage.global_index import GlobalLookup, global_ids, open_global
+from storage.objects import OBJECTS
 from storage.graph import graph_problem, load_graph
 from storage.iasmk import iasmk_meta
 from storage.query_cache import query_cache_key, query_cache_root, results_query_root
@@ -158,8 +158,6 @@ def build_context(cfg: SearchConfig, summary: JobSummary) -> SearchContext:
 
 def vector_set(method: str) -> str:
     """The database vectors a global ranking of ``method`` reads (:mod:`storage.global_index` names)."""
-    from storage.objects import OBJECTS
-
     return OBJECTS if method == "os" else "global"
 
 
@@ -208,8 +206,8 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
 
 def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
     """Database id of each query's own image (same file), -1 when the query is not in the database."""
-    by_file = dict(zip(database["file"].map(sfs.canonical), database["image_id"]))
-    return np.array([by_file.get(sfs.canonical(f), -1) for f in queries["file"]], dtype=np.int64)
+    by_file = dict(zip(file_keys(database["file"]), database["image_id"]))
+    return np.array([by_file.get(f, -1) for f in file_keys(queries["file"])], dtype=np.int64)
 
 
 def _ok(table: pa.Table) -> pa.Table:

@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from storage import fs as sfs
 from storage.summaries import write_summary
 
 
@@ -63,7 +62,7 @@ class JobSummary:
                 "total_s": round(time.time() - self.started, 3), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
                 "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1), **self.info}
 
-    def finish(self, folder: str | None = None, options: sfs.StorageOptions | None = None) -> dict:
+    def finish(self, folder: str | None = None, options: dict | None = None) -> dict:
         """Print the summary and store it as ``folder/summary-<job>.json`` (:mod:`storage.summaries`)."""
         d = self.as_dict()
         if folder:

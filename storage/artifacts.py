@@ -99,6 +99,10 @@ class ArtifactRoot:
             return None
         return pd.read_parquet(io.BytesIO(sfs.read_bytes(uri, self.options)))
 
+    def image_files(self) -> pd.Series:
+        """Each indexed image's file, by image id."""
+        return self.images().set_index("image_id")["file"]
+
     def write_images(self, df: pd.DataFrame) -> None:
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)

@@ -132,6 +132,18 @@ def read_image_bytes(file: str, options: sfs.StorageOptions | None = None) -> by
     return sfs.read_bytes(file, options)
 
 
+def read_image(file: str, options: sfs.StorageOptions | None = None) -> np.ndarray:
+    """One collection image, read and decoded to RGB uint8 (:func:`operators.images.decode_image`)."""
+    from operators.images import decode_image
+
+    return decode_image(read_image_bytes(file, options))
+
+
+def file_keys(files: pd.Series) -> pd.Series:
+    """Each file in the canonical form in which two spellings of one image compare equal."""
+    return files.map(sfs.canonical)
+
+
 def read_revisited(uri: str, options: sfs.StorageOptions | None = None) -> dict:
     """The revisitop ground-truth dict (``imlist``, ``qimlist``, ``gnd``), validated.
 

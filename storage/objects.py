@@ -17,6 +17,7 @@ import io
 import numpy as np
 import pandas as pd
 
+from operators.graph import index_of
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.global_index import GlobalDescriptors, GlobalMeta, global_writer, has_global, open_global
@@ -68,14 +69,32 @@ def load_katz(root: ArtifactRoot) -> np.ndarray:
     return np.asarray(root.load_array("objects/katz.npy", mmap=False))
 
 
-def objects_writer(root: ArtifactRoot, n: int, dim: int):
-    """:func:`storage.global_index.global_writer` of the saliency-based descriptors."""
-    return global_writer(root, n, dim, OBJECTS)
-
-
 def write_objects_meta(root: ArtifactRoot, meta: dict) -> None:
     root.write_json("objects/meta.json", meta)
 
 
-def has_objects(root: ArtifactRoot) -> bool:
-    return has_global(root, OBJECTS)
+def merge_regions(root: ArtifactRoot, parts: list[int]) -> int:
+    """Pass 1's parts (in order) into the region table and descriptors; returns the region count."""
+    loaded = [load_part(root, "region_parts", i) for i in parts]
+    cat = {k: np.concatenate([x[k] for x in loaded]) for k in loaded[0]}
+    boxes = cat["boxes"].reshape(-1, 4).astype(np.int64)
+    table = pd.DataFrame({"image_id": cat["image_id"].astype(np.int64), "scale": cat["scale"].astype(np.float32),
+                          "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
+                          "fs": cat["fs"].astype(np.float32)})
+    write_regions(root, table, cat["vectors"].astype(np.float32))
+    return len(table)
+
+
+def merge_descriptors(root: ArtifactRoot, parts: list[int]) -> int:
+    """Pass 2's descriptors into the rows of ``ROOT/global`` (an image whose pass failed keeps its plain GeM);
+    returns how many images got one."""
+    g = open_global(root)
+    vec, ids, commit = global_writer(root, len(g.ids), g.vectors.shape[1], OBJECTS)
+    vec[:], ids[:] = g.vectors, g.ids
+    done = 0
+    for part in parts:
+        x = load_part(root, "os_parts", part)
+        vec[index_of(ids, x["image_id"], -1)] = x["vectors"]
+        done += len(x["image_id"])
+    commit(GlobalMeta(count=len(ids), dim=g.vectors.shape[1], whitened=g.meta.whitened))
+    return done
