@@ -42,13 +42,15 @@ def tree_rss_mb(pid: int) -> float:
         return 0.0
 
 
-def run_job(args: list[str], period: float = 0.2) -> tuple[float, float]:
+def run_job(args: list[str], period: float = 0.2, log: str | None = None) -> tuple[float, float]:
     """Run ``python ARGS`` from the repository root on an embedded local Ray; returns (wall s, peak RSS MB of
-    its process tree, sampled every ``period`` s). Exits with the job's status if it fails."""
+    its process tree, sampled every ``period`` s). Exits with the job's status if it fails. ``log``: a file
+    that takes the job's stdout and stderr (else they are dropped)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     t0 = time.time()
+    out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, *args], cwd=Path(__file__).resolve().parents[1], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
     peak = [0.0]
 
     def sample() -> None:
@@ -59,6 +61,8 @@ def run_job(args: list[str], period: float = 0.2) -> tuple[float, float]:
     thread.start()
     proc.wait()
     thread.join()
+    if log:
+        out.close()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(args[:2])} failed (exit {proc.returncode})")
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {proc.returncode})" + (f"; see {log}" if log else ""))
     return time.time() - t0, peak[0]

@@ -19,6 +19,7 @@ from operators.asmk import AsmkParams, build_index, idf_weights, search
 from operators.codebook import AssignConfig, Quantizer
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
+from storage.errors import SettingsMismatch
 from storage.iasmk import open_compressed
 from storage.inverted_file import merge_partials, open_inverted_file, partials, write_meta, write_partial
 from storage.schemas import local_arrays
@@ -49,16 +50,35 @@ def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: 
         "binary": binary, "db_ma": db_ma, "assign": assign})
 
 
+def entry_shards(cfg: AsmkConfig, records: dict[int, dict], sha1: str) -> set[int]:
+    """The shards holding ASMK* entries (extracted with ``local_store`` entries/both, or synthetic distractors):
+    the merge reads them directly. They must be of this root's codebook, binary, single-assigned."""
+    shards = {s for s, rec in records.items() if rec.get("entries_codebook_sha1")}
+    if not shards:
+        return shards
+    other = sorted(s for s in shards if records[s]["entries_codebook_sha1"] != sha1)
+    if other:
+        raise SettingsMismatch(f"{len(other)} feature shard(s) (e.g. part {other[0]}) hold ASMK* entries of another "
+                               "codebook than this root's (codebook.source must be the root they were made with)")
+    if not cfg.params.binary or cfg.params.db_ma != 1:
+        raise SettingsMismatch("shards of ASMK* entries are binary and single-assigned: asmk.params.binary=true and "
+                               "asmk.params.db_ma=1 are the only settings they can be indexed with")
+    return shards
+
+
 def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     import ray
     from tqdm import tqdm
 
     centroids = load_codebook(root)
-    shards = sorted(root.shards().committed())
+    records = root.shards().committed()
+    shards = sorted(records)
+    from_entries = entry_shards(cfg, records, codebook_hash(centroids))
     want = {"codebook_sha1": codebook_hash(centroids), "binary": cfg.params.binary, "db_ma": cfg.params.db_ma,
             "assign": dataclasses.asdict(cfg.assign)}
     done = partials(root).committed()
-    pending = [s for s in shards if any(done.get(s, {}).get(key) != v for key, v in want.items())]
+    pending = [s for s in shards if s not in from_entries
+               and any(done.get(s, {}).get(key) != v for key, v in want.items())]
     task = ray.remote(num_cpus=1)(partial_task)
     futures = [task.remote(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma, want["assign"])
                for s in pending]
@@ -67,8 +87,9 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
             done, futures = ray.wait(futures)
             ray.get(done)
             bar.update(len(done))
-    summary.add(asmk_partials_built=len(pending), asmk_partials_skipped=len(shards) - len(pending))
-    info = merge_partials(root, shards, len(centroids))
+    summary.add(asmk_partials_built=len(pending), asmk_shards_of_entries=len(from_entries),
+                asmk_partials_skipped=len(shards) - len(pending) - len(from_entries))
+    info = merge_partials(root, shards, len(centroids), from_entries)
     meta = {**info, "k": len(centroids), "params": dataclasses.asdict(cfg.params),
             "codebook_sha1": codebook_hash(centroids)}
     write_meta(root, meta)

@@ -12,6 +12,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval evaluate  --results RES --ground-truth G     mAP, mP@k, HTML report
     retrieval report    --results RES1,RES2 --out DIR      comparison page of evaluated results
     retrieval synthetic --out DIR                          a small synthetic collection
+    retrieval distractors --donors D --out ROOT --n N      R1M-like synthetic distractors joining an index root
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ JOBS = {
     "evaluate": "mAP / mP@k of results against ground truth, with an HTML report",
     "report": "compare evaluated results: table, mAP-per-method plot, time per stage",
     "synthetic": "write a small synthetic instance collection",
+    "distractors": "synthetic distractors (ASMK* entries + global) drawn around real donor images into a root",
 }
 
 

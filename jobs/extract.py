@@ -27,12 +27,15 @@ import pandas as pd
 from cluster.ray_env import RayConfig, connect, plan_actors
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
+from operators.asmk import image_entries
+from operators.codebook import AssignConfig, Quantizer
 from operators.describe import DescriptorConfig, Describer
 from operators.images import center_box, crop
 from operators.whitening import Whitening, learn_pca_whitening
 from storage.artifacts import ArtifactRoot
-from storage.collection import file_keys, load_collection, read_image
-from storage.errors import CollectionError, SettingsMismatch
+from storage.codebook import codebook_hash, load_codebook
+from storage.collection import file_keys, is_synthetic, load_collection, read_image
+from storage.errors import CollectionError, ConfigError, SettingsMismatch
 from storage.schemas import feature_schema, feature_table
 from storage.shards import ShardSet
 from storage.summaries import write_failed_images
@@ -40,6 +43,17 @@ from storage.whitening import read_whitening, write_whitening
 
 
 log = logging.getLogger(__name__)
+
+
+LocalStore = Literal["descriptors", "entries", "both"]
+LOCAL_COLUMNS = ("local_desc", "local_xy", "local_scale", "local_strength")
+
+
+@dataclass
+class EntriesConfig:
+    """ASMK* entries written by extraction (``local_store`` entries or both)."""
+    codebook: str | None = None            # root holding the codebook (jobs.index: codebook.source by default)
+    assign: AssignConfig = field(default_factory=AssignConfig)  # exact flat, or HNSW (benchmarks/assignment.py)
 
 
 @dataclass(kw_only=True)
@@ -54,6 +68,10 @@ class ExtractConfig:
     allow_outside_root: bool = False       # a manifest's relative paths may climb out of its folder (../)
     local_whiten_dim: int = 128            # how: PCA-whitening of local descriptors to this dim
     local_whiten_images: int = 200         # how: images sampled to learn it
+    local_store: LocalStore = "descriptors"  # descriptors (float16, ~270 B a feature: codebooks can be trained on
+                                           # them), entries (each image's ASMK* entries of a given codebook, ~20 B
+                                           # a word: what R1M fits in), or both (README "Storage at R1M")
+    entries: EntriesConfig = field(default_factory=EntriesConfig)
     describe: DescriptorConfig = field(default_factory=DescriptorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
@@ -91,10 +109,17 @@ class ShardExtractor:
         torch.set_num_threads(max(1, int(round(cfg["ray"]["actor_cpus"]))))
         white = Whitening.from_bytes(whitening) if whitening else None
         self.describer = Describer(self.describe_cfg, local_whitening=white)
+        self.store = cfg["local_store"]
         self.schema = feature_schema(self.describer.global_dim, self.describer.local_dim,
-                                     {"extractor": {"describe": cfg["describe"], "center_crop": cfg["center_crop"]}})
+                                     {"extractor": {"describe": cfg["describe"], "center_crop": cfg["center_crop"]}},
+                                     entries=self.store != "descriptors")
         self.shards = ShardSet(shards_uri, cfg["storage"])
         self.settings = settings_digest(cfg)
+        self.entries = {}
+        if self.store != "descriptors":
+            centroids = load_codebook(ArtifactRoot(cfg["entries"]["codebook"], cfg["storage"]))
+            self.quantizer = Quantizer(centroids, AssignConfig(**cfg["entries"]["assign"]))
+            self.entries = {"entries_codebook_sha1": codebook_hash(centroids)}
         self.io = ThreadPoolExecutor(4)
         self.node = _node_id()
 
@@ -107,7 +132,7 @@ class ShardExtractor:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.shards.write(int(shard), feature_table(rows, self.schema),
                               {"ok": n_ok, "errors": len(rows) - n_ok, "seconds": time.time() - t0, "peak_rss_mb": peak,
-                               "node": self.node, "settings": self.settings})
+                               "node": self.node, "settings": self.settings, **self.entries})
             for k, v in zip(out, (int(shard), n_ok, len(rows) - n_ok, time.time() - t0, peak)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
@@ -138,7 +163,19 @@ class ShardExtractor:
                     rows.append({**base, **loaded[i][1], "status": "error", "error": f"describe: {desc_by[i]}"})
                 else:
                     rows.append({**base, **loaded[i][1], **desc_by[i], "status": "ok"})
+            if self.store != "descriptors":
+                self._add_entries([r for r in rows[len(rows) - len(chunk):] if r["status"] == "ok"])
         return rows
+
+    def _add_entries(self, rows: list[dict]) -> None:
+        """Each row's ASMK* entries from its descriptors as a shard stores them (float16), so they equal the
+        entries the ``asmk`` stage makes from stored descriptors; ``entries`` alone drops the features."""
+        desc = [np.asarray(r["local_desc"], np.float16).astype(np.float32) for r in rows]
+        for row, (words, codes) in zip(rows, image_entries(desc, self.quantizer, self.quantizer.centroids)):
+            row["asmk_words"], row["asmk_codes"] = words, codes
+            if self.store == "entries":
+                for col in LOCAL_COLUMNS:
+                    row.pop(col, None)
 
     def _describe(self, images: list[np.ndarray]) -> list:
         """Describe a batch; on failure retry one by one so one bad image costs only itself."""
@@ -184,6 +221,10 @@ def extraction_settings(cfg: dict) -> dict:
                                                      if k in DescriptorConfig.__dataclass_fields__}))
     out = {f"describe.{k}": v for k, v in describe.items() if k not in ("forward_batch", "device")}
     out["center_crop"] = cfg.get("center_crop")
+    store = cfg.get("local_store", "descriptors")
+    if store != "descriptors":  # older records have no local_store: their digests stay as they were
+        entries = to_dict(from_dict(EntriesConfig, cfg.get("entries") or {}))
+        out.update(local_store=store, entries_codebook=entries["codebook"], entries_assign=entries["assign"])
     if describe["local"] == "how":
         out["local_whiten_dim"] = cfg.get("local_whiten_dim")
     return out
@@ -200,9 +241,10 @@ def check_settings(shards: ShardSet, cfg: dict, previous: dict | None = None) ->
     are compared through ``previous`` (the recorded extract config), when given.
     """
     indices = shards.indices()
-    if not indices:
+    first = next((rec for rec in map(shards.record, indices) if not rec.get("synthetic")), None)
+    if first is None:  # no shard, or synthetic distractors alone (jobs.distractors)
         return
-    digest = shards.record(indices[0]).get("settings")
+    digest = first.get("settings")
     if digest is not None:
         if digest == settings_digest(cfg):
             return
@@ -310,7 +352,7 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
         return fresh
     known = set(file_keys(recorded["file"]))
     in_fresh = file_keys(fresh["file"])
-    removed = known - set(in_fresh)
+    removed = known - set(in_fresh) - set(file_keys(recorded["file"][is_synthetic(recorded["file"])]))  # jobs.distractors
     if removed:
         raise SettingsMismatch(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
                          f"(e.g. {sorted(removed)[:3]}); use a new --out")
@@ -355,8 +397,22 @@ def count_collection(root: ArtifactRoot, images: pd.DataFrame, summary: JobSumma
     summary.info["failed_images"] = failed.head(20).to_dict("records")
 
 
+def check_entries(cfg: ExtractConfig) -> None:
+    """``local_store`` entries/both needs local features and a codebook of their dimension (read here, on the
+    driver, so a wrong root fails before any image is described)."""
+    if cfg.local_store == "descriptors":
+        return
+    if cfg.describe.local == "none" or not cfg.entries.codebook:
+        raise ConfigError(f"local_store={cfg.local_store} needs local features and entries.codebook=ROOT "
+                          "(the root whose codebook assigns them; jobs.index: codebook.source)")
+    centroids = load_codebook(ArtifactRoot(cfg.entries.codebook, cfg.storage))
+    if cfg.describe.local == "rootsift" and centroids.shape[1] != 128:
+        raise SettingsMismatch(f"{cfg.entries.codebook}: a {centroids.shape[1]}-d codebook cannot assign 128-d RootSIFT")
+
+
 def extract(cfg: ExtractConfig, summary: JobSummary, job: str = "extract") -> ArtifactRoot:
     """Extraction into ``cfg.out`` (with the local whitening it needs)."""
+    check_entries(cfg)
     root = ArtifactRoot(cfg.out, cfg.storage)
     previous = root.stage_settings("extract", required=False)
     check_settings(root.shards(), to_dict(cfg), previous)

@@ -29,7 +29,7 @@ from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
 from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
 from jobs.summary import JobSummary
 from operators.whitening import Whitening, learn_lw, learn_pca_whitening
-from storage.errors import CollectionError
+from storage.errors import CollectionError, ConfigError
 from storage.artifacts import ArtifactRoot
 from storage.global_index import GlobalMeta, global_writer
 from storage.pairs import read_pairs
@@ -141,10 +141,26 @@ def _ok(table):
     return table.filter(pc.equal(table.column("status"), "ok"))
 
 
+def entries_codebook(cfg: IndexConfig) -> None:
+    """With ``local_store`` entries or both, extraction assigns words with the codebook the ``codebook``
+    stage copies: ``codebook.source`` and ``entries.codebook`` name one root (either may be given)."""
+    if cfg.local_store == "descriptors":
+        return
+    source = cfg.codebook.source or cfg.entries.codebook
+    if cfg.codebook.source and cfg.entries.codebook and cfg.codebook.source != cfg.entries.codebook:
+        raise ConfigError(f"codebook.source={cfg.codebook.source} and entries.codebook={cfg.entries.codebook} differ: "
+                          "the entries must be of the index's codebook")
+    if not source:
+        raise ConfigError(f"local_store={cfg.local_store} needs codebook.source=ROOT: a codebook trained before "
+                          "extraction (on a sample or another collection; README \"Storage at R1M\")")
+    cfg.codebook.source = cfg.entries.codebook = source
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     cfg = parse(IndexConfig, argv, EXTRACT_FLAGS | {
         "--global-whiten-dim": ("global_whiten_dim", "PCA-whiten global descriptors to this dimension")},
         __doc__, prog)
+    entries_codebook(cfg)
     summary = JobSummary("index")
     res = connect(cfg.ray)
     root = ArtifactRoot(cfg.out, cfg.storage)

@@ -36,6 +36,8 @@ Output ``RES/results.parquet`` (``storage.schemas.RESULTS_SCHEMA``), ``RES/run.j
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -123,6 +125,7 @@ class SearchContext:
     exclude: np.ndarray         # (m,) database id left out of each query's ranking (−1: none)
     lookup: GlobalLookup        # global descriptors by database id, over every partition
     db_lookup: GlobalLookup     # the database vectors the method ranks (``os``: the saliency-based ones)
+    task_seconds: dict = field(default_factory=dict)  # step -> [[queries, seconds]] of each Ray task (run.json)
 
     @property
     def root(self) -> ArtifactRoot:
@@ -183,12 +186,14 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
     db_ids = global_ids(root)
     fresh["own"] = self_ids(fresh, database)
     uncropped = fresh[["x0", "y0", "x1", "y1"]].isna().all(axis=1).to_numpy() & (cfg.center_crop is None)
-    fresh["reuse"] = np.isin(fresh["own"].to_numpy(), db_ids) & uncropped & cfg.reuse_database_features
+    # an index of ASMK* entries alone keeps no descriptors to reuse (queries take multiple assignment)
+    reusable = cfg.reuse_database_features and root.stage_settings("extract").get("local_store") != "entries"
+    fresh["reuse"] = np.isin(fresh["own"].to_numpy(), db_ids) & uncropped & reusable
     if cfg.query_cache == "results":
         qroot = results_query_root(cfg.out, cfg.storage)
     else:
         key = query_cache_key(root, {**extraction_settings(to_dict(qcfg)), "role": cfg.role,
-                                     "reuse": cfg.reuse_database_features},
+                                     "reuse": reusable},
                               fresh, whitening.to_bytes() if whitening else None, len(db_ids))
         qroot = query_cache_root(root, key, None if cfg.query_cache == "index" else cfg.query_cache)
     qcfg = dataclasses.replace(qcfg, out=qroot.uri)
@@ -266,6 +271,24 @@ def query_locals(ctx: SearchContext) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------
 # Initial rankings
 # ------------------------------------------------------------------------------------------
+def timed(fn):
+    """``fn`` returning (its result, the seconds it ran): each search task's service time, for run.json."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        return fn(*args, **kwargs), time.perf_counter() - t0
+    return run
+
+
+def gather(ctx: SearchContext, step: str, futures: list, sizes: list[int]) -> list:
+    """The results of timed tasks of ``step`` (``sizes`` queries each); their times go to ``ctx.task_seconds``."""
+    import ray
+
+    got = ray.get(futures)
+    ctx.task_seconds.setdefault(step, []).extend([n, round(t, 6)] for n, (_, t) in zip(sizes, got))
+    return [r for r, _ in got]
+
+
 def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int,
                        name: str = "global"):
     """Rank the memory-mapped descriptors ``name`` of every partition for one block of queries (a Ray task)."""
@@ -280,11 +303,11 @@ def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
     """Top-``k`` by global-descriptor similarity of query vectors ``xq`` (one per ``ctx.qids``)."""
     import ray
 
-    task = ray.remote(num_cpus=1)(global_search_task)
+    task = ray.remote(num_cpus=1)(timed(global_search_task))
     b = ctx.cfg.query_block
     futures = [task.remote(ctx.roots, xq[s:s + b], ctx.exclude[s:s + b], k, ctx.cfg.db_block, vector_set(ctx.cfg.method))
                for s in ctx.block_starts(b)]
-    got = ray.get(futures)
+    got = gather(ctx, "global", futures, [len(xq[s:s + b]) for s in ctx.block_starts(b)])
     return Ranking.concat([Ranking(ctx.qids[s:s + b], ids, scores) for s, (scores, ids) in zip(ctx.block_starts(b), got)])
 
 
@@ -317,13 +340,14 @@ def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
     exclude = dict(zip(ctx.qids.tolist(), ctx.exclude.tolist()))
     uq = np.unique(agg.image_ids)
     block = (ctx.cfg.asmk or AsmkConfig()).query_block
-    task = ray.remote(num_cpus=1)(asmk_search_task)
+    task = ray.remote(num_cpus=1)(timed(asmk_search_task))
     futures = []
     for s in range(0, len(uq), block):
         m = np.isin(agg.image_ids, uq[s:s + block])
         futures.append(task.remote(ctx.roots, agg.words[m], agg.codes[m], agg.image_ids[m], dataclasses.asdict(params),
                                    k, {q: exclude.get(q, -1) for q in uq[s:s + block].tolist()}, buffer_mb, layout))
-    parts = [Ranking(qids, ids, scores) for qids, scores, ids in ray.get(futures)]
+    sizes = [len(uq[s:s + block]) for s in range(0, len(uq), block)]
+    parts = [Ranking(qids, ids, scores) for qids, scores, ids in gather(ctx, layout, futures, sizes)]
     return Ranking.concat(parts).align(ctx.qids).top(k)
 
 
@@ -418,12 +442,13 @@ def diffusion(ctx: SearchContext, ranked: Ranking) -> Ranking:
     initial = ranked.top(initial_depth(cfg))
     rows, own = index_of(node_ids, initial.ids, -1), index_of(node_ids, ctx.exclude, -1)
     sims = initial.scores.astype(np.float64)
-    task = ray.remote(num_cpus=1)(rerank_task)
+    task = ray.remote(num_cpus=1)(timed(rerank_task))
     block = 4 * cfg.rerank_params.block
     params = dataclasses.asdict(cfg.rerank_params)
     futures = [task.remote(ctx.root.uri, ctx.root.options, cfg.rerank, rows[s:s + block], sims[s:s + block],
                            own[s:s + block], cfg.topk, params) for s in ctx.block_starts(block)]
-    r, scores = (np.concatenate(x) for x in zip(*ray.get(futures))) if futures else (
+    got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in ctx.block_starts(block)])
+    r, scores = (np.concatenate(x) for x in zip(*got)) if futures else (
         np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
     return Ranking(ctx.qids, np.where(r >= 0, node_ids[np.maximum(r, 0)], -1), scores)
 
@@ -455,7 +480,7 @@ def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
         params["rerank"] = dataclasses.asdict(cfg.rerank_params)
     run = {"config": to_dict(cfg), "method": cfg.method, "rerank": cfg.rerank, "params": params, "index": cfg.index,
            "queries": table.num_rows, "queries_root": ctx.qroot.uri, "center_crop": cfg.center_crop,
-           "timings_s": timings}
+           "timings_s": timings, "task_seconds": ctx.task_seconds}
     return store_results(cfg.out, table, run, cfg.storage)
 
 

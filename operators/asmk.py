@@ -66,6 +66,23 @@ def aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centro
     return Aggregated(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_ids", "words", "codes")))
 
 
+def image_entries(desc: list[np.ndarray], quantizer, centroids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each image's ASMK* database entries: (words (E_i,) int32 ascending, packed codes (E_i, d/8) uint8).
+
+    The images' descriptors are assigned together (single assignment, ``quantizer`` from
+    :class:`operators.codebook.Quantizer`) and aggregated per (image, word) exactly as :func:`build_index`
+    aggregates them, so an inverted file built from these entries equals one built from the descriptors.
+    """
+    counts = np.array([len(d) for d in desc], np.int64)
+    if counts.sum() == 0:
+        return [(np.zeros(0, np.int32), np.zeros((0, centroids.shape[1] // 8), np.uint8)) for _ in desc]
+    x = np.concatenate([np.asarray(d, np.float32).reshape(-1, centroids.shape[1]) for d in desc])
+    local = np.repeat(np.arange(len(desc)), counts)
+    agg = aggregate(x, local, quantizer(x, 1), centroids, binary=True)
+    lo, hi = np.searchsorted(agg.image_ids, np.arange(len(desc)), "left"), np.searchsorted(agg.image_ids, np.arange(len(desc)), "right")
+    return [(agg.words[a:b].astype(np.int32), agg.codes[a:b]) for a, b in zip(lo, hi)]
+
+
 def image_blocks(ids: np.ndarray, m: int, block_rows: int = 1 << 18) -> list[tuple[int, int]]:
     """Row ranges of whole images, about ``block_rows / m`` rows each; one range unless every image's
     rows are contiguous."""

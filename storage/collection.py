@@ -127,8 +127,22 @@ def _from_revisited(uri: str, role: str, options: sfs.StorageOptions | None) -> 
     return df
 
 
+SYNTHETIC = "synthetic:"  # file names of synthetic distractors (jobs.distractors): no image behind them
+
+
+def synthetic_files(tag: str, start: int, count: int) -> list[str]:
+    """The file names of synthetic distractors ``start … start + count − 1`` of generator ``tag``."""
+    return [f"{SYNTHETIC}{tag}/{i:08d}" for i in range(start, start + count)]
+
+
+def is_synthetic(files: pd.Series) -> np.ndarray:
+    return files.astype(str).str.startswith(SYNTHETIC).to_numpy()
+
+
 def read_image_bytes(file: str, options: sfs.StorageOptions | None = None) -> bytes:
     """The encoded bytes of one image of a collection (local file or URI)."""
+    if str(file).startswith(SYNTHETIC):
+        raise FileNotFoundError(f"{file} is a synthetic distractor: it has descriptors, not an image")
     return sfs.read_bytes(file, options)
 
 

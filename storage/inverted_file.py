@@ -15,9 +15,10 @@ import io
 
 import numpy as np
 
-from operators.asmk import InvertedFile
+from operators.asmk import Aggregated, InvertedFile, build_inverted_file
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
+from storage.schemas import entry_arrays
 from storage.shards import ShardSet, shard_name
 
 ARRAYS = ("offsets", "entry_image", "codes", "images", "image_entries")
@@ -39,24 +40,39 @@ def load_partial(root: ArtifactRoot, shard: int) -> dict[str, np.ndarray]:
     return {a: z[a] for a in ARRAYS}
 
 
-def merge_partials(root: ArtifactRoot, shards: list[int], k: int) -> dict:
-    """Merge committed partials into the word-partitioned layout (see module doc)."""
-    parts_images = [load_partial(root, s)["images"] for s in shards]
-    images = np.unique(np.concatenate(parts_images)) if parts_images else np.zeros(0, np.int64)
-    counts = np.zeros(k, np.int64)
+def entries_partial(root: ArtifactRoot, shard: int, k: int) -> dict[str, np.ndarray]:
+    """A feature shard's partial inverted file made from its ASMK* entry columns (no descriptor is read)."""
+    import pyarrow.compute as pc
+
+    table = root.shards().read_shard(shard, ["image_id", "status", "asmk_words", "asmk_codes"])
+    ids, words, codes = entry_arrays(table.filter(pc.equal(table.column("status"), "ok")))
+    ivf = build_inverted_file(Aggregated(ids, words, codes), k, binary=True)
+    return {a: getattr(ivf, a) for a in ARRAYS}
+
+
+def merge_partials(root: ArtifactRoot, shards: list[int], k: int, from_entries: set[int] = frozenset()) -> dict:
+    """Merge committed partials into the word-partitioned layout (see module doc); the shards in
+    ``from_entries`` contribute their entry columns instead (:func:`entries_partial`: no partial file)."""
+    def part(s: int) -> dict[str, np.ndarray]:
+        return entries_partial(root, s, k) if s in from_entries else load_partial(root, s)
+
+    parts_images, counts = [], np.zeros(k, np.int64)
     width, dtype = None, None
-    for s in shards:
-        p = load_partial(root, s)
+    for s in shards:  # pass 1: images, postings per word
+        p = part(s)
+        parts_images.append(p["images"])
         counts += np.diff(p["offsets"])
         width, dtype = p["codes"].shape[1], p["codes"].dtype
+    images = np.unique(np.concatenate(parts_images)) if parts_images else np.zeros(0, np.int64)
+    del parts_images
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = int(offsets[-1])
     entry_image, commit_e = root.open_array_writer("asmk/entry_image.npy", (n,), np.uint32)
     codes, commit_c = root.open_array_writer("asmk/codes.npy", (n, width or 16), dtype or np.uint8)
     image_entries = np.zeros(len(images), np.int64)
     cursor = offsets[:-1].copy()
-    for s in shards:
-        p = load_partial(root, s)
+    for s in shards:  # pass 2: scatter
+        p = part(s)
         pc = np.diff(p["offsets"])
         words = np.repeat(np.arange(k), pc)
         rank = np.arange(len(words)) - np.repeat(p["offsets"][:-1], pc)

@@ -14,6 +14,12 @@ Feature shards (``features/part-NNNNN.parquet``), one row per image:
 | ``local_xy`` | list<fixed_size_list<float32, 2>> | feature centre in pixels of the (cropped) original image |
 | ``local_scale`` | list<float32> | HOW: image scale factor of the feature's pyramid level; RootSIFT: keypoint size in original pixels |
 | ``local_strength`` | list<float32> | HOW: L2 norm of the activation; RootSIFT: detector response |
+| ``asmk_words`` | list<int32> | only when extracted with ASMK* entries (``local_store`` entries or both): the image's visual words, ascending |
+| ``asmk_codes`` | list<fixed_size_list<uint8, d/8>> | the packed signs of each word's aggregated residual Σ(x − q(x)) |
+
+With ``local_store=entries`` the per-feature columns (``local_desc``, ``local_xy``, ``local_scale``,
+``local_strength``) are empty and an image costs ~20 B per visual word instead of ~270 B per feature;
+a shard's commit record then holds ``entries_codebook_sha1``, the codebook its words belong to.
 
 Key-value metadata of each file: ``schema_version``, ``extractor`` (JSON of the config that made it).
 """
@@ -27,7 +33,8 @@ import pyarrow as pa
 SCHEMA_VERSION = 2  # 2: one stage-record shape (job, settings)
 
 
-def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None) -> pa.Schema:
+def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None, entries: bool = False) -> pa.Schema:
+    """The feature shard schema (module table); ``entries`` adds the ASMK* entry columns."""
     fields = [
         pa.field("image_id", pa.int64(), nullable=False),
         pa.field("status", pa.string()),
@@ -41,6 +48,9 @@ def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None
         pa.field("local_scale", pa.list_(pa.float32())),
         pa.field("local_strength", pa.list_(pa.float32())),
     ]
+    if entries:
+        fields += [pa.field("asmk_words", pa.list_(pa.int32())),
+                   pa.field("asmk_codes", pa.list_(pa.list_(pa.uint8(), local_dim // 8)))]
     meta = {"schema_version": str(SCHEMA_VERSION)}
     if metadata:
         meta.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()})
@@ -57,11 +67,12 @@ def _nested(values: list[np.ndarray], width: int, dtype: pa.DataType) -> pa.Arra
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
-def _flat(values: list[np.ndarray]) -> pa.Array:
+def _flat(values: list[np.ndarray], dtype: pa.DataType = pa.float32()) -> pa.Array:
     lengths = np.array([len(v) for v in values], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in values]) if len(values) else np.zeros(0, np.float32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
+    np_dtype = dtype.to_pandas_dtype()
+    flat = np.concatenate([np.asarray(v, dtype=np_dtype).ravel() for v in values]) if len(values) else np.zeros(0, np_dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
 
 
 def feature_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -86,6 +97,10 @@ def feature_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         "local_scale": _flat([r.get("local_scale", empty_1) for r in rows]),
         "local_strength": _flat([r.get("local_strength", empty_1) for r in rows]),
     }
+    if "asmk_words" in schema.names:
+        width = schema.field("asmk_codes").type.value_type.list_size
+        cols["asmk_words"] = _flat([r.get("asmk_words", empty_1) for r in rows], pa.int32())
+        cols["asmk_codes"] = _nested([r.get("asmk_codes", np.zeros((0, width))) for r in rows], width, pa.uint8())
     return pa.table(cols, schema=schema)
 
 
@@ -104,6 +119,19 @@ def local_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts = np.diff(offsets)
     ids = np.repeat(table.column("image_id").to_numpy(), counts)
     return desc, ids, counts
+
+
+def entry_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat ASMK* entries of a shard table: image ids (E,) int64, words (E,) int64, packed codes (E, d/8) uint8."""
+    words = table.column("asmk_words").combine_chunks()
+    codes = table.column("asmk_codes").combine_chunks()
+    offsets = words.offsets.to_numpy()
+    w = words.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.int64)
+    width = codes.type.value_type.list_size
+    c_off = codes.offsets.to_numpy()
+    c = codes.values.values.to_numpy(zero_copy_only=False).reshape(-1, width)[c_off[0]:c_off[-1]]
+    ids = np.repeat(table.column("image_id").to_numpy(), np.diff(offsets))
+    return ids, w, np.ascontiguousarray(c, np.uint8)
 
 
 RESULTS_SCHEMA = pa.schema([

@@ -96,6 +96,15 @@ class ShardSet:
             raise FileNotFoundError(f"no committed shards under {self.uri}")
         return pa.concat_tables(tables)
 
+    def columns(self) -> list[str]:
+        """Column names of the first committed shard (empty when none)."""
+        indices = self.indices()
+        if not indices:
+            return []
+        fs, path = sfs.filesystem(self.path(indices[0]), self.options)
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f).names
+
     def schema_metadata(self) -> dict[str, str]:
         """Key-value metadata of the first committed shard's schema."""
         indices = self.indices()

@@ -218,3 +218,25 @@ def test_hnsw_assignment_agrees_with_the_exact_words():
     assert approx.shape == exact.shape == (2000, 5)
     assert (approx[:, 0] == exact[:, 0]).mean() >= 0.98
     assert Quantizer(centroids, AssignConfig("hnsw"))(x[:0]).shape == (0, 1)
+
+
+def test_synthetic_distractors_mix_donors_and_are_deterministic():
+    from operators.distractors import DistractorParams, DonorPool, flip_bits, make_distractor
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(50, 200, 6)
+    words = np.concatenate([np.sort(rng.choice(500, c, replace=False)) for c in counts]).astype(np.int32)
+    pool = DonorPool(rng.random((6, 32)).astype(np.float32), np.r_[0, np.cumsum(counts)], words,
+                     rng.integers(0, 256, (counts.sum(), 16), dtype=np.uint8))
+    codes = rng.integers(0, 256, (1000, 16), dtype=np.uint8)
+    flipped = np.unpackbits(codes ^ flip_bits(codes, 0.1, rng), axis=1).sum(1)
+    assert 10 <= flipped.mean() <= 13 and flipped.max() <= 13  # 13 positions drawn per row, a few repeat
+    p = DistractorParams()
+    a = make_distractor(pool, p, np.random.default_rng([7, 3]))
+    b = make_distractor(pool, p, np.random.default_rng([7, 3]))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    g, w, c = a
+    assert np.isclose(np.linalg.norm(g), 1, atol=1e-5) and np.all(np.diff(w) > 0) and len(w) == len(c)
+    assert set(w.tolist()) <= set(words.tolist())
+    sims = pool.globals @ g / np.linalg.norm(pool.globals, axis=1)
+    assert sims.max() > 0.9  # near the donors it mixes

@@ -729,3 +729,69 @@ def test_unusual_images_are_described_and_a_bomb_is_an_error_row(ray_session, mi
     assert float(g[0] @ g[1]) > 0.99                        # EXIF-rotated = upright
     assert float(g[0] @ g[3]) > 0.999 and float(g[0] @ g[4]) > 0.999   # 16-bit and alpha: the same colours
     assert float(g[0] @ g[2]) > 0.9                         # grey: the same scene without its colours
+
+
+def test_entries_instead_of_descriptors_give_the_same_inverted_file(built_index, collection, mini_subset, tmp_path):
+    """local_store=entries: extraction writes each image's ASMK* entries of a given codebook (no descriptors),
+    the asmk stage merges them without a partial file, and the inverted file and searches equal the
+    descriptor-built ones."""
+    out, _ = built_index
+    entries = tmp_path / "entries"
+    s = index_job.main(["--collection", str(collection), "--out", str(entries), *FAST, "--set", "local_store=entries",
+                        "--set", f"codebook.source={out}", "--set", "stages=[extract,global,codebook,asmk]"])
+    assert s["counts"]["asmk_shards_of_entries"] == len(ArtifactRoot(str(entries)).shards().indices())
+    assert s["counts"].get("asmk_partials_built", 0) == 0
+    for name in ("offsets", "entry_image", "codes", "images", "image_entries"):
+        a, b = (np.load(r / "asmk" / f"{name}.npy") for r in (out, entries))
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    t = ArtifactRoot(str(entries)).shards().read_all(["local_desc", "asmk_words", "asmk_codes"])
+    assert sum(len(v) for v in t.column("local_desc").to_pylist()) == 0
+    assert t.column("asmk_codes").type.value_type.list_size == 16
+    size = lambda r: sum(f.stat().st_size for f in (r / "features").glob("*.parquet"))  # noqa: E731
+    assert size(entries) < 0.5 * size(out), (size(entries), size(out))
+    q = ["--queries", str(mini_subset), "--topk", "20", "--method", "asmk"]
+    search_job.main(["--index", str(out), "--out", str(tmp_path / "a"), *q])
+    search_job.main(["--index", str(entries), "--out", str(tmp_path / "b"), *q])
+    a, b = (read_results(str(tmp_path / r))[0].to_pandas() for r in "ab")
+    assert [list(x) for x in a.ids] == [list(x) for x in b.ids]
+    assert np.allclose(np.concatenate(list(a.scores)), np.concatenate(list(b.scores)), atol=1e-6)
+    with pytest.raises(Exception, match="codebook.source"):
+        index_job.main(["--collection", str(collection), "--out", str(tmp_path / "none"), *FAST,
+                        "--set", "local_store=entries"])
+
+
+def test_synthetic_distractors_join_an_entries_index_deterministically(built_index, collection, mini_subset, tmp_path):
+    """jobs.distractors appends images and shards of ASMK* entries (+ global) to a root; the same seed writes
+    the same bytes, a rerun writes nothing, and the index stages then cover real images and distractors."""
+    from jobs import distractors as distractors_job
+
+    out, _ = built_index
+    roots = [tmp_path / "a", tmp_path / "b"]
+    args = ["--donors", str(out), "--n", "30", "--set", "shard_size=8"]
+    for r in roots:
+        index_job.main(["--collection", str(collection), "--out", str(r), *FAST, "--set", "local_store=entries",
+                        "--set", f"codebook.source={out}", "--set", "stages=[extract]"])
+        s = distractors_job.main([*args, "--out", str(r)])
+        assert s["counts"]["distractors_written"] == 30 and s["counts"]["shards_total"] == 4
+    images = ArtifactRoot(str(roots[0])).images()
+    real = images[~images["file"].str.startswith("synthetic:")]
+    synth = images[images["file"].str.startswith("synthetic:")]
+    assert len(real) == 16 and len(synth) == 30 and synth["image_id"].min() > real["image_id"].max()
+    assert synth["shard"].min() > real["shard"].max()
+    for name in sorted(p.name for p in (roots[0] / "features").glob("*.parquet")):
+        assert (roots[0] / "features" / name).read_bytes() == (roots[1] / "features" / name).read_bytes(), name
+    again = distractors_job.main([*args, "--out", str(roots[0])])
+    assert again["counts"].get("distractors_written", 0) == 0 and again["counts"]["shards_skipped"] == 4
+    with pytest.raises(SettingsMismatch):
+        distractors_job.main(["--donors", str(out), "--n", "31", "--out", str(roots[0])])
+    # a rerun of the real collection's extraction keeps the distractors; the stages index both
+    s = index_job.main(["--collection", str(collection), "--out", str(roots[0]), *FAST, "--set", "local_store=entries",
+                        "--set", f"codebook.source={out}", "--set", "stages=[extract,global,codebook,asmk]"])
+    assert s["counts"]["shards_skipped"] == s["counts"]["shards_total"]
+    ivf = np.load(roots[0] / "asmk" / "images.npy")
+    assert set(synth["image_id"]) <= set(ivf.tolist()) and s["counts"]["global_vectors"] == 14 + 30
+    res = tmp_path / "res"
+    search_job.main(["--index", str(roots[0]), "--queries", str(mini_subset), "--out", str(res), "--topk", "44",
+                     "--method", "fused"])
+    ranked = read_results(str(res))[0].to_pandas()
+    assert any(i in set(synth["image_id"]) for ids in ranked.ids for i in ids)

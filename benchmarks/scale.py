@@ -1,0 +1,149 @@
+"""The index at R1M-like scale on this machine: instance-mini's real images among synthetic distractors.
+
+    .venv/bin/python benchmarks/scale.py --n 100000 --root /tmp/scale [--codebook-k 8192]
+
+Split (fixed, by group): the *donor* groups (strecha_herz, ocv_calib and the single-image distr_*) are
+never queried; the distractors (:mod:`operators.distractors`) are drawn around them. The other groups'
+images are the real database and the queries (whole, and 40% centre crops; a query's positives are
+the other images of its group). Every step is a job of the product, run as a subprocess on an embedded
+local Ray:
+
+1. ``DIR/donors``: ``jobs.index`` of the donor images (descriptors, global, codebook of ``--codebook-k``
+   words trained on them: the codebook comes from other images than the indexed ones, as in the papers);
+2. ``DIR/n<N>``: ``jobs.index --set local_store=entries`` of the real database (ASMK* entries of the donors'
+   codebook, no descriptors stored), ``jobs.distractors`` up to N database images, then ``jobs.index``
+   stages global, codebook, asmk, graph (k = ``--graph-k``), spectral (rank ``--rank``);
+3. searches: global, asmk, fused; dfs and SHybrid (hybrid, sparse U 1%) re-ranking of the global ranking;
+   each on whole and cropped queries, evaluated against the groups.
+
+Prints each step's wall time and peak RSS of its process tree (Ray workers included), bytes on disk per
+artifact, per method mAP, throughput (queries / search wall time of the search stage) and latency p50/p95
+(the service time of one query: searches run one query per Ray task; diffusion tasks take blocks, whose
+time is divided by their queries). Last line:
+``scale N: peak_rss_gb X, index_gb Y, build_s Z, map_crops M`` (M: fused, 40% crops; Y: DIR/n<N> without its
+query cache; Z: the root's jobs, the donors' index left out). State the machine when quoting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.memory import run_job  # noqa: E402
+
+DONOR_GROUPS = ("strecha_herz", "ocv_calib")
+DATA = REPO.parent / "shared" / "data" / "instance-mini" / "images.csv"
+
+
+def split(collection: Path, out: Path) -> tuple[Path, Path]:
+    """donors.csv (donor groups + distr_*) and database.csv (the rest), absolute paths."""
+    df = pd.read_csv(collection)
+    df["file"] = [str((collection.parent / f).resolve()) for f in df["file"]]
+    donor = df["group"].isin(DONOR_GROUPS) | df["group"].astype(str).str.startswith("distr_")
+    out.mkdir(parents=True, exist_ok=True)
+    df[donor].to_csv(out / "donors.csv", index=False)
+    df[~donor].to_csv(out / "database.csv", index=False)
+    return out / "donors.csv", out / "database.csv"
+
+
+def du_gb(path: Path, skip: str = "query-cache") -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and skip not in f.parts) / 2**30
+
+
+class Steps:
+    """Runs jobs, keeping each one's wall time and peak RSS (and a log under ``DIR/logs``)."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.rows = logs, []
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, args: list[str], build: bool = True) -> None:
+        wall, peak = run_job(args, log=str(self.logs / f"{name}.log"))
+        self.rows.append({"step": name, "wall_s": wall, "peak_rss_mb": peak, "build": build})
+        print(f"  {name:<28} {wall:8.1f} s   peak RSS {peak / 1024:6.2f} GB", flush=True)
+
+
+def latency(run: dict) -> tuple[float, float, float]:
+    """p50, p95 of per-query service time (ms) from run.json's task times, and queries per second."""
+    per_query = [t / n for step in run.get("task_seconds", {}).values() for n, t in step for _ in range(n) if n]
+    search_s = sum(v for k, v in run["timings_s"].items() if k.startswith(("search", "rerank")))
+    p50, p95 = (np.percentile(per_query, [50, 95]) * 1000) if per_query else (np.nan, np.nan)
+    return p50, p95, run["queries"] / max(search_s, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, required=True, help="database images (real + distractors)")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--codebook-k", type=int, default=8192)
+    ap.add_argument("--graph-k", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=400)
+    ap.add_argument("--collection", default=str(DATA))
+    a = ap.parse_args()
+    base = Path(a.root).resolve()
+    donors_csv, db_csv = split(Path(a.collection).resolve(), base)
+    n_real = len(pd.read_csv(db_csv))
+    root = base / f"n{a.n}"
+    steps = Steps(root / "logs")
+    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; "
+          f"database {a.n:,} = {n_real} real + {max(0, a.n - n_real):,} synthetic; codebook k={a.codebook_k}", flush=True)
+    donors = base / "donors"
+    steps.run("donors: index", ["-m", "jobs.index", "--collection", str(donors_csv), "--out", str(donors),
+                                "--set", "stages=[extract,global,codebook]", "--set", f"codebook.k={a.codebook_k}"],
+              build=False)
+    common = ["--collection", str(db_csv), "--out", str(root), "--set", "local_store=entries",
+              "--set", f"codebook.source={donors}"]
+    steps.run("extract (entries)", ["-m", "jobs.index", *common, "--set", "stages=[extract]"])
+    if a.n > n_real:
+        steps.run("distractors", ["-m", "jobs.distractors", "--donors", str(donors), "--out", str(root),
+                                  "--n", str(a.n - n_real)])
+    steps.run("global+asmk+graph+spectral", ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
+                                             "--set", f"spectral.rank={a.rank}",
+                                             "--set", "stages=[global,codebook,asmk,graph,spectral]"])
+    stages = json.loads((root / "summary-index.json").read_text())["timings_s"]
+    print(f"  index stages (s): {json.dumps(stages)}")
+    sizes = {p.name: du_gb(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name not in ("query-cache", "logs", "search")}
+    index_gb = du_gb(root)
+    print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
+          f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
+    runs = [("global", "none"), ("asmk", "none"), ("fused", "none"), ("global", "dfs"), ("global", "hybrid")]
+    table = []
+    for crop in ("whole", "0.4"):
+        for method, rerank in runs:
+            name = f"{crop}-{method}-{rerank}"
+            res = root / "search" / name
+            args = ["-m", "jobs.search", "--index", str(root), "--queries", str(db_csv), "--out", str(res),
+                    "--topk", "100", "--method", method, "--rerank", rerank, "--set", "query_block=1",
+                    "--set", "asmk.query_block=1", "--set", "rerank_params.block=4"]
+            if rerank == "hybrid":
+                args += ["--set", "rerank_params.sparse_keep=0.01"]
+            if crop != "whole":
+                args += ["--center-crop", crop]
+            steps.run(f"search {name}", args, build=False)
+            steps.run(f"evaluate {name}", ["-m", "jobs.evaluate", "--results", str(res), "--ground-truth", str(db_csv),
+                                           "--set", "report.enabled=false"], build=False)
+            metrics = json.loads((res / "metrics.json").read_text())
+            p50, p95, qps = latency(json.loads((res / "run.json").read_text()))
+            table.append({"queries": crop, "method": method, "rerank": rerank, "mAP": 100 * metrics["mAP"],
+                          "p50_ms": p50, "p95_ms": p95, "qps": qps})
+    df = pd.DataFrame(table)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    build_s = sum(r["wall_s"] for r in steps.rows if r["build"])
+    peak_gb = max(r["peak_rss_mb"] for r in steps.rows) / 1024
+    crops = df[(df.queries == "0.4") & (df.method == "fused") & (df.rerank == "none")]["mAP"].iloc[0]
+    (root / "scale.json").write_text(json.dumps({"n": a.n, "steps": steps.rows, "disk_gb": sizes, "table": table,
+                                                 "index_stages_s": stages}, indent=1))
+    print(f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, "
+          f"map_crops {crops:.2f}")
+
+
+if __name__ == "__main__":
+    main()

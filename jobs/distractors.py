@@ -1,0 +1,176 @@
+"""Synthetic distractors: an R1M-like collection written straight into an index root's feature shards.
+
+``python -m jobs.distractors --donors DONORS --out ROOT --n 1000000``
+
+Each distractor (:mod:`operators.distractors`) is drawn around real *donor* images (the committed shards of
+``DONORS``: their global descriptors and ASMK* entries, quantised with the codebook when the donors hold
+descriptors): a mix of two donors' entries with flipped sign bits and words drawn from the pool, and a
+noisy mix of their global descriptors. Donors must be unrelated to the queries the index will be
+evaluated on (``benchmarks/scale.py`` uses instance-mini groups that are never queried).
+
+The distractors join ``ROOT``'s image table (ids after its largest, files ``synthetic:distractor/<seed>/…``,
+shards after its last) and are written by Ray tasks as feature shards of ASMK* entries (no local
+descriptors): the same shards ``local_store=entries`` extraction writes, so ``jobs.index --set
+stages=[global,codebook,asmk,graph,spectral]`` indexes real images and distractors together. A shard is a
+pure function of (seed, shard), streamed and committed on its own; a rerun writes only missing shards.
+Run it after the root's extraction (a later extraction of the real collection keeps the distractors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cluster.ray_env import RayConfig, connect
+from jobs.config import parse, run_cli, to_dict
+from jobs.summary import JobSummary
+from operators.asmk import image_entries
+from operators.codebook import AssignConfig, Quantizer
+from operators.distractors import DistractorParams, DonorPool, make_distractor
+from storage.artifacts import ArtifactRoot
+from storage.codebook import codebook_hash, load_codebook
+from storage.collection import BOX_COLUMNS, synthetic_files
+from storage.errors import CollectionError, SettingsMismatch
+from storage.schemas import entry_arrays, feature_schema, feature_table, global_matrix, local_arrays
+
+
+@dataclass(kw_only=True)
+class DistractorConfig:
+    donors: str                     # root whose committed shards are the donor images (required)
+    out: str                        # root the distractors join (required)
+    n: int                          # distractor images (required)
+    seed: int = 0
+    shard_size: int = 1000          # distractors per feature shard
+    shards_per_task: int = 4        # shards per Ray task
+    codebook: str | None = None     # root of the codebook of the entries (default: the donors root's)
+    assign: AssignConfig = field(default_factory=AssignConfig)  # donors holding descriptors: their words
+    params: DistractorParams = field(default_factory=DistractorParams)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: dict = field(default_factory=dict)
+
+
+def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig) -> DonorPool:
+    """Global descriptors and ASMK* entries of every described donor image (entries of ``centroids``: read
+    from the shards that hold them, else made from the stored descriptors)."""
+    import pyarrow.compute as pc
+
+    shards = donors.shards()
+    has_entries = "asmk_words" in shards.columns()
+    sha = codebook_hash(centroids)
+    if has_entries and any(r.get("entries_codebook_sha1") != sha for r in shards.committed().values()):
+        raise SettingsMismatch(f"{donors.uri}: its shards hold entries of another codebook than the distractors'")
+    quantizer = None if has_entries else Quantizer(centroids, assign)
+    cols = ["image_id", "status", "global", *(["asmk_words", "asmk_codes"] if has_entries else ["local_desc"])]
+    globs, words, codes, counts = [], [], [], []
+    for table in shards.iter_tables(cols):
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+        ids = table.column("image_id").to_numpy()
+        if has_entries:
+            eid, w, c = entry_arrays(table)
+            per = [(w[eid == i], c[eid == i]) for i in ids]
+        else:
+            desc, did, _ = local_arrays(table)
+            per = image_entries([desc[did == i].astype(np.float32) for i in ids], quantizer, centroids)
+        globs.append(global_matrix(table))
+        words += [w for w, _ in per]
+        codes += [c for _, c in per]
+        counts += [len(w) for w, _ in per]
+    if not counts or sum(counts) == 0:
+        raise CollectionError(f"{donors.uri}: no described donor image with local features")
+    return DonorPool(np.concatenate(globs), np.r_[0, np.cumsum(counts)].astype(np.int64),
+                     np.concatenate(words).astype(np.int32), np.concatenate(codes))
+
+
+def distractor_table(root: ArtifactRoot, cfg: DistractorConfig) -> tuple[pd.DataFrame, int]:
+    """``root``'s image table with the distractors appended (once: a rerun finds them), and their first id."""
+    tag = f"distractor/{cfg.seed}"
+    files = synthetic_files(tag, 0, cfg.n)
+    recorded = root.images()
+    if recorded is not None:
+        mine = recorded[recorded["file"].astype(str).str.startswith(files[0][:-8])]
+        if len(mine):
+            if len(mine) != cfg.n:
+                raise SettingsMismatch(f"{root.uri} holds {len(mine)} distractors of seed {cfg.seed}, not {cfg.n}; "
+                                       "use a new --out (or another seed)")
+            return recorded, int(mine["image_id"].min())
+    first_id = 0 if recorded is None or recorded.empty else int(recorded["image_id"].max()) + 1
+    first_shard = 0 if recorded is None or recorded.empty else int(recorded["shard"].max()) + 1
+    rows = pd.DataFrame({"image_id": first_id + np.arange(cfg.n, dtype=np.int64), "file": files,
+                         "name": [f[len("synthetic:"):] for f in files], "group": None,
+                         **{c: np.full(cfg.n, np.nan, np.float32) for c in BOX_COLUMNS},
+                         "shard": first_shard + np.arange(cfg.n) // max(1, cfg.shard_size)})
+    table = rows if recorded is None else pd.concat([recorded, rows[[c for c in recorded.columns if c in rows]]],
+                                                    ignore_index=True)
+    root.write_images(table)
+    return table, first_id
+
+
+def shard_task(root_uri: str, options: dict, pool: DonorPool, params: dict, seed: int, local_dim: int,
+               jobs: list[tuple[int, int, int]], record: dict) -> int:
+    """Write the shards ``(shard, first image id, count)`` of distractors (a Ray task); returns images written."""
+    p = DistractorParams(**params)
+    schema = feature_schema(pool.globals.shape[1], local_dim, {"synthetic": record}, entries=True)
+    shards, written = ArtifactRoot(root_uri, options).shards(), 0
+    for shard, first, count in jobs:
+        t0, rng = time.time(), np.random.default_rng([seed, shard])
+        rows = []
+        for image_id in range(first, first + count):
+            g, words, codes = make_distractor(pool, p, rng)
+            rows.append({"image_id": image_id, "global": g, "asmk_words": words, "asmk_codes": codes})
+        shards.write(shard, feature_table(rows, schema), {"ok": count, "errors": 0, "synthetic": True,
+                                                          "seconds": time.time() - t0, **record})
+        written += count
+    return written
+
+
+def generate(cfg: DistractorConfig, summary: JobSummary) -> None:
+    import ray
+    from tqdm import tqdm
+
+    donors, root = ArtifactRoot(cfg.donors, cfg.storage), ArtifactRoot(cfg.out, cfg.storage)
+    centroids = load_codebook(ArtifactRoot(cfg.codebook or cfg.donors, cfg.storage))
+    with summary.stage("donor pool"):
+        pool = donor_pool(donors, centroids, cfg.assign)
+    summary.add(donors=len(pool), donor_entries=len(pool.words))
+    table, first_id = distractor_table(root, cfg)
+    mine = table[(table["image_id"] >= first_id) & (table["image_id"] < first_id + cfg.n)]
+    by_shard = mine.groupby("shard")["image_id"].agg(["min", "size"])
+    pending = set(root.shards().pending(by_shard.index.tolist()))
+    work = [(int(s), int(r["min"]), int(r["size"])) for s, r in by_shard.iterrows() if s in pending]
+    settings = {k: v for k, v in to_dict(cfg).items() if k in ("seed", "params", "donors", "assign")}
+    record = {"entries_codebook_sha1": codebook_hash(centroids),
+              "settings": "synthetic-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}
+    summary.add(distractors=cfg.n, shards_total=len(by_shard), shards_skipped=len(by_shard) - len(work))
+    task = ray.remote(num_cpus=1)(shard_task)
+    pool_ref, step = ray.put(pool), max(1, cfg.shards_per_task)
+    futures = [task.remote(root.uri, root.options, pool_ref, dataclasses.asdict(cfg.params), cfg.seed,
+                           centroids.shape[1], work[i:i + step], record) for i in range(0, len(work), step)]
+    with summary.stage("distractors"), tqdm(total=sum(c for *_, c in work), desc="distractors", unit="img") as bar:
+        while futures:
+            done, futures = ray.wait(futures)
+            n = sum(ray.get(done))
+            summary.add(distractors_written=n)
+            bar.update(n)
+    root.record_stage("distractors", "distractors", settings, images=cfg.n, first_id=first_id)
+
+
+FLAGS = {"--donors": ("donors", "root whose images the distractors are drawn around"),
+         "--out": ("out", "root the distractors join"), "--n": ("n", "distractor images"),
+         "--seed": ("seed", "random seed")}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    cfg = parse(DistractorConfig, argv, FLAGS, __doc__, prog)
+    summary = JobSummary("distractors")
+    connect(cfg.ray)
+    generate(cfg, summary)
+    return summary.finish(cfg.out, cfg.storage)
+
+
+if __name__ == "__main__":
+    run_cli(main)
