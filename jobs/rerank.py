@@ -120,4 +120,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # run the module's own import, not __main__: Ray then ships its task by reference, and the task's config
+    # class keeps the module's globals (pickled by value from __main__, its string annotations lost Literal)
+    from jobs import rerank as this
+
+    run_cli(this.main)

@@ -1,0 +1,95 @@
+"""Faults: a job's driver SIGKILLed in the middle of a stage, then the same command rerun.
+
+Each job runs as its own process group (its embedded Ray with it) and is killed with SIGKILL once the
+stage under test has begun (or has committed its first piece of work); rerunning the command resumes
+from the committed work and ends with artifacts byte-identical to an uninterrupted run. What each
+rerun redoes is read from its summary: committed shards and partial inverted files are skipped; the
+codebook, graph and spectral stages, which commit as one piece, start over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import FAST, REPO
+from tests.test_cluster import _env, artifact_bytes
+
+SMALL = [*FAST, "--set", "shard_size=1", "--set", "codebook.k=16", "--set", "graph.k=3", "--set", "spectral.rank=3"]
+
+
+def commits(folder: Path) -> int:
+    return len(list((folder / "_commits").glob("*.json"))) if (folder / "_commits").is_dir() else 0
+
+
+def run(args: list[str], log: Path, kill_when=None, timeout: float = 300) -> bool:
+    """Run ``python ARGS``; with ``kill_when`` (a predicate over its stderr so far), SIGKILL its whole process
+    group as soon as the predicate holds. Returns whether it was killed (False: it ended first)."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if kill_when is not None and kill_when(log.read_text(errors="replace")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            time.sleep(1)  # the embedded Ray's processes share the driver's fate
+            return True
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{args[:2]} timed out; see {log}")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return False
+
+
+@pytest.fixture(scope="module")
+def six(mini_subset, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("six") / "six.csv"
+    pd.read_csv(mini_subset).head(6).to_csv(path, index=False)
+    return path
+
+
+def test_a_killed_index_job_resumes_each_stage_and_ends_byte_identical(six, tmp_path):
+    index = ["-m", "jobs.index", "--collection", str(six), *SMALL]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run([*index, "--out", str(ref)], tmp_path / "ref.log")
+    cmd = [*index, "--out", str(out)]
+    # extraction: killed once the first shard is committed
+    assert run(cmd, tmp_path / "1.log", lambda _: commits(out / "features") >= 1)
+    at_kill = commits(out / "features")
+    assert 1 <= at_kill < 6
+    # codebook: killed once k-means has begun (nothing of it is committed: it starts over)
+    assert run(cmd, tmp_path / "2.log", lambda err: "[index] codebook …" in err)
+    assert commits(out / "features") == 6 and not (out / "codebook" / "centroids.npy").exists()
+    # ASMK*: killed once the first partial inverted file is committed
+    assert run(cmd, tmp_path / "3.log", lambda _: commits(out / "asmk" / "partials") >= 1)
+    partials = commits(out / "asmk" / "partials")
+    # graph: killed once the kNN search has begun
+    assert run(cmd, tmp_path / "4.log", lambda err: "[index] graph …" in err)
+    run(cmd, tmp_path / "5.log")
+    summary = json.loads((out / "summary-index.json").read_text())["counts"]
+    assert summary["shards_skipped"] == 6 and summary["asmk_partials_skipped"] >= partials
+    assert artifact_bytes(out) == artifact_bytes(ref)
+
+
+def test_a_killed_offline_rerank_resumes_from_its_committed_parts(six, tmp_path):
+    root = tmp_path / "root"
+    run(["-m", "jobs.index", "--collection", str(six), "--out", str(root), *SMALL,
+         "--set", "stages=[extract,global,graph,spectral]"], tmp_path / "index.log")
+    rerank = ["-m", "jobs.rerank", "--index", str(root), "--method", "dfs", "--top", "5", "--set", "items_per_task=1"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run([*rerank, "--out", str(ref)], tmp_path / "ref.log")
+    assert run([*rerank, "--out", str(out)], tmp_path / "1.log", lambda _: commits(out / "parts") >= 1)
+    done = commits(out / "parts")
+    run([*rerank, "--out", str(out)], tmp_path / "2.log")
+    summary = json.loads((out / "summary-rerank.json").read_text())["counts"]
+    assert summary["parts_skipped"] >= done and summary["parts_total"] == 6
+    assert artifact_bytes(out / "parts") == artifact_bytes(ref / "parts")  # run.json names its own --out
