@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, required=True, help="database images (real + distractors)")
     ap.add_argument("--root", required=True)
     ap.add_argument("--codebook-k", type=int, default=8192)
+    ap.add_argument("--min-points", type=int, default=16, help="codebook: descriptors per word (k is reduced below)")
     ap.add_argument("--graph-k", type=int, default=10)
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--collection", default=str(DATA))
@@ -94,11 +95,14 @@ def main() -> None:
     root = base / f"n{a.n}"
     steps = Steps(root / "logs")
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; "
-          f"database {a.n:,} = {n_real} real + {max(0, a.n - n_real):,} synthetic; codebook k={a.codebook_k}", flush=True)
+          f"database {a.n:,} = {n_real} real + {max(0, a.n - n_real):,} synthetic", flush=True)
     donors = base / "donors"
     steps.run("donors: index", ["-m", "jobs.index", "--collection", str(donors_csv), "--out", str(donors),
-                                "--set", "stages=[extract,global,codebook]", "--set", f"codebook.k={a.codebook_k}"],
+                                "--set", "stages=[extract,global,codebook]", "--set", f"codebook.k={a.codebook_k}",
+                                "--set", f"codebook.min_points={a.min_points}"],
               build=False)
+    k = json.loads((donors / "codebook" / "meta.json").read_text())["k"]
+    print(f"  codebook: k = {k} trained on the donors' descriptors", flush=True)
     common = ["--collection", str(db_csv), "--out", str(root), "--set", "local_store=entries",
               "--set", f"codebook.source={donors}"]
     steps.run("extract (entries)", ["-m", "jobs.index", *common, "--set", "stages=[extract]"])

@@ -32,6 +32,8 @@ class CodebookConfig:
     seed: int = 0
     source: str | None = None      # reuse the codebook of another artifact root
     cpus: int | None = None        # CPUs of the k-means task (None: every CPU of the largest node)
+    min_points: int = 39           # sampled descriptors per word below which k is reduced (faiss's own warning
+                                   # threshold; fewer train a coarser codebook, still a valid one)
 
 
 def sample_descriptors(root: ArtifactRoot, n: int, seed: int) -> np.ndarray:
@@ -71,7 +73,7 @@ def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary,
         info = {"source": cfg.source}
     else:
         x = sample_descriptors(root, cfg.sample, cfg.seed)
-        k = effective_k(len(x), cfg.k)
+        k = effective_k(len(x), cfg.k, cfg.min_points)
         if k < cfg.k:
             warnings.warn(f"codebook: {len(x)} sampled descriptors are too few for k={cfg.k}; using k={k}")
         cpus = cfg.cpus or task_cpus()

@@ -408,6 +408,11 @@ def check_entries(cfg: ExtractConfig) -> None:
     centroids = load_codebook(ArtifactRoot(cfg.entries.codebook, cfg.storage))
     if cfg.describe.local == "rootsift" and centroids.shape[1] != 128:
         raise SettingsMismatch(f"{cfg.entries.codebook}: a {centroids.shape[1]}-d codebook cannot assign 128-d RootSIFT")
+    shards = ShardSet(ArtifactRoot(cfg.out, cfg.storage).path("features"), cfg.storage)
+    made = {r.get("entries_codebook_sha1") for r in shards.committed().values() if not r.get("synthetic")} - {None}
+    if made and made != {codebook_hash(centroids)}:
+        raise SettingsMismatch(f"{cfg.out} holds entries of another codebook than {cfg.entries.codebook}'s now; "
+                               "use a new --out")
 
 
 def extract(cfg: ExtractConfig, summary: JobSummary, job: str = "extract") -> ArtifactRoot:

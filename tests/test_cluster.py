@@ -175,3 +175,52 @@ def test_plan_actors_sizes_to_the_cluster():
     cpu_only = plan_actors(RayConfig(actor_gpus=0), {"CPU": 16, "GPU": 4, "memory": 64 * gib})
     assert cpu_only.num_gpus == 0 and cpu_only.num_cpus == 0.5
     assert plan_actors(RayConfig(actor_gpus=0.5), {"CPU": 16, "GPU": 2, "memory": 64 * gib}).actors == 4
+
+
+def test_worker_nodes_lost_mid_extraction_and_mid_asmk_cost_nothing(mini_subset, tmp_path):
+    """Head + 2 worker nodes (``ray.cluster_utils.Cluster``); one worker node dies (SIGKILLed processes) once the
+    first feature shard is committed, the other once the first partial inverted file is: the job completes
+    on what is left, every image is in exactly one shard, and every artifact equals a one-node run's."""
+    import pandas as pd
+
+    six = tmp_path / "six.csv"
+    pd.read_csv(mini_subset).head(6).to_csv(six, index=False)
+    out, single = tmp_path / "index", tmp_path / "single"
+    args = ["--collection", str(six), *FAST, "--set", "shard_size=1", "--set", "codebook.k=16",
+            "--set", "stages=[extract,global,codebook,asmk]"]
+    script = textwrap.dedent(f"""
+        import json, os, threading, time
+        from pathlib import Path
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "resources": {{"extract": 1}}}})
+        workers = [cluster.add_node(num_cpus=1, resources={{"extract": 1}}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        import ray
+        ray.init(address=cluster.address)
+        from jobs import index
+        out, lost = Path({str(out)!r}), []
+        def watch():
+            for folder, node in zip(("features", "asmk/partials"), workers):
+                while not list((out / folder / "_commits").glob("*.json")):
+                    time.sleep(0.02)
+                lost.append([folder, len(list((out / folder / "_commits").glob("*.json")))])
+                cluster.remove_node(node, allow_graceful=False)
+        threading.Thread(target=watch, daemon=True).start()
+        s = index.main(["--out", str(out), *{args!r}, "--set", "ray.actor_resources={{extract: 1}}"])
+        print("SUMMARY", json.dumps({{"lost": lost, **s["counts"]}}), flush=True)
+        os._exit(0)  # the removed nodes' processes are gone: Cluster.shutdown would trip over them
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=500)
+    assert "SUMMARY" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.split("SUMMARY", 1)[1].splitlines()[0])
+    assert [folder for folder, _ in counts["lost"]] == ["features", "asmk/partials"], counts
+    assert all(at < 6 for _, at in counts["lost"]), counts  # both nodes died with work left
+    assert counts["images_ok"] == 6 and counts["asmk_partials_built"] == 6
+    shards = ArtifactRoot(str(out)).shards()
+    ids = [i for t in shards.iter_tables(["image_id"]) for i in t.column("image_id").to_pylist()]
+    assert sorted(ids) == list(range(6))  # no image missing, none twice
+    proc = subprocess.run([sys.executable, "-m", "jobs.index", "--out", str(single), *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert artifact_bytes(out) == artifact_bytes(single)
