@@ -1,7 +1,7 @@
 """ASMK* build and batch search: ours vs the reference PyPI ``asmk`` package, same data and centroids.
 
     .venv/bin/python benchmarks/asmk_vs_reference.py [--images 1000] [--per-image 1000] [--k 4096] [--queries 100]
-        [--assign flat|hnsw]
+        [--assign flat|hnsw] [--data synthetic|rootsift]
 
 Synthetic clustered 128-d local descriptors (images × per-image), a shared faiss codebook. Each side
 runs in its own process (same seeded data and codebook) so peak RSS is its own. Reported separately: codeword assignment
@@ -11,7 +11,9 @@ two are compared at the end (max abs difference). Our search time includes the q
 aggregation (the reference's includes it too); the one-off numba compilation or cache load is
 warmed up on one image and reported apart. ``--assign hnsw``: our side assigns with the HNSW quantizer
 (:class:`operators.codebook.AssignConfig`; its build is counted in the assignment time, and the fraction of
-descriptors given the exact word is printed). State the machine when quoting the figures.
+descriptors given the exact word is printed). ``--data rootsift``: instance-mini's real RootSIFT (186 images,
+``--per-image`` each) with ``--k`` words drawn from them, instead of the synthetic modes. State the machine when
+quoting the figures.
 """
 from __future__ import annotations
 
@@ -51,6 +53,31 @@ def make_data(n_images: int, per_image: int, k: int, n_queries: int, seed: int =
     return km.centroids, xb, ib, xq, iq
 
 
+def real_data(n_images: int, per_image: int, k: int, n_queries: int, seed: int = 0):
+    """``--data rootsift``: real RootSIFT descriptors of instance-mini's images (up to ``per_image`` each; the
+    collection bounds ``n_images``), queries = the first ``n_queries`` images, ``k`` words drawn from the
+    descriptors (as :mod:`benchmarks.assignment`). Cached beside the data's first use (``/tmp``)."""
+    from benchmarks.assignment import DATA
+    from operators.images import decode_image
+    from operators.rootsift import RootSift
+
+    cache = Path(f"/tmp/asmk-vs-reference-rootsift-{per_image}.npz")
+    if not cache.exists():
+        import pandas as pd
+
+        sift = RootSift(1024, per_image)
+        files = pd.read_csv(DATA / "images.csv")["file"]
+        parts = [sift.describe(decode_image((DATA / f).read_bytes()))["local_desc"].astype(np.float32) for f in files]
+        np.savez(cache, x=np.concatenate(parts), counts=[len(p) for p in parts])
+    z = np.load(cache)
+    counts = z["counts"][:n_images]
+    xb = z["x"][:counts.sum()]
+    ib = np.repeat(np.arange(len(counts)), counts)
+    nq = int(counts[:n_queries].sum())
+    rng = np.random.default_rng(seed)
+    return xb[np.sort(rng.choice(len(xb), k, replace=False))], xb, ib, xb[:nq].copy(), ib[:nq].copy()
+
+
 def peak_mb() -> float:
     return rss_mb("VmHWM")
 
@@ -59,7 +86,7 @@ def run_ours(args, out, assign: str = "flat"):
     from operators.asmk import AsmkParams, aggregate, build_index, search
     from operators.codebook import AssignConfig, Quantizer
 
-    centroids, xb, ib, xq, iq = make_data(*args)
+    centroids, xb, ib, xq, iq = load(*args)
     t = time.time(); quant = Quantizer(centroids, AssignConfig(assign)); t_quant = time.time() - t
     n0 = int(np.searchsorted(ib, 1))  # warm-up on one image: compiles (or loads the cached) numba kernels
     t = time.time(); w0 = quant(xb[:n0], 5)
@@ -83,7 +110,7 @@ def run_reference(args, out):
     from asmk import codebook as cdb_pkg, index as idx_pkg, kernel as kern_pkg, inverted_file as ivf_pkg
     from asmk.asmk_method import ASMKMethod
 
-    centroids, xb, ib, xq, iq = make_data(*args)
+    centroids, xb, ib, xq, iq = load(*args)
     base = reset_peak()
     cdb = cdb_pkg.Codebook(idx_pkg.initialize_index(None), size=len(centroids))
     cdb.index(np.ascontiguousarray(centroids))
@@ -102,6 +129,10 @@ def run_reference(args, out):
     t_search = time.time() - t - t_qassign  # accumulate_scores assigns again inside
     out.put({"assign": t_assign, "build": t_build, "query_assign": t_qassign, "search": t_search,
              "peak_mb": peak_mb(), "base_mb": base, "top": (ranks[:, :10], scores[:, :10])})
+
+
+def load(n_images: int, per_image: int, k: int, n_queries: int, data: str = "synthetic"):
+    return (real_data if data == "rootsift" else make_data)(n_images, per_image, k, n_queries)
 
 
 def in_child(fn, data, *extra):
@@ -127,10 +158,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--assign", choices=["flat", "hnsw"], default="flat", help="our codeword assignment")
+    ap.add_argument("--data", choices=["synthetic", "rootsift"], default="synthetic",
+                    help="rootsift: instance-mini's real descriptors (at most 186 images), k words drawn from them")
     a = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {a.images} images x {a.per_image} descriptors, "
           f"k={a.k}, {a.queries} queries (MA 5)")
-    data = (a.images, a.per_image, a.k, a.queries)
+    data = (a.images, a.per_image, a.k, a.queries, a.data)
     ours, ref = in_child(run_ours, data, a.assign), in_child(run_reference, data)
     n, nq = a.images, a.queries
     rows = [(f"codeword assignment (ours: {a.assign})", "assign", "s"), ("aggregation + inverted file", "build", "s"),

@@ -8,8 +8,9 @@ images are the real database and the queries (whole, and 40% centre crops; a que
 the other images of its group). Every step is a job of the product, run as a subprocess on an embedded
 local Ray:
 
-1. ``DIR/donors``: ``jobs.index`` of the donor images (descriptors, global, codebook of ``--codebook-k``
-   words trained on them: the codebook comes from other images than the indexed ones, as in the papers);
+1. ``DIR/donors``: ``jobs.index`` of the donor images (RootSIFT, ``--sift-n`` = 1,000 features an image as R1M's
+   ~1,000; global; a codebook of up to ``--codebook-k`` words trained on them, at least ``--min-points``
+   descriptors a word: the codebook comes from other images than the indexed ones, as in the papers);
 2. ``DIR/n<N>``: ``jobs.index --set local_store=entries`` of the real database (ASMK* entries of the donors'
    codebook, no descriptors stored), ``jobs.distractors`` up to N database images, then ``jobs.index``
    stages global, codebook, asmk, graph (k = ``--graph-k``), spectral (rank ``--rank``);
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--min-points", type=int, default=16, help="codebook: descriptors per word (k is reduced below)")
     ap.add_argument("--graph-k", type=int, default=10)
     ap.add_argument("--rank", type=int, default=400)
+    ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
     ap.add_argument("--collection", default=str(DATA))
     a = ap.parse_args()
     base = Path(a.root).resolve()
@@ -98,12 +100,14 @@ def main() -> None:
           f"database {a.n:,} = {n_real} real + {max(0, a.n - n_real):,} synthetic", flush=True)
     donors = base / "donors"
     steps.run("donors: index", ["-m", "jobs.index", "--collection", str(donors_csv), "--out", str(donors),
+                                "--set", f"describe.sift_n={a.sift_n}",
                                 "--set", "stages=[extract,global,codebook]", "--set", f"codebook.k={a.codebook_k}",
                                 "--set", f"codebook.min_points={a.min_points}"],
               build=False)
     k = json.loads((donors / "codebook" / "meta.json").read_text())["k"]
     print(f"  codebook: k = {k} trained on the donors' descriptors", flush=True)
     common = ["--collection", str(db_csv), "--out", str(root), "--set", "local_store=entries",
+              "--set", f"describe.sift_n={a.sift_n}",
               "--set", f"codebook.source={donors}"]
     steps.run("extract (entries)", ["-m", "jobs.index", *common, "--set", "stages=[extract]"])
     if a.n > n_real:

@@ -87,3 +87,17 @@ def test_declared_size_of_jpeg_and_png_and_others():
     assert decode_image(encode(img, ".jpg"), max_pixels=70 * 30).shape == (30, 70, 3)
     with pytest.raises(ImageDecodeError):
         decode_image(encode(img, ".jpg"), max_pixels=70 * 30 - 1)
+
+
+def test_cmyk_jpeg_decodes_to_its_rgb_colours():
+    """``tests/data/cmyk.jpg`` (1.3 KB) was written once by Pillow 13 (``Image.fromarray(rgb).convert("CMYK")
+    .save(…, quality=95)``; OpenCV cannot write CMYK) from the pattern below: it decodes to that RGB image."""
+    from pathlib import Path
+
+    data = (Path(__file__).parent / "data" / "cmyk.jpg").read_bytes()
+    assert data[:2] == b"\xff\xd8" and b"Adobe" in data[:200]  # a JPEG with the Adobe (CMYK) marker
+    yy, xx = np.mgrid[:48, :64]
+    rgb = np.stack([xx * 255 // 63, yy * 255 // 47, ((xx // 8 + yy // 8) % 2) * 200 + 30], -1)
+    img = decode_image(data)
+    assert img.shape == (48, 64, 3) and img.dtype == np.uint8
+    assert np.abs(img.astype(int) - rgb).mean() < 3
