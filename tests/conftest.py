@@ -34,7 +34,7 @@ def free_port() -> int:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
              ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
