@@ -73,11 +73,39 @@ class Steps:
 
 
 def latency(run: dict) -> tuple[float, float, float]:
-    """p50, p95 of per-query service time (ms) from run.json's task times, and queries per second."""
-    per_query = [t / n for step in run.get("task_seconds", {}).values() for n, t in step for _ in range(n) if n]
-    search_s = sum(v for k, v in run["timings_s"].items() if k.startswith(("search", "rerank")))
-    p50, p95 = (np.percentile(per_query, [50, 95]) * 1000) if per_query else (np.nan, np.nan)
+    """p50, p95 of the per-query service time (ms) and queries per second of a search's run.json.
+
+    A query's time is the sum over the search's steps (global, asmk, a re-ranking) of its task's time, divided
+    by the queries that task took (one, but for re-ranking blocks); steps whose query counts differ (a query
+    with no local feature has no ASMK task) are added as their means."""
+    steps = [np.repeat([t / n for n, t in step if n], [n for n, _ in step if n])
+             for step in run.get("task_seconds", {}).values()]
+    counts = {len(s) for s in steps}
+    if not steps:
+        per_query = np.full(1, np.nan)
+    elif len(counts) == 1:
+        per_query = np.sum(steps, axis=0)
+    else:
+        longest = max(steps, key=len)
+        per_query = longest + sum(s.mean() for s in steps if s is not longest)
+    search_s = sum(v for k, v in run["timings_s"].items() if k.startswith(("search", "re-rank")))
+    p50, p95 = np.percentile(per_query, [50, 95]) * 1000
     return p50, p95, run["queries"] / max(search_s, 1e-9)
+
+
+def report(root: Path) -> pd.DataFrame:
+    """The method table of a finished run, read back from its results (``--report``: no job runs)."""
+    rows = []
+    for res in sorted((root / "search").iterdir()):
+        if not (res / "metrics.json").exists():
+            continue
+        run = json.loads((res / "run.json").read_text())
+        p50, p95, qps = latency(run)
+        rows.append({"queries": "whole" if run["center_crop"] is None else str(run["center_crop"]),
+                     "method": run["method"], "rerank": run["rerank"],
+                     "mAP": 100 * json.loads((res / "metrics.json").read_text())["mAP"],
+                     "p50_ms": p50, "p95_ms": p95, "qps": qps})
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -90,7 +118,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
     ap.add_argument("--collection", default=str(DATA))
+    ap.add_argument("--report", action="store_true", help="print the table of a finished run (no job runs)")
     a = ap.parse_args()
+    if a.report:
+        print(report(Path(a.root).resolve() / f"n{a.n}").to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        return
     base = Path(a.root).resolve()
     donors_csv, db_csv = split(Path(a.collection).resolve(), base)
     n_real = len(pd.read_csv(db_csv))
@@ -123,7 +155,6 @@ def main() -> None:
     print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
           f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
     runs = [("global", "none"), ("asmk", "none"), ("fused", "none"), ("global", "dfs"), ("global", "hybrid")]
-    table = []
     for crop in ("whole", "0.4"):
         for method, rerank in runs:
             name = f"{crop}-{method}-{rerank}"
@@ -138,11 +169,8 @@ def main() -> None:
             steps.run(f"search {name}", args, build=False)
             steps.run(f"evaluate {name}", ["-m", "jobs.evaluate", "--results", str(res), "--ground-truth", str(db_csv),
                                            "--set", "report.enabled=false"], build=False)
-            metrics = json.loads((res / "metrics.json").read_text())
-            p50, p95, qps = latency(json.loads((res / "run.json").read_text()))
-            table.append({"queries": crop, "method": method, "rerank": rerank, "mAP": 100 * metrics["mAP"],
-                          "p50_ms": p50, "p95_ms": p95, "qps": qps})
-    df = pd.DataFrame(table)
+    df = report(root)
+    table = df.to_dict("records")
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     build_s = sum(r["wall_s"] for r in steps.rows if r["build"])
     peak_gb = max(r["peak_rss_mb"] for r in steps.rows) / 1024
