@@ -38,6 +38,9 @@ from storage.inverted_file import inverted_file_meta, open_inverted_file
 from storage.spectral import invalidate_spectral, u_writer, write_sparse_u, write_spectral
 
 
+MAX_IVF_TASKS = 32  # IVF kNN tasks per graph: each deserialises the whole index
+
+
 @dataclass
 class GraphConfig:
     source: Literal["global", "asmk"] = "global"
@@ -156,12 +159,14 @@ def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global
     import ray
 
     n = len(global_ids(root, name))
-    index_bytes = ivf_index(cfg, root, name) if n > cfg.ivf_threshold else None
-    index_ref = ray.put(index_bytes)  # stored once in the object store, not copied per task
+    ivf = n > cfg.ivf_threshold
+    index_ref = ray.put(ivf_index(cfg, root, name) if ivf else None)  # once in the object store, not per task
+    # each IVF task loads the whole index (n × D floats): at most MAX_IVF_TASKS of them
+    block = cfg.block if not ivf or n <= cfg.block * MAX_IVF_TASKS else -(-n // MAX_IVF_TASKS)
     task = ray.remote(num_cpus=1)(global_knn_task)
-    futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, index_ref, cfg.nprobe, name)
-               for s in range(0, n, cfg.block)]
-    return futures, "ivf" if index_bytes is not None else "exact"
+    futures = [task.remote(root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name)
+               for s in range(0, n, block)]
+    return futures, "ivf" if ivf else "exact"
 
 
 def gather_knn(futures: list, ids: np.ndarray, sims: np.ndarray, desc: str) -> None:
@@ -177,11 +182,11 @@ def gather_knn(futures: list, ids: np.ndarray, sims: np.ndarray, desc: str) -> N
                 bar.update(len(nn))
 
 
-def ivf_index(cfg: GraphConfig, root: ArtifactRoot, name: str = "global") -> bytes:
+def ivf_index(cfg: GraphConfig, root: ArtifactRoot, name: str = "global") -> np.ndarray:
     """An IVF-Flat inner-product index over all vectors of ``name`` (trained on a sample), serialised."""
     import faiss
 
-    return faiss.serialize_index(build_ivf(open_global(root, name).vectors, cfg.nlist)).tobytes()
+    return faiss.serialize_index(build_ivf(open_global(root, name).vectors, cfg.nlist))  # uint8 array, no copy
 
 
 def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
