@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
     ap.add_argument("--collection", default=str(DATA))
+    ap.add_argument("--index-stages", default="global,codebook,asmk,graph,spectral",
+                    help="stages of the last index step (a resumed run may leave out finished ones)")
+    ap.add_argument("--crops", default="whole,0.4", help="query sets searched: whole and/or centre-crop fractions")
     ap.add_argument("--report", action="store_true", help="print the table of a finished run (no job runs)")
     a = ap.parse_args()
     if a.report:
@@ -145,9 +148,9 @@ def main() -> None:
     if a.n > n_real:
         steps.run("distractors", ["-m", "jobs.distractors", "--donors", str(donors), "--out", str(root),
                                   "--n", str(a.n - n_real)])
-    steps.run("global+asmk+graph+spectral", ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
-                                             "--set", f"spectral.rank={a.rank}",
-                                             "--set", "stages=[global,codebook,asmk,graph,spectral]"])
+    steps.run(a.index_stages.replace(",", "+"), ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
+                                                 "--set", f"spectral.rank={a.rank}",
+                                                 "--set", f"stages=[{a.index_stages}]"])
     stages = json.loads((root / "summary-index.json").read_text())["timings_s"]
     print(f"  index stages (s): {json.dumps(stages)}")
     sizes = {p.name: du_gb(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name not in ("query-cache", "logs", "search")}
@@ -155,7 +158,7 @@ def main() -> None:
     print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
           f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
     runs = [("global", "none"), ("asmk", "none"), ("fused", "none"), ("global", "dfs"), ("global", "hybrid")]
-    for crop in ("whole", "0.4"):
+    for crop in a.crops.split(","):
         for method, rerank in runs:
             name = f"{crop}-{method}-{rerank}"
             res = root / "search" / name

@@ -54,6 +54,11 @@ def connect(cfg: RayConfig | None = None) -> dict:
     return res
 
 
+def largest_node_cpus() -> int:
+    """The CPUs of the cluster's largest live node, at least 1 (a task that threads over a whole node)."""
+    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
+
+
 def ray_failure(e: BaseException) -> str | None:
     """One line when ``e`` is Ray (a node, worker, actor, object or the cluster itself) failing
     under the job; None for anything else (a task's own exception keeps its traceback)."""

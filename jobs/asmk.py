@@ -21,7 +21,8 @@ from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.errors import SettingsMismatch
 from storage.iasmk import open_compressed
-from storage.inverted_file import merge_partials, open_inverted_file, partials, write_meta, write_partial
+from storage.inverted_file import (inverted_file_meta, merge_partials, open_inverted_file, partials, write_meta,
+                                   write_partial)
 from storage.schemas import local_arrays
 
 
@@ -89,13 +90,28 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
             bar.update(len(done))
     summary.add(asmk_partials_built=len(pending), asmk_shards_of_entries=len(from_entries),
                 asmk_partials_skipped=len(shards) - len(pending) - len(from_entries))
+    inputs = merge_inputs(records, partials(root).committed(), want, cfg)
+    if root.exists("asmk/meta.json") and (root.stages().get("asmk") or {}).get("inputs") == inputs:
+        summary.add(asmk_merge_skipped=1)  # the inverted file was merged from these very shards and partials
+        return {**inverted_file_meta(root), "inputs": inputs}
     info = merge_partials(root, shards, len(centroids), from_entries)
     meta = {**info, "k": len(centroids), "params": dataclasses.asdict(cfg.params),
             "codebook_sha1": codebook_hash(centroids)}
     write_meta(root, meta)
     summary.add(asmk_entries=info["entries"])
     summary.info["asmk_bytes_per_entry"] = info["bytes_per_entry"]
-    return meta
+    return {**meta, "inputs": inputs}
+
+
+def merge_inputs(shards: dict[int, dict], parts: dict[int, dict], want: dict, cfg: AsmkConfig) -> str:
+    """A digest of what the merge reads: every shard's and partial's commit, the codebook and the settings
+    (the ``asmk`` stage record keeps it, so a rerun over unchanged inputs does not merge again)."""
+    import hashlib
+    import json
+
+    seen = [[s, shards[s].get("committed_at"), parts.get(s, {}).get("committed_at")] for s in sorted(shards)]
+    blob = json.dumps([seen, want, dataclasses.asdict(cfg.params)], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
 
 
 def search_task(roots: list[tuple[str, dict]], words: np.ndarray, codes: np.ndarray, qimg: np.ndarray,

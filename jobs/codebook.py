@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cluster.ray_env import largest_node_cpus
 from jobs.summary import JobSummary
 from operators.codebook import effective_k, train_codebook
 from storage.artifacts import ArtifactRoot
@@ -53,13 +54,6 @@ def sample_descriptors(root: ArtifactRoot, n: int, seed: int) -> np.ndarray:
     return x[rng.permutation(len(x))[:n]]
 
 
-def task_cpus() -> int:
-    """The CPUs of the cluster's largest node (faiss k-means threads over all of them), at least 1."""
-    import ray
-
-    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
-
-
 def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary, gpus: float = 0) -> np.ndarray:
     """Train (or copy from ``cfg.source``) the codebook of ``root``."""
     import ray
@@ -76,7 +70,7 @@ def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary,
         k = effective_k(len(x), cfg.k, cfg.min_points)
         if k < cfg.k:
             warnings.warn(f"codebook: {len(x)} sampled descriptors are too few for k={cfg.k}; using k={k}")
-        cpus = cfg.cpus or task_cpus()
+        cpus = cfg.cpus or largest_node_cpus()  # faiss k-means threads over a whole node
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(train_codebook)
         centroids = ray.get(task.remote(x, k, cfg.niter, cfg.seed, threads=int(cpus)))
         info = {"sample": len(x), "k_requested": cfg.k, "cpus": cpus}

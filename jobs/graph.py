@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from cluster.ray_env import RayConfig, connect
+from cluster.ray_env import RayConfig, connect, largest_node_cpus
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators import graph as G
@@ -38,7 +38,7 @@ from storage.inverted_file import inverted_file_meta, open_inverted_file
 from storage.spectral import invalidate_spectral, u_writer, write_sparse_u, write_spectral
 
 
-MAX_IVF_TASKS = 32  # IVF kNN tasks per graph: each deserialises the whole index
+MAX_IVF_TASKS = 32  # IVF kNN tasks per graph: each deserialises the whole index, one at a time per node
 
 
 @dataclass
@@ -79,10 +79,10 @@ class GraphJobConfig:
 # ------------------------------------------------------------------------------------------
 # Ray tasks
 # ------------------------------------------------------------------------------------------
-def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, index_bytes: bytes | None,
-                    nprobe: int, name: str = "global") -> tuple[int, np.ndarray, np.ndarray]:
+def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, index_bytes: np.ndarray | None,
+                    nprobe: int, name: str = "global", threads: int = 1) -> tuple[int, np.ndarray, np.ndarray]:
     """Top-k neighbours (rows, similarities) of items ``start:stop`` of the vector set ``name`` (the global
-    descriptors; object discovery's regions)."""
+    descriptors; object discovery's regions); an IVF search runs on ``threads`` threads."""
     import faiss
 
     x = open_global(ArtifactRoot(uri, options), name).vectors
@@ -91,6 +91,7 @@ def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, inde
     if index_bytes is None:
         sims, nn = knn_blocks(xq, iter_blocks(np.arange(len(x)), x), k, exclude=rows)
     else:
+        faiss.omp_set_num_threads(threads)
         index = faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
         sims, nn = search_ivf(index, xq, k, nprobe, exclude=rows)
     return start, nn, sims
@@ -161,10 +162,12 @@ def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global
     n = len(global_ids(root, name))
     ivf = n > cfg.ivf_threshold
     index_ref = ray.put(ivf_index(cfg, root, name) if ivf else None)  # once in the object store, not per task
-    # each IVF task loads the whole index (n × D floats): at most MAX_IVF_TASKS of them
+    # an IVF task loads the whole index (n × D floats): one at a time per node, threading over its CPUs,
+    # and at most MAX_IVF_TASKS of them
     block = cfg.block if not ivf or n <= cfg.block * MAX_IVF_TASKS else -(-n // MAX_IVF_TASKS)
-    task = ray.remote(num_cpus=1)(global_knn_task)
-    futures = [task.remote(root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name)
+    cpus = largest_node_cpus() if ivf else 1
+    task = ray.remote(num_cpus=cpus)(global_knn_task)
+    futures = [task.remote(root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name, cpus)
                for s in range(0, n, block)]
     return futures, "ivf" if ivf else "exact"
 

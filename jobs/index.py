@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         root.record_stage("codebook", "index", to_dict(cfg.codebook))
     if "asmk" in stages:
         with summary.stage("asmk"):
-            build_asmk(cfg.asmk, root, summary)
-        root.record_stage("asmk", "index", to_dict(cfg.asmk))
+            built = build_asmk(cfg.asmk, root, summary)
+        root.record_stage("asmk", "index", to_dict(cfg.asmk), inputs=built["inputs"])
     graph_stages = [st for st in ("graph", "spectral") if st in cfg.stages]
     if graph_stages and not (cfg.graph.source == "asmk" and cfg.describe.local == "none"):
         run_graph_stages(GraphJobConfig(index=cfg.out, stages=graph_stages, graph=cfg.graph, spectral=cfg.spectral,

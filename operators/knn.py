@@ -73,16 +73,20 @@ def drop_groups(scores: np.ndarray, ids: np.ndarray, group: np.ndarray, query_gr
     return np.where(gone, -np.inf, scores).astype(np.float32), np.where(gone, -1, ids)
 
 
-def build_ivf(x: np.ndarray, nlist: int = 0, train_per_list: int = 64, block: int = 65536, seed: int = 0) -> faiss.Index:
+def build_ivf(x: np.ndarray, nlist: int = 0, train_per_list: int = 39, block: int = 65536, seed: int = 0,
+              niter: int = 10) -> faiss.Index:
     """An IVF-Flat inner-product index over the rows of ``x`` (trained on a sample, added in blocks).
 
     ``nlist`` 0 picks 4·√n lists. Approximate: used for kNN graphs above a size threshold, searched
-    with ``nprobe`` lists per query (T:18570-18575: approximate graphs lose little).
+    with ``nprobe`` lists per query (T:18570-18575: approximate graphs lose little). The coarse quantiser is
+    trained with 39 points a list and 10 iterations: at 1M × 1,280-d, 25 iterations on 64 points a list took
+    ~20 minutes on 2 cores, and the lists only need to be compact, not converged.
     """
     n, d = x.shape
     nlist = nlist or max(1, int(4 * np.sqrt(n)))
     pick = np.sort(np.random.default_rng(seed).choice(n, min(n, train_per_list * nlist), replace=False))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = niter
     index.train(np.ascontiguousarray(x[pick], dtype=np.float32))
     for s in range(0, n, block):
         index.add(np.ascontiguousarray(x[s:s + block], dtype=np.float32))

@@ -56,9 +56,11 @@ def merge_partials(root: ArtifactRoot, shards: list[int], k: int, from_entries: 
     def part(s: int) -> dict[str, np.ndarray]:
         return entries_partial(root, s, k) if s in from_entries else load_partial(root, s)
 
+    from tqdm import tqdm
+
     parts_images, counts = [], np.zeros(k, np.int64)
     width, dtype = None, None
-    for s in shards:  # pass 1: images, postings per word
+    for s in tqdm(shards, desc="merge: count", unit="shard"):  # pass 1: images, postings per word
         p = part(s)
         parts_images.append(p["images"])
         counts += np.diff(p["offsets"])
@@ -71,7 +73,7 @@ def merge_partials(root: ArtifactRoot, shards: list[int], k: int, from_entries: 
     codes, commit_c = root.open_array_writer("asmk/codes.npy", (n, width or 16), dtype or np.uint8)
     image_entries = np.zeros(len(images), np.int64)
     cursor = offsets[:-1].copy()
-    for s in shards:  # pass 2: scatter
+    for s in tqdm(shards, desc="merge: scatter", unit="shard"):  # pass 2: scatter
         p = part(s)
         pc = np.diff(p["offsets"])
         words = np.repeat(np.arange(k), pc)

@@ -744,6 +744,9 @@ def test_entries_instead_of_descriptors_give_the_same_inverted_file(built_index,
     for name in ("offsets", "entry_image", "codes", "images", "image_entries"):
         a, b = (np.load(r / "asmk" / f"{name}.npy") for r in (out, entries))
         assert a.dtype == b.dtype and np.array_equal(a, b), name
+    again = index_job.main(["--collection", str(collection), "--out", str(entries), *FAST, "--set", "local_store=entries",
+                            "--set", f"codebook.source={out}", "--set", "stages=[asmk]"])
+    assert again["counts"]["asmk_merge_skipped"] == 1  # unchanged shards: the inverted file is not merged again
     t = ArtifactRoot(str(entries)).shards().read_all(["local_desc", "asmk_words", "asmk_codes"])
     assert sum(len(v) for v in t.column("local_desc").to_pylist()) == 0
     assert t.column("asmk_codes").type.value_type.list_size == 16
