@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--index-stages", default="global,codebook,asmk,graph,spectral",
                     help="stages of the last index step (a resumed run may leave out finished ones)")
     ap.add_argument("--crops", default="whole,0.4", help="query sets searched: whole and/or centre-crop fractions")
+    ap.add_argument("--reranks", default="dfs,hybrid", help="re-rankings of the global ranking ('' for none)")
+    ap.add_argument("--batched", action="store_true", help="searches in the jobs' default query blocks (one pass "
+                    "over the database for many queries) instead of one query per task; latency is then per block")
     ap.add_argument("--report", action="store_true", help="print the table of a finished run (no job runs)")
     a = ap.parse_args()
     if a.report:
@@ -148,23 +151,25 @@ def main() -> None:
     if a.n > n_real:
         steps.run("distractors", ["-m", "jobs.distractors", "--donors", str(donors), "--out", str(root),
                                   "--n", str(a.n - n_real)])
-    steps.run(a.index_stages.replace(",", "+"), ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
-                                                 "--set", f"spectral.rank={a.rank}",
-                                                 "--set", f"stages=[{a.index_stages}]"])
-    stages = json.loads((root / "summary-index.json").read_text())["timings_s"]
+    if a.index_stages != "none":
+        steps.run(a.index_stages.replace(",", "+"), ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
+                                                     "--set", f"spectral.rank={a.rank}",
+                                                     "--set", f"stages=[{a.index_stages}]"])
+    stages = json.loads((root / "summary-index.json").read_text())["timings_s"] if (root / "summary-index.json").exists() else {}
     print(f"  index stages (s): {json.dumps(stages)}")
     sizes = {p.name: du_gb(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name not in ("query-cache", "logs", "search")}
     index_gb = du_gb(root)
     print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
           f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
-    runs = [("global", "none"), ("asmk", "none"), ("fused", "none"), ("global", "dfs"), ("global", "hybrid")]
+    runs = [("global", "none"), ("asmk", "none"), ("fused", "none"), *(("global", r) for r in a.reranks.split(",") if r)]
     for crop in a.crops.split(","):
         for method, rerank in runs:
             name = f"{crop}-{method}-{rerank}"
             res = root / "search" / name
             args = ["-m", "jobs.search", "--index", str(root), "--queries", str(db_csv), "--out", str(res),
-                    "--topk", "100", "--method", method, "--rerank", rerank, "--set", "query_block=1",
-                    "--set", "asmk.query_block=1", "--set", "rerank_params.block=4"]
+                    "--topk", "100", "--method", method, "--rerank", rerank]
+            if not a.batched:
+                args += ["--set", "query_block=1", "--set", "asmk.query_block=1", "--set", "rerank_params.block=4"]
             if rerank == "hybrid":
                 args += ["--set", "rerank_params.sparse_keep=0.01"]
             if crop != "whole":
