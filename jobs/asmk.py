@@ -21,7 +21,8 @@ from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.errors import SettingsMismatch
 from storage.iasmk import open_compressed
-from storage.inverted_file import (inverted_file_meta, merge_partials, open_inverted_file, partials, write_meta,
+from storage.entries import CODEBOOK_KEY
+from storage.inverted_file import (has_inverted_file, inverted_file_meta, merge_partials, open_inverted_file, partials, write_meta,
                                    write_partial)
 from storage.schemas import local_arrays
 
@@ -54,10 +55,10 @@ def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: 
 def entry_shards(cfg: AsmkConfig, records: dict[int, dict], sha1: str) -> set[int]:
     """The shards holding ASMK* entries (extracted with ``local_store`` entries/both, or synthetic distractors):
     the merge reads them directly. They must be of this root's codebook, binary, single-assigned."""
-    shards = {s for s, rec in records.items() if rec.get("entries_codebook_sha1")}
+    shards = {s for s, rec in records.items() if rec.get(CODEBOOK_KEY)}
     if not shards:
         return shards
-    other = sorted(s for s in shards if records[s]["entries_codebook_sha1"] != sha1)
+    other = sorted(s for s in shards if records[s][CODEBOOK_KEY] != sha1)
     if other:
         raise SettingsMismatch(f"{len(other)} feature shard(s) (e.g. part {other[0]}) hold ASMK* entries of another "
                                "codebook than this root's (codebook.source must be the root they were made with)")
@@ -91,7 +92,7 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
     summary.add(asmk_partials_built=len(pending), asmk_shards_of_entries=len(from_entries),
                 asmk_partials_skipped=len(shards) - len(pending) - len(from_entries))
     inputs = merge_inputs(records, partials(root).committed(), want, cfg)
-    if root.exists("asmk/meta.json") and (root.stages().get("asmk") or {}).get("inputs") == inputs:
+    if has_inverted_file(root) and (root.stages().get("asmk") or {}).get("inputs") == inputs:
         summary.add(asmk_merge_skipped=1)  # the inverted file was merged from these very shards and partials
         return {**inverted_file_meta(root), "inputs": inputs}
     info = merge_partials(root, shards, len(centroids), from_entries)

@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
-
 from cluster.ray_env import RayConfig, connect
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
@@ -34,9 +32,8 @@ from operators.codebook import AssignConfig, Quantizer
 from operators.distractors import DistractorParams, DonorPool, make_distractor
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
-from storage.collection import BOX_COLUMNS, synthetic_files
-from storage.errors import CollectionError, SettingsMismatch
-from storage.schemas import entry_arrays, feature_schema, feature_table, global_matrix, local_arrays
+from storage.entries import append_synthetic, donor_images, entries_record, write_synthetic_shard
+from storage.errors import CollectionError
 
 
 @dataclass(kw_only=True)
@@ -57,73 +54,34 @@ class DistractorConfig:
 def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig) -> DonorPool:
     """Global descriptors and ASMK* entries of every described donor image (entries of ``centroids``: read
     from the shards that hold them, else made from the stored descriptors)."""
-    import pyarrow.compute as pc
-
-    shards = donors.shards()
-    has_entries = "asmk_words" in shards.columns()
-    sha = codebook_hash(centroids)
-    if has_entries and any(r.get("entries_codebook_sha1") != sha for r in shards.committed().values()):
-        raise SettingsMismatch(f"{donors.uri}: its shards hold entries of another codebook than the distractors'")
-    quantizer = None if has_entries else Quantizer(centroids, assign)
-    cols = ["image_id", "status", "global", *(["asmk_words", "asmk_codes"] if has_entries else ["local_desc"])]
-    globs, words, codes, counts = [], [], [], []
-    for table in shards.iter_tables(cols):
-        table = table.filter(pc.equal(table.column("status"), "ok"))
-        ids = table.column("image_id").to_numpy()
-        if has_entries:
-            eid, w, c = entry_arrays(table)
-            per = [(w[eid == i], c[eid == i]) for i in ids]
-        else:
-            desc, did, _ = local_arrays(table)
-            per = image_entries([desc[did == i].astype(np.float32) for i in ids], quantizer, centroids)
-        globs.append(global_matrix(table))
-        words += [w for w, _ in per]
-        codes += [c for _, c in per]
-        counts += [len(w) for w, _ in per]
+    quantizer = None
+    globs, per_image = [], []
+    for glob, images, kind in donor_images(donors, codebook_hash(centroids)):
+        if kind == "descriptors":
+            quantizer = quantizer or Quantizer(centroids, assign)
+            images = image_entries(images, quantizer, centroids)
+        globs.append(glob)
+        per_image += images
+    counts = [len(w) for w, _ in per_image]
     if not counts or sum(counts) == 0:
         raise CollectionError(f"{donors.uri}: no described donor image with local features")
     return DonorPool(np.concatenate(globs), np.r_[0, np.cumsum(counts)].astype(np.int64),
-                     np.concatenate(words).astype(np.int32), np.concatenate(codes))
-
-
-def distractor_table(root: ArtifactRoot, cfg: DistractorConfig) -> tuple[pd.DataFrame, int]:
-    """``root``'s image table with the distractors appended (once: a rerun finds them), and their first id."""
-    tag = f"distractor/{cfg.seed}"
-    files = synthetic_files(tag, 0, cfg.n)
-    recorded = root.images()
-    if recorded is not None:
-        mine = recorded[recorded["file"].astype(str).str.startswith(files[0][:-8])]
-        if len(mine):
-            if len(mine) != cfg.n:
-                raise SettingsMismatch(f"{root.uri} holds {len(mine)} distractors of seed {cfg.seed}, not {cfg.n}; "
-                                       "use a new --out (or another seed)")
-            return recorded, int(mine["image_id"].min())
-    first_id = 0 if recorded is None or recorded.empty else int(recorded["image_id"].max()) + 1
-    first_shard = 0 if recorded is None or recorded.empty else int(recorded["shard"].max()) + 1
-    rows = pd.DataFrame({"image_id": first_id + np.arange(cfg.n, dtype=np.int64), "file": files,
-                         "name": [f[len("synthetic:"):] for f in files], "group": None,
-                         **{c: np.full(cfg.n, np.nan, np.float32) for c in BOX_COLUMNS},
-                         "shard": first_shard + np.arange(cfg.n) // max(1, cfg.shard_size)})
-    table = rows if recorded is None else pd.concat([recorded, rows[[c for c in recorded.columns if c in rows]]],
-                                                    ignore_index=True)
-    root.write_images(table)
-    return table, first_id
+                     np.concatenate([w for w, _ in per_image]).astype(np.int32),
+                     np.concatenate([c for _, c in per_image]))
 
 
 def shard_task(root_uri: str, options: dict, pool: DonorPool, params: dict, seed: int, local_dim: int,
                jobs: list[tuple[int, int, int]], record: dict) -> int:
     """Write the shards ``(shard, first image id, count)`` of distractors (a Ray task); returns images written."""
     p = DistractorParams(**params)
-    schema = feature_schema(pool.globals.shape[1], local_dim, {"synthetic": record}, entries=True)
-    shards, written = ArtifactRoot(root_uri, options).shards(), 0
+    root, written = ArtifactRoot(root_uri, options), 0
     for shard, first, count in jobs:
         t0, rng = time.time(), np.random.default_rng([seed, shard])
         rows = []
         for image_id in range(first, first + count):
             g, words, codes = make_distractor(pool, p, rng)
             rows.append({"image_id": image_id, "global": g, "asmk_words": words, "asmk_codes": codes})
-        shards.write(shard, feature_table(rows, schema), {"ok": count, "errors": 0, "synthetic": True,
-                                                          "seconds": time.time() - t0, **record})
+        write_synthetic_shard(root, shard, rows, pool.globals.shape[1], local_dim, record, time.time() - t0)
         written += count
     return written
 
@@ -137,13 +95,13 @@ def generate(cfg: DistractorConfig, summary: JobSummary) -> None:
     with summary.stage("donor pool"):
         pool = donor_pool(donors, centroids, cfg.assign)
     summary.add(donors=len(pool), donor_entries=len(pool.words))
-    table, first_id = distractor_table(root, cfg)
+    table, first_id = append_synthetic(root, f"distractor/{cfg.seed}", cfg.n, cfg.shard_size)
     mine = table[(table["image_id"] >= first_id) & (table["image_id"] < first_id + cfg.n)]
     by_shard = mine.groupby("shard")["image_id"].agg(["min", "size"])
     pending = set(root.shards().pending(by_shard.index.tolist()))
     work = [(int(s), int(r["min"]), int(r["size"])) for s, r in by_shard.iterrows() if s in pending]
     settings = {k: v for k, v in to_dict(cfg).items() if k in ("seed", "params", "donors", "assign")}
-    record = {"entries_codebook_sha1": codebook_hash(centroids),
+    record = {**entries_record(codebook_hash(centroids)),
               "settings": "synthetic-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}
     summary.add(distractors=cfg.n, shards_total=len(by_shard), shards_skipped=len(by_shard) - len(work))
     task = ray.remote(num_cpus=1)(shard_task)

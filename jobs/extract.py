@@ -35,6 +35,7 @@ from operators.whitening import Whitening, learn_pca_whitening
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.collection import file_keys, is_synthetic, load_collection, read_image
+from storage.entries import entries_record, entry_codebooks
 from storage.errors import CollectionError, ConfigError, SettingsMismatch
 from storage.schemas import feature_schema, feature_table
 from storage.shards import ShardSet
@@ -119,7 +120,7 @@ class ShardExtractor:
         if self.store != "descriptors":
             centroids = load_codebook(ArtifactRoot(cfg["entries"]["codebook"], cfg["storage"]))
             self.quantizer = Quantizer(centroids, AssignConfig(**cfg["entries"]["assign"]))
-            self.entries = {"entries_codebook_sha1": codebook_hash(centroids)}
+            self.entries = entries_record(codebook_hash(centroids))
         self.io = ThreadPoolExecutor(4)
         self.node = _node_id()
 
@@ -408,8 +409,7 @@ def check_entries(cfg: ExtractConfig) -> None:
     centroids = load_codebook(ArtifactRoot(cfg.entries.codebook, cfg.storage))
     if cfg.describe.local == "rootsift" and centroids.shape[1] != 128:
         raise SettingsMismatch(f"{cfg.entries.codebook}: a {centroids.shape[1]}-d codebook cannot assign 128-d RootSIFT")
-    shards = ShardSet(ArtifactRoot(cfg.out, cfg.storage).path("features"), cfg.storage)
-    made = {r.get("entries_codebook_sha1") for r in shards.committed().values() if not r.get("synthetic")} - {None}
+    made = entry_codebooks(ArtifactRoot(cfg.out, cfg.storage), synthetic=False)
     if made and made != {codebook_hash(centroids)}:
         raise SettingsMismatch(f"{cfg.out} holds entries of another codebook than {cfg.entries.codebook}'s now; "
                                "use a new --out")

@@ -95,6 +95,10 @@ def write_meta(root: ArtifactRoot, meta: dict) -> None:
     root.write_json("asmk/meta.json", meta)
 
 
+def has_inverted_file(root: ArtifactRoot) -> bool:
+    return root.exists("asmk/meta.json")
+
+
 def inverted_file_meta(root: ArtifactRoot) -> dict:
     if not root.exists("asmk/meta.json"):
         raise ArtifactError(f"{root.uri} has no ASMK inverted file: run the asmk stage "
