@@ -115,12 +115,14 @@ def main() -> None:
     ap.add_argument("--codebook-k", type=int, default=8192)
     ap.add_argument("--min-points", type=int, default=16, help="codebook: descriptors per word (k is reduced below)")
     ap.add_argument("--graph-k", type=int, default=10)
+    ap.add_argument("--nprobe", type=int, default=8, help="graph: IVF lists searched per item (above 200,000 items)")
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
     ap.add_argument("--collection", default=str(DATA))
     ap.add_argument("--index-stages", default="global,codebook,asmk,graph,spectral",
                     help="stages of the last index step (a resumed run may leave out finished ones)")
     ap.add_argument("--crops", default="whole,0.4", help="query sets searched: whole and/or centre-crop fractions")
+    ap.add_argument("--methods", default="global,asmk,fused", help="initial rankings searched (without re-ranking)")
     ap.add_argument("--reranks", default="dfs,hybrid", help="re-rankings of the global ranking ('' for none)")
     ap.add_argument("--batched", action="store_true", help="searches in the jobs' default query blocks (one pass "
                     "over the database for many queries) instead of one query per task; latency is then per block")
@@ -153,6 +155,7 @@ def main() -> None:
                                   "--n", str(a.n - n_real)])
     if a.index_stages != "none":
         steps.run(a.index_stages.replace(",", "+"), ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
+                                                     "--set", f"graph.nprobe={a.nprobe}",
                                                      "--set", f"spectral.rank={a.rank}",
                                                      "--set", f"stages=[{a.index_stages}]"])
     stages = json.loads((root / "summary-index.json").read_text())["timings_s"] if (root / "summary-index.json").exists() else {}
@@ -161,7 +164,7 @@ def main() -> None:
     index_gb = du_gb(root)
     print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
           f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
-    runs = [("global", "none"), ("asmk", "none"), ("fused", "none"), *(("global", r) for r in a.reranks.split(",") if r)]
+    runs = [*((m, "none") for m in a.methods.split(",") if m), *(("global", r) for r in a.reranks.split(",") if r)]
     for crop in a.crops.split(","):
         for method, rerank in runs:
             name = f"{crop}-{method}-{rerank}"

@@ -9,6 +9,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval rerank    --index ROOT --out RES             offline database-side diffusion
     retrieval discover  --index ROOT                       i-ASMK* components, graph centrality
     retrieval mine      --index ROOT --out PAIRS           training pairs: mining on manifolds, i-ASMK*
+    retrieval train_reranker --index ROOT              learned re-ranker (GSS) on the index's graph
     retrieval evaluate  --results RES --ground-truth G     mAP, mP@k, HTML report
     retrieval report    --results RES1,RES2 --out DIR      comparison page of evaluated results
     retrieval synthetic --out DIR                          a small synthetic collection
@@ -27,6 +28,7 @@ JOBS = {
     "rerank": "offline diffusion lists for every database item",
     "discover": "i-ASMK* compressed inverted file and graph centrality of an index",
     "mine": "unsupervised training pairs (mining on manifolds, i-ASMK* components)",
+    "train_reranker": "train a learned re-ranker (GSS) on the index's kNN graph",
     "evaluate": "mAP / mP@k of results against ground truth, with an HTML report",
     "report": "compare evaluated results: table, mAP-per-method plot, time per stage",
     "synthetic": "write a small synthetic instance collection",

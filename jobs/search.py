@@ -62,7 +62,7 @@ from operators.graph import index_of
 from operators.knn import knn_blocks
 from operators.qe import expand
 from operators.ranking import Ranking
-from operators.rerank import DIFFUSION, METHODS as RERANK_METHODS, RerankParams, rerank
+from operators.rerank import DIFFUSION, LEARNED, METHODS as RERANK_METHODS, RerankParams, rerank
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.collection import file_keys, load_collection
@@ -77,7 +77,7 @@ from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 from storage.whitening import read_whitening
 
 Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk", "os"]
-Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid"]
+Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid", "gss"]
 METHODS = typing.get_args(Method)
 assert typing.get_args(Rerank) == RERANK_METHODS
 
@@ -399,7 +399,7 @@ def initial_depth(cfg: SearchConfig) -> int:
     """How deep the initial ranking must go for the chosen re-ranking."""
     p = cfg.rerank_params
     need = {"none": 0, "aqe": p.qe_n, "alpha-qe": p.qe_n, "dfs": p.kq, "fsr": p.kq, "hybrid": p.kq,
-            "truncated-dfs": p.shortlist}[cfg.rerank]
+            "truncated-dfs": p.shortlist, "gss": p.kq}[cfg.rerank]
     return max(cfg.topk, need)
 
 
@@ -447,6 +447,52 @@ def diffusion(ctx: SearchContext, ranked: Ranking) -> Ranking:
     params = dataclasses.asdict(cfg.rerank_params)
     futures = [task.remote(ctx.root.uri, ctx.root.options, cfg.rerank, rows[s:s + block], sims[s:s + block],
                            own[s:s + block], cfg.topk, params) for s in ctx.block_starts(block)]
+    got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in ctx.block_starts(block)])
+    r, scores = (np.concatenate(x) for x in zip(*got)) if futures else (
+        np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
+    return Ranking(ctx.qids, np.where(r >= 0, node_ids[np.maximum(r, 0)], -1), scores)
+
+
+def gss_task(uri: str, options: dict, xq: np.ndarray, rows: np.ndarray, own: np.ndarray,
+             topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """GSS re-ranking of one block of queries (a Ray task): each query attaches to the first k_q items of
+    its initial ranking (edge weights: global cosine), its embedding follows the database's stored states,
+    and the whole database is ranked by ĥ_qᵀĥ_x (the reference ranks everything by the embedding)."""
+    from operators.gss import GssParams, ResidualGCN, embed_queries
+    from storage.gss import load_model
+
+    root = ArtifactRoot(uri, options)
+    meta, weights, degree, states, emb = load_model(root)
+    p = GssParams(**meta["params"])
+    x = open_global(root).vectors
+    top = rows[:, :p.kq]
+    near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
+    w = np.where(top >= 0, np.einsum("qd,qkd->qk", xq, near), 0.0)
+    hq = embed_queries(ResidualGCN(emb.shape[1], p, weights=weights), xq, top, w, degree, [x, *states])
+    scores, ids = knn_blocks(hq, iter_blocks(np.arange(len(emb)), emb), topk, exclude=own)
+    return ids, np.where(ids >= 0, np.maximum(scores, 0), -np.inf)  # s = [ĥ_qᵀĥ_x]₊
+
+
+def learned(ctx: SearchContext, ranked: Ranking) -> Ranking:
+    """A learned re-ranker (``gss``) trained by jobs.train_reranker on the index's graph."""
+    import ray
+
+    from storage.gss import gss_meta
+
+    cfg = ctx.cfg
+    if cfg.distractors:
+        raise ConfigError(f"--rerank {cfg.rerank} is trained on one graph over the whole database; build the index "
+                          "over the collection and its distractors together instead of --distractors")
+    if gss_meta(ctx.root) is None:
+        raise ArtifactError(f"--rerank {cfg.rerank}: no trained model in {ctx.root.uri}: run "
+                            f"python -m jobs.train_reranker --index {ctx.root.uri} --method {cfg.rerank}")
+    node_ids = np.asarray(global_ids(ctx.root))
+    initial = ranked.top(initial_depth(cfg))
+    rows, own = index_of(node_ids, initial.ids, -1), index_of(node_ids, ctx.exclude, -1)
+    task = ray.remote(num_cpus=1)(timed(gss_task))
+    block = cfg.query_block
+    futures = [task.remote(ctx.root.uri, ctx.root.options, ctx.xq[s:s + block], rows[s:s + block], own[s:s + block],
+                           cfg.topk) for s in ctx.block_starts(block)]
     got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in ctx.block_starts(block)])
     r, scores = (np.concatenate(x) for x in zip(*got)) if futures else (
         np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
@@ -511,6 +557,9 @@ def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     elif cfg.rerank in DIFFUSION:
         with summary.stage(f"re-rank ({cfg.rerank})"):
             ranked = diffusion(ctx, ranked)
+    elif cfg.rerank in LEARNED:
+        with summary.stage(f"re-rank ({cfg.rerank})"):
+            ranked = learned(ctx, ranked)
     return ranked.top(cfg.topk)
 
 

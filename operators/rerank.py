@@ -28,7 +28,8 @@ from operators.graph import index_of, inverse_permutation, locality_order, norma
 from operators.spectral import fsr, fsr_weighted, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
-METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION)
+LEARNED = ("gss",)  # trained offline (jobs.train_reranker), applied by jobs.search
+METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION, *LEARNED)
 
 
 @dataclass

@@ -798,3 +798,42 @@ def test_synthetic_distractors_join_an_entries_index_deterministically(built_ind
                      "--method", "fused"])
     ranked = read_results(str(res))[0].to_pandas()
     assert any(i in set(synth["image_id"]) for ids in ranked.ids for i in ids)
+
+
+def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_subset, tmp_path):
+    from jobs import train_reranker
+    from storage.gss import load_model
+
+    out = tmp_path / "copy"
+    shutil.copytree(built_index[0], out)
+    root = ArtifactRoot(str(out))
+    args = ["--index", str(out), "--set", "gss.lr=1e-3", "--set", "checkpoint_every=2", "--set", "block=5"]
+    first = train_reranker.main([*args, "--steps", "2"])
+    assert first["gss"]["steps_run"] == 2 and first["gss"]["resumed_at"] == 0
+    longer = train_reranker.main([*args, "--steps", "4"])  # continues from the checkpoint of step 2
+    assert longer["gss"]["resumed_at"] == 2 and longer["gss"]["steps_run"] == 2
+    _, w_resumed, _, _, emb_resumed = load_model(root)
+    emb_resumed = np.array(emb_resumed)
+    assert train_reranker.main([*args, "--steps", "4"])["counts"]["models_reused"] == 1
+    fresh = tmp_path / "fresh"
+    shutil.copytree(built_index[0], fresh)
+    train_reranker.main([*args[:1], str(fresh), *args[2:], "--steps", "4"])
+    meta, w_fresh, _, _, emb_fresh = load_model(ArtifactRoot(str(fresh)))
+    for k in w_fresh:  # a resumed run ends where an uninterrupted one does
+        np.testing.assert_array_equal(w_resumed[k], w_fresh[k])
+    np.testing.assert_array_equal(emb_resumed, emb_fresh)
+    assert meta["nodes"] == 14 and 0 < meta["beta"] <= 1 + 1e-6  # 14 of the 196 pairs are an item with itself
+    assert not (fresh / "gss" / "pre_1.npy").exists()  # scratch arrays removed
+    q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--center-crop", "0.6"]
+    res = tmp_path / "gss"
+    search_job.main([*q, "--out", str(res), "--rerank", "gss"])
+    results = pd.read_parquet(res / "results.parquet")
+    assert len(results) == 14
+    for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
+        assert qid not in ids and len(set(ids)) == len(ids) and np.all(np.diff(scores) <= 1e-6)
+    assert evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"] > 0.3
+    # a rebuilt graph invalidates the model; search then says which command makes it
+    from jobs import graph as graph_job
+    graph_job.main(["--index", str(out), "--rank", "0", "--k", "6"])
+    with pytest.raises(Exception, match="train_reranker"):
+        search_job.main([*q, "--out", str(tmp_path / "again"), "--rerank", "gss"])
