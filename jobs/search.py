@@ -62,7 +62,8 @@ from operators.graph import index_of
 from operators.knn import knn_blocks
 from operators.qe import expand
 from operators.ranking import Ranking
-from operators.rerank import DIFFUSION, LEARNED, METHODS as RERANK_METHODS, RerankParams, rerank
+from operators.cas import CasParams
+from operators.rerank import DIFFUSION, LEARNED, METHODS as RERANK_METHODS, SHORTLIST, RerankParams, merge_with_initial, rerank
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.collection import file_keys, load_collection
@@ -77,7 +78,7 @@ from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 from storage.whitening import read_whitening
 
 Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk", "os"]
-Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid", "gss"]
+Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid", "gss", "cas"]
 METHODS = typing.get_args(Method)
 assert typing.get_args(Rerank) == RERANK_METHODS
 
@@ -104,6 +105,7 @@ class SearchConfig:
     fusion_shortlist: int = 1000          # fused: shortlist of each method
     rerank: Rerank = "none"
     rerank_params: RerankParams = field(default_factory=RerankParams)
+    cas: CasParams = field(default_factory=CasParams)  # --rerank cas (EXT defaults, operators.cas)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
@@ -399,7 +401,7 @@ def initial_depth(cfg: SearchConfig) -> int:
     """How deep the initial ranking must go for the chosen re-ranking."""
     p = cfg.rerank_params
     need = {"none": 0, "aqe": p.qe_n, "alpha-qe": p.qe_n, "dfs": p.kq, "fsr": p.kq, "hybrid": p.kq,
-            "truncated-dfs": p.shortlist, "gss": p.kq}[cfg.rerank]
+            "truncated-dfs": p.shortlist, "gss": p.kq, "cas": cfg.cas.shortlist}[cfg.rerank]
     return max(cfg.topk, need)
 
 
@@ -419,42 +421,16 @@ def query_expansion(ctx: SearchContext, ranked: Ranking, block: int = 256) -> Ra
     return global_search(ctx, expanded, ctx.cfg.topk)
 
 
-def rerank_task(uri: str, options: dict, method: str, rows: np.ndarray, sims: np.ndarray, own: np.ndarray,
-                topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+def diffusion_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
+                   own: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """Diffusion re-ranking of one block of queries on the index's graph (a Ray task)."""
     p = RerankParams(**params)
     graph = load_graph(ArtifactRoot(uri, options), spectral=method in ("fsr", "hybrid"), sparse_keep=p.sparse_keep)
     return rerank(method, graph, rows, sims, own, topk, p)
 
 
-def diffusion(ctx: SearchContext, ranked: Ranking) -> Ranking:
-    """Diffusion re-ranking of every query's initial ranking (node rows of the index's graph)."""
-    import ray
-
-    cfg = ctx.cfg
-    if cfg.distractors:
-        raise ConfigError("diffusion re-ranking needs one graph over the whole database; build the index over the "
-                          "collection and its distractors together instead of --distractors")
-    problem = graph_problem(ctx.root, spectral=cfg.rerank in ("fsr", "hybrid"))
-    if problem:
-        raise ArtifactError(f"--rerank {cfg.rerank}: {problem}")
-    node_ids = np.asarray(global_ids(ctx.root))
-    initial = ranked.top(initial_depth(cfg))
-    rows, own = index_of(node_ids, initial.ids, -1), index_of(node_ids, ctx.exclude, -1)
-    sims = initial.scores.astype(np.float64)
-    task = ray.remote(num_cpus=1)(timed(rerank_task))
-    block = 4 * cfg.rerank_params.block
-    params = dataclasses.asdict(cfg.rerank_params)
-    futures = [task.remote(ctx.root.uri, ctx.root.options, cfg.rerank, rows[s:s + block], sims[s:s + block],
-                           own[s:s + block], cfg.topk, params) for s in ctx.block_starts(block)]
-    got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in ctx.block_starts(block)])
-    r, scores = (np.concatenate(x) for x in zip(*got)) if futures else (
-        np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
-    return Ranking(ctx.qids, np.where(r >= 0, node_ids[np.maximum(r, 0)], -1), scores)
-
-
-def gss_task(uri: str, options: dict, xq: np.ndarray, rows: np.ndarray, own: np.ndarray,
-             topk: int) -> tuple[np.ndarray, np.ndarray]:
+def gss_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
+             own: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """GSS re-ranking of one block of queries (a Ray task): each query attaches to the first k_q items of
     its initial ranking (edge weights: global cosine), its embedding follows the database's stored states,
     and the whole database is ranked by ĥ_qᵀĥ_x (the reference ranks everything by the embedding)."""
@@ -473,27 +449,64 @@ def gss_task(uri: str, options: dict, xq: np.ndarray, rows: np.ndarray, own: np.
     return ids, np.where(ids >= 0, np.maximum(scores, 0), -np.inf)  # s = [ĥ_qᵀĥ_x]₊
 
 
-def learned(ctx: SearchContext, ranked: Ranking) -> Ranking:
-    """A learned re-ranker (``gss``) trained by jobs.train_reranker on the index's graph."""
-    import ray
+def cas_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
+             own: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """CAS re-ranking of one block of queries (a Ray task): each query's problem is itself and its top-T
+    rows (global descriptors, memory-mapped); the rest of its initial ranking follows in its order."""
+    from operators.cas import rerank_shortlist
 
-    from storage.gss import gss_meta
+    p = CasParams(**params)
+    x = open_global(ArtifactRoot(uri, options)).vectors
+    out_r = np.full((len(rows), topk), -1, np.int64)
+    out_s = np.full((len(rows), topk), -np.inf)
+    for j in range(len(rows)):
+        short = rows[j, :p.shortlist]
+        short = short[(short >= 0) & (short != own[j])]
+        cand, score = rerank_shortlist(xq[j], np.asarray(x[short], np.float32), short, p)
+        r, s = merge_with_initial(cand, score, rows[j], own[j], topk)
+        out_r[j, :len(r)], out_s[j, :len(s)] = r, s
+    return out_r, out_s
 
+
+def rerank_problem(ctx: SearchContext) -> str | None:
+    """Why ``--rerank`` cannot run on this index (None when it can), said before any task starts."""
     cfg = ctx.cfg
     if cfg.distractors:
-        raise ConfigError(f"--rerank {cfg.rerank} is trained on one graph over the whole database; build the index "
-                          "over the collection and its distractors together instead of --distractors")
-    if gss_meta(ctx.root) is None:
-        raise ArtifactError(f"--rerank {cfg.rerank}: no trained model in {ctx.root.uri}: run "
-                            f"python -m jobs.train_reranker --index {ctx.root.uri} --method {cfg.rerank}")
+        return (f"--rerank {cfg.rerank} needs one root over the whole database; build the index over the "
+                "collection and its distractors together instead of --distractors")
+    if cfg.rerank in DIFFUSION:
+        problem = graph_problem(ctx.root, spectral=cfg.rerank in ("fsr", "hybrid"))
+        return f"--rerank {cfg.rerank}: {problem}" if problem else None
+    if cfg.rerank in LEARNED:
+        from storage.gss import gss_meta
+        if gss_meta(ctx.root) is None:
+            return (f"--rerank {cfg.rerank}: no trained model in {ctx.root.uri}: run "
+                    f"python -m jobs.train_reranker --index {ctx.root.uri} --method {cfg.rerank}")
+    return None
+
+
+def rerank_in_tasks(ctx: SearchContext, ranked: Ranking) -> Ranking:
+    """Re-rank every query's initial ranking (node rows: rows of the global matrix and the graph) by
+    ``cfg.rerank`` in Ray tasks over blocks of queries: diffusion on the graph, GSS, or CAS."""
+    import ray
+
+    cfg = ctx.cfg
+    problem = rerank_problem(ctx)
+    if problem:
+        raise (ConfigError if cfg.distractors else ArtifactError)(problem)
+    fn, block, params = ((diffusion_task, 4 * cfg.rerank_params.block, dataclasses.asdict(cfg.rerank_params))
+                         if cfg.rerank in DIFFUSION else
+                         (gss_task, cfg.query_block, {}) if cfg.rerank in LEARNED else
+                         (cas_task, cfg.rerank_params.block, dataclasses.asdict(cfg.cas)))
     node_ids = np.asarray(global_ids(ctx.root))
     initial = ranked.top(initial_depth(cfg))
     rows, own = index_of(node_ids, initial.ids, -1), index_of(node_ids, ctx.exclude, -1)
-    task = ray.remote(num_cpus=1)(timed(gss_task))
-    block = cfg.query_block
-    futures = [task.remote(ctx.root.uri, ctx.root.options, ctx.xq[s:s + block], rows[s:s + block], own[s:s + block],
-                           cfg.topk) for s in ctx.block_starts(block)]
-    got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in ctx.block_starts(block)])
+    sims = initial.scores.astype(np.float64)
+    task = ray.remote(num_cpus=1)(timed(fn))
+    starts = ctx.block_starts(block)
+    futures = [task.remote(ctx.root.uri, ctx.root.options, cfg.rerank, ctx.xq[s:s + block], rows[s:s + block],
+                           sims[s:s + block], own[s:s + block], cfg.topk, params) for s in starts]
+    got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in starts])
     r, scores = (np.concatenate(x) for x in zip(*got)) if futures else (
         np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
     return Ranking(ctx.qids, np.where(r >= 0, node_ids[np.maximum(r, 0)], -1), scores)
@@ -523,7 +536,7 @@ def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
     if cfg.method.startswith("fused"):
         params.update(fusion=cfg.fusion, fusion_beta=cfg.fusion_beta, fusion_shortlist=cfg.fusion_shortlist)
     if cfg.rerank != "none":
-        params["rerank"] = dataclasses.asdict(cfg.rerank_params)
+        params["rerank"] = dataclasses.asdict(cfg.cas if cfg.rerank == "cas" else cfg.rerank_params)
     run = {"config": to_dict(cfg), "method": cfg.method, "rerank": cfg.rerank, "params": params, "index": cfg.index,
            "queries": table.num_rows, "queries_root": ctx.qroot.uri, "center_crop": cfg.center_crop,
            "timings_s": timings, "task_seconds": ctx.task_seconds}
@@ -554,12 +567,9 @@ def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     if cfg.rerank in ("aqe", "alpha-qe"):
         with summary.stage(f"re-rank ({cfg.rerank})"):
             ranked = query_expansion(ctx, ranked)
-    elif cfg.rerank in DIFFUSION:
+    elif cfg.rerank in (*DIFFUSION, *LEARNED, *SHORTLIST):
         with summary.stage(f"re-rank ({cfg.rerank})"):
-            ranked = diffusion(ctx, ranked)
-    elif cfg.rerank in LEARNED:
-        with summary.stage(f"re-rank ({cfg.rerank})"):
-            ranked = learned(ctx, ranked)
+            ranked = rerank_in_tasks(ctx, ranked)
     return ranked.top(cfg.topk)
 
 

@@ -29,7 +29,8 @@ from operators.spectral import fsr, fsr_weighted, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
 LEARNED = ("gss",)  # trained offline (jobs.train_reranker), applied by jobs.search
-METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION, *LEARNED)
+SHORTLIST = ("cas",)  # solved per query on its shortlist, from the global descriptors (operators.cas)
+METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION, *LEARNED, *SHORTLIST)
 
 
 @dataclass

@@ -479,7 +479,7 @@ def test_search_rerank_methods(built_index, mini_subset, tmp_path):
     search_job.main([*q, "--out", str(tmp_path / "none")])
     initial = pd.read_parquet(tmp_path / "none" / "results.parquet")
     maps = {}
-    for name, rr, extra in (*((m, m, []) for m in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid")),
+    for name, rr, extra in (*((m, m, []) for m in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid", "cas")),
                             ("fsrw", "fsr", ["--set", "rerank_params.fsrw=true"])):
         res = tmp_path / name
         search_job.main([*q, "--out", str(res), "--rerank", rr, "--set", "rerank_params.shortlist=5", *extra])
