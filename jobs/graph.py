@@ -35,7 +35,7 @@ from storage.global_index import global_ids, open_global
 from storage.graph import (knn_writer, load_asmk_image_index, load_knn, load_ordered, write_affinity,
                            write_asmk_image_index, write_graph_meta)
 from storage.inverted_file import inverted_file_meta, open_inverted_file
-from storage.gss import invalidate_gss
+from storage.learned import invalidate_learned
 from storage.spectral import invalidate_spectral, u_writer, write_sparse_u, write_spectral
 
 
@@ -201,7 +201,7 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
     w = G.affinity(nn, sims, k=cfg.k, gamma=cfg.gamma, mode=cfg.mode)
     write_affinity(root, w, G.locality_order(w))
     invalidate_spectral(root)  # eigenpairs and learned re-rankers of the old graph: invalid now
-    invalidate_gss(root)
+    invalidate_learned(root)
     n_comp, labels = G.components(w)
     sizes = np.bincount(labels)
     meta = {**asdict(cfg), "nodes": int(w.shape[0]), "nnz": int(w.nnz), "mean_degree": float(w.nnz / max(1, w.shape[0])),

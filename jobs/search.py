@@ -78,7 +78,7 @@ from storage.schemas import RESULTS_SCHEMA, global_matrix, local_arrays
 from storage.whitening import read_whitening
 
 Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk", "os"]
-Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid", "gss", "cas"]
+Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid", "gss", "gradnet", "cas"]
 METHODS = typing.get_args(Method)
 assert typing.get_args(Rerank) == RERANK_METHODS
 
@@ -401,7 +401,7 @@ def initial_depth(cfg: SearchConfig) -> int:
     """How deep the initial ranking must go for the chosen re-ranking."""
     p = cfg.rerank_params
     need = {"none": 0, "aqe": p.qe_n, "alpha-qe": p.qe_n, "dfs": p.kq, "fsr": p.kq, "hybrid": p.kq,
-            "truncated-dfs": p.shortlist, "gss": p.kq, "cas": cfg.cas.shortlist}[cfg.rerank]
+            "truncated-dfs": p.shortlist, "gss": p.kq, "gradnet": p.kq, "cas": cfg.cas.shortlist}[cfg.rerank]
     return max(cfg.topk, need)
 
 
@@ -435,11 +435,13 @@ def gss_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndar
     its initial ranking (edge weights: global cosine), its embedding follows the database's stored states,
     and the whole database is ranked by ĥ_qᵀĥ_x (the reference ranks everything by the embedding)."""
     from operators.gss import GssParams, ResidualGCN, embed_queries
-    from storage.gss import load_model
+    from storage.learned import learned_meta, load_array, load_weights
 
     root = ArtifactRoot(uri, options)
-    meta, weights, degree, states, emb = load_model(root)
+    meta, weights = learned_meta(root, "gss"), load_weights(root, "gss")
     p = GssParams(**meta["params"])
+    degree, emb = load_array(root, "gss", "degree"), load_array(root, "gss", "embeddings")
+    states = [load_array(root, "gss", f"state_{layer}") for layer in range(1, p.layers)]
     x = open_global(root).vectors
     top = rows[:, :p.kq]
     near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
@@ -447,6 +449,27 @@ def gss_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndar
     hq = embed_queries(ResidualGCN(emb.shape[1], p, weights=weights), xq, top, w, degree, [x, *states])
     scores, ids = knn_blocks(hq, iter_blocks(np.arange(len(emb)), emb), topk, exclude=own)
     return ids, np.where(ids >= 0, np.maximum(scores, 0), -np.inf)  # s = [ĥ_qᵀĥ_x]₊
+
+
+def gradnet_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
+                 own: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """GRAD-Net re-ranking of one block of queries (a Ray task): QFE (eq. 22) over the first K items of the
+    initial ranking, weights their global cosine (a second round, when asked, in the learned space), then the
+    whole database ranked by the cosine of the learned features."""
+    from operators.gradnet import GradNetParams, qfe
+    from storage.learned import learned_meta, load_array
+
+    root = ArtifactRoot(uri, options)
+    p = GradNetParams(**learned_meta(root, "gradnet")["params"])
+    emb, x = load_array(root, "gradnet", "embeddings"), open_global(root).vectors
+    top = rows[:, :p.k]
+    near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
+    hq = qfe(top, np.where(top >= 0, np.einsum("qd,qkd->qk", xq, near), 0.0), emb)
+    for _ in range(p.qfe_rounds - 1):
+        s2, top2 = knn_blocks(hq, iter_blocks(np.arange(len(emb)), emb), p.k, exclude=own)
+        hq = qfe(top2, np.maximum(s2, 0), emb)
+    scores, ids = knn_blocks(hq, iter_blocks(np.arange(len(emb)), emb), topk, exclude=own)
+    return ids, np.where(ids >= 0, scores, -np.inf)
 
 
 def cas_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
@@ -478,8 +501,8 @@ def rerank_problem(ctx: SearchContext) -> str | None:
         problem = graph_problem(ctx.root, spectral=cfg.rerank in ("fsr", "hybrid"))
         return f"--rerank {cfg.rerank}: {problem}" if problem else None
     if cfg.rerank in LEARNED:
-        from storage.gss import gss_meta
-        if gss_meta(ctx.root) is None:
+        from storage.learned import learned_meta
+        if learned_meta(ctx.root, cfg.rerank) is None:
             return (f"--rerank {cfg.rerank}: no trained model in {ctx.root.uri}: run "
                     f"python -m jobs.train_reranker --index {ctx.root.uri} --method {cfg.rerank}")
     return None
@@ -496,7 +519,8 @@ def rerank_in_tasks(ctx: SearchContext, ranked: Ranking) -> Ranking:
         raise (ConfigError if cfg.distractors else ArtifactError)(problem)
     fn, block, params = ((diffusion_task, 4 * cfg.rerank_params.block, dataclasses.asdict(cfg.rerank_params))
                          if cfg.rerank in DIFFUSION else
-                         (gss_task, cfg.query_block, {}) if cfg.rerank in LEARNED else
+                         ({"gss": gss_task, "gradnet": gradnet_task}[cfg.rerank], cfg.query_block, {})
+                         if cfg.rerank in LEARNED else
                          (cas_task, cfg.rerank_params.block, dataclasses.asdict(cfg.cas)))
     node_ids = np.asarray(global_ids(ctx.root))
     initial = ranked.top(initial_depth(cfg))

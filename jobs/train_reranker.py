@@ -1,28 +1,35 @@
-"""Train a learned re-ranker on an index's graph: ``python -m jobs.train_reranker --index ROOT [--method gss]``.
+"""Train a learned re-ranker on an index's graph: ``python -m jobs.train_reranker --index ROOT --method gss|gradnet``.
 
-``gss`` (:mod:`operators.gss`, spec search.md §12): one Ray task — on a GPU when the cluster has one, else
-over every CPU of a node — builds the GSS graph from the kNN lists of the ``graph`` stage (their first
-k − 1 neighbours, symmetrised, weights the global cosine), estimates β from sampled pairs, takes ``steps``
-Adam steps on sampled batches (each on its exact receptive field) with a checkpoint every
-``checkpoint_every`` steps, then computes the database's layer states and embeddings row block by row
-block into memory-mapped artifacts (:mod:`storage.gss`). Rerun after a kill: training resumes from the
-last checkpoint (same batches, same Adam state: the same weights as an uninterrupted run); a finished
-model with the same settings is kept. ``python -m jobs.search --rerank gss`` loads it.
+One Ray task — on a GPU when the cluster has one, else over every CPU of a node — reads the kNN lists of
+the ``graph`` stage and the global descriptors, trains with a checkpoint every ``checkpoint_every`` steps,
+then writes the database's embeddings (memory-mapped, :mod:`storage.learned`). Rerun after a kill: training
+resumes from the last checkpoint (same batches, same optimizer state: the weights of an uninterrupted run);
+a finished model with the same settings is kept; more steps continue from the checkpoint of fewer.
+``python -m jobs.search --rerank gss|gradnet`` loads the model.
+
+- ``gss`` (:mod:`operators.gss`): the GSS graph (first k − 1 neighbours, symmetrised, cosine weights), β from
+  sampled pairs, Adam steps on sampled batches (each on its exact receptive field), then the database's layer
+  states (a query attaches to them) and embeddings, layer by layer over row blocks.
+- ``gradnet`` (:mod:`operators.gradnet`): the mutual kNN graph (K = 15), B k-means anchors and each item's
+  simplex-constrained sparse code, sextet batches on their 2L-hop receptive fields, then the embeddings of
+  every node (queries: QFE over their initial top-K at search time).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
 from cluster.ray_env import RayConfig, connect, largest_node_cpus
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary, peak_rss_mb
+from operators import gradnet as GN
 from operators import gss as GSS
-from storage import gss as store
+from operators.codebook import train_codebook
+from storage import learned as store
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.global_index import open_global
@@ -32,8 +39,9 @@ from storage.graph import graph_problem, load_knn
 @dataclass(kw_only=True)
 class TrainRerankerConfig:
     index: str                                  # artifact root with a graph stage (required)
-    method: Literal["gss"] = "gss"
+    method: Literal["gss", "gradnet"] = "gss"
     gss: GSS.GssParams = field(default_factory=GSS.GssParams)
+    gradnet: GN.GradNetParams = field(default_factory=GN.GradNetParams)
     checkpoint_every: int = 50                  # steps between checkpoints (a killed job resumes from the last)
     block: int = 16384                          # database rows per inference block
     cpus: int | None = None                     # CPU threads of the training task (None: a whole node)
@@ -41,50 +49,115 @@ class TrainRerankerConfig:
     storage: dict = field(default_factory=dict)
 
 
-def checkpoint_settings(p: GSS.GssParams) -> dict:
-    """What a checkpoint must share with this run to be resumed: every parameter but the step count."""
-    return {k: v for k, v in dataclasses.asdict(p).items() if k != "steps"}
+LENGTH = ("steps", "epochs", "max_steps")  # how long to train: not part of a checkpoint's identity
+
+
+def checkpoint_settings(params) -> dict:
+    """What a checkpoint must share with this run to be resumed: every parameter but the training length."""
+    return {k: v for k, v in dataclasses.asdict(params).items() if k not in LENGTH}
+
+
+def task_setup(uri: str, options: dict, threads: int, k_needed: int, method: str):
+    """(root, device, global vectors, kNN lists) of a training task, the lists checked long enough."""
+    import torch
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # pragma: no cover - GPU machines only (cuda)
+    root = ArtifactRoot(uri, options)
+    nn, _ = load_knn(root)
+    if nn.shape[1] < k_needed:
+        raise ArtifactError(f"{method} needs kNN lists of at least {k_needed} neighbours; the graph has "
+                            f"{nn.shape[1]}: rebuild it with a larger graph.k")
+    return root, device, open_global(root).vectors, nn
+
+
+def train_loop(root: ArtifactRoot, method: str, settings: dict, start: int, total: int, every: int,
+               train: Callable[[int, int, Callable], None], snapshot: Callable[[], dict], **info) -> None:
+    """Steps ``start`` … ``total`` − 1 in chunks of ``every``, a checkpoint after each chunk."""
+    from tqdm import tqdm
+
+    step = start
+    with tqdm(total=total, initial=min(step, total), desc=f"{method} training", unit="step") as bar:
+        while step < total:
+            stop = min(total, step + every)
+            train(step, stop, lambda s, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4f}")))
+            step = stop
+            store.write_checkpoint(root, method, step, settings, snapshot(), **info)
 
 
 def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int, threads: int) -> dict:
     """Train GSS on the root's graph and write its model, states and embeddings (a Ray task)."""
-    import torch
-    from tqdm import tqdm
-
-    torch.set_num_threads(threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # pragma: no cover - GPU machines only (cuda)
-    root, p = ArtifactRoot(uri, options), GSS.GssParams(**params)
-    x = open_global(root).vectors
-    nn, _ = load_knn(root)
-    if nn.shape[1] < p.k - 1:
-        raise ArtifactError(f"GSS k={p.k} needs kNN lists of at least {p.k - 1} neighbours; the graph has "
-                            f"{nn.shape[1]}: rebuild it with a larger graph.k")
+    p = GSS.GssParams(**params)
+    root, device, x, nn = task_setup(uri, options, threads, p.k - 1, "gss")
     t0 = time.time()
     a = GSS.gss_adjacency(nn, x, p.k)
     a_hat = GSS.normalize_with_self(a)
     settings, t_graph = checkpoint_settings(p), time.time() - t0
-    resumed = store.load_checkpoint(root, settings)
+    resumed = store.load_checkpoint(root, "gss", settings)
     if resumed is not None:
-        step, beta, arrays = resumed
-        model, optimizer = GSS.restore_training(x.shape[1], p, arrays, device)
+        info, arrays = resumed
+        step, beta = info["step"], info["beta"]
+        model = GSS.ResidualGCN(x.shape[1], p, device, GSS.checkpoint_weights(arrays))
+        optimizer = GSS.restore_optimizer(model, arrays, p.lr)
     else:
         model, optimizer, step = GSS.ResidualGCN(x.shape[1], p, device), None, 0
         beta = GSS.automatic_beta(model, a_hat, x, p)
-    first, t1 = step, time.time()
-    with tqdm(total=p.steps, initial=min(step, p.steps), desc="GSS training", unit="step") as bar:
-        while step < p.steps:
-            stop = min(p.steps, step + every)
-            optimizer = GSS.train_steps(model, a_hat, x, beta, step, stop, optimizer,
-                                        log=lambda s, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4f}")))
-            step = stop
-            store.write_checkpoint(root, step, beta, settings, GSS.training_arrays(model, optimizer))
+    holder, first, t1 = {"opt": optimizer}, step, time.time()
+
+    def train(start: int, stop: int, log: Callable) -> None:
+        holder["opt"] = GSS.train_steps(model, a_hat, x, beta, start, stop, holder["opt"], log)
+    train_loop(root, "gss", settings, step, p.steps, every, train,
+               lambda: GSS.training_arrays(model, holder["opt"]), beta=beta)
     t_train, t2 = time.time() - t1, time.time()
     embed_database(root, model, a_hat, x, block)
     meta = {"params": dataclasses.asdict(p), "beta": beta, "nodes": int(a.shape[0]), "edges": int(a.nnz),
-            "device": device, "steps_run": step - first, "resumed_at": first,
+            "device": device, "steps_run": max(0, p.steps - first), "resumed_at": first,
             "seconds": {"graph": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
             "task_peak_rss_mb": round(peak_rss_mb(), 1)}
-    store.write_model(root, model.weights(), GSS.degrees(a), meta)
+    store.write_array(root, "gss", "degree", GSS.degrees(a))
+    store.write_model(root, "gss", model.weights(), meta)
+    return meta
+
+
+def train_gradnet_task(uri: str, options: dict, params: dict, every: int, block: int, threads: int) -> dict:
+    """Train GRAD-Net on the root's graph and write its model and embeddings (a Ray task)."""
+    p = GN.GradNetParams(**params)
+    root, device, x, nn = task_setup(uri, options, threads, p.k, "gradnet")
+    n = len(x)
+    t0 = time.time()
+    a = GN.mutual_adjacency(nn, x, p.k)
+    s = GN.sym_normalize(a)
+    settings = checkpoint_settings(p)
+    resumed = store.load_checkpoint(root, "gradnet", settings)
+    if resumed is not None:  # the anchors travel with the checkpoint: the codes stay those it trained on
+        info, arrays = resumed
+        step, anchors = info["step"], arrays.pop("anchors")
+        model = GN.GradNet(x.shape[1] + p.anchors, p, device, GSS.checkpoint_weights(arrays))
+        optimizer = GSS.restore_optimizer(model, arrays, p.lr)
+    else:
+        sample = np.sort(np.random.default_rng(p.seed).choice(n, min(n, 256 * p.anchors), replace=False))
+        anchors = train_codebook(np.asarray(x[sample], np.float32), min(p.anchors, len(sample)), 20, p.seed, threads=threads)
+        model, optimizer, step = GN.GradNet(x.shape[1] + p.anchors, p, device), None, 0
+    codes = [GN.sparse_codes(x[b:b + block], anchors, p.codes) for b in range(0, n, block)]
+    z = GN.code_matrix(np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes]), p.anchors)
+    t_graph, holder, first, t1 = time.time() - t0, {"opt": optimizer}, step, time.time()
+
+    def train(start: int, stop: int, log: Callable) -> None:
+        holder["opt"] = GN.train_steps(model, s, a, x, z, start, stop, holder["opt"], log)
+    total = GN.total_steps(n, p)
+    train_loop(root, "gradnet", settings, step, total, every, train,
+               lambda: {**GSS.training_arrays(model, holder["opt"]), "anchors": anchors})
+    t_train, t2 = time.time() - t1, time.time()
+    emb = GN.embed_nodes(model, s, x, z, np.arange(n))  # the whole graph at once (n × widest layer in memory)
+    out, commit = store.array_writer(root, "gradnet", "embeddings", emb.shape)
+    out[:] = emb
+    commit()
+    store.write_array(root, "gradnet", "anchors", np.asarray(anchors, np.float32))
+    meta = {"params": dataclasses.asdict(p), "nodes": n, "edges": int(a.nnz), "isolated": int((np.diff(a.indptr) == 0).sum()),
+            "device": device, "steps": total, "steps_run": max(0, total - first), "resumed_at": first,
+            "seconds": {"graph_codes": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
+            "task_peak_rss_mb": round(peak_rss_mb(), 1)}
+    store.write_model(root, "gradnet", model.weights(), meta)
     return meta
 
 
@@ -94,18 +167,18 @@ def embed_database(root: ArtifactRoot, model: GSS.ResidualGCN, a_hat, x: np.ndar
     layers = model.p.layers
     state, pre_prev, scratch = x, None, []
     for layer in range(1, layers + 1):
-        pre, commit_pre = store.array_writer(root, f"pre_{layer}", (n, d))
+        pre, commit_pre = store.array_writer(root, "gss", f"pre_{layer}", (n, d))
         name = f"state_{layer}" if layer < layers else "final"
-        out, commit_out = store.array_writer(root, name, (n, d))
+        out, commit_out = store.array_writer(root, "gss", name, (n, d))
         GSS.propagate(model, a_hat, state, layer, pre_prev, pre, out, block)
         commit_pre(), commit_out()
         scratch += [f"pre_{layer}"] + ([name] if layer == layers else [])
-        state, pre_prev = store.load_array(root, name), store.load_array(root, f"pre_{layer}")
-    emb, commit = store.array_writer(root, "embeddings", (n, d))
+        state, pre_prev = store.load_array(root, "gss", name), store.load_array(root, "gss", f"pre_{layer}")
+    emb, commit = store.array_writer(root, "gss", "embeddings", (n, d))
     GSS.normalize_into(state, emb)
     commit()
     for name in scratch:
-        store.remove_array(root, name)
+        store.remove_array(root, "gss", name)
 
 
 def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
@@ -115,20 +188,22 @@ def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> 
     problem = graph_problem(root, spectral=False)
     if problem:
         raise ArtifactError(f"train-reranker: {problem}")
-    meta = store.gss_meta(root)
-    if meta is not None and meta["params"] == dataclasses.asdict(cfg.gss):
+    method = cfg.method
+    params = dataclasses.asdict(getattr(cfg, method))
+    meta = store.learned_meta(root, method)
+    if meta is not None and meta["params"] == params:
         summary.add(models_reused=1)
         return meta
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     cpus = cfg.cpus or largest_node_cpus()
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(train_gss_task)
-    with summary.stage("gss"):
-        meta = ray.get(task.remote(root.uri, root.options, dataclasses.asdict(cfg.gss), cfg.checkpoint_every,
-                                   cfg.block, int(cpus)))
-    root.record_stage("gss", "train_reranker", to_dict(cfg.gss))
+    fn = {"gss": train_gss_task, "gradnet": train_gradnet_task}[method]
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(fn)
+    with summary.stage(method):
+        meta = ray.get(task.remote(root.uri, root.options, params, cfg.checkpoint_every, cfg.block, int(cpus)))
+    root.record_stage(method, "train_reranker", to_dict(getattr(cfg, method)))
     summary.worker_peak(meta["task_peak_rss_mb"])
     summary.add(models_trained=1, steps_run=meta["steps_run"])
-    summary.info["gss"] = meta
+    summary.info[method] = meta
     return meta
 
 
@@ -136,6 +211,7 @@ FLAGS = {
     "--index": ("index", "artifact root with a kNN graph (jobs.index or jobs.graph)"),
     "--method": ("method", "learned re-ranker to train"),
     "--steps": ("gss.steps", "GSS: Adam steps"),
+    "--epochs": ("gradnet.epochs", "GRAD-Net: epochs of N sextets (at most gradnet.max_steps batches)"),
 }
 
 

@@ -219,17 +219,22 @@ def train_steps(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, beta: f
         sets, blocks = receptive_field(a_hat, batch_nodes(a_hat.shape[0], p.batch, p.seed, step), p.layers)
         x0 = torch.from_numpy(np.asarray(x[sets[0]], np.float32)).to(model.device)
         h = normalized_rows(model.forward([to_torch_sparse(b, model.device) for b in blocks], x0))
-        loss = gss_loss(h, beta, p.alpha) + p.weight_decay * model.regularizer()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if log is not None:
-            log(step, loss.item())
+        adam_step(optimizer, gss_loss(h, beta, p.alpha) + p.weight_decay * model.regularizer(), step, log)
     return optimizer
 
 
-def training_arrays(model: ResidualGCN, optimizer) -> dict[str, np.ndarray]:
-    """Weights (``param.<name>``) and Adam's state (``adam.<name>.<key>``) as arrays: a checkpoint."""
+def adam_step(optimizer, loss, step: int, log: Callable[[int, float], None] | None) -> None:
+    """One optimizer step on ``loss``, reported to ``log``."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if log is not None:
+        log(step, loss.item())
+
+
+def training_arrays(model, optimizer) -> dict[str, np.ndarray]:
+    """A model's weights (``param.<name>``) and Adam's state (``adam.<name>.<key>``) as arrays: a checkpoint
+    (any model keeping its tensors in ``params``: :class:`ResidualGCN`, :class:`operators.gradnet.GradNet`)."""
     out = {f"param.{k}": v for k, v in model.weights().items()}
     for name, t in model.params.items():
         for key, val in optimizer.state.get(t, {}).items():
@@ -237,17 +242,20 @@ def training_arrays(model: ResidualGCN, optimizer) -> dict[str, np.ndarray]:
     return out
 
 
-def restore_training(dim: int, p: GssParams, arrays: dict[str, np.ndarray], device: str = "cpu"):
-    """(model, optimizer) of a checkpoint from :func:`training_arrays`."""
+def checkpoint_weights(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+
+
+def restore_optimizer(model, arrays: dict[str, np.ndarray], lr: float):
+    """Adam over ``model.params`` with the state of a checkpoint from :func:`training_arrays`."""
     torch = _torch()
-    model = ResidualGCN(dim, p, device, {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")})
-    optimizer = torch.optim.Adam(list(model.params.values()), lr=p.lr)
+    optimizer = torch.optim.Adam(list(model.params.values()), lr=lr)
     for name, t in model.params.items():
         prefix = f"adam.{name}."
-        state = {k[len(prefix):]: torch.tensor(v, device=device) for k, v in arrays.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: torch.tensor(v, device=t.device) for k, v in arrays.items() if k.startswith(prefix)}
         if state:
             optimizer.state[t] = state
-    return model, optimizer
+    return optimizer
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from operators.graph import index_of, inverse_permutation, locality_order, norma
 from operators.spectral import fsr, fsr_weighted, hybrid, sparsify
 
 DIFFUSION = ("dfs", "truncated-dfs", "fsr", "hybrid")
-LEARNED = ("gss",)  # trained offline (jobs.train_reranker), applied by jobs.search
+LEARNED = ("gss", "gradnet")  # trained offline (jobs.train_reranker), applied by jobs.search
 SHORTLIST = ("cas",)  # solved per query on its shortlist, from the global descriptors (operators.cas)
 METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION, *LEARNED, *SHORTLIST)
 

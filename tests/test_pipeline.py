@@ -802,7 +802,10 @@ def test_synthetic_distractors_join_an_entries_index_deterministically(built_ind
 
 def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_subset, tmp_path):
     from jobs import train_reranker
-    from storage.gss import load_model
+    from storage.learned import load_array, load_weights, learned_meta
+
+    def load_model(r):
+        return learned_meta(r, "gss"), load_weights(r, "gss"), load_array(r, "gss", "embeddings")
 
     out = tmp_path / "copy"
     shutil.copytree(built_index[0], out)
@@ -812,13 +815,13 @@ def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_su
     assert first["gss"]["steps_run"] == 2 and first["gss"]["resumed_at"] == 0
     longer = train_reranker.main([*args, "--steps", "4"])  # continues from the checkpoint of step 2
     assert longer["gss"]["resumed_at"] == 2 and longer["gss"]["steps_run"] == 2
-    _, w_resumed, _, _, emb_resumed = load_model(root)
+    _, w_resumed, emb_resumed = load_model(root)
     emb_resumed = np.array(emb_resumed)
     assert train_reranker.main([*args, "--steps", "4"])["counts"]["models_reused"] == 1
     fresh = tmp_path / "fresh"
     shutil.copytree(built_index[0], fresh)
     train_reranker.main([*args[:1], str(fresh), *args[2:], "--steps", "4"])
-    meta, w_fresh, _, _, emb_fresh = load_model(ArtifactRoot(str(fresh)))
+    meta, w_fresh, emb_fresh = load_model(ArtifactRoot(str(fresh)))
     for k in w_fresh:  # a resumed run ends where an uninterrupted one does
         np.testing.assert_array_equal(w_resumed[k], w_fresh[k])
     np.testing.assert_array_equal(emb_resumed, emb_fresh)
@@ -837,3 +840,26 @@ def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_su
     graph_job.main(["--index", str(out), "--rank", "0", "--k", "6"])
     with pytest.raises(Exception, match="train_reranker"):
         search_job.main([*q, "--out", str(tmp_path / "again"), "--rerank", "gss"])
+
+
+def test_gradnet_trains_and_reranks_by_query_feature_expansion(built_index, mini_subset, tmp_path):
+    from jobs import train_reranker
+    from storage.learned import load_array
+
+    out = tmp_path / "copy"
+    shutil.copytree(built_index[0], out)
+    args = ["--index", str(out), "--method", "gradnet", "--set", "gradnet.k=5", "--set", "gradnet.anchors=6",
+            "--set", "gradnet.dims=[32,16]", "--set", "checkpoint_every=3", "--set", "gradnet.max_steps=5"]
+    first = train_reranker.main([*args, "--set", "gradnet.epochs=1"])["gradnet"]  # 1 epoch of 14 sextets: one batch
+    assert first["steps"] == 1 and first["nodes"] == 14
+    again = train_reranker.main(args)["gradnet"]  # 300 epochs capped at 5 batches: continues from step 1
+    assert again["resumed_at"] == 1 and again["steps_run"] == 4
+    emb = load_array(ArtifactRoot(str(out)), "gradnet", "embeddings")
+    assert emb.shape == (14, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--center-crop", "0.6"]
+    res = tmp_path / "gradnet"
+    search_job.main([*q, "--out", str(res), "--rerank", "gradnet"])
+    results = pd.read_parquet(res / "results.parquet")
+    for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
+        assert qid not in ids and len(set(ids)) == len(ids) and np.all(np.diff(scores) <= 1e-6)
+    assert evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"] > 0.2
