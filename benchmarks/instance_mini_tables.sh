@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's instance-mini figures beyond the demo's comparison table, on the demo's index
 # (run ./scripts/demo.sh first). Prints one "name  mAP-whole  mAP-crop" line per setting.
-#   bash benchmarks/instance_mini_tables.sh [rerank|whitening|max-side|how]...   (default: all)
+#   bash benchmarks/instance_mini_tables.sh [rerank|learned|whitening|max-side|how]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
@@ -24,12 +24,18 @@ map() {  # map INDEX NAME SEARCH-ARGS… : mAP of whole and 40%-crop queries
   echo "$line"
 }
 
-what=("$@"); [ ${#what[@]} -eq 0 ] && what=(rerank whitening max-side how)
+what=("$@"); [ ${#what[@]} -eq 0 ] && what=(rerank learned whitening max-side how)
 for w in "${what[@]}"; do
   case $w in
   rerank)  # the re-rankings the demo leaves out
     for method in global asmk fused; do
       for rerank in truncated-dfs fsr; do map "$OUT/index" "$method-$rerank" --method "$method" --rerank "$rerank"; done
+    done;;
+  learned)  # GSS, GRAD-Net (trained on the demo's index first; K = 10: the graph's lists) and CAS next to diffusion
+    $PY -m jobs.train_reranker --index "$OUT/index" --method gss > "$T/train-gss.log" 2>&1
+    $PY -m jobs.train_reranker --index "$OUT/index" --method gradnet --set gradnet.k=10 > "$T/train-gradnet.log" 2>&1
+    for method in global asmk fused; do
+      for rerank in none dfs fsr hybrid gss gradnet cas; do map "$OUT/index" "$method-$rerank" --method "$method" --rerank "$rerank"; done
     done;;
   whitening)  # global PCA-whitening learned on the collection itself (a copy of the index's global stage)
     W="$T/whiten-index"; rm -rf "$W"; mkdir -p "$W"

@@ -77,7 +77,7 @@ def train_loop(root: ArtifactRoot, method: str, settings: dict, start: int, tota
     from tqdm import tqdm
 
     step = start
-    with tqdm(total=total, initial=min(step, total), desc=f"{method} training", unit="step") as bar:
+    with tqdm(total=total, initial=min(step, total), desc=f"{method} training", unit="step", mininterval=10) as bar:
         while step < total:
             stop = min(total, step + every)
             train(step, stop, lambda s, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4f}")))

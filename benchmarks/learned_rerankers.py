@@ -1,0 +1,138 @@
+"""GSS and GRAD-Net training and GSS / GRAD-Net / CAS re-ranking: ours against the dense formulation.
+
+    .venv/bin/python benchmarks/learned_rerankers.py --sizes 5000,20000 [--dense-max 20000] [--dim 128]
+
+Synthetic clustered descriptors (unit vectors around 1 centre per 20 items), their exact top-50 lists.
+For each size: the time of one GSS training step and its peak memory (ru_maxrss growth) — ours (sparse Â,
+a batch of ``--batch`` nodes on its receptive field) and the reference's dense formulation (dense Â, the
+full N × N similarity loss, full batch) up to ``--dense-max`` items; one GRAD-Net step (64 sextets on their
+receptive field); the database embedding (GSS, row blocks); ms per query of GSS (attach + scan), GRAD-Net
+(QFE + scan) and CAS (T = ``--shortlist``). Prints one line per figure and the dense/ours ratios. State the
+machine when quoting.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from operators import gradnet as GN  # noqa: E402
+from operators import gss as GSS  # noqa: E402
+from operators.cas import CasParams, cas_query_distances  # noqa: E402
+from operators.global_index import iter_blocks  # noqa: E402
+from operators.knn import knn_blocks  # noqa: E402
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(1, n // 20), d))
+    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(n)
+    _, nn = knn_blocks(x, iter_blocks(ids, x, 65536), 50, exclude=ids)
+    return x, nn
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t) / repeat
+
+
+def dense_gss_step(x: np.ndarray, a_hat, p: GSS.GssParams, beta: float) -> float:
+    """The reference's step: dense Â, full batch, N × N loss (torch, float32)."""
+    import torch
+
+    model = GSS.ResidualGCN(x.shape[1], p)
+    a = torch.from_numpy(a_hat.toarray())
+    xt = torch.from_numpy(x)
+    opt = torch.optim.Adam(list(model.params.values()), lr=p.lr)
+
+    def step() -> None:
+        h, pre = xt, None
+        for layer in range(1, p.layers + 1):
+            pr = a @ h @ model.params[f"w{layer}"] + model.params[f"b{layer}"]
+            act = torch.nn.functional.elu(pr)
+            h, pre = (act if pre is None else pre + p.layer_decay * act), pr
+        loss = GSS.gss_loss(torch.nn.functional.normalize(h, dim=1), beta, p.alpha)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return timed(step, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="5000,20000")
+    ap.add_argument("--dense-max", type=int, default=20000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--queries", type=int, default=16)
+    ap.add_argument("--shortlist", type=int, default=1000)
+    a = ap.parse_args()
+    import os
+    print(f"machine: {os.cpu_count()} cores; dim {a.dim}")
+    for n in map(int, a.sizes.split(",")):
+        x, nn = data(n, a.dim)
+        p = GSS.GssParams(batch=a.batch)
+        adj = GSS.gss_adjacency(nn, x, p.k)
+        a_hat = GSS.normalize_with_self(adj)
+        model = GSS.ResidualGCN(a.dim, p)
+        beta = GSS.automatic_beta(model, a_hat, x, p)
+        before = rss_gb()
+        ours = timed(lambda: GSS.train_steps(model, a_hat, x, beta, 0, 1))
+        print(f"n {n}: GSS step ours {ours * 1e3:.1f} ms (batch {min(n, a.batch)}), peak RSS +{rss_gb() - before:.2f} GB")
+        if n <= a.dense_max:
+            before = rss_gb()
+            dense = dense_gss_step(x, a_hat, p, beta)
+            print(f"n {n}: GSS step dense {dense * 1e3:.1f} ms, peak RSS +{rss_gb() - before:.2f} GB; "
+                  f"dense/ours {dense / ours:.1f}x (ours: a batch of {min(n, a.batch)}, unbiased; dense: all pairs)")
+        t = time.perf_counter()
+        states, pre = [x], None
+        for layer in range(1, p.layers + 1):
+            pre_out, x_out = np.empty_like(x), np.empty_like(x)
+            GSS.propagate(model, a_hat, states[-1], layer, pre, pre_out, x_out)
+            states.append(x_out)
+            pre = pre_out
+        emb = np.empty_like(x)
+        GSS.normalize_into(states[-1], emb)
+        print(f"n {n}: GSS database embedding {time.perf_counter() - t:.2f} s")
+        q = np.arange(a.queries)
+        sims, top = knn_blocks(x[q], iter_blocks(np.arange(n), x, 65536), p.kq, exclude=q)
+
+        def gss_queries() -> None:
+            hq = GSS.embed_queries(model, x[q], top, sims, GSS.degrees(adj), states[:-1])
+            knn_blocks(hq, iter_blocks(np.arange(n), emb, 65536), 100, exclude=q)
+        print(f"n {n}: GSS re-rank {timed(gss_queries, 1) / len(q) * 1e3:.1f} ms/query")
+        gp = GN.GradNetParams(k=15, dims=[256, 128, 64])
+        ga = GN.mutual_adjacency(nn, x, gp.k)
+        gs = GN.sym_normalize(ga)
+        near, z = GN.sparse_codes(x, x[np.random.default_rng(0).choice(n, gp.anchors, replace=False)], gp.codes)
+        zc = GN.code_matrix(near, z, gp.anchors)
+        gmodel = GN.GradNet(a.dim + gp.anchors, gp)
+        print(f"n {n}: GRAD-Net step (64 sextets, dims 256-128-64) "
+              f"{timed(lambda: GN.train_steps(gmodel, gs, ga, x, zc, 0, 1)) * 1e3:.1f} ms")
+        gemb = GN.embed_nodes(gmodel, gs, x, zc, np.arange(n))
+        print(f"n {n}: GRAD-Net re-rank (QFE + scan) {timed(lambda: knn_blocks(GN.qfe(top, sims, gemb), iter_blocks(np.arange(n), gemb, 65536), 100, exclude=q), 1) / len(q) * 1e3:.1f} ms/query")
+        short = min(a.shortlist, n - 1)
+        _, cand = knn_blocks(x[:4], iter_blocks(np.arange(n), x, 65536), short, exclude=np.arange(4))
+        t = time.perf_counter()
+        for j in range(4):
+            cas_query_distances(x[j], x[cand[j]], CasParams())
+        print(f"n {n}: CAS re-rank (T = {short}) {(time.perf_counter() - t) / 4 * 1e3:.0f} ms/query")
+
+
+if __name__ == "__main__":
+    main()
