@@ -120,3 +120,24 @@ def test_a_killed_index_job_on_s3_resumes_and_ends_byte_identical(six, s3_server
     run(cmd, tmp_path / "3.log")
     fs.get(f"{s3_server['bucket']}/killed/", str(tmp_path / "got"), recursive=True)
     assert artifact_bytes(tmp_path / "got") == artifact_bytes(ref)
+
+
+def test_a_killed_reranker_training_resumes_from_its_checkpoint_and_ends_identical(six, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    run(["-m", "jobs.index", "--collection", str(six), "--out", str(root), *SMALL,
+         "--set", "stages=[extract,global,graph]"], tmp_path / "index.log")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    shutil.copytree(root, ref)
+    shutil.copytree(root, out)
+    train = ["-m", "jobs.train_reranker", "--method", "gss", "--steps", "300", "--set", "gss.k=4",
+             "--set", "checkpoint_every=25"]
+    run([*train, "--index", str(ref)], tmp_path / "ref.log")
+    assert run([*train, "--index", str(out)], tmp_path / "1.log", lambda _: (out / "gss" / "checkpoint.json").exists())
+    assert not (out / "gss" / "meta.json").exists()
+    run([*train, "--index", str(out)], tmp_path / "2.log")
+    meta = json.loads((out / "gss" / "meta.json").read_text())
+    assert meta["resumed_at"] >= 25 and meta["steps_run"] == 300 - meta["resumed_at"]
+    for name in ("weights.npz", "embeddings.npy", "state_1.npy", "degree.npy"):
+        assert (out / "gss" / name).read_bytes() == (ref / "gss" / name).read_bytes(), name
