@@ -398,10 +398,11 @@ def union_candidates(a: Ranking, g: Ranking) -> tuple[np.ndarray, np.ndarray, np
 # Re-ranking
 # ------------------------------------------------------------------------------------------
 def initial_depth(cfg: SearchConfig) -> int:
-    """How deep the initial ranking must go for the chosen re-ranking."""
+    """How deep the initial ranking must go for the chosen re-ranking (GSS, GRAD-Net: the trained model's k_q or
+    K neighbours of a query, read by the task; 100 covers them)."""
     p = cfg.rerank_params
     need = {"none": 0, "aqe": p.qe_n, "alpha-qe": p.qe_n, "dfs": p.kq, "fsr": p.kq, "hybrid": p.kq,
-            "truncated-dfs": p.shortlist, "gss": p.kq, "gradnet": p.kq, "cas": cfg.cas.shortlist}[cfg.rerank]
+            "truncated-dfs": p.shortlist, "gss": 100, "gradnet": 100, "cas": cfg.cas.shortlist}[cfg.rerank]
     return max(cfg.topk, need)
 
 
