@@ -430,25 +430,28 @@ def diffusion_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: n
     return rerank(method, graph, rows, sims, own, topk, p)
 
 
+def neighbour_cosines(xq: np.ndarray, top: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Global cosine of each query to its database rows ``top`` (−1 padding: 0), gathered from ``x``."""
+    near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
+    return np.where(top >= 0, np.einsum("qd,qkd->qk", xq, near), 0.0)
+
+
 def gss_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
              own: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """GSS re-ranking of one block of queries (a Ray task): each query attaches to the first k_q items of
     its initial ranking (edge weights: global cosine), its embedding follows the database's stored states,
     and the whole database is ranked by ĥ_qᵀĥ_x (the reference ranks everything by the embedding)."""
     from operators.gss import GssParams, ResidualGCN, embed_queries
-    from storage.learned import learned_meta, load_array, load_weights
+    from storage.learned import load_model
 
     root = ArtifactRoot(uri, options)
-    meta, weights = learned_meta(root, "gss"), load_weights(root, "gss")
-    p = GssParams(**meta["params"])
-    degree, emb = load_array(root, "gss", "degree"), load_array(root, "gss", "embeddings")
-    states = [load_array(root, "gss", f"state_{layer}") for layer in range(1, p.layers)]
+    m = load_model(root, "gss")
+    p = GssParams(**m.meta["params"])
     x = open_global(root).vectors
     top = rows[:, :p.kq]
-    near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
-    w = np.where(top >= 0, np.einsum("qd,qkd->qk", xq, near), 0.0)
-    hq = embed_queries(ResidualGCN(emb.shape[1], p, weights=weights), xq, top, w, degree, [x, *states])
-    scores, ids = knn_blocks(hq, iter_blocks(np.arange(len(emb)), emb), topk, exclude=own)
+    hq = embed_queries(ResidualGCN(m.embeddings.shape[1], p, weights=m.weights), xq, top, neighbour_cosines(xq, top, x),
+                       m.degree, [x, *m.states])
+    scores, ids = knn_blocks(hq, iter_blocks(np.arange(len(m.embeddings)), m.embeddings), topk, exclude=own)
     return ids, np.where(ids >= 0, np.maximum(scores, 0), -np.inf)  # s = [ĥ_qᵀĥ_x]₊
 
 
@@ -458,14 +461,13 @@ def gradnet_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.
     initial ranking, weights their global cosine (a second round, when asked, in the learned space), then the
     whole database ranked by the cosine of the learned features."""
     from operators.gradnet import GradNetParams, qfe
-    from storage.learned import learned_meta, load_array
+    from storage.learned import load_model
 
     root = ArtifactRoot(uri, options)
-    p = GradNetParams(**learned_meta(root, "gradnet")["params"])
-    emb, x = load_array(root, "gradnet", "embeddings"), open_global(root).vectors
+    m = load_model(root, "gradnet")
+    p, emb, x = GradNetParams(**m.meta["params"]), m.embeddings, open_global(root).vectors
     top = rows[:, :p.k]
-    near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
-    hq = qfe(top, np.where(top >= 0, np.einsum("qd,qkd->qk", xq, near), 0.0), emb)
+    hq = qfe(top, neighbour_cosines(xq, top, x), emb)
     for _ in range(p.qfe_rounds - 1):
         s2, top2 = knn_blocks(hq, iter_blocks(np.arange(len(emb)), emb), p.k, exclude=own)
         hq = qfe(top2, np.maximum(s2, 0), emb)

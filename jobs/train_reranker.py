@@ -114,8 +114,7 @@ def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int
             "device": device, "steps_run": max(0, p.steps - first), "resumed_at": first,
             "seconds": {"graph": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
             "task_peak_rss_mb": round(peak_rss_mb(), 1)}
-    store.write_array(root, "gss", "degree", GSS.degrees(a))
-    store.write_model(root, "gss", model.weights(), meta)
+    store.write_model(root, "gss", model.weights(), meta, degree=GSS.degrees(a))
     return meta
 
 
@@ -149,36 +148,32 @@ def train_gradnet_task(uri: str, options: dict, params: dict, every: int, block:
                lambda: {**GSS.training_arrays(model, holder["opt"]), "anchors": anchors})
     t_train, t2 = time.time() - t1, time.time()
     emb = GN.embed_nodes(model, s, x, z, np.arange(n))  # the whole graph at once (n × widest layer in memory)
-    out, commit = store.array_writer(root, "gradnet", "embeddings", emb.shape)
+    out, commit = store.embeddings_writer(root, "gradnet", emb.shape)
     out[:] = emb
     commit()
-    store.write_array(root, "gradnet", "anchors", np.asarray(anchors, np.float32))
     meta = {"params": dataclasses.asdict(p), "nodes": n, "edges": int(a.nnz), "isolated": int((np.diff(a.indptr) == 0).sum()),
             "device": device, "steps": total, "steps_run": max(0, total - first), "resumed_at": first,
             "seconds": {"graph_codes": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
             "task_peak_rss_mb": round(peak_rss_mb(), 1)}
-    store.write_model(root, "gradnet", model.weights(), meta)
+    store.write_model(root, "gradnet", model.weights(), meta, anchors=np.asarray(anchors, np.float32))
     return meta
 
 
 def embed_database(root: ArtifactRoot, model: GSS.ResidualGCN, a_hat, x: np.ndarray, block: int) -> None:
-    """States x_1 … x_{L-1} (kept: queries attach to them), then ĥ; pre-activations are scratch arrays."""
+    """States x_1 … x_{L-1} (kept: queries attach to them), then ĥ; pre-activations and x_L are scratch."""
     n, d = x.shape
     layers = model.p.layers
-    state, pre_prev, scratch = x, None, []
+    state, pre_prev = x, None
     for layer in range(1, layers + 1):
-        pre, commit_pre = store.array_writer(root, "gss", f"pre_{layer}", (n, d))
-        name = f"state_{layer}" if layer < layers else "final"
-        out, commit_out = store.array_writer(root, "gss", name, (n, d))
+        pre = store.scratch_array((n, d))
+        out, commit = store.gss_state_writer(root, layer, (n, d)) if layer < layers else (store.scratch_array((n, d)), None)
         GSS.propagate(model, a_hat, state, layer, pre_prev, pre, out, block)
-        commit_pre(), commit_out()
-        scratch += [f"pre_{layer}"] + ([name] if layer == layers else [])
-        state, pre_prev = store.load_array(root, "gss", name), store.load_array(root, "gss", f"pre_{layer}")
-    emb, commit = store.array_writer(root, "gss", "embeddings", (n, d))
+        if commit is not None:
+            commit()  # the memmap stays readable: the next layer reads it
+        state, pre_prev = out, pre
+    emb, commit = store.embeddings_writer(root, "gss", (n, d))
     GSS.normalize_into(state, emb)
     commit()
-    for name in scratch:
-        store.remove_array(root, "gss", name)
 
 
 def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> dict:

@@ -2,10 +2,12 @@
 (:mod:`operators.gradnet`), each in its own folder ``ROOT/<method>/``:
 
     weights.npz        the model's tensors (float32; read with allow_pickle=False)
-    <name>.npy         (n, ·) float32 arrays, rows = graph nodes (= rows of the global matrix): ``embeddings``
-                       (ℓ2-normalised, what search ranks by), GSS's ``state_<l>`` (the database's input to layer
-                       l + 1, so a query attaches without recomputing the database) and ``degree``, GRAD-Net's
-                       ``anchors``; scratch arrays of the inference are removed when it ends
+    embeddings.npy     (n, D) float32, ℓ2-normalised, rows = graph nodes (= rows of the global matrix): what
+                       search ranks by
+    state_<l>.npy      GSS: (n, D) the database's input to layer l + 1, so a query attaches without recomputing
+                       the database; degree.npy (n,) row sums of A + I
+    anchors.npy        GRAD-Net: the k-means anchors of the sparse codes
+                       (intermediate activations live in anonymous temporary files: :func:`scratch_array`)
     checkpoint.npz + checkpoint.json   weights and optimizer state after some steps (a killed job resumes)
     meta.json          parameters, β, steps, timings — written last: it marks the model valid
 
@@ -14,6 +16,8 @@ A graph rebuild removes every ``meta.json`` and checkpoint (:func:`invalidate_le
 from __future__ import annotations
 
 import io
+import tempfile
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -61,28 +65,51 @@ def load_checkpoint(root: ArtifactRoot, method: str, settings: dict) -> tuple[di
     return info, _from_npz(root.read_bytes(f"{method}/checkpoint.npz"))
 
 
-def array_writer(root: ArtifactRoot, method: str, name: str, shape: tuple) -> tuple[np.ndarray, Callable[[], None]]:
-    """A writable memory-mapped float32 array ``<method>/<name>.npy`` and its ``commit()``."""
-    return root.open_array_writer(f"{method}/{name}.npy", shape, np.float32)
+def embeddings_writer(root: ArtifactRoot, method: str, shape: tuple) -> tuple[np.ndarray, Callable[[], None]]:
+    """The writable (memory-mapped) embeddings of ``method`` and their ``commit()``."""
+    return root.open_array_writer(f"{method}/embeddings.npy", shape, np.float32)
 
 
-def write_array(root: ArtifactRoot, method: str, name: str, array: np.ndarray) -> None:
-    root.write_array(f"{method}/{name}.npy", array)
+def gss_state_writer(root: ArtifactRoot, layer: int, shape: tuple) -> tuple[np.ndarray, Callable[[], None]]:
+    """The writable database state x_layer of GSS (a query attaches through it) and its ``commit()``."""
+    return root.open_array_writer(f"gss/state_{layer}.npy", shape, np.float32)
 
 
-def load_array(root: ArtifactRoot, method: str, name: str) -> np.ndarray:
-    return root.load_array(f"{method}/{name}.npy")
+def scratch_array(shape: tuple) -> np.ndarray:
+    """A float32 array backed by an anonymous local temporary file (gone when the array is): intermediate
+    activations larger than memory that are no artifact."""
+    return np.memmap(tempfile.TemporaryFile(), dtype=np.float32, mode="w+", shape=shape)
 
 
-def remove_array(root: ArtifactRoot, method: str, name: str) -> None:
-    root.remove(f"{method}/{name}.npy")
-
-
-def write_model(root: ArtifactRoot, method: str, weights: dict[str, np.ndarray], meta: dict) -> None:
-    """The trained weights, then the meta (valid from here on); write the model's arrays before."""
+def write_model(root: ArtifactRoot, method: str, weights: dict[str, np.ndarray], meta: dict,
+                **arrays: np.ndarray) -> None:
+    """The trained weights and the model's small arrays (GSS: ``degree``; GRAD-Net: ``anchors``), then the meta
+    (valid from here on); the embeddings and states are committed before."""
     root.write_bytes(f"{method}/weights.npz", _npz(weights))
+    for name, arr in arrays.items():
+        root.write_array(f"{method}/{name}.npy", arr)
     root.write_json(f"{method}/meta.json", meta)
 
 
-def load_weights(root: ArtifactRoot, method: str) -> dict[str, np.ndarray]:
-    return _from_npz(root.read_bytes(f"{method}/weights.npz"))
+@dataclass
+class LearnedModel:
+    """A trained re-ranker as search reads it (arrays memory-mapped)."""
+
+    meta: dict
+    weights: dict[str, np.ndarray]
+    embeddings: np.ndarray                       # (n, D) ℓ2-normalised, rows = graph nodes
+    degree: np.ndarray | None = None             # GSS: row sums of A + I
+    states: list[np.ndarray] = field(default_factory=list)  # GSS: x_1 … x_{L-1}
+    anchors: np.ndarray | None = None            # GRAD-Net: the k-means anchors
+
+
+def load_model(root: ArtifactRoot, method: str) -> LearnedModel:
+    meta = root.read_json(f"{method}/meta.json")
+    model = LearnedModel(meta, _from_npz(root.read_bytes(f"{method}/weights.npz")),
+                         root.load_array(f"{method}/embeddings.npy"))
+    if method == "gss":
+        model.degree = np.asarray(root.load_array("gss/degree.npy"))
+        model.states = [root.load_array(f"gss/state_{layer}.npy") for layer in range(1, meta["params"]["layers"])]
+    else:
+        model.anchors = root.load_array(f"{method}/anchors.npy")
+    return model

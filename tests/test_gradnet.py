@@ -74,7 +74,7 @@ def test_gradnet_beats_plain_knn_on_a_toy_manifold_and_qfe_follows_the_database(
     n, ids = len(x), np.arange(len(x))
     _, nn = knn_blocks(x, [(ids, x)], 15, exclude=ids)
     # α = 0: the quadruplet term's 1e5 suits descriptors whose unrelated pairs have cosine ≈ 0; here every pair
-    # has ≈ 0.98 and the term swamps BPR (measured: 0.49 → 0.49 with α = 1e5, → 0.88 with α = 0, 600 steps)
+    # has ≈ 0.98 and the term swamps BPR (mAP with these settings: benchmarks/toy_manifold.py)
     p = GradNetParams(k=10, anchors=12, codes=3, dims=[128, 64], lr=3e-3, alpha=0.0, max_steps=400)
     a = mutual_adjacency(nn, x, p.k)
     s = sym_normalize(a)

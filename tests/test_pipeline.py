@@ -802,10 +802,11 @@ def test_synthetic_distractors_join_an_entries_index_deterministically(built_ind
 
 def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_subset, tmp_path):
     from jobs import train_reranker
-    from storage.learned import load_array, load_weights, learned_meta
+    from storage.learned import load_model as load
 
     def load_model(r):
-        return learned_meta(r, "gss"), load_weights(r, "gss"), load_array(r, "gss", "embeddings")
+        m = load(r, "gss")
+        return m.meta, m.weights, m.embeddings
 
     out = tmp_path / "copy"
     shutil.copytree(built_index[0], out)
@@ -826,7 +827,7 @@ def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_su
         np.testing.assert_array_equal(w_resumed[k], w_fresh[k])
     np.testing.assert_array_equal(emb_resumed, emb_fresh)
     assert meta["nodes"] == 14 and 0 < meta["beta"] <= 1 + 1e-6  # 14 of the 196 pairs are an item with itself
-    assert not (fresh / "gss" / "pre_1.npy").exists()  # scratch arrays removed
+    assert sorted(p.name for p in (fresh / "gss").glob("*.npy")) == ["degree.npy", "embeddings.npy", "state_1.npy"]
     q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--center-crop", "0.6"]
     res = tmp_path / "gss"
     search_job.main([*q, "--out", str(res), "--rerank", "gss"])
@@ -844,7 +845,7 @@ def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_su
 
 def test_gradnet_trains_and_reranks_by_query_feature_expansion(built_index, mini_subset, tmp_path):
     from jobs import train_reranker
-    from storage.learned import load_array
+    from storage.learned import load_model
 
     out = tmp_path / "copy"
     shutil.copytree(built_index[0], out)
@@ -854,7 +855,7 @@ def test_gradnet_trains_and_reranks_by_query_feature_expansion(built_index, mini
     assert first["steps"] == 1 and first["nodes"] == 14
     again = train_reranker.main(args)["gradnet"]  # 300 epochs capped at 5 batches: continues from step 1
     assert again["resumed_at"] == 1 and again["steps_run"] == 4
-    emb = load_array(ArtifactRoot(str(out)), "gradnet", "embeddings")
+    emb = load_model(ArtifactRoot(str(out)), "gradnet").embeddings
     assert emb.shape == (14, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     q = ["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--center-crop", "0.6"]
     res = tmp_path / "gradnet"
