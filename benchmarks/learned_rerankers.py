@@ -51,13 +51,13 @@ def timed(fn, repeat: int = 3) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def dense_gss_step(x: np.ndarray, a_hat, p: GSS.GssParams, beta: float) -> float:
-    """The reference's step: dense Â, full batch, N × N loss (torch, float32)."""
+def dense_gss_step(x: np.ndarray, a_hat, p: GSS.GssParams, beta: float, device: str = "cpu") -> float:
+    """The reference's step: dense Â, full batch, N × N loss (torch, float32) on ``device``; seconds a step."""
     import torch
 
-    model = GSS.ResidualGCN(x.shape[1], p)
-    a = torch.from_numpy(a_hat.toarray())
-    xt = torch.from_numpy(x)
+    model = GSS.ResidualGCN(x.shape[1], p, device)
+    a = torch.from_numpy(a_hat.toarray()).to(device)
+    xt = torch.from_numpy(x).to(device)
     opt = torch.optim.Adam(list(model.params.values()), lr=p.lr)
 
     def step() -> None:
@@ -70,6 +70,7 @@ def dense_gss_step(x: np.ndarray, a_hat, p: GSS.GssParams, beta: float) -> float
         opt.zero_grad()
         loss.backward()
         opt.step()
+        loss.item()  # waits for the device
     return timed(step, 2)
 
 

@@ -48,6 +48,9 @@ class DescriptorConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     forward_batch: int = 0                 # max same-shape images per forward; 0: 16 on GPU, 1 on CPU
                                            # (measured on 2 CPU cores: batching is 0.78x, README)
+    cudnn: bool = False                    # cuDNN convolutions on CUDA: off, as cuDNN plans every new input
+                                           # shape afresh (H200: 0.4 images/s on new shapes against 222 off;
+                                           # benchmarks/gpu_check.py, README "GPU")
 
 
 class ImageTooSmall(ValueError):
@@ -152,8 +155,11 @@ class Describer:
                 groups[img.shape].append(i)
         step = self.cfg.forward_batch or (16 if self.device.type == "cuda" else 1)
         chunks = [idxs[s:s + step] for idxs in groups.values() for s in range(0, len(idxs), step)]
+        cudnn = torch.backends.cudnn
         for idxs in chunks:
             x = to_tensor([scaled[i] for i in idxs], self.device)
-            out = self.net(x, names)
+            with cudnn.flags(enabled=self.cfg.cudnn, benchmark=False, deterministic=cudnn.deterministic,
+                             allow_tf32=cudnn.allow_tf32):
+                out = self.net(x, names)
             for j, i in enumerate(idxs):
                 yield i, {n: m[j] for n, m in out.items()}
