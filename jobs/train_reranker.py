@@ -72,17 +72,21 @@ def task_setup(uri: str, options: dict, threads: int, k_needed: int, method: str
 
 
 def train_loop(root: ArtifactRoot, method: str, settings: dict, start: int, total: int, every: int,
-               train: Callable[[int, int, Callable], None], snapshot: Callable[[], dict], **info) -> None:
-    """Steps ``start`` … ``total`` − 1 in chunks of ``every``, a checkpoint after each chunk."""
+               train: Callable[[int, int, Callable], bool | None], snapshot: Callable[[], dict],
+               info: Callable[[], dict] = dict) -> None:
+    """Steps ``start`` … ``total`` − 1 in chunks of ``every``, a checkpoint (arrays ``snapshot()``, fields
+    ``info()``) after each chunk, until ``train`` says it is done."""
     from tqdm import tqdm
 
     step = start
     with tqdm(total=total, initial=min(step, total), desc=f"{method} training", unit="step", mininterval=10) as bar:
         while step < total:
             stop = min(total, step + every)
-            train(step, stop, lambda s, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4f}")))
+            done = train(step, stop, lambda s, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4f}")))
             step = stop
-            store.write_checkpoint(root, method, step, settings, snapshot(), **info)
+            store.write_checkpoint(root, method, step, settings, snapshot(), **info())
+            if done:  # early stopping: the checkpoint says so, a resumed run trains no further
+                break
 
 
 def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int, threads: int) -> dict:
@@ -96,22 +100,28 @@ def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int
     resumed = store.load_checkpoint(root, "gss", settings)
     if resumed is not None:
         info, arrays = resumed
-        step, beta = info["step"], info["beta"]
+        step, beta, tracker = info["step"], info["beta"], GSS.EarlyStop.load(info["early_stop"], arrays)
         model = GSS.ResidualGCN(x.shape[1], p, device, GSS.checkpoint_weights(arrays))
         optimizer = GSS.restore_optimizer(model, arrays, p.lr)
     else:
-        model, optimizer, step = GSS.ResidualGCN(x.shape[1], p, device), None, 0
+        model, optimizer, step, tracker = GSS.ResidualGCN(x.shape[1], p, device), None, 0, GSS.EarlyStop()
         beta = GSS.automatic_beta(model, a_hat, x, p)
-    holder, first, t1 = {"opt": optimizer}, step, time.time()
+    holder, first, t1, sample = {"opt": optimizer}, step, time.time(), GSS.separation_sample(len(x), p)
 
-    def train(start: int, stop: int, log: Callable) -> None:
-        holder["opt"] = GSS.train_steps(model, a_hat, x, beta, start, stop, holder["opt"], log)
-    train_loop(root, "gss", settings, step, p.steps, every, train,
-               lambda: GSS.training_arrays(model, holder["opt"]), beta=beta)
+    def train(start: int, stop: int, log: Callable) -> bool:
+        holder["opt"] = GSS.train_until(model, a_hat, x, beta, start, stop, holder["opt"], log, tracker, sample)
+        return tracker.done(p)
+    if not tracker.done(p):
+        train_loop(root, "gss", settings, step, p.steps, every, train,
+                   lambda: {**GSS.training_arrays(model, holder["opt"]), **tracker.arrays()},
+                   lambda: {"beta": beta, "early_stop": tracker.info()})
+    last = tracker.curve[-1][0] if tracker.done(p) else p.steps
+    kept = GSS.keep_best(model, a_hat, x, sample, tracker, last) if p.stop == "separation" else last
     t_train, t2 = time.time() - t1, time.time()
     embed_database(root, model, a_hat, x, block)
     meta = {"params": dataclasses.asdict(p), "beta": beta, "nodes": int(a.shape[0]), "edges": int(a.nnz),
-            "device": device, "steps_run": max(0, p.steps - first), "resumed_at": first,
+            "device": device, "steps_run": max(0, last - first), "resumed_at": first,
+            "early_stop": {**tracker.info(), "stopped_at": last, "kept_step": kept} if p.stop == "separation" else None,
             "seconds": {"graph": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
             "task_peak_rss_mb": round(peak_rss_mb(), 1)}
     store.write_model(root, "gss", model.weights(), meta, degree=GSS.degrees(a))
@@ -205,7 +215,7 @@ def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> 
 FLAGS = {
     "--index": ("index", "artifact root with a kNN graph (jobs.index or jobs.graph)"),
     "--method": ("method", "learned re-ranker to train"),
-    "--steps": ("gss.steps", "GSS: Adam steps"),
+    "--steps": ("gss.steps", "GSS: Adam steps (at most, with gss.stop=separation)"),
     "--epochs": ("gradnet.epochs", "GRAD-Net: epochs of N sextets (at most gradnet.max_steps batches)"),
 }
 

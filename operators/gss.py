@@ -20,12 +20,16 @@ full-batch step; β is the percentile of sampled pairs. Queries never join train
 its top-k_q database items (edges query → item only, as the reference's query rows), so every database
 state is unchanged by it and its embedding (:func:`embed_queries`) is what the reference's transductive
 forward pass gives it. No model selection on test labels (the reference keeps the best test mAP):
-a fixed number of steps.
+either a fixed number of steps, or (default) label-free early stopping on the *separation* σ — the mean
+similarity of the graph's edges minus the mean similarity of all pairs, over a fixed node sample — keeping
+the weights of the best σ (:class:`EarlyStop`): the loss's own aim (neighbours above β, the rest below)
+measured on the edges the method trusts, which stops improving when training starts to tear the graph's
+neighbourhoods apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -44,7 +48,13 @@ class GssParams:
     beta_pairs: int = 1_000_000  # pairs sampled for the automatic β (never an N × N matrix)
     lr: float = 1e-4            # Adam
     weight_decay: float = 1e-5  # λ of λ Σ‖W‖²/2 (EXT regularizer_scale, tf l2_regularizer)
-    steps: int = 200            # Adam steps (EXT: 200 full-batch epochs; INSTRE 500); no test-label selection
+    steps: int = 200            # Adam steps at most (EXT: 200 full-batch epochs; INSTRE 500)
+    stop: Literal["separation", "steps"] = "separation"  # label-free early stopping on the graph's separation
+                                # (:func:`separation`), or all ``steps`` (the reference instead keeps the
+                                # epoch of best *test* mAP, which a user does not have)
+    eval_every: int = 10        # steps between separation measurements
+    patience: int = 5           # measurements without a better separation before training stops
+    eval_nodes: int = 1024      # nodes whose graph edges and pairs measure the separation
     batch: int = 2048           # nodes a step; the whole graph (the reference's full batch) when n ≤ batch
     seed: int = 0
 
@@ -221,6 +231,100 @@ def train_steps(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, beta: f
         h = normalized_rows(model.forward([to_torch_sparse(b, model.device) for b in blocks], x0))
         adam_step(optimizer, gss_loss(h, beta, p.alpha) + p.weight_decay * model.regularizer(), step, log)
     return optimizer
+
+
+def separation_sample(n: int, p: GssParams) -> np.ndarray:
+    """The fixed nodes σ is measured on: all when n ≤ ``eval_nodes``, else a seeded sample no step draws."""
+    if n <= p.eval_nodes:
+        return np.arange(n)
+    return np.sort(np.random.default_rng((p.seed, 2**32 - 2)).choice(n, p.eval_nodes, replace=False))
+
+
+def separation(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, sample: np.ndarray) -> float:
+    """σ = mean_{i∈S, j∈N(i)} s_ij − mean_{i≠j∈S} s_ij, s_ij = [ĥ_iᵀĥ_j]₊ (the loss's similarity), N(i) the
+    graph neighbours of i (Â's off-diagonal row) and S ``sample``: no labels, only the graph."""
+    rows = a_hat[sample].tocoo()
+    keep = sample[rows.row] != rows.col
+    src, dst = sample[rows.row[keep]], rows.col[keep]
+    nodes = np.unique(np.r_[sample, dst])
+    h = embed_nodes(model, a_hat, x, nodes)
+    hs = h[np.searchsorted(nodes, sample)]
+    edge = np.maximum(np.einsum("ij,ij->i", h[np.searchsorted(nodes, src)], h[np.searchsorted(nodes, dst)]), 0).mean()
+    pairs = np.maximum(hs @ hs.T, 0)
+    m = len(sample)
+    rest = (pairs.sum() - np.trace(pairs)) / max(1, m * (m - 1))
+    return float(edge - rest) if len(src) else 0.0
+
+
+@dataclass
+class EarlyStop:
+    """The best separation so far, its step and weights, and the measurements made since (label-free early
+    stopping); ``curve`` keeps every (step, σ). Saves and loads itself with a checkpoint."""
+    best: float = -np.inf
+    best_step: int = -1
+    since: int = 0
+    curve: list = field(default_factory=list)
+    weights: dict | None = None
+
+    def update(self, step: int, value: float, model: ResidualGCN) -> None:
+        self.curve.append([int(step), round(float(value), 6)])
+        if value > self.best:
+            self.best, self.best_step, self.since, self.weights = float(value), int(step), 0, model.weights()
+        else:
+            self.since += 1
+
+    def done(self, p: GssParams) -> bool:
+        return p.stop == "separation" and self.since >= p.patience
+
+    def info(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since": self.since, "curve": self.curve}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"best.{k}": v for k, v in (self.weights or {}).items()}
+
+    @classmethod
+    def load(cls, info: dict, arrays: dict[str, np.ndarray]) -> "EarlyStop":
+        weights = {k[len("best."):]: v for k, v in arrays.items() if k.startswith("best.")} or None
+        return cls(info["best"], info["best_step"], info["since"], info["curve"], weights)
+
+
+def train_until(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, beta: float, start: int, stop: int,
+                optimizer, log, tracker: EarlyStop, sample: np.ndarray):
+    """:func:`train_steps` from ``start`` to ``stop``, σ measured before the first step and after every
+    ``eval_every``-th (with ``stop="separation"``); returns early once ``tracker`` is done."""
+    p = model.p
+    if p.stop != "separation":
+        return train_steps(model, a_hat, x, beta, start, stop, optimizer, log)
+    if start == 0 and tracker.best_step < 0:
+        tracker.update(0, separation(model, a_hat, x, sample), model)
+    step = start
+    while step < stop and not tracker.done(p):
+        nxt = min(stop, (step // p.eval_every + 1) * p.eval_every)
+        optimizer = train_steps(model, a_hat, x, beta, step, nxt, optimizer, log)
+        step = nxt
+        if step % p.eval_every == 0:
+            tracker.update(step, separation(model, a_hat, x, sample), model)
+    return optimizer
+
+
+def keep_best(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, sample: np.ndarray, tracker: EarlyStop,
+              step: int) -> int:
+    """After training to ``step``: leave in ``model`` the weights of the best σ among the measured ones and the
+    final ones (measured here unless they were; not recorded, so a longer run resumes the same tracker).
+    Returns the step whose weights are kept."""
+    measured = tracker.curve and tracker.curve[-1][0] == step
+    if not tracker.done(model.p) and not measured and separation(model, a_hat, x, sample) > tracker.best:
+        return step
+    set_weights(model, tracker.weights)
+    return tracker.best_step
+
+
+def set_weights(model, weights: dict[str, np.ndarray]) -> None:
+    """Copy ``weights`` into the model's tensors (e.g. the best ones of :class:`EarlyStop`)."""
+    torch = _torch()
+    with torch.no_grad():
+        for k, v in weights.items():
+            model.params[k].copy_(torch.from_numpy(np.asarray(v, np.float32)))
 
 
 def adam_step(optimizer, loss, step: int, log: Callable[[int, float], None] | None) -> None:

@@ -132,12 +132,13 @@ def test_a_killed_reranker_training_resumes_from_its_checkpoint_and_ends_identic
     shutil.copytree(root, ref)
     shutil.copytree(root, out)
     train = ["-m", "jobs.train_reranker", "--method", "gss", "--steps", "300", "--set", "gss.k=4",
-             "--set", "checkpoint_every=25"]
+             "--set", "checkpoint_every=25", "--set", "gss.patience=1000"]  # σ tracked (and resumed), no early stop
     run([*train, "--index", str(ref)], tmp_path / "ref.log")
     assert run([*train, "--index", str(out)], tmp_path / "1.log", lambda _: (out / "gss" / "checkpoint.json").exists())
     assert not (out / "gss" / "meta.json").exists()
     run([*train, "--index", str(out)], tmp_path / "2.log")
     meta = json.loads((out / "gss" / "meta.json").read_text())
     assert meta["resumed_at"] >= 25 and meta["steps_run"] == 300 - meta["resumed_at"]
+    assert meta["early_stop"]["curve"] == json.loads((ref / "gss" / "meta.json").read_text())["early_stop"]["curve"]
     for name in ("weights.npz", "embeddings.npy", "state_1.npy", "degree.npy"):
         assert (out / "gss" / name).read_bytes() == (ref / "gss" / name).read_bytes(), name

@@ -1,13 +1,16 @@
 """GSS against a dense re-statement of the reference (layer6ai-labs/GSS: dense N×N graph, full-batch loss)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from operators.gss import (GssParams, ResidualGCN, automatic_beta, degrees, embed_nodes, embed_queries, gss_adjacency,
-                           gss_loss, normalize_into, normalize_with_self, propagate, receptive_field, to_torch_sparse,
-                           train_steps)
+from operators.gss import (EarlyStop, GssParams, ResidualGCN, automatic_beta, checkpoint_weights, degrees, embed_nodes,
+                           embed_queries, gss_adjacency, gss_loss, normalize_into, normalize_with_self, propagate,
+                           receptive_field, restore_optimizer, separation, separation_sample, to_torch_sparse,
+                           train_steps, train_until, training_arrays)
 from operators.knn import knn_blocks
 from test_diffusion import clustered, curves
 
@@ -168,3 +171,46 @@ def test_gss_beats_plain_knn_on_a_toy_manifold_and_training_lowers_the_loss():
     base, got = m_ap(x), m_ap(h)
     assert got > base + 0.04, (base, got)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+
+
+def test_separation_is_the_mean_edge_similarity_minus_the_mean_pair_similarity(small):
+    _, x, nn = small
+    p = GssParams(k=5, eval_nodes=40)
+    a = gss_adjacency(nn, x, p.k)
+    a_hat = normalize_with_self(a)
+    model = ResidualGCN(x.shape[1], p)
+    train_steps(model, a_hat, x, 0.9, 0, 3)  # weights off the identity
+    sample = separation_sample(len(x), p)
+    h = embed_nodes(model, a_hat, x, np.arange(len(x)))
+    s = np.maximum(h @ h.T, 0)
+    r, c = a[sample].nonzero()
+    inner = s[np.ix_(sample, sample)]
+    want = s[sample[r], c].mean() - (inner.sum() - np.trace(inner)) / (40 * 39)
+    assert len(sample) == 40 and len(r) > 40
+    assert separation(model, a_hat, x, sample) == pytest.approx(want, abs=1e-6)
+
+
+def test_early_stopping_resumed_from_checkpoints_equals_an_uninterrupted_run(small):
+    _, x, nn = small
+    p = GssParams(k=5, steps=80, eval_every=4, patience=2, lr=3e-2)
+    a_hat = normalize_with_self(gss_adjacency(nn, x, p.k))
+    beta = automatic_beta(ResidualGCN(x.shape[1], p), a_hat, x, p)
+    sample = separation_sample(len(x), p)
+
+    def run(chunks: list[tuple[int, int]]) -> EarlyStop:
+        model, opt, tracker = ResidualGCN(x.shape[1], p), None, EarlyStop()
+        for start, stop in chunks:
+            if tracker.done(p):
+                break
+            opt = train_until(model, a_hat, x, beta, start, stop, opt, None, tracker, sample)
+            arrays, info = {**training_arrays(model, opt), **tracker.arrays()}, json.loads(json.dumps(tracker.info()))
+            model = ResidualGCN(x.shape[1], p, weights=checkpoint_weights(arrays))  # a checkpoint, reloaded
+            opt, tracker = restore_optimizer(model, arrays, p.lr), EarlyStop.load(info, arrays)
+        return tracker
+
+    one, parts = run([(0, 80)]), run([(0, 7), (7, 30), (30, 80)])
+    assert one.done(p) and one.curve[-1][0] < 80  # stopped early: `patience` measurements without a better σ
+    assert one.curve == parts.curve and one.best_step == parts.best_step
+    assert one.curve[0][0] == 0 and max(v for _, v in one.curve) == pytest.approx(one.best, abs=1e-6)
+    for k, v in one.weights.items():
+        np.testing.assert_array_equal(v, parts.weights[k])
