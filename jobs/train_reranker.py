@@ -8,11 +8,13 @@ a finished model with the same settings is kept; more steps continue from the ch
 ``python -m jobs.search --rerank gss|gradnet`` loads the model.
 
 - ``gss`` (:mod:`operators.gss`): the GSS graph (first k − 1 neighbours, symmetrised, cosine weights), β from
-  sampled pairs, Adam steps on sampled batches (each on its exact receptive field), then the database's layer
-  states (a query attaches to them) and embeddings, layer by layer over row blocks.
+  sampled pairs, Adam steps on sampled batches (each on its exact receptive field) until the graph's
+  separation σ stops improving (``gss.stop=separation``, at most ``gss.steps``; the best σ's weights are kept)
+  or for all ``gss.steps`` (``gss.stop=steps``), then the database's layer states (a query attaches to them)
+  and embeddings, layer by layer over row blocks.
 - ``gradnet`` (:mod:`operators.gradnet`): the mutual kNN graph (K = 15), B k-means anchors and each item's
   simplex-constrained sparse code, sextet batches on their 2L-hop receptive fields, then the embeddings of
-  every node (queries: QFE over their initial top-K at search time).
+  every node, layer by layer over row blocks (queries: QFE over their initial top-K at search time).
 """
 from __future__ import annotations
 
@@ -157,9 +159,9 @@ def train_gradnet_task(uri: str, options: dict, params: dict, every: int, block:
     train_loop(root, "gradnet", settings, step, total, every, train,
                lambda: {**GSS.training_arrays(model, holder["opt"]), "anchors": anchors})
     t_train, t2 = time.time() - t1, time.time()
-    emb = GN.embed_nodes(model, s, x, z, np.arange(n))  # the whole graph at once (n × widest layer in memory)
-    out, commit = store.embeddings_writer(root, "gradnet", emb.shape)
-    out[:] = emb
+    width = (x.shape[1] + p.anchors + sum(p.dims)) if p.concat else p.dims[-1]
+    out, commit = store.embeddings_writer(root, "gradnet", (n, width))
+    GN.embed_all(model, s, x, z, out, store.scratch_array, block)  # layer by layer over row blocks
     commit()
     meta = {"params": dataclasses.asdict(p), "nodes": n, "edges": int(a.nnz), "isolated": int((np.diff(a.indptr) == 0).sum()),
             "device": device, "steps": total, "steps_run": max(0, total - first), "resumed_at": first,

@@ -22,11 +22,12 @@ count (an epoch = N sextets; ``epochs``, capped at ``max_steps`` batches), QFE's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
-from operators.gss import adam_step, receptive_field, to_torch_sparse
+from operators.gss import adam_step, receptive_field, row_blocks, to_torch_sparse
 
 
 @dataclass
@@ -242,6 +243,48 @@ def embed_nodes(model: GradNet, s_hat: sp.csr_matrix, x: np.ndarray, z: sp.csr_m
         h = model.forward([to_torch_sparse(b, model.device) for b in blocks],
                           torch.from_numpy(features(x, z, sets[0])).to(model.device))
         return torch.nn.functional.normalize(h, dim=1).cpu().numpy()
+
+
+def propagate_layer(model: GradNet, s_hat: sp.csr_matrix, h: np.ndarray, layer: int, sh: np.ndarray,
+                    prod: np.ndarray, out: np.ndarray, block: int = 65536) -> None:
+    """H^{l+1} of every node into ``out`` from H^l (``h``), over row blocks: SH into ``sh``, SH ⊙ H into
+    ``prod``, then LeakyReLU((H + SH)W₁ + S(SH ⊙ H)W₂) row-normalised (eq. 16; no dropout). Each array may be
+    a memory map: no whole-graph activation is held in memory."""
+    torch = _torch()
+    n = len(h)
+    for a, b in row_blocks(n, block):
+        sh[a:b] = s_hat[a:b] @ np.asarray(h)
+        prod[a:b] = sh[a:b] * h[a:b]
+    w1, w2 = (model.params[f"{w}_{layer}"].detach().cpu().numpy() for w in ("w1", "w2"))
+    for a, b in row_blocks(n, block):
+        pre = (np.asarray(h[a:b]) + sh[a:b]) @ w1 + (s_hat[a:b] @ np.asarray(prod)) @ w2
+        act = torch.nn.functional.leaky_relu(torch.from_numpy(np.ascontiguousarray(pre, np.float32)), model.p.leaky)
+        out[a:b] = torch.nn.functional.normalize(act, dim=1).numpy()
+
+
+def embed_all(model: GradNet, s_hat: sp.csr_matrix, x: np.ndarray, z: sp.csr_matrix, out: np.ndarray,
+              scratch: Callable[[tuple], np.ndarray], block: int = 65536) -> None:
+    """:func:`embed_nodes` of every node into ``out`` (n × output width), layer by layer over row blocks;
+    ``scratch(shape)`` gives the float32 arrays of the intermediate activations (memory maps at scale)."""
+    n = len(x)
+    h = scratch((n, x.shape[1] + z.shape[1]))
+    for a, b in row_blocks(n, block):
+        h[a:b] = features(x, z, np.arange(a, b))
+    col = 0
+    if model.p.concat:
+        out[:, :h.shape[1]] = h
+        col = h.shape[1]
+    for layer, width in enumerate(model.p.dims, 1):
+        sh, prod = scratch((n, h.shape[1])), scratch((n, h.shape[1]))
+        nxt = scratch((n, width)) if layer < len(model.p.dims) or model.p.concat else out
+        propagate_layer(model, s_hat, h, layer, sh, prod, nxt, block)
+        if model.p.concat:
+            out[:, col:col + width] = nxt
+            col += width
+        del sh, prod
+        h = nxt
+    for a, b in row_blocks(n, block):
+        out[a:b] /= np.maximum(np.linalg.norm(out[a:b], axis=1, keepdims=True), 1e-12)
 
 
 def qfe(neighbours: np.ndarray, sims: np.ndarray, emb: np.ndarray) -> np.ndarray:

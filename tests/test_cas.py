@@ -31,6 +31,36 @@ def test_diffusion_converges_to_the_direct_lyapunov_solve(problem):
     assert not np.allclose(bidirectional_diffusion(w, mu, 3), direct, atol=1e-3)  # 10 iterations (EXT) do not converge
 
 
+def loop_candidates(rank: np.ndarray, k2: int) -> np.ndarray:
+    """EXT candidate_expansion re-stated as dense passes: for each row's t-th item j that is a candidate, add
+    R(j, k2/2) when more than 2/3 of it is already among the row's mutual top-(k2 + 1)."""
+    m = len(rank)
+
+    def mutual(k: int) -> np.ndarray:
+        top = np.zeros((m, m))
+        top[np.repeat(np.arange(m), min(k, m)), rank[:, :k].ravel()] = 1
+        return top * top.T
+    base, half = mutual(k2 + 1), mutual(k2 // 2 + 1)
+    out, rows = base.copy(), np.arange(m)
+    for t in range(min(k2 + 1, m)):
+        j = rank[:, t]
+        ext = half[j]
+        grow = (ext * base).sum(1) * base[rows, j] > 2 / 3 * ext.sum(1)
+        out[grow] = np.maximum(out[grow], ext[grow])
+    return out
+
+
+@pytest.mark.parametrize("k2", [4, 8, 20, 60])
+def test_sparse_candidates_equal_the_reference_expansion(problem, k2):
+    x, _, rank, *_ = problem
+    rank2 = ranking(normalized_distances(clustered(n=150, d=8, clusters=5, seed=9)))
+    for r in (rank, rank2):
+        np.testing.assert_array_equal(candidates(r, k2), loop_candidates(r, k2))
+    top = np.zeros((150, 150))
+    top[np.repeat(np.arange(150), 21), rank2[:, :21].ravel()] = 1
+    assert candidates(rank2, 20).sum() > (top * top.T).sum()  # the expansion adds items here
+
+
 def test_local_diffusion_solves_the_lyapunov_equation_on_the_clusters(problem):
     *_, rank, _, _, w = problem
     mask = candidates(rank, 8)

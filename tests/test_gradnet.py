@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from operators.gradnet import (GradNet, GradNetParams, code_matrix, embed_nodes, features, mutual_adjacency,
+from operators.gradnet import (GradNet, GradNetParams, code_matrix, embed_all, embed_nodes, features, mutual_adjacency,
                                project_simplex, qfe, sextets, sparse_codes, sym_normalize, train_steps)
 from operators.gss import receptive_field, to_torch_sparse
 from operators.knn import knn_blocks
@@ -42,6 +42,23 @@ def test_layers_equal_the_dense_formula_and_a_batch_its_receptive_field(small):
     sets, _ = receptive_field(s, nodes, 4)  # two hops a layer
     assert len(sets[0]) < len(x) or a.nnz > 0
     np.testing.assert_allclose(embed_nodes(model, s, x, z, nodes), ref[nodes], atol=1e-5)
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_streamed_inference_over_row_blocks_equals_the_receptive_field_forward(small, concat):
+    x, a, s, z = small
+    model = GradNet(x.shape[1] + 8, GradNetParams(dims=[16, 8], concat=concat))
+    train_steps(model, s, a, x, z, 0, 3)  # weights off their initial values
+    want = embed_nodes(model, s, x, z, np.arange(len(x)))
+    allocated: list[tuple] = []
+
+    def scratch(shape: tuple) -> np.ndarray:
+        allocated.append(shape)
+        return np.full(shape, np.nan, np.float32)  # nothing may be read before it is written
+    out = np.full(want.shape, np.nan, np.float32)
+    embed_all(model, s, x, z, out, scratch, block=7)  # blocks that cut across every neighbourhood
+    np.testing.assert_allclose(out, want, atol=2e-6)
+    assert max(shape[1] for shape in allocated) == x.shape[1] + 8  # the widest array: the input features
 
 
 def test_sparse_codes_lie_on_the_simplex_and_beat_any_single_anchor():
