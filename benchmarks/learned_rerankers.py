@@ -8,8 +8,9 @@ For each size: the time of one GSS training step and its peak memory (ru_maxrss 
 a batch of ``--batch`` nodes on its receptive field) and the reference's dense formulation (dense Â, the
 full N × N similarity loss, full batch) up to ``--dense-max`` items; one GRAD-Net step (64 sextets on their
 receptive field); the database embedding (GSS, row blocks); ms per query of GSS (attach + scan), GRAD-Net
-(QFE + scan) and CAS (T = ``--shortlist``). Prints one line per figure and the dense/ours ratios. State the
-machine when quoting.
+(QFE + scan) and CAS (T = ``--shortlist``), and up to ``--cas-dense-max`` items the reference's dense CAS
+(queries and database in one problem, all-pairs shortest paths). Prints one line per figure and the dense/ours
+ratios. State the machine when quoting.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from operators import gradnet as GN  # noqa: E402
 from operators import gss as GSS  # noqa: E402
+from operators import cas as CAS  # noqa: E402
 from operators.cas import CasParams, cas_query_distances  # noqa: E402
 from operators.global_index import iter_blocks  # noqa: E402
 from operators.knn import build_ivf, knn_blocks, search_ivf  # noqa: E402
@@ -81,6 +83,22 @@ def dense_gss_step(x: np.ndarray, a_hat, p: GSS.GssParams, beta: float, device: 
     return timed(step, 2)
 
 
+def dense_cas(x: np.ndarray, p: CasParams) -> np.ndarray:
+    """The reference's formulation (jifeiluo/reranking): every query and database item in one problem of dense
+    (Q+N)² matrices, the diffusion on the whole matrix masked once at the end (EXT order), and all-pairs
+    shortest paths (Floyd–Warshall, O(m³)); returns the m × m CAS distances."""
+    from scipy.sparse.csgraph import floyd_warshall
+
+    d = CAS.normalized_distances(x)
+    rank = CAS.ranking(d)
+    sim = np.exp(-d / p.sigma ** 2)
+    conf, cand = CAS.confident(rank, p.k1), CAS.candidates(rank, p.k2)
+    f = CAS.bidirectional_diffusion(CAS.affinity(sim, rank, conf, p.k1, p.confident_weight), p.mu, p.iters) * cand
+    feat = CAS.propagate(CAS.smooth(f, cand, conf, sim, rank, p.k3, p.beta), rank, conf, p.k4, p.k5, p.kappa)
+    path = np.minimum(floyd_warshall(CAS.path_graph(feat, rank, p.paths), directed=False), p.max_dist)
+    return (1 - p.lam) * path + p.lam * d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="5000,20000")
@@ -89,6 +107,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--shortlist", type=int, default=1000)
+    ap.add_argument("--cas-dense-max", type=int, default=5000, help="largest N for the dense CAS reference")
     a = ap.parse_args()
     import os
     print(f"machine: {os.cpu_count()} cores; dim {a.dim}")
@@ -140,6 +159,12 @@ def main() -> None:
         for j in range(4):
             cas_query_distances(x[j], x[cand[j]], CasParams())
         print(f"n {n}: CAS re-rank (T = {short}) {(time.perf_counter() - t) / 4 * 1e3:.0f} ms/query")
+        if n <= a.cas_dense_max:
+            before, t = rss_gb(), time.perf_counter()
+            dense_cas(np.vstack([x[q], x]), CasParams())  # the queries join the database's problem
+            total = time.perf_counter() - t
+            print(f"n {n}: CAS dense reference ({len(q)} queries + {n} items in one problem, Floyd–Warshall) "
+                  f"{total:.1f} s = {total / len(q) * 1e3:.0f} ms/query, peak RSS +{rss_gb() - before:.2f} GB")
         print(f"n {n}: peak RSS of the whole run so far {rss_gb():.2f} GB (data and graphs included)")
 
 

@@ -14,8 +14,9 @@ local Ray:
 2. ``DIR/n<N>``: ``jobs.index --set local_store=entries`` of the real database (ASMK* entries of the donors'
    codebook, no descriptors stored), ``jobs.distractors`` up to N database images, then ``jobs.index``
    stages global, codebook, asmk, graph (k = ``--graph-k``), spectral (rank ``--rank``);
-3. searches: global, asmk, fused; dfs and SHybrid (hybrid, sparse U 1%) re-ranking of the global ranking;
-   each on whole and cropped queries, evaluated against the groups.
+3. ``--train gss,gradnet``: ``jobs.train_reranker`` on the root's graph (GRAD-Net's K = ``--graph-k``);
+4. searches: global, asmk, fused; dfs and SHybrid (hybrid, sparse U 1%) re-ranking of the global ranking (and
+   any of ``--reranks``: gss, gradnet, cas, …); each on whole and cropped queries, evaluated against the groups.
 
 Prints each step's wall time and peak RSS of its process tree (Ray workers included), bytes on disk per
 artifact, per method mAP, throughput (queries / search wall time of the search stage) and latency p50/p95
@@ -123,7 +124,9 @@ def main() -> None:
                     help="stages of the last index step (a resumed run may leave out finished ones)")
     ap.add_argument("--crops", default="whole,0.4", help="query sets searched: whole and/or centre-crop fractions")
     ap.add_argument("--methods", default="global,asmk,fused", help="initial rankings searched (without re-ranking)")
-    ap.add_argument("--reranks", default="dfs,hybrid", help="re-rankings of the global ranking ('' for none)")
+    ap.add_argument("--reranks", default="dfs,hybrid", help="re-rankings of the global ranking ('' for none; "
+                    "gss / gradnet need --train)")
+    ap.add_argument("--train", default="", help="learned re-rankers trained on the graph first (gss,gradnet)")
     ap.add_argument("--batched", action="store_true", help="searches in the jobs' default query blocks (one pass "
                     "over the database for many queries) instead of one query per task; latency is then per block")
     ap.add_argument("--report", action="store_true", help="print the table of a finished run (no job runs)")
@@ -164,6 +167,9 @@ def main() -> None:
     index_gb = du_gb(root)
     print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
           f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
+    for method in filter(None, a.train.split(",")):  # K of GRAD-Net: the graph's list length
+        steps.run(f"train {method}", ["-m", "jobs.train_reranker", "--index", str(root), "--method", method,
+                                      "--set", f"gradnet.k={a.graph_k}"])
     runs = [*((m, "none") for m in a.methods.split(",") if m), *(("global", r) for r in a.reranks.split(",") if r)]
     for crop in a.crops.split(","):
         for method, rerank in runs:

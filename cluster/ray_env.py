@@ -59,6 +59,16 @@ def largest_node_cpus() -> int:
     return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
 
 
+def task_cpus() -> int:
+    """The CPUs Ray assigned to the calling task or actor (1 outside one): its compiled kernels' thread count."""
+    import ray
+
+    try:
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return 1
+
+
 def ray_failure(e: BaseException) -> str | None:
     """One line when ``e`` is Ray (a node, worker, actor, object or the cluster itself) failing
     under the job; None for anything else (a task's own exception keeps its traceback)."""

@@ -47,7 +47,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.ray_env import RayConfig, connect
+from cluster.ray_env import RayConfig, connect, task_cpus
 from jobs.asmk import AsmkConfig, search_task as asmk_search_task
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.extract import (ExtractConfig, check_settings, extraction_settings, prepare_images, recorded_settings,
@@ -479,8 +479,11 @@ def cas_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndar
              own: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """CAS re-ranking of one block of queries (a Ray task): each query's problem is itself and its top-T
     rows (global descriptors, memory-mapped); the rest of its initial ranking follows in its order."""
+    import numba
+
     from operators.cas import rerank_shortlist
 
+    numba.set_num_threads(min(numba.config.NUMBA_NUM_THREADS, task_cpus()))  # the JS kernel: the task's CPUs only
     p = CasParams(**params)
     x = open_global(ArtifactRoot(uri, options)).vectors
     out_r = np.full((len(rows), topk), -1, np.int64)

@@ -214,9 +214,9 @@ def _js_edges(feat: np.ndarray, xlogx: np.ndarray, nbrs: np.ndarray) -> np.ndarr
     return out
 
 
-def path_distances(feat: np.ndarray, rank: np.ndarray, paths: int, cap: float, sources: np.ndarray) -> np.ndarray:
-    """Shortest-path lengths from ``sources`` on the graph of each item's top-``paths`` neighbours (edge
-    length: JS divergence of their F' rows, an edge of either direction), capped at ``cap``."""
+def path_graph(feat: np.ndarray, rank: np.ndarray, paths: int) -> sp.csr_matrix:
+    """The graph of each item's top-``paths`` neighbours, edge length the JS divergence of their F' rows (an
+    edge of either direction; JS is symmetric, so both directions carry one length)."""
     n = len(feat)
     k = min(paths, n)
     rows = np.repeat(np.arange(n), k)
@@ -225,11 +225,15 @@ def path_distances(feat: np.ndarray, rank: np.ndarray, paths: int, cap: float, s
     with np.errstate(divide="ignore", invalid="ignore"):
         xlogx = np.where(feat > 0, feat * np.log2(feat), 0.0)
     js = np.maximum(_js_edges(feat, xlogx, np.ascontiguousarray(rank[:, :k], np.int64)).ravel(), 1e-12)  # > 0: a
-    # stored zero would be no edge
-    keep = rows != cols
+    keep = rows != cols                                                                          # stored 0 is no edge
     g = sp.csr_matrix((js[keep], (rows[keep], cols[keep])), shape=(n, n))
-    g = g.maximum(g.T)  # an edge of either direction (JS is symmetric: both directions carry one length)
-    return np.minimum(dijkstra(g, directed=False, indices=sources), cap)
+    return g.maximum(g.T)
+
+
+def path_distances(feat: np.ndarray, rank: np.ndarray, paths: int, cap: float, sources: np.ndarray) -> np.ndarray:
+    """Shortest-path lengths from ``sources`` on :func:`path_graph` (Dijkstra from the sources only, not
+    all pairs), capped at ``cap``."""
+    return np.minimum(dijkstra(path_graph(feat, rank, paths), directed=False, indices=sources), cap)
 
 
 def cas_distances(x: np.ndarray, p: CasParams, sources: np.ndarray) -> np.ndarray:
