@@ -136,3 +136,21 @@ def test_a_problem_smaller_than_the_neighbourhoods_still_ranks_every_item():
     x = clustered(n=9, d=8, clusters=3, seed=6)
     got = cas_distances(x, CasParams(), np.arange(9))
     assert got.shape == (9, 9) and np.all(np.isfinite(got)) and np.all(np.diag(got) <= got.min(1) + 1e-12)
+
+
+def test_one_query_over_its_whole_database_equals_the_dense_all_pairs_reference():
+    """The reference's order (diffusion on the whole matrix, masked once) and all-pairs shortest paths on the
+    query and the database in one dense problem; ours: that query's problem, Dijkstra from it alone."""
+    from operators.cas import path_graph, propagate, smooth
+
+    x = clustered(n=120, d=8, clusters=4, seed=11)
+    p = CasParams(local=False, k2=20, k3=25, k5=30, paths=30)
+    d = normalized_distances(x)
+    rank = ranking(d)
+    sim = np.exp(-d / p.sigma ** 2)
+    conf, cand = confident(rank, p.k1), candidates(rank, p.k2)
+    f = bidirectional_diffusion(affinity(sim, rank, conf, p.k1, p.confident_weight), p.mu, p.iters) * cand
+    feat = propagate(smooth(f, cand, conf, sim, rank, p.k3, p.beta), rank, conf, p.k4, p.k5, p.kappa)
+    path = np.minimum(floyd_warshall(path_graph(feat, rank, p.paths).toarray(), directed=False), p.max_dist)
+    dense = (1 - p.lam) * path + p.lam * d
+    np.testing.assert_allclose(cas_query_distances(x[0], x[1:], p), dense[0, 1:], atol=1e-12)
