@@ -216,11 +216,11 @@ def shard_items(images: pd.DataFrame, shard_size: int) -> list[tuple[int, str]]:
 
 
 def extraction_settings(cfg: dict) -> dict:
-    """The settings that make a shard's rows: describer settings (batching and device left out),
+    """The settings that make a shard's rows: describer settings (batching, device and cuDNN left out),
     the crop policy and the local whitening's dimension. Shards made under other settings never mix."""
     describe = to_dict(from_dict(DescriptorConfig, {k: v for k, v in cfg.get("describe", {}).items()
                                                      if k in DescriptorConfig.__dataclass_fields__}))
-    out = {f"describe.{k}": v for k, v in describe.items() if k not in ("forward_batch", "device")}
+    out = {f"describe.{k}": v for k, v in describe.items() if k not in ("forward_batch", "device", "cudnn")}
     out["center_crop"] = cfg.get("center_crop")
     store = cfg.get("local_store", "descriptors")
     if store != "descriptors":  # older records have no local_store: their digests stay as they were

@@ -85,3 +85,14 @@ def test_bad_yaml_file_is_a_config_error(tmp_path):
         parse(SearchConfig, [*SEARCH, "--config", str(y)], SEARCH_FLAGS)
     with pytest.raises(ConfigError, match="FileNotFoundError"):
         parse(SearchConfig, [*SEARCH, "--config", str(tmp_path / "missing.yaml")], SEARCH_FLAGS)
+
+
+def test_extraction_digest_of_existing_roots_is_stable_and_ignores_execution_settings():
+    """Roots built before keep resuming: the digest of the default and the HOW extraction settings is the one
+    their shards record (pinned), and device, batching and cuDNN (how, not what, is computed) leave it alone."""
+    from jobs.extract import settings_digest
+
+    assert settings_digest({}) == "71191749d2e7c0d2"
+    assert settings_digest({"describe": {"local": "how"}}) == "349d4d9971dfc90f"
+    assert settings_digest({"describe": {"cudnn": True, "device": "cuda", "forward_batch": 16}}) == "71191749d2e7c0d2"
+    assert settings_digest({"describe": {"gem_p": 4.0}}) != "71191749d2e7c0d2"
