@@ -7,14 +7,14 @@ share local structure the way photos of one landmark do.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from jobs.config import parse, run_cli
+from storage.collection import write_collection
 
 
 def scene(rng: np.random.Generator, size: int = 640) -> np.ndarray:
@@ -42,19 +42,18 @@ def view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out.astype(np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
 
 
-def generate(out: str, groups: int = 8, per_group: int = 5, seed: int = 0) -> str:
+def views(groups: int, per_group: int, seed: int) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(name, group, RGB image) of each view: ``per_group`` random views of each of ``groups`` scenes."""
     rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    rows = []
     for g in range(groups):
         base = scene(rng)
         for i in range(per_group):
-            name = f"images/g{g:02d}_{i:02d}.jpg"
-            cv2.imwrite(os.path.join(out, name), cv2.cvtColor(view(base, rng), cv2.COLOR_RGB2BGR))
-            rows.append({"file": name, "group": f"g{g:02d}"})
-    path = os.path.join(out, "images.csv")
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
+            yield f"g{g:02d}_{i:02d}", f"g{g:02d}", view(base, rng)
+
+
+def generate(out: str, groups: int = 8, per_group: int = 5, seed: int = 0) -> str:
+    """Write the collection under ``out`` (:func:`storage.collection.write_collection`); returns its manifest."""
+    return write_collection(out, views(groups, per_group, seed))
 
 
 @dataclass(kw_only=True)

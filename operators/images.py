@@ -29,6 +29,14 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def encode_jpeg(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 image as JPEG bytes (OpenCV's default quality, 95)."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {rgb.shape} as JPEG")
+    return data.tobytes()
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode JPEG/PNG/… bytes to an RGB uint8 array: EXIF orientation applied (OpenCV), grey, 16-bit, CMYK
     and alpha images converted to 8-bit RGB. A header declaring more than ``max_pixels`` (a decompression

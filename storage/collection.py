@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -151,6 +152,22 @@ def read_image(file: str, options: sfs.StorageOptions | None = None) -> np.ndarr
     from operators.images import decode_image
 
     return decode_image(read_image_bytes(file, options))
+
+
+def write_collection(out: str, images: Iterable[tuple[str, str, np.ndarray]],
+                     options: sfs.StorageOptions | None = None) -> str:
+    """Write ``(name, group, RGB image)`` items as ``out/images/<name>.jpg`` and then the manifest
+    ``out/images.csv`` (``file, group``, files relative to it); returns the manifest's URI."""
+    from operators.images import encode_jpeg
+
+    rows = []
+    for name, group, rgb in images:
+        rel = f"images/{name}.jpg"
+        sfs.write_bytes(sfs.join(out, rel), encode_jpeg(rgb), options)
+        rows.append({"file": rel, "group": group})
+    manifest = sfs.join(out, "images.csv")
+    sfs.write_bytes(manifest, pd.DataFrame(rows, columns=["file", "group"]).to_csv(index=False).encode(), options)
+    return manifest
 
 
 def file_keys(files: pd.Series) -> pd.Series:
