@@ -65,25 +65,22 @@ def ranking(d: np.ndarray) -> np.ndarray:
     return np.argsort(d, axis=1, kind="stable")
 
 
+def top_sparse(rank: np.ndarray, k: int, start: int = 0) -> sp.csr_matrix:
+    """M_ij = 1 for j among rank[i, start:k] (k capped at the problem's size), sparse."""
+    k, m = min(k, rank.shape[1]), len(rank)
+    cols = rank[:, start:k]
+    return sp.csr_matrix((np.ones(cols.size), (np.repeat(np.arange(m), cols.shape[1]), cols.ravel())), shape=(m, m))
+
+
 def top_mask(rank: np.ndarray, k: int, start: int = 0) -> np.ndarray:
-    """M_ij = 1 for j among rank[i, start:k] (k capped at the problem's size)."""
-    k = min(k, rank.shape[1])
-    m = np.zeros((len(rank), len(rank)))
-    m[np.repeat(np.arange(len(rank)), k - start), rank[:, start:k].ravel()] = 1
-    return m
+    """:func:`top_sparse` as a dense m × m 0/1 matrix (the problem is the shortlist: m = 1 + T)."""
+    return top_sparse(rank, k, start).toarray()
 
 
 def confident(rank: np.ndarray, k1: int) -> np.ndarray:
     """ξ: mutual top-k1 (self included)."""
     m = top_mask(rank, k1)
     return m * m.T
-
-
-def top_sparse(rank: np.ndarray, k: int) -> sp.csr_matrix:
-    """:func:`top_mask` as a sparse 0/1 matrix."""
-    k = min(k, rank.shape[1])
-    m = len(rank)
-    return sp.csr_matrix((np.ones(m * k), (np.repeat(np.arange(m), k), rank[:, :k].ravel())), shape=(m, m))
 
 
 def candidates(rank: np.ndarray, k2: int) -> np.ndarray:

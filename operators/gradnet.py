@@ -283,8 +283,9 @@ def embed_all(model: GradNet, s_hat: sp.csr_matrix, x: np.ndarray, z: sp.csr_mat
             col += width
         del sh, prod
         h = nxt
-    for a, b in row_blocks(n, block):
-        out[a:b] /= np.maximum(np.linalg.norm(out[a:b], axis=1, keepdims=True), 1e-12)
+    if model.p.concat:  # the concatenation, ℓ2-normalised (each layer's output already is)
+        for a, b in row_blocks(n, block):
+            out[a:b] /= np.maximum(np.linalg.norm(out[a:b], axis=1, keepdims=True), 1e-12)
 
 
 def qfe(neighbours: np.ndarray, sims: np.ndarray, emb: np.ndarray) -> np.ndarray:
