@@ -5,16 +5,31 @@ told to — ``ray.address`` in the config or ``RAY_ADDRESS`` (which ``ray job su
 otherwise starts its own embedded local Ray sized to this machine (``address="local"``: never
 the latest ``ray start`` cluster of the machine, never a dead one's leftover address file). It
 logs which. :func:`ray_failure` turns Ray dying under a job into one line for the command line.
+
+The embedded Ray is reachable from this machine only (:func:`start_embedded`): every process it starts
+binds to 127.0.0.1, and it runs with Ray's token authentication under a fresh random token that lives
+in this process's environment alone (inherited by the Ray processes it starts, written nowhere). A
+watcher process (:mod:`cluster.reaper`) ends the embedded Ray's processes should the job itself die
+without shutting Ray down (SIGKILL, a crash), so no Ray process outlives its job.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import secrets
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
+import psutil
 import ray
+from ray._private import ray_constants
+
+from operators.constraints import Count, NonNegFinite, ObjectStoreMB, PosFinite
+from storage.errors import ConfigError, MachineError
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +37,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class RayConfig:
     address: str | None = None          # a cluster to join (None: RAY_ADDRESS, else an embedded local Ray)
-    num_cpus: int | None = None         # embedded Ray only
-    object_store_mb: int | None = None  # embedded Ray only
-    actor_cpus: float = 0.5             # fractional CPUs per extraction actor (2-core machines)
-    actors: int | None = None           # extraction actors (None: from cluster resources)
-    actor_memory_mb: int = 2500         # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
-    actor_resources: dict[str, float] | None = None  # custom resources per actor, e.g. {extract: 1} pins
+    num_cpus: Count | None = None         # embedded Ray only
+    object_store_mb: ObjectStoreMB | None = None  # embedded Ray only
+    actor_cpus: PosFinite = 0.5             # fractional CPUs per extraction actor (2-core machines)
+    actors: Count | None = None           # extraction actors (None: from cluster resources)
+    actor_memory_mb: Count = 2500         # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
+    actor_resources: dict[str, PosFinite] | None = None  # custom resources per actor, e.g. {extract: 1} pins
                                                      # one actor per node started with --resources='{"extract":1}'
-    actor_gpus: float | None = None     # GPUs per extraction actor (None: 1 when the cluster has GPUs now);
+    actor_gpus: NonNegFinite | None = None     # GPUs per extraction actor (None: 1 when the cluster has GPUs now);
                                         # set it on an autoscaling cluster whose GPU workers start on demand
-    max_actors: int | None = None       # autoscaling pool: 1 … max_actors actors, Ray adds nodes for them
+    max_actors: Count | None = None       # autoscaling pool: 1 … max_actors actors, Ray adds nodes for them
 
 
 def connect(cfg: RayConfig | None = None) -> dict:
@@ -42,16 +57,79 @@ def connect(cfg: RayConfig | None = None) -> dict:
         kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
         if address:
             print(f"[ray] joining the Ray cluster at {address}", file=sys.stderr, flush=True)
-            ray.init(address=address, **kwargs)
+            with start_failures(f"cannot join the Ray cluster at {address}"):
+                ray.init(address=address, **kwargs)
         else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # this process's own local instance only
-            store = cfg.object_store_mb * 2**20 if cfg.object_store_mb else None
-            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False, **kwargs)
-            print(f"[ray] started an embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs); "
-                  "set RAY_ADDRESS to join a cluster", file=sys.stderr, flush=True)
+            start_embedded(cfg, kwargs)
+            print(f"[ray] started an embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+                  "127.0.0.1 only, token authentication); set RAY_ADDRESS to join a cluster", file=sys.stderr, flush=True)
     res = ray.cluster_resources()
     log.info("ray cluster: %s", {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")})
     return res
+
+
+def start_embedded(cfg: RayConfig, kwargs: dict) -> None:
+    """Start this job's own local Ray, reachable from this machine only, and a watcher that ends it
+    with the job (see the module doc). The caller's SIGTERM handler is kept (``ray.init`` replaces it)."""
+    loopback_only()
+    fresh_token()
+    store = cfg.object_store_mb * 2**20 if cfg.object_store_mb else None
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with start_failures("the embedded Ray could not start"):
+            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    watch(started)
+
+
+@contextlib.contextmanager
+def start_failures(what: str):
+    """Ray failing to start or to connect as one line: a setting Ray refuses (``ValueError``, e.g. an object
+    store larger than memory) is a :class:`ConfigError`, anything else the machine's (:class:`MachineError`)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"{what}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - Ray raises many kinds (RuntimeError, ConnectionError, TimeoutError…)
+        raise MachineError(f"{what}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+
+
+def loopback_only() -> None:
+    """Make the embedded Ray bind to 127.0.0.1: Ray takes the loopback address as its node address (and binds
+    its servers, agents and metrics endpoints there) when it runs without cluster support. This process has
+    read that switch already (the constant); the Ray processes it starts read it from the environment."""
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def fresh_token() -> None:
+    """Token authentication with a new random token, known to this process and the Ray processes it starts."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    Config.initialize("")  # Ray caches its settings and the token per process: read them again
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def watch(processes: list[psutil.Process]) -> None:
+    """Start :mod:`cluster.reaper` over ``processes`` (pid and start time each): it ends those still running
+    once this process is gone. It runs in its own session, so a Ctrl-C of the job's terminal leaves it be."""
+    if not processes:
+        return
+    pids = [f"{p.pid}:{p.create_time()!r}" for p in processes if p.is_running()]
+    subprocess.Popen([sys.executable, "-m", "cluster.reaper", str(os.getpid()), *pids], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def largest_node_cpus() -> int:

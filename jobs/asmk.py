@@ -17,6 +17,7 @@ import numpy as np
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, build_index, idf_weights, search
 from operators.codebook import AssignConfig, Quantizer
+from operators.constraints import Count
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.errors import SettingsMismatch
@@ -30,8 +31,8 @@ from storage.schemas import local_arrays
 @dataclass
 class AsmkConfig:
     params: AsmkParams = field(default_factory=AsmkParams)
-    buffer_mb: int = 256           # search: score buffer per task (queries × images × 8 B)
-    query_block: int = 256         # search: query images per Ray task
+    buffer_mb: Count = 256           # search: score buffer per task (queries × images × 8 B)
+    query_block: Count = 256         # search: query images per Ray task
     assign: AssignConfig = field(default_factory=AssignConfig)  # words of database (and query) descriptors:
                                    # exact flat search, or HNSW (≥ 5× faster at k = 65,536, benchmarks/assignment.py)
 

@@ -18,6 +18,7 @@ import numpy as np
 from cluster.ray_env import largest_node_cpus
 from jobs.summary import JobSummary
 from operators.codebook import effective_k, train_codebook
+from operators.constraints import AtLeast2, Count, Seed
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_meta, load_codebook, write_codebook
 from storage.schemas import local_arrays
@@ -27,13 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CodebookConfig:
-    k: int = 65536
-    sample: int = 1_000_000        # descriptors sampled for k-means
-    niter: int = 10
-    seed: int = 0
+    k: AtLeast2 = 65536
+    sample: Count = 1_000_000        # descriptors sampled for k-means
+    niter: Count = 10
+    seed: Seed = 0
     source: str | None = None      # reuse the codebook of another artifact root
-    cpus: int | None = None        # CPUs of the k-means task (None: every CPU of the largest node)
-    min_points: int = 39           # sampled descriptors per word below which k is reduced (faiss's own warning
+    cpus: Count | None = None        # CPUs of the k-means task (None: every CPU of the largest node)
+    min_points: Count = 39           # sampled descriptors per word below which k is reduced (faiss's own warning
                                    # threshold; fewer train a coarser codebook, still a valid one)
 
 

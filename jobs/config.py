@@ -4,8 +4,9 @@
 Precedence: dataclass defaults < YAML < flags < ``--set key.sub=value`` (values parsed as YAML).
 
 Values are validated by pydantic against the dataclasses' type hints before any work starts:
-types (``--set topk=abc`` is refused, ``asmk.params.binary=maybe`` too), ``Literal`` choices
-(``--method``, ``--rerank``, ``describe.local``…), nested sections (``--set ray=5`` is refused),
+types (``--set topk=abc`` is refused, ``asmk.params.binary=maybe`` too), ranges and finite numbers
+(``--topk 0``, ``--center-crop 1.5``, ``codebook.k=-5``, any NaN or ±inf: :mod:`operators.constraints`),
+``Literal`` choices (``--method``, ``--rerank``, ``describe.local``…), nested sections (``--set ray=5`` is refused),
 required fields (a dataclass field without default) and unknown keys (typos never pass
 silently). Every such mistake is a :class:`storage.errors.ConfigError`: one line, exit 2.
 ``--print-config`` prints the resolved config as YAML and exits.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import types
 import typing
@@ -22,8 +24,9 @@ from typing import Any, Callable, Literal, TypeVar
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from storage.errors import ConfigError, InputError
+from storage.errors import ConfigError, InputError, MachineError
 from storage.fs import read_yaml
+from storage.redaction import redact
 
 T = TypeVar("T")
 Flag = tuple[str, str]  # (dotted config key, help)
@@ -178,30 +181,79 @@ def parse(cls: type[T], argv: list[str] | None, flags: dict[str, Flag], descript
             raise ConfigError(f"--set {item}: the value is not valid YAML") from None
     cfg = from_dict(cls, data)
     if ns.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="")
         raise SystemExit(0)
     return cfg
 
 
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a job's ``main`` from the command line. A mistake in the user's input
-    (:class:`storage.errors.InputError`, also when raised inside a Ray task) prints one line and
-    exits 2; the Ray cluster failing under the job prints one line and exits 1; anything else is a
-    bug and keeps its traceback."""
-    from cluster.ray_env import ray_failure
+class Interrupted(BaseException):
+    """The job was asked to stop (SIGTERM); like ``KeyboardInterrupt``, no ``except Exception`` catches it."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a job's ``main`` from the command line; every failure is one line on stderr:
+
+    - a mistake in the user's input (:class:`storage.errors.InputError`, also raised inside a Ray task,
+      or storage refusing the user's credentials) exits 2;
+    - the machine failing the job (:class:`storage.errors.MachineError`, Ray dying under the job, a storage
+      endpoint that cannot be reached) exits 1;
+    - SIGINT / SIGTERM stop the job with exit 130 / 143 (what it committed stays; the same command resumes);
+    - anything else is a bug and keeps its traceback.
+
+    The embedded Ray is shut down before the exit in every case.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
-    except InputError as e:
-        cause = getattr(e, "cause", None)  # a RayTaskError is also an instance of its task's error
-        print(f"error: {input_message(cause if isinstance(cause, InputError) else e)}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - Ray's own failures become one line; anything else is re-raised
-        failure = ray_failure(e)
-        if failure is None:
+    except KeyboardInterrupt:
+        _exit(130, "interrupted (SIGINT); run the same command again to resume")
+    except Interrupted as e:
+        _exit(128 + e.signum, f"interrupted ({e}); run the same command again to resume")
+    except Exception as e:  # noqa: BLE001 - known failures become one line; anything else is re-raised
+        known = failure_line(e)
+        if known is None:
             raise
-        print(f"error: {failure}", file=sys.stderr)
-        sys.exit(1)
+        _exit(*known)
+
+
+def failure_line(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, line) for a failure the command line explains in one line, None for a bug."""
+    from cluster.ray_env import ray_failure
+    from storage.fs import storage_failure
+
+    cause = getattr(e, "cause", None)  # a RayTaskError is also an instance of its task's error
+    for err in (cause, e) if isinstance(cause, BaseException) else (e,):
+        if isinstance(err, InputError):
+            return 2, input_message(err)
+        if isinstance(err, MachineError):
+            return 1, input_message(err)
+        known = storage_failure(err)
+        if known is not None:
+            return known
+    failure = ray_failure(e)
+    return (1, failure) if failure else None
+
+
+def _exit(code: int, line: str) -> typing.NoReturn:
+    """Print ``error: line``, shut the embedded Ray down, exit with ``code``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the shutdown
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway; the reaper ends what is left
+        pass
+    sys.exit(code)
 
 
 def input_message(e: BaseException) -> str:

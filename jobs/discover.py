@@ -33,6 +33,7 @@ from jobs.config import parse, run_cli, to_dict
 from jobs.objects import ObjectsConfig, build_objects
 from jobs.summary import JobSummary
 from operators.centrality import katz, modes, pagerank, stationary
+from operators.constraints import Count, NonNegInt, OpenUnit, Tolerance
 from operators.iasmk import IasmkParams, compress_words, image_pair_counts, max_hamming, sum_counts
 from storage.artifacts import ArtifactRoot
 from storage.centrality import write_centrality
@@ -49,16 +50,16 @@ Stage = Literal["iasmk", "centrality", "objects"]
 @dataclass
 class IasmkConfig:
     params: IasmkParams = field(default_factory=IasmkParams)
-    tasks: int = 0                  # word ranges (0: 4 per CPU of the cluster)
-    block_words: int = 256          # words whose matches a task holds at once
+    tasks: NonNegInt = 0                  # word ranges (0: 4 per CPU of the cluster)
+    block_words: Count = 256          # words whose matches a task holds at once
 
 
 @dataclass
 class CentralityConfig:
-    pagerank_beta: float = 0.85     # PageRank: follow an edge with probability β, else teleport [ext: the usual 0.85]
-    katz_alpha: float = 0.99        # Katz: L_α g = 1 (α of the diffusion papers)
-    katz_tol: float = 1e-6          # CG relative residual
-    katz_maxiter: int = 500
+    pagerank_beta: OpenUnit = 0.85     # PageRank: follow an edge with probability β, else teleport [ext: the usual 0.85]
+    katz_alpha: OpenUnit = 0.99        # Katz: L_α g = 1 (α of the diffusion papers)
+    katz_tol: Tolerance = 1e-6          # CG relative residual
+    katz_maxiter: Count = 500
 
 
 @dataclass(kw_only=True)

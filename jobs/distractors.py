@@ -29,6 +29,7 @@ from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.asmk import image_entries
 from operators.codebook import AssignConfig, Quantizer
+from operators.constraints import Count, Seed
 from operators.distractors import DistractorParams, DonorPool, make_distractor
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
@@ -40,10 +41,10 @@ from storage.errors import CollectionError
 class DistractorConfig:
     donors: str                     # root whose committed shards are the donor images (required)
     out: str                        # root the distractors join (required)
-    n: int                          # distractor images (required)
-    seed: int = 0
-    shard_size: int = 1000          # distractors per feature shard
-    shards_per_task: int = 4        # shards per Ray task
+    n: Count                          # distractor images (required)
+    seed: Seed = 0
+    shard_size: Count = 1000          # distractors per feature shard
+    shards_per_task: Count = 4        # shards per Ray task
     codebook: str | None = None     # root of the codebook of the entries (default: the donors root's)
     assign: AssignConfig = field(default_factory=AssignConfig)  # donors holding descriptors: their words
     params: DistractorParams = field(default_factory=DistractorParams)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from jobs.config import parse, run_cli
 from jobs.report import ReportConfig, write_report
+from operators.constraints import Count
 from operators.metrics import evaluate, revisited_setups
 from storage.artifacts import ArtifactRoot
 from storage.collection import load_collection, read_revisited
@@ -29,7 +30,7 @@ from storage.results import read_results, write_metrics
 class EvaluateConfig:
     results: str                    # results folder written by jobs.search / jobs.rerank (required)
     ground_truth: str               # manifest with a group column, or revisited gnd_*.pkl (required)
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ks: list[Count] = field(default_factory=lambda: [1, 5, 10])
     report: ReportConfig = field(default_factory=ReportConfig)  # RES/report.html (report.enabled=false: none)
     storage: dict = field(default_factory=dict)
 

@@ -29,9 +29,12 @@ from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.asmk import image_entries
 from operators.codebook import AssignConfig, Quantizer
+from operators.constraints import Count, Fraction, ImageId, NonNegInt
+from operators.backbones import CheckpointRefused, load_checkpoint
 from operators.describe import DescriptorConfig, Describer
 from operators.images import center_box, crop
 from operators.whitening import Whitening, learn_pca_whitening
+from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.collection import file_keys, is_synthetic, load_collection, read_image
@@ -62,13 +65,13 @@ class ExtractConfig:
     collection: str                        # folder, manifest, s3:// prefix or revisited .pkl (required)
     out: str                               # artifact root (required)
     role: Literal["database", "queries"] = "database"  # revisited .pkl: imlist or qimlist (with boxes)
-    id_offset: int = 0
-    shard_size: int = 32                   # images per Parquet shard
-    batch_size: int = 8                    # images read ahead and passed per describer call
-    center_crop: float | None = None       # crop images without a box to this central fraction
+    id_offset: ImageId = 0
+    shard_size: Count = 32                   # images per Parquet shard
+    batch_size: Count = 8                    # images read ahead and passed per describer call
+    center_crop: Fraction | None = None       # crop images without a box to this central fraction
     allow_outside_root: bool = False       # a manifest's relative paths may climb out of its folder (../)
-    local_whiten_dim: int = 128            # how: PCA-whitening of local descriptors to this dim
-    local_whiten_images: int = 200         # how: images sampled to learn it
+    local_whiten_dim: NonNegInt = 128            # how: PCA-whitening of local descriptors to this dim
+    local_whiten_images: Count = 200         # how: images sampled to learn it
     local_store: LocalStore = "descriptors"  # descriptors (float16, ~270 B a feature: codebooks can be trained on
                                            # them), entries (each image's ASMK* entries of a given codebook, ~20 B
                                            # a word: what R1M fits in), or both (README "Storage at R1M")
@@ -301,6 +304,27 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
     return learn_pca_whitening(np.concatenate(parts), cfg.local_whiten_dim)
 
 
+def check_checkpoint(describe: DescriptorConfig) -> None:
+    """The describer's checkpoint loads as plain data (here, on the driver, before any actor starts)."""
+    if describe.checkpoint:
+        try:
+            load_checkpoint(describe.checkpoint)
+        except CheckpointRefused as e:
+            raise ConfigError(f"describe.checkpoint: {e}") from None
+
+
+def recorded_describer(root: ArtifactRoot, given: str | None) -> dict:
+    """The describer settings ``root`` was extracted with. Settings read from a root never point a job at a
+    file outside that root unless the user's own command names the same file (``given``): a checkpoint
+    outside the root is refused otherwise (a root is data; it must not choose what the job loads)."""
+    describe = root.stage_settings("extract")["describe"]
+    ckpt = describe.get("checkpoint")
+    if ckpt and not sfs.is_inside(ckpt, root.uri) and (not given or sfs.canonical(given) != sfs.canonical(ckpt)):
+        raise SettingsMismatch(f"{root.uri} was extracted with describe.checkpoint={ckpt!r}, outside the root: "
+                               f"name it yourself to use it (--set checkpoint={ckpt})")
+    return describe
+
+
 def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None,
                    summary: JobSummary) -> None:
     """Extract every pending shard of ``images`` into ``shards`` (resumes: committed shards are skipped).
@@ -315,6 +339,7 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
     summary.add(shards_total=len(all_items), shards_skipped=len(all_items) - len(pending))
     if not pending:
         return
+    check_checkpoint(cfg.describe)
     items = [{"shard": s, "items": it} for s, it in all_items if s in pending]
     plan = plan_actors(cfg.ray, prefer_gpu=cfg.describe.device != "cpu")
     ctx = ray.data.DataContext.get_current()

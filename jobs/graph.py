@@ -27,6 +27,7 @@ from cluster.ray_env import RayConfig, connect, largest_node_cpus
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators import graph as G
+from operators.constraints import Count, Fraction, NonNegInt, PosFinite, Tolerance
 from operators.global_index import iter_blocks
 from operators.knn import build_ivf, knn_blocks, search_ivf
 from operators.spectral import eigenpairs, sparsify
@@ -45,25 +46,25 @@ MAX_IVF_TASKS = 32  # IVF kNN tasks per graph: each deserialises the whole index
 @dataclass
 class GraphConfig:
     source: Literal["global", "asmk"] = "global"
-    k: int = 50                     # neighbours per item (T:18677-18684)
+    k: Count = 50                     # neighbours per item (T:18677-18684)
     mode: Literal["mutual", "union"] = "mutual"  # spec §1
-    gamma: float = 3.0              # s = [vᵀz]₊^γ
-    block: int = 4096               # items per Ray task
-    ivf_threshold: int = 200_000    # global source: IVF (approximate) above this many items, exact below
-    nlist: int = 0                  # IVF lists (0: 4·√n)
-    nprobe: int = 32
+    gamma: PosFinite = 3.0              # s = [vᵀz]₊^γ
+    block: Count = 4096               # items per Ray task
+    ivf_threshold: NonNegInt = 200_000    # global source: IVF (approximate) above this many items, exact below
+    nlist: NonNegInt = 0                  # IVF lists (0: 4·√n)
+    nprobe: Count = 32
 
 
 @dataclass
 class SpectralConfig:
-    rank: int = 400                 # r eigenpairs (T:20419-20422); 0 disables the stage
+    rank: NonNegInt = 400                 # r eigenpairs (T:20419-20422); 0 disables the stage
     method: Literal["chebyshev", "lanczos", "simultaneous"] = "chebyshev"  # filtered subspace iteration | eigsh | FSR Alg. 1
-    oversample: int = 100           # block methods: p extra vectors
-    iters: int = 30                 # chebyshev: at most this many outer iterations; simultaneous: q
-    degree: int = 32                # chebyshev: filter polynomial degree
-    tol: float = 1e-3               # chebyshev: max ||S u − λ u||; lanczos: relative accuracy (0: machine precision)
-    sparse_keep: float = 0.01       # also store SHybrid's U keeping this fraction of entries (T:20425-20431); 1: no
-    max_nodes: int = 2_000_000      # skip (with a warning) above this many LCC nodes: the block methods hold
+    oversample: NonNegInt = 100           # block methods: p extra vectors
+    iters: Count = 30                 # chebyshev: at most this many outer iterations; simultaneous: q
+    degree: Count = 32                # chebyshev: filter polynomial degree
+    tol: Tolerance = 1e-3               # chebyshev: max ||S u − λ u||; lanczos: relative accuracy (0: machine precision)
+    sparse_keep: Fraction = 0.01       # also store SHybrid's U keeping this fraction of entries (T:20425-20431); 1: no
+    max_nodes: Count = 2_000_000      # skip (with a warning) above this many LCC nodes: the block methods hold
                                     # ~5 blocks of n × (r + p) float32 (10 GB at 1M nodes, r + p = 500)
 
 

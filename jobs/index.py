@@ -28,6 +28,7 @@ from jobs.config import parse, run_cli, to_dict
 from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
 from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
 from jobs.summary import JobSummary
+from operators.constraints import AtLeast2, Count, NonNegFinite, Probability
 from operators.whitening import Whitening, learn_lw, learn_pca_whitening
 from storage.errors import CollectionError, ConfigError
 from storage.artifacts import ArtifactRoot
@@ -44,14 +45,14 @@ LOCAL_STAGES = ("codebook", "asmk")
 @dataclass(kw_only=True)
 class IndexConfig(ExtractConfig):
     stages: list[Stage] = field(default_factory=lambda: list(STAGES))
-    global_whiten_dim: int | None = None              # PCA-whiten global descriptors (None: keep raw)
-    global_whiten_images: int = 5000                  # images sampled (from random shards) to learn it
+    global_whiten_dim: Count | None = None              # PCA-whiten global descriptors (None: keep raw)
+    global_whiten_images: AtLeast2 = 5000                  # images sampled (from random shards) to learn it
     global_whiten_source: str | None = None           # learn it on another root's shards (independent data)
-    global_whiten_shrinkage: float = 1.0              # eigenvalue power s/2 (1: plain PCAw; 0.5: HOW's shrinkage)
+    global_whiten_shrinkage: Probability = 1.0              # eigenvalue power s/2 (1: plain PCAw; 0.5: HOW's shrinkage)
     global_whiten_pairs: str | None = None            # learned whitening Lw from mined pairs (jobs.mine) instead of PCAw
     global_whiten_negatives: Literal["random", "mined"] = "random"  # Lw's non-matching pairs: random pairs of the
                                                       # collection (C_D = 2Σ, as cirtorch) or the mined negatives
-    global_whiten_reg: float = 10.0                   # Lw: C_S + reg · tr(C_S)/D · I (few pairs, many dimensions;
+    global_whiten_reg: NonNegFinite = 10.0                   # Lw: C_S + reg · tr(C_S)/D · I (few pairs, many dimensions;
                                                       # leave-one-group-out CV on instance-mini, benchmarks/lw_cv.py)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)

@@ -29,6 +29,7 @@ from cluster.ray_env import RayConfig, connect
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.centrality import modes, stationary
+from operators.constraints import Count
 from operators.diffusion import temporal, top_k
 from operators.global_index import iter_blocks
 from operators.graph import components
@@ -48,12 +49,12 @@ class MineConfig:
     params: MiningParams = field(default_factory=MiningParams)
     anchor_components: Literal["largest", "all"] = "largest"  # anchors on the largest component (the paper) or on
                                     # every component of at least ``min_component`` nodes (small, fragmented collections)
-    min_component: int = 3
-    anchors_per_task: int = 64      # columns of one multi-right-hand-side solve
+    min_component: Count = 3
+    anchors_per_task: Count = 64      # columns of one multi-right-hand-side solve
     iasmk: bool = True              # also pairs from i-ASMK* components, when jobs.discover has run
-    iasmk_min_shared: int = 10      # i-ASMK* positives share at least this many components (τ_g of the
+    iasmk_min_shared: Count = 10      # i-ASMK* positives share at least this many components (τ_g of the
                                     # paper's global-consistency check, applied to components)
-    page_anchors: int = 12          # anchors shown in pairs.html
+    page_anchors: Count = 12          # anchors shown in pairs.html
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs.config import from_dict
+from jobs.extract import recorded_describer
 from jobs.graph import GraphConfig, ivf_index, gather_knn, vector_knn
 from jobs.summary import JobSummary
 from operators.centrality import katz
+from operators.constraints import Count
 from operators.describe import DescriptorConfig, Describer
 from operators.gem import multiscale_gem
 from operators.global_index import iter_blocks
@@ -50,8 +52,9 @@ FS_PARAMS = ("fs_rho", "sigma", "tau", "egm_iters", "max_regions", "gem_p")  # t
 @dataclass
 class ObjectsConfig:
     params: SaliencyParams = field(default_factory=SaliencyParams)
-    images_per_task: int = 32       # database images per Ray task (a committed part)
+    images_per_task: Count = 32       # database images per Ray task (a committed part)
     knn: GraphConfig = field(default_factory=GraphConfig)  # the region kNN tasks (block, IVF threshold, nprobe)
+    checkpoint: str | None = None     # the describer's weights, when the index names a file outside its root
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def build_objects(cfg: ObjectsConfig, root: ArtifactRoot, summary: JobSummary) -
     import ray
 
     params = dataclasses.asdict(cfg.params)
-    extract = root.stage_settings("extract")["describe"]
+    extract = recorded_describer(root, cfg.checkpoint)
     settings = {"fs": {k: params[k] for k in FS_PARAMS}, "extract": extract}  # what pass 1 depends on
     with summary.stage("objects pass 1: FS.egm regions"):
         parts = _run_parts(root, "region_parts", regions_task, cfg, settings, "FS regions", summary)

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from jobs.config import parse, run_cli
+from operators.constraints import Count
 from operators.images import resize_max_side
 from storage.artifacts import ArtifactRoot
 from storage.collection import read_image
@@ -36,9 +37,9 @@ COLORS = {"positive": "#2e9e44", "ignored": "#9a9a9a", "negative": "#d0342c"}
 @dataclass
 class ReportConfig:
     enabled: bool = True
-    shown: int = 12         # worst and best queries shown (each)
-    depth: int = 10         # results shown per query
-    thumb: int = 112        # thumbnail max side in px
+    shown: Count = 12         # worst and best queries shown (each)
+    depth: Count = 10         # results shown per query
+    thumb: Count = 112        # thumbnail max side in px
 
 
 def thumbnail(uri: str, box: tuple, side: int, options: dict) -> str | None:

@@ -23,6 +23,7 @@ import numpy as np
 from cluster.ray_env import RayConfig, connect
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
+from operators.constraints import Count
 from operators.rerank import RerankParams, rerank
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
@@ -37,9 +38,9 @@ class RerankJobConfig:
     index: str                      # artifact root with a kNN graph (required)
     out: str                        # results folder (required)
     method: Literal["dfs", "fsr", "hybrid"] = "dfs"
-    top: int = 100                  # L: list length per item
+    top: Count = 100                  # L: list length per item
     seed: Literal["self", "knn"] = "self"              # self: y = e_i (K e_i, spec §8) | knn: y from the item's k_q neighbours
-    items_per_task: int = 1024
+    items_per_task: Count = 1024
     params: RerankParams = field(default_factory=lambda: RerankParams(block=32))
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)

@@ -50,11 +50,12 @@ import pyarrow.compute as pc
 from cluster.ray_env import RayConfig, connect, task_cpus
 from jobs.asmk import AsmkConfig, search_task as asmk_search_task
 from jobs.config import from_dict, parse, run_cli, to_dict
-from jobs.extract import (ExtractConfig, check_settings, extraction_settings, prepare_images, recorded_settings,
-                          run_extraction)
+from jobs.extract import (ExtractConfig, check_settings, extraction_settings, failed_images, prepare_images,
+                          recorded_describer, recorded_settings, run_extraction)
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, aggregate
 from operators.codebook import AssignConfig, Quantizer
+from operators.constraints import Count, Fraction, NonNegFinite
 from operators.describe import DescriptorConfig
 from operators.fusion import Mode as FusionMode, fuse
 from operators.global_index import iter_blocks
@@ -67,8 +68,8 @@ from operators.rerank import DIFFUSION, LEARNED, METHODS as RERANK_METHODS, SHOR
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.collection import file_keys, load_collection
-from storage.errors import ArtifactError, ConfigError, SettingsMismatch
-from storage.global_index import GlobalLookup, global_ids, open_global
+from storage.errors import ArtifactError, CollectionError, ConfigError, SettingsMismatch
+from storage.global_index import GlobalLookup, check_consistent, global_ids, open_global
 from storage.objects import OBJECTS
 from storage.graph import graph_problem, load_graph
 from storage.iasmk import iasmk_meta
@@ -89,23 +90,24 @@ class SearchConfig:
     queries: str                          # query collection (required)
     out: str                              # results folder (required)
     method: Method = "global"
-    topk: int = 100
+    topk: Count = 100
     distractors: list[str] = field(default_factory=list)  # more index roots searched with ``index``
     role: Literal["queries", "database"] = "queries"  # revisited .pkl: queries (qimlist + bbx) or database
-    center_crop: float | None = None      # crop queries without a box to this central fraction
+    center_crop: Fraction | None = None      # crop queries without a box to this central fraction
     allow_outside_root: bool = False      # the query manifest's relative paths may climb out of its folder (../)
     exclude_self: bool = True
     reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
     query_cache: str = "index"            # described queries: "index" (ROOT/query-cache), "results" (RES/queries, no reuse) or a folder
-    query_block: int = 1024               # queries per Ray search task (global)
-    db_block: int = 65536                 # database rows per faiss call
+    query_block: Count = 1024               # queries per Ray search task (global)
+    db_block: Count = 65536                 # database rows per faiss call
     asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
     fusion: FusionMode = "rank"           # fused: rank (reciprocal rank fusion) or score (normalised sum)
-    fusion_beta: float = 1.5              # fused: weight of the global term (group-wise cross-validated, README "Fusion")
-    fusion_shortlist: int = 1000          # fused: shortlist of each method
+    fusion_beta: NonNegFinite = 1.5              # fused: weight of the global term (group-wise cross-validated, README "Fusion")
+    fusion_shortlist: Count = 1000          # fused: shortlist of each method
     rerank: Rerank = "none"
     rerank_params: RerankParams = field(default_factory=RerankParams)
     cas: CasParams = field(default_factory=CasParams)  # --rerank cas (EXT defaults, operators.cas)
+    checkpoint: str | None = None         # the describer's weights, when the index names a file outside its root
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
@@ -120,7 +122,8 @@ class SearchContext:
     cfg: SearchConfig
     parts: list[ArtifactRoot]   # the index, then the distractor roots
     database: pd.DataFrame      # the index's image table (ids, files, shards)
-    queries: pd.DataFrame       # every query: image_id, name, file, box, own (database id or −1), reuse
+    queries: pd.DataFrame       # every distinct query: image_id, name, file, box, own (database id or −1), reuse
+    repeats: pd.DataFrame       # queries repeating one above (same file and box): image_id, name, source (its id)
     qroot: ArtifactRoot         # the described queries (cache entry)
     qids: np.ndarray            # (m,) described queries, sorted
     xq: np.ndarray              # (m, D) their global descriptors, in the database's (whitened) space
@@ -138,6 +141,16 @@ class SearchContext:
         """(uri, options) of every partition, as Ray tasks take them."""
         return [(r.uri, r.options) for r in self.parts]
 
+    @property
+    def n_database(self) -> int:
+        """Rows the search ranks, over every partition: no ranking is deeper."""
+        return max(1, sum(len(ids) for ids, _, _ in self.db_lookup.parts))
+
+    @property
+    def topk(self) -> int:
+        """``cfg.topk``, at most the database's size (the arrays a search allocates are queries × topk)."""
+        return min(self.cfg.topk, self.n_database)
+
     def block_starts(self, block: int) -> range:
         return range(0, len(self.qids), block)
 
@@ -152,13 +165,22 @@ def build_context(cfg: SearchConfig, summary: JobSummary) -> SearchContext:
     database = root.images()
     if database is None:
         raise ArtifactError(f"{root.uri} is not an index (no images.parquet): run python -m jobs.index first")
-    queries, qroot = describe_queries(cfg, root, database, summary)
+    for part in parts:
+        images = database if part is root else part.images()
+        check_consistent(part, None if images is None else images["image_id"].to_numpy())
+    every, qroot = describe_queries(cfg, root, database, summary)
+    distinct = (every["source"] == every["image_id"]).to_numpy()
+    queries, repeats = every[distinct].reset_index(drop=True), every[~distinct][["image_id", "name", "source"]]
     lookup = GlobalLookup(parts)
     qids, xq = query_globals(root, qroot, queries, lookup)
+    if len(queries) and not len(qids):
+        failed = failed_images(qroot.shards(), queries)
+        first = f": {failed['file'].iloc[0]}: {failed['error'].iloc[0]}" if len(failed) else ""
+        raise CollectionError(f"none of the {len(every)} queries could be described{first}")
     own = queries.set_index("image_id").loc[qids, "own"].to_numpy(np.int64)
     exclude = own if cfg.exclude_self else np.full(len(qids), -1, np.int64)
     db_lookup = GlobalLookup(parts, vector_set(cfg.method)) if cfg.method == "os" else lookup
-    return SearchContext(cfg, parts, database, queries, qroot, qids, xq, exclude, lookup, db_lookup)
+    return SearchContext(cfg, parts, database, queries, repeats, qroot, qids, xq, exclude, lookup, db_lookup)
 
 
 def vector_set(method: str) -> str:
@@ -172,7 +194,8 @@ def query_extract_config(cfg: SearchConfig, root: ArtifactRoot, out: str) -> Ext
     return ExtractConfig(collection=cfg.queries, out=out, role=cfg.role, shard_size=built.shard_size,
                          batch_size=built.batch_size, center_crop=cfg.center_crop,
                          local_whiten_dim=built.local_whiten_dim,
-                         describe=from_dict(DescriptorConfig, to_dict(built.describe)), ray=cfg.ray, storage=cfg.storage)
+                         describe=from_dict(DescriptorConfig, recorded_describer(root, cfg.checkpoint)), ray=cfg.ray,
+                         storage=cfg.storage)
 
 
 def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFrame,
@@ -191,6 +214,7 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
     # an index of ASMK* entries alone keeps no descriptors to reuse (queries take multiple assignment)
     reusable = cfg.reuse_database_features and root.stage_settings("extract").get("local_store") != "entries"
     fresh["reuse"] = np.isin(fresh["own"].to_numpy(), db_ids) & uncropped & reusable
+    fresh["source"] = first_of_same(fresh)
     if cfg.query_cache == "results":
         qroot = results_query_root(cfg.out, cfg.storage)
     else:
@@ -201,14 +225,25 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
     qcfg = dataclasses.replace(qcfg, out=qroot.uri)
     check_settings(qroot.shards(), to_dict(qcfg), qroot.stage_settings("extract", required=False))
     queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size,
-                             fresh=fresh.drop(columns=["own", "reuse"]))
-    queries = queries.merge(fresh[["image_id", "own", "reuse"]], on="image_id", how="left")
-    summary.add(queries_reusing_database_features=int(queries["reuse"].sum()))
+                             fresh=fresh.drop(columns=["own", "reuse", "source"]))
+    queries = queries.merge(fresh[["image_id", "own", "reuse", "source"]], on="image_id", how="left")
+    distinct = queries["source"] == queries["image_id"]
+    summary.add(queries_reusing_database_features=int((queries["reuse"] & distinct).sum()),
+                queries_repeated=int((~distinct).sum()))
     summary.info["query_cache"] = qroot.uri
     with summary.stage("extract queries"):
-        run_extraction(qcfg, queries[~queries["reuse"]], qroot.shards(), whitening, summary)
+        run_extraction(qcfg, queries[~queries["reuse"] & distinct], qroot.shards(), whitening, summary)
     qroot.record_stage("extract", "search", recorded_settings(qcfg), images=len(queries))
     return queries, qroot
+
+
+def first_of_same(queries: pd.DataFrame) -> np.ndarray:
+    """Per query, the image id of the first query with the same file and box (itself when it is the first):
+    a query repeated in the collection is described and ranked once."""
+    keys = pd.DataFrame({"file": file_keys(queries["file"]), **{c: queries[c] for c in ("x0", "y0", "x1", "y1")}})
+    group = keys.groupby(list(keys.columns), dropna=False, sort=False).ngroup().to_numpy()
+    first = pd.Series(np.arange(len(group))).groupby(group).transform("min").to_numpy()
+    return queries["image_id"].to_numpy(np.int64)[first]
 
 
 def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
@@ -358,7 +393,7 @@ def fused_search(ctx: SearchContext, k: int) -> Ranking:
 
     Candidates found by ASMK alone get their global similarity from the memory-mapped matrices.
     """
-    shortlist = max(ctx.cfg.fusion_shortlist, k)
+    shortlist = min(max(ctx.cfg.fusion_shortlist, k), ctx.n_database)
     layout = "iasmk" if ctx.cfg.method == "fused-iasmk" else "asmk"
     a, g = asmk_search(ctx, shortlist, layout), global_search(ctx, ctx.xq, shortlist)
     ids, scores = fuse(*fusion_candidates(ctx, a, g), ctx.cfg.fusion_beta, k, ctx.cfg.fusion)
@@ -397,29 +432,30 @@ def union_candidates(a: Ranking, g: Ranking) -> tuple[np.ndarray, np.ndarray, np
 # ------------------------------------------------------------------------------------------
 # Re-ranking
 # ------------------------------------------------------------------------------------------
-def initial_depth(cfg: SearchConfig) -> int:
+def initial_depth(cfg: SearchConfig, n_database: int) -> int:
     """How deep the initial ranking must go for the chosen re-ranking (GSS, GRAD-Net: the trained model's k_q or
-    K neighbours of a query, read by the task; 100 covers them)."""
+    K neighbours of a query, read by the task; 100 covers them), never deeper than the database."""
     p = cfg.rerank_params
     need = {"none": 0, "aqe": p.qe_n, "alpha-qe": p.qe_n, "dfs": p.kq, "fsr": p.kq, "hybrid": p.kq,
             "truncated-dfs": p.shortlist, "gss": 100, "gradnet": 100, "cas": cfg.cas.shortlist}[cfg.rerank]
-    return max(cfg.topk, need)
+    return min(max(cfg.topk, need), n_database)
 
 
 def query_expansion(ctx: SearchContext, ranked: Ranking, block: int = 256) -> Ranking:
     """AQE / αQE: expand each query's global descriptor with its top results, then search again."""
     p = ctx.cfg.rerank_params
     alpha = 0.0 if ctx.cfg.rerank == "aqe" else p.qe_alpha
-    top = ranked.top(p.qe_n).ids
+    n = min(p.qe_n, ctx.n_database)
+    top = ranked.top(n).ids
     expanded = np.empty_like(ctx.xq)
     for s in ctx.block_starts(block):  # blocks bound the (block, n, D) neighbour vectors
         t = top[s:s + block]
         vec = np.zeros((t.size, ctx.xq.shape[1]), np.float32)
         vec[t.reshape(-1) >= 0] = ctx.db_lookup(t[t >= 0])  # padding (−1) stays zero and is masked below
-        vec = vec.reshape(len(t), p.qe_n, -1)
+        vec = vec.reshape(len(t), n, -1)
         sims = np.where(t >= 0, np.einsum("mkd,md->mk", vec, ctx.xq[s:s + block]), -np.inf)  # global similarity
-        expanded[s:s + block] = expand(ctx.xq[s:s + block], vec, sims, alpha, p.qe_n)
-    return global_search(ctx, expanded, ctx.cfg.topk)
+        expanded[s:s + block] = expand(ctx.xq[s:s + block], vec, sims, alpha, n)
+    return global_search(ctx, expanded, ctx.topk)
 
 
 def diffusion_task(uri: str, options: dict, method: str, xq: np.ndarray, rows: np.ndarray, sims: np.ndarray,
@@ -529,16 +565,16 @@ def rerank_in_tasks(ctx: SearchContext, ranked: Ranking) -> Ranking:
                          if cfg.rerank in LEARNED else
                          (cas_task, cfg.rerank_params.block, dataclasses.asdict(cfg.cas)))
     node_ids = np.asarray(global_ids(ctx.root))
-    initial = ranked.top(initial_depth(cfg))
+    initial = ranked.top(initial_depth(cfg, ctx.n_database))
     rows, own = index_of(node_ids, initial.ids, -1), index_of(node_ids, ctx.exclude, -1)
     sims = initial.scores.astype(np.float64)
     task = ray.remote(num_cpus=1)(timed(fn))
     starts = ctx.block_starts(block)
     futures = [task.remote(ctx.root.uri, ctx.root.options, cfg.rerank, ctx.xq[s:s + block], rows[s:s + block],
-                           sims[s:s + block], own[s:s + block], cfg.topk, params) for s in starts]
+                           sims[s:s + block], own[s:s + block], ctx.topk, params) for s in starts]
     got = gather(ctx, cfg.rerank, futures, [len(rows[s:s + block]) for s in starts])
     r, scores = (np.concatenate(x) for x in zip(*got)) if futures else (
-        np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk)))
+        np.zeros((0, ctx.topk), np.int64), np.zeros((0, ctx.topk)))
     return Ranking(ctx.qids, np.where(r >= 0, node_ids[np.maximum(r, 0)], -1), scores)
 
 
@@ -546,9 +582,11 @@ def rerank_in_tasks(ctx: SearchContext, ranked: Ranking) -> Ranking:
 # Output
 # ------------------------------------------------------------------------------------------
 def results_table(queries: pd.DataFrame, ranked: Ranking) -> pa.Table:
-    """One row per query (in query-id order); padding removed, empty when the query has no result."""
+    """One row per query (in query-id order); padding removed, empty when the query has no result. A query
+    with a ``source`` column takes the ranking of that query (a repeat of it)."""
     queries = queries.sort_values("image_id")
-    ids, scores = ranked.align(queries["image_id"].to_numpy()).lists()
+    source = queries["source"] if "source" in queries else queries["image_id"]
+    ids, scores = ranked.align(source.to_numpy(np.int64)).lists()
     return pa.table({"query_id": pa.array(queries["image_id"], pa.int64()),
                      "query_name": pa.array(queries["name"].astype(str), pa.string()),
                      "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
@@ -588,7 +626,7 @@ FLAGS = {
 def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     """The initial ranking of ``ctx.cfg.method``, re-ranked by ``ctx.cfg.rerank``, top ``topk``."""
     cfg = ctx.cfg
-    depth = initial_depth(cfg)
+    depth = initial_depth(cfg, ctx.n_database)
     initial = {"global": lambda: global_search(ctx, ctx.xq, depth), "os": lambda: global_search(ctx, ctx.xq, depth), "asmk": lambda: asmk_search(ctx, depth),
                "iasmk": lambda: asmk_search(ctx, depth, "iasmk"), "fused": lambda: fused_search(ctx, depth),
                "fused-iasmk": lambda: fused_search(ctx, depth)}[cfg.method]
@@ -600,7 +638,7 @@ def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     elif cfg.rerank in (*DIFFUSION, *LEARNED, *SHORTLIST):
         with summary.stage(f"re-rank ({cfg.rerank})"):
             ranked = rerank_in_tasks(ctx, ranked)
-    return ranked.top(cfg.topk)
+    return ranked.top(ctx.topk)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
@@ -608,8 +646,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     summary = JobSummary("search")
     connect(cfg.ray)
     ctx = build_context(cfg, summary)
-    table = results_table(ctx.queries, search(ctx, summary))
-    summary.add(queries=len(ctx.queries), queries_described=len(ctx.qids),
+    every = pd.concat([ctx.queries[["image_id", "name", "source"]], ctx.repeats], ignore_index=True)
+    table = results_table(every, search(ctx, summary))
+    summary.add(queries=len(every), queries_described=len(ctx.qids),
                 queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
     summary.info["results"] = write_results(ctx, table, dict(summary.timings))
     return summary.finish(cfg.out, cfg.storage)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
 
+from storage.fs import dumps
 from storage.summaries import write_summary
 
 
@@ -42,13 +42,12 @@ class JobSummary:
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        """Time the ``with`` body as stage ``name``; "done" is said only when it ends without an exception."""
         t0 = time.time()
         print(f"[{self.job}] {name} …", file=sys.stderr, flush=True)
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.time() - t0, 3)
-            print(f"[{self.job}] {name} done in {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
+        yield
+        self.timings[name] = round(time.time() - t0, 3)
+        print(f"[{self.job}] {name} done in {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
 
     def add(self, **counts) -> None:
         for k, v in counts.items():
@@ -67,5 +66,5 @@ class JobSummary:
         d = self.as_dict()
         if folder:
             write_summary(folder, self.job, d, options)
-        print(json.dumps(d, indent=2, default=str))
+        print(dumps(d, indent=2))
         return d

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from jobs.config import parse, run_cli
+from operators.constraints import Count, Seed
 from storage.collection import write_collection
 
 
@@ -59,9 +60,9 @@ def generate(out: str, groups: int = 8, per_group: int = 5, seed: int = 0) -> st
 @dataclass(kw_only=True)
 class SyntheticConfig:
     out: str                 # folder to write (required)
-    groups: int = 8          # objects
-    per_group: int = 5       # views of each object
-    seed: int = 0
+    groups: Count = 8          # objects
+    per_group: Count = 5       # views of each object
+    seed: Seed = 0
 
 
 FLAGS = {"--out": ("out", "folder to write"), "--groups": ("groups", "objects"),

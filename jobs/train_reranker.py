@@ -31,6 +31,7 @@ from jobs.summary import JobSummary, peak_rss_mb
 from operators import gradnet as GN
 from operators import gss as GSS
 from operators.codebook import train_codebook
+from operators.constraints import Count
 from storage import learned as store
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
@@ -44,9 +45,9 @@ class TrainRerankerConfig:
     method: Literal["gss", "gradnet"] = "gss"
     gss: GSS.GssParams = field(default_factory=GSS.GssParams)
     gradnet: GN.GradNetParams = field(default_factory=GN.GradNetParams)
-    checkpoint_every: int = 50                  # steps between checkpoints (a killed job resumes from the last)
-    block: int = 16384                          # database rows per inference block
-    cpus: int | None = None                     # CPU threads of the training task (None: a whole node)
+    checkpoint_every: Count = 50                  # steps between checkpoints (a killed job resumes from the last)
+    block: Count = 16384                          # database rows per inference block
+    cpus: Count | None = None                     # CPU threads of the training task (None: a whole node)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 

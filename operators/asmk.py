@@ -25,15 +25,17 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from operators.constraints import Count, PosFinite, Similarity
+
 
 @dataclass
 class AsmkParams:
     binary: bool = True          # ASMK* (packed sign bits) or ASMK (unit float vectors)
-    alpha: float = 3.0           # selectivity exponent α
-    tau: float = 0.0             # similarity threshold τ
+    alpha: PosFinite = 3.0           # selectivity exponent α
+    tau: Similarity = 0.0             # similarity threshold τ
     use_idf: bool = False        # w_c = log(N / n_c)²; HOW drops it (L9209)
-    db_ma: int = 1               # database: single assignment
-    query_ma: int = 5            # query: multiple assignment m
+    db_ma: Count = 1               # database: single assignment
+    query_ma: Count = 5            # query: multiple assignment m
 
 
 @dataclass

@@ -11,6 +11,7 @@ All backbones expect RGB images normalised with the ImageNet mean/std (:func:`to
 """
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -155,10 +156,32 @@ def torchvision_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint that cannot be loaded as plain data (tensors, numbers, strings and containers)."""
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path`` read as data alone (``torch.load(weights_only=True)``): a file that needs
+    Python objects unpickled (which could run code) is refused with :class:`CheckpointRefused`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise CheckpointRefused(f"checkpoint {path!r} is refused: it needs Python objects unpickled, which could run "
+                                f"code ({why[:160] or 'not plain tensors'}); re-save it as "
+                                "torch.save(model.state_dict(), path)") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointRefused(f"checkpoint {path!r} cannot be read: {type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointRefused(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def load_resnet(path: str, arch: str = "resnet50") -> ResNet:
     """A :class:`ResNet` with the trunk weights of the checkpoint at ``path`` (strict on the trunk)."""
     net = ResNet(arch)
-    state = torchvision_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    state = torchvision_state_dict(load_checkpoint(path))
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -171,7 +194,7 @@ def build_backbone(name: str, checkpoint: str | None = None) -> Backbone:
         net: Backbone = EfficientNetLite0(checkpoint)
     elif name in RESNET_LAYERS:
         if not checkpoint:
-            raise ValueError(f"{name} needs a local checkpoint file (no download at run time): set model.checkpoint")
+            raise ValueError(f"{name} needs a local checkpoint file (no download at run time): set describe.checkpoint")
         net = load_resnet(checkpoint, name)
     else:
         raise ValueError(f"unknown backbone {name!r}: efficientnet-lite0, resnet50, resnet101")

@@ -31,25 +31,27 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import dijkstra
 
+from operators.constraints import Count, NonNegFinite, PosFinite, Probability
+
 
 @dataclass
 class CasParams:
-    k1: int = 6               # confident neighbours: mutual top-k1, self included (EXT)
-    k2: int = 60              # candidates (local cluster 𝒞): k-reciprocal top-k2 with expansion (EXT)
-    k3: int = 70              # transition matrix: top-k3 (self excluded: k3 − 1 neighbours) (EXT)
-    k4: int = 7               # smoothing: top-k4 neighbours, self included (EXT)
-    k5: int = 80              # extra propagation: top-k5 of the two-step walk (EXT)
-    sigma: float = 0.3        # W = exp(−d/σ²) (EXT)
-    mu: float = 0.23          # α = 1/(1 + μ) (EXT)
-    confident_weight: float = 2.0  # λ_c: confident edges of W (EXT lambda_value of sparse_feature_construction)
-    kappa: float = 2.0        # κ: weight of the confident neighbours ξ in F̃ (EXT lv)
-    beta: float = 0.0         # regulariser of the smoothing (EXT beta)
-    iters: int = 10           # diffusion iterations (EXT max_iter)
+    k1: Count = 6               # confident neighbours: mutual top-k1, self included (EXT)
+    k2: Count = 60              # candidates (local cluster 𝒞): k-reciprocal top-k2 with expansion (EXT)
+    k3: Count = 70              # transition matrix: top-k3 (self excluded: k3 − 1 neighbours) (EXT)
+    k4: Count = 7               # smoothing: top-k4 neighbours, self included (EXT)
+    k5: Count = 80              # extra propagation: top-k5 of the two-step walk (EXT)
+    sigma: PosFinite = 0.3        # W = exp(−d/σ²) (EXT)
+    mu: PosFinite = 0.23          # α = 1/(1 + μ) (EXT)
+    confident_weight: NonNegFinite = 2.0  # λ_c: confident edges of W (EXT lambda_value of sparse_feature_construction)
+    kappa: NonNegFinite = 2.0        # κ: weight of the confident neighbours ξ in F̃ (EXT lv)
+    beta: NonNegFinite = 0.0         # regulariser of the smoothing (EXT beta)
+    iters: Count = 10           # diffusion iterations (EXT max_iter)
     local: bool = True        # mask every iterate to the clusters (poster); False: the EXT code's order
-    paths: int = 100          # shortest-path graph: each item's top neighbours (EXT)
-    max_dist: float = 50.0    # path length cap (EXT)
-    lam: float = 0.3          # final = (1 − λ)·path + λ·d (EXT lambda_value)
-    shortlist: int = 1000     # query-time: the query's top-T items form its problem
+    paths: Count = 100          # shortest-path graph: each item's top neighbours (EXT)
+    max_dist: PosFinite = 50.0    # path length cap (EXT)
+    lam: Probability = 0.3          # final = (1 − λ)·path + λ·d (EXT lambda_value)
+    shortlist: Count = 1000     # query-time: the query's top-T items form its problem
 
 
 def normalized_distances(x: np.ndarray) -> np.ndarray:

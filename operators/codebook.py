@@ -14,6 +14,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from operators.constraints import AtLeast2, Count
+
 log = logging.getLogger(__name__)
 
 
@@ -46,9 +48,9 @@ class AssignConfig:
     HNSW graph over the centroids: approximate, several times faster on a 64k codebook; see
     ``benchmarks/assignment.py`` for the agreement with the exact words)."""
     method: Literal["flat", "hnsw"] = "flat"
-    hnsw_m: int = 32               # HNSW: links per node
-    ef_construction: int = 80      # HNSW: candidate list while building
-    ef_search: int = 64            # HNSW: candidate list per search (at least m of multiple assignment)
+    hnsw_m: AtLeast2 = 32               # HNSW: links per node
+    ef_construction: Count = 80      # HNSW: candidate list while building
+    ef_search: Count = 64            # HNSW: candidate list per search (at least m of multiple assignment)
 
 
 class Quantizer:

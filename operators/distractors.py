@@ -19,13 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from operators.constraints import Count, NonNegFinite, Probability
+
 
 @dataclass
 class DistractorParams:
-    mix: int = 2                # donor images per distractor
-    flip: float = 0.1           # fraction of each entry's sign bits flipped
-    foreign: float = 0.1        # entries drawn from the whole pool, as a fraction of the kept ones
-    global_noise: float = 0.1   # σ: norm of the global noise relative to the mixed descriptor
+    mix: Count = 2                # donor images per distractor
+    flip: Probability = 0.1           # fraction of each entry's sign bits flipped
+    foreign: Probability = 0.1        # entries drawn from the whole pool, as a fraction of the kept ones
+    global_noise: NonNegFinite = 0.1   # σ: norm of the global noise relative to the mixed descriptor
 
 
 @dataclass

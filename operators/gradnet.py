@@ -27,26 +27,27 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
+from operators.constraints import Count, NonNegFinite, PosFinite, Rate, Seed, Widths
 from operators.gss import adam_step, receptive_field, row_blocks, to_torch_sparse
 
 
 @dataclass
 class GradNetParams:
-    k: int = 15                         # mutual kNN (G:256; Paris6k 60, G:317)
-    anchors: int = 100                  # B k-means anchors (G:300 "dimension limit 100")
-    codes: int = 5                      # c: nonzero codes per item (not in the paper)
-    dims: list[int] = field(default_factory=lambda: [1024, 256, 128])  # layer widths (G:256)
+    k: Count = 15                         # mutual kNN (G:256; Paris6k 60, G:317)
+    anchors: Count = 100                  # B k-means anchors (G:300 "dimension limit 100")
+    codes: Count = 5                      # c: nonzero codes per item (not in the paper)
+    dims: Widths = field(default_factory=lambda: [1024, 256, 128])  # layer widths (G:256)
     concat: bool = False                # output every layer's features concatenated (eq. 17) instead of H^L
-    dropout: float = 0.3
-    leaky: float = 0.01                 # LeakyReLU slope (torch default; not in the paper)
-    alpha: float = 1e5                  # weight of the quadruplet term (G:256)
-    weight_decay: float = 1e-5          # λ‖Θ‖²
-    lr: float = 3e-4                    # Adam (G:300)
-    batch: int = 64                     # sextets a batch (G:256)
-    epochs: float = 300                 # an epoch = N sextets (G:250, G:300)
-    max_steps: int = 2000               # cap on batches (large N)
-    qfe_rounds: int = 1                 # QFE applications (G:234-238: "can be applied twice")
-    seed: int = 0
+    dropout: Rate = 0.3
+    leaky: NonNegFinite = 0.01                 # LeakyReLU slope (torch default; not in the paper)
+    alpha: NonNegFinite = 1e5                  # weight of the quadruplet term (G:256)
+    weight_decay: NonNegFinite = 1e-5          # λ‖Θ‖²
+    lr: PosFinite = 3e-4                    # Adam (G:300)
+    batch: Count = 64                     # sextets a batch (G:256)
+    epochs: PosFinite = 300                 # an epoch = N sextets (G:250, G:300)
+    max_steps: Count = 2000               # cap on batches (large N)
+    qfe_rounds: Count = 1                 # QFE applications (G:234-238: "can be applied twice")
+    seed: Seed = 0
 
 
 # ------------------------------------------------------------------------------------------

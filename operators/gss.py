@@ -34,29 +34,39 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from operators.constraints import (
+    AtLeast2,
+    Count,
+    NonNegFinite,
+    NonNegInt,
+    Percentile,
+    PosFinite,
+    Seed,
+)
+
 
 @dataclass
 class GssParams:
-    k: int = 5                  # database graph: top-k of each item, itself included (EXT gen_graph: k = 5 ROxf/RPar)
-    kq: int = 5                 # a query attaches to its top-k_q database items (EXT: 5 ROxf, 15 RPar)
-    layers: int = 2             # EXT num_layers
-    layer_decay: float = 0.3    # EXT layer_decay
-    init_std: float = 1e-5      # ε: off-diagonal std of the initial W (EXT init_weights)
-    alpha: float = 1.0          # α_gss
-    beta: float = 0.0           # > 0: fixed β; 0: automatic, the beta_percentile of the initial similarities
-    beta_percentile: float = 98.0
-    beta_pairs: int = 1_000_000  # pairs sampled for the automatic β (never an N × N matrix)
-    lr: float = 1e-4            # Adam
-    weight_decay: float = 1e-5  # λ of λ Σ‖W‖²/2 (EXT regularizer_scale, tf l2_regularizer)
-    steps: int = 200            # Adam steps at most (EXT: 200 full-batch epochs; INSTRE 500)
+    k: AtLeast2 = 5                  # database graph: top-k of each item, itself included (EXT gen_graph: k = 5 ROxf/RPar)
+    kq: Count = 5                 # a query attaches to its top-k_q database items (EXT: 5 ROxf, 15 RPar)
+    layers: Count = 2             # EXT num_layers
+    layer_decay: NonNegFinite = 0.3    # EXT layer_decay
+    init_std: NonNegFinite = 1e-5      # ε: off-diagonal std of the initial W (EXT init_weights)
+    alpha: PosFinite = 1.0          # α_gss
+    beta: NonNegFinite = 0.0           # > 0: fixed β; 0: automatic, the beta_percentile of the initial similarities
+    beta_percentile: Percentile = 98.0
+    beta_pairs: Count = 1_000_000  # pairs sampled for the automatic β (never an N × N matrix)
+    lr: PosFinite = 1e-4            # Adam
+    weight_decay: NonNegFinite = 1e-5  # λ of λ Σ‖W‖²/2 (EXT regularizer_scale, tf l2_regularizer)
+    steps: NonNegInt = 200            # Adam steps at most (EXT: 200 full-batch epochs; INSTRE 500)
     stop: Literal["separation", "steps"] = "separation"  # label-free early stopping on the graph's separation
                                 # (:func:`separation`), or all ``steps`` (the reference instead keeps the
                                 # epoch of best *test* mAP, which a user does not have)
-    eval_every: int = 10        # steps between separation measurements
-    patience: int = 5           # measurements without a better separation before training stops
-    eval_nodes: int = 1024      # nodes whose graph edges and pairs measure the separation
-    batch: int = 2048           # nodes a step; the whole graph (the reference's full batch) when n ≤ batch
-    seed: int = 0
+    eval_every: Count = 10        # steps between separation measurements
+    patience: Count = 5           # measurements without a better separation before training stops
+    eval_nodes: Count = 1024      # nodes whose graph edges and pairs measure the separation
+    batch: Count = 2048           # nodes a step; the whole graph (the reference's full batch) when n ≤ batch
+    seed: Seed = 0
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,12 +30,13 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from operators.asmk import InvertedFile, _popcount64
+from operators.constraints import Count, Similarity
 
 
 @dataclass
 class IasmkParams:
-    tau_l: float = 0.375      # local consistency: similarity ≥ τ_l (0.375 ⇔ Hamming ≤ 40 of 128)
-    tau_g: int = 10           # global consistency: matches an image pair must share
+    tau_l: Similarity = 0.375      # local consistency: similarity ≥ τ_l (0.375 ⇔ Hamming ≤ 40 of 128)
+    tau_g: Count = 10           # global consistency: matches an image pair must share
 
 
 def max_hamming(tau_l: float, dim: int) -> int:

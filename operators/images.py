@@ -1,8 +1,19 @@
 """Image decoding, resizing and cropping (numpy/OpenCV, RGB uint8 HxWx3)."""
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
+from PIL import (
+    BmpImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    PpmImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,  # noqa: F401 - registers WebP's signature check
+)
 
 
 class ImageDecodeError(ValueError):
@@ -11,22 +22,80 @@ class ImageDecodeError(ValueError):
 
 MAX_PIXELS = 1 << 27  # 134M pixels: far above any photograph, far below what would exhaust a worker's memory
 
+# The formats decoded: each one OpenCV decodes and whose declared size is read (by Pillow, without decoding)
+# before it does. Any other bytes - formats Pillow or OpenCV know but not listed here (GIF, AVIF, JPEG 2000,
+# HDR, ...) and bytes Pillow does not recognise - are refused before OpenCV sees them.
+FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "PPM")
+_HEADER_READERS = {  # Pillow's image classes: constructing one reads the header only (pixels load lazily)
+    "JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile, "TIFF": TiffImagePlugin.TiffImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile, "PPM": PpmImagePlugin.PpmImageFile,
+}
+
+
+def _identify(data: bytes) -> str | None:
+    """The format whose signature Pillow's plugins recognise in the first bytes (nothing is opened): one of
+    FORMATS if any matches, else any other format Pillow knows (to name it), else None."""
+    prefix = data[:16]
+
+    def matches(fmt: str) -> bool:
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        try:
+            return accept is not None and bool(accept(prefix))  # a str: this format, support not installed
+        except Exception:  # noqa: BLE001 - a signature check failing on odd bytes is no match
+            return False
+
+    for fmt in FORMATS:
+        if matches(fmt):
+            return fmt
+    Image.init()  # every plugin, only to name a refused format
+    return next((fmt for fmt in Image.ID if matches(fmt)), None)
+
+
+def _webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """The canvas size a RIFF WebP's first chunk declares (VP8 frame header, VP8L header or VP8X canvas, RFC 9649),
+    the size libwebp decodes to. Pillow's WebP reader creates libwebp's decoder - which reserves two canvas-sized
+    RGBA buffers - before it reports the size, so the size is read from these fields, as Pillow itself does to
+    check its own limit first."""
+    kind = data[12:16]
+    if kind == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if kind == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _header(data: bytes) -> tuple[str, tuple[int, int], tuple[int, int] | None]:
+    """Format, declared (width, height) and, for a tiled TIFF, declared tile (width, height), read without
+    decoding. Multi-image files (TIFF pages, animated WebP/PNG) declare the size of the first image or of the
+    canvas, which is what OpenCV decodes. Raises :class:`ImageDecodeError` for bytes that are not one of
+    FORMATS or whose header cannot be read."""
+    fmt = _identify(data)
+    if fmt not in FORMATS:
+        detail = f" {fmt}" if fmt else ": not recognised as any"
+        raise ImageDecodeError(f"unsupported image format{detail} (decoded: {', '.join(FORMATS)})")
+    if fmt == "WEBP":
+        size = _webp_canvas(data)
+        if size is None:
+            raise ImageDecodeError("unreadable WEBP header")
+        return fmt, size, None
+    try:
+        with _HEADER_READERS[fmt](io.BytesIO(data)) as im:
+            tile = (im.tag_v2.get(322), im.tag_v2.get(323)) if fmt == "TIFF" else None  # TileWidth, TileLength
+            return fmt, im.size, tile if tile and all(isinstance(t, int) for t in tile) else None
+    except Exception as e:  # noqa: BLE001 - whatever a broken header makes the reader raise
+        raise ImageDecodeError(f"unreadable {fmt} header: {type(e).__name__}: {e}") from None
+
 
 def declared_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) a PNG or JPEG header declares, read without decoding; None for other formats."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] != b"\xff\xd8":
+    """(width, height) the header declares, read without decoding; None for bytes that are not one of
+    :data:`FORMATS` or whose header cannot be read."""
+    try:
+        return _header(data)[1]
+    except ImageDecodeError:
         return None
-    i = 2
-    while i + 9 < len(data):  # walk the JPEG segments up to the frame header (SOF0-15, not DHT/JPG/DAC)
-        if data[i] != 0xFF:
-            return None
-        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        i += 2 + length
-    return None
 
 
 def encode_jpeg(rgb: np.ndarray) -> bytes:
@@ -38,17 +107,23 @@ def encode_jpeg(rgb: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode JPEG/PNG/… bytes to an RGB uint8 array: EXIF orientation applied (OpenCV), grey, 16-bit, CMYK
-    and alpha images converted to 8-bit RGB. A header declaring more than ``max_pixels`` (a decompression
-    bomb) is refused before anything is decoded."""
+    """Decode JPEG/PNG/WebP/TIFF/BMP/PPM bytes to an RGB uint8 array: EXIF orientation applied (OpenCV), grey,
+    16-bit, CMYK and alpha images converted to 8-bit RGB. Other formats are refused, and so is a header
+    declaring more than ``max_pixels`` (a decompression bomb, or a TIFF tile that large), before anything is
+    decoded."""
     if not data:
         raise ImageDecodeError("empty file")
-    size = declared_size(data)
-    if size and size[0] * size[1] > max_pixels:
-        raise ImageDecodeError(f"declared size {size[0]}x{size[1]} exceeds {max_pixels} pixels (not decoded)")
+    fmt, (w, h), tile = _header(data)
+    if w * h > max_pixels:
+        raise ImageDecodeError(f"declared size {w}x{h} ({fmt}) exceeds {max_pixels} pixels (not decoded)")
+    if tile and tile[0] * tile[1] > max_pixels:
+        raise ImageDecodeError(f"declared tile size {tile[0]}x{tile[1]} of a {w}x{h} {fmt} exceeds {max_pixels} "
+                               "pixels (not decoded)")
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"declared size {w}x{h} ({fmt}) is empty")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
-        raise ImageDecodeError("cannot decode image")
+        raise ImageDecodeError(f"cannot decode image ({fmt})")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

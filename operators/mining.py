@@ -20,16 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from operators.constraints import Count, OpenUnit, Tolerance
+
 
 @dataclass
 class MiningParams:
-    anchors: int = 1500         # N_a (retrieval: 1,500 of 1M images, mom_1M.m)
-    k_pos: int = 50             # k_p: manifold / Euclidean neighbourhood for positives (T:25482)
-    k_neg: int = 10000          # k_n: Euclidean / manifold neighbourhood for negatives (retrieval)
-    cap: int = 50               # pool size per anchor (T:25482-25487)
-    alpha: float = 0.99         # diffusion α (T:25472-25481)
-    tol: float = 1e-10          # CG relative residual  [ext: mom posmine.m/negmine.m, dfs(L, e, 1e-10, 20)]
-    maxiter: int = 20           # CG iterations: the reference stops at 20 (ranks, not values, are used)
+    anchors: Count = 1500         # N_a (retrieval: 1,500 of 1M images, mom_1M.m)
+    k_pos: Count = 50             # k_p: manifold / Euclidean neighbourhood for positives (T:25482)
+    k_neg: Count = 10000          # k_n: Euclidean / manifold neighbourhood for negatives (retrieval)
+    cap: Count = 50               # pool size per anchor (T:25482-25487)
+    alpha: OpenUnit = 0.99         # diffusion α (T:25472-25481)
+    tol: Tolerance = 1e-10          # CG relative residual  [ext: mom posmine.m/negmine.m, dfs(L, e, 1e-10, 20)]
+    maxiter: Count = 20           # CG iterations: the reference stops at 20 (ranks, not values, are used)
 
 
 def effective_sizes(p: MiningParams, n: int) -> tuple[int, int, int]:

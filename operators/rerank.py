@@ -23,6 +23,15 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
+from operators.constraints import (
+    Count,
+    Fraction,
+    NonNegFinite,
+    NonNegInt,
+    OpenUnit,
+    PosFinite,
+    Tolerance,
+)
 from operators.diffusion import seeds, temporal, truncated
 from operators.graph import index_of, inverse_permutation, locality_order, normalize
 from operators.spectral import fsr, fsr_weighted, hybrid, sparsify
@@ -35,18 +44,18 @@ METHODS = ("none", "aqe", "alpha-qe", *DIFFUSION, *LEARNED, *SHORTLIST)
 
 @dataclass
 class RerankParams:
-    alpha: float = 0.99        # diffusion α (T:18643-18644)
-    kq: int = 10               # query seeds: first k_q results (T:18683-18684)
-    gamma: float = 3.0         # seed weight [s]₊^γ
-    iters: int = 20            # CG iterations, temporal / truncated (T:18692-18698)
-    tol: float = 1e-6          # CG relative residual [ext]
-    shortlist: int = 1000      # truncated: top-T of the initial ranking
-    hybrid_iters: int = 5      # hybrid: CG iterations on the residual (T:20419-20422)
-    qe_alpha: float = 3.0      # αQE exponent (α = 0: AQE) (T:3506-3515)
-    qe_n: int = 50             # αQE: results averaged
-    block: int = 64            # queries per multi-right-hand-side solve
+    alpha: OpenUnit = 0.99        # diffusion α (T:18643-18644)
+    kq: Count = 10               # query seeds: first k_q results (T:18683-18684)
+    gamma: PosFinite = 3.0         # seed weight [s]₊^γ
+    iters: Count = 20            # CG iterations, temporal / truncated (T:18692-18698)
+    tol: Tolerance = 1e-6          # CG relative residual [ext]
+    shortlist: Count = 1000      # truncated: top-T of the initial ranking
+    hybrid_iters: NonNegInt = 5      # hybrid: CG iterations on the residual (T:20419-20422)
+    qe_alpha: NonNegFinite = 3.0      # αQE exponent (α = 0: AQE) (T:3506-3515)
+    qe_n: Count = 50             # αQE: results averaged
+    block: Count = 64            # queries per multi-right-hand-side solve
     dtype: Literal["float32", "float64"] = "float32"  # solver precision: float32 halves memory traffic; float64 for exactness tests
-    sparse_keep: float = 1.0   # fsr / hybrid: keep this fraction of U's entries (SHybrid: 0.01, T:20425-20431)
+    sparse_keep: Fraction = 1.0   # fsr / hybrid: keep this fraction of U's entries (SHybrid: 0.01, T:20425-20431)
     fsrw: bool = False         # fsr: FSRw, x_i + (1 − η_i) s(q, x_i) over the initial ranking (T:19561-19580)
 
 

@@ -25,22 +25,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from operators.constraints import Count, OpenUnit, PosFinite, Probability
+
 
 @dataclass
 class SaliencyParams:
-    fs_rho: float = 7.0          # FS detection exponent ρ (T:23946-23951)
-    os_rho: float = 2.0          # OS detection exponent ρ (T:23981-23988)
-    sigma: float = 2.5           # EGM scale σ, both maps (T:23951-23955, T:23988)
-    tau: float = 0.01            # mask threshold τ (journal, T:23919-23922), relative to the map's maximum
-    theta: float = 3.0           # θ = Θ of eq. 16 (journal, T:23926-23927)
-    gem_p: float = 3.0           # GeM exponent of region descriptors (the index's p)
-    egm_iters: int = 30          # EGM iterations at most (stops earlier when no component is purged)
-    max_regions: int = 10        # strongest EGM regions kept per image and scale (ours: bounds the region graph)
-    patch: int = 3               # a: patch side in map cells (ours; not stated in the seed)
-    patch_neighbours: int = 10   # |N_p| (ours; not stated)
-    k: int = 10                  # region graph: mutual kNN (ours; not stated)
-    beta: float = 3.0            # s = [vᵀu]₊^β (ours: the image graphs' γ)
-    alpha: float = 0.99          # Katz: L_α g = 1 (the diffusion α)
+    fs_rho: PosFinite = 7.0          # FS detection exponent ρ (T:23946-23951)
+    os_rho: PosFinite = 2.0          # OS detection exponent ρ (T:23981-23988)
+    sigma: PosFinite = 2.5           # EGM scale σ, both maps (T:23951-23955, T:23988)
+    tau: Probability = 0.01            # mask threshold τ (journal, T:23919-23922), relative to the map's maximum
+    theta: PosFinite = 3.0           # θ = Θ of eq. 16 (journal, T:23926-23927)
+    gem_p: PosFinite = 3.0           # GeM exponent of region descriptors (the index's p)
+    egm_iters: Count = 30          # EGM iterations at most (stops earlier when no component is purged)
+    max_regions: Count = 10        # strongest EGM regions kept per image and scale (ours: bounds the region graph)
+    patch: Count = 3               # a: patch side in map cells (ours; not stated in the seed)
+    patch_neighbours: Count = 10   # |N_p| (ours; not stated)
+    k: Count = 10                  # region graph: mutual kNN (ours; not stated)
+    beta: PosFinite = 3.0            # s = [vᵀu]₊^β (ours: the image graphs' γ)
+    alpha: OpenUnit = 0.99          # Katz: L_α g = 1 (the diffusion α)
 
 
 def feature_saliency(a: np.ndarray, eps: float = 1e-6) -> np.ndarray:

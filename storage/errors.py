@@ -9,6 +9,9 @@ circle. Anything else that escapes a job is a bug and keeps its traceback.
     ├── GroundTruthError   ground truth that cannot serve for evaluation (also: refused pickles)
     ├── ArtifactError      an artifact is missing, or was made by another schema version
     └── SettingsMismatch   a root was made under other settings, or from another collection
+
+    MachineError           what the machine did, not the user (Ray cannot start, storage unreachable):
+                           one line, exit 1
 """
 from __future__ import annotations
 
@@ -36,3 +39,7 @@ class ArtifactError(InputError):
 class SettingsMismatch(InputError, ValueError):
     """The root was made under other settings (shards, stored whitening, codebook) or from a
     collection holding images the new one lacks."""
+
+
+class MachineError(Exception):
+    """The machine failed the job (Ray cannot start, a storage endpoint is unreachable); one line, exit 1."""

@@ -6,15 +6,20 @@ can also come from the environment (``S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
+import socket
 import tempfile
 import uuid
 from typing import Any
 
 import fsspec
+import psutil
+
+from storage.redaction import redact, strict
 
 StorageOptions = dict[str, Any]
 
@@ -59,6 +64,14 @@ def canonical(uri: str) -> str:
     return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
 
 
+def is_inside(uri: str, root: str) -> bool:
+    """True when ``uri`` names a location under ``root`` (both local, or both under one URI prefix)."""
+    a, b = canonical(uri), canonical(root).rstrip("/")
+    if protocol(uri) == "file" and protocol(root) == "file":
+        a, b = os.path.realpath(a), os.path.realpath(b)
+    return a.startswith(b + ("/" if protocol(root) != "file" else os.sep))
+
+
 def is_absolute(uri: str) -> bool:
     return "://" in uri or os.path.isabs(uri)
 
@@ -90,17 +103,50 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     fs, path = filesystem(uri, options)
     if protocol(uri) == "file":
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts and reports are for others to read too
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=temp_prefix())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts and reports are for others to read too
+            os.replace(tmp, path)
+        except BaseException:  # an interrupted write (SIGINT, SIGTERM, a full disk) leaves no temporary
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data, chunksize=S3_PART)
 
 
+def temp_prefix() -> str:
+    """Name prefix of this process's temporary files: ``.tmp-<host>-<pid>-`` (see :func:`sweep_temporaries`)."""
+    return f".tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_temporaries(uri: str) -> int:
+    """Remove the temporary files a killed writer on this host left in local folder ``uri`` (those of
+    processes that no longer run; a live writer's are kept); returns how many. S3 writes leave none."""
+    if protocol(uri) != "file" or not os.path.isdir(path := filesystem(uri)[1]):
+        return 0
+    host, removed = socket.gethostname(), 0
+    for name in os.listdir(path):
+        if not name.startswith(f".tmp-{host}-"):
+            continue
+        pid = name[len(f".tmp-{host}-"):].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(path, name))
+                removed += 1
+    return removed
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON with every credential redacted (:mod:`storage.redaction`): what jobs write and print."""
+    data = json.loads(json.dumps(obj, default=str))  # numpy scalars, paths… as JSON sees them
+    return json.dumps(strict(redact(data)), allow_nan=False, **kwargs)
+
+
 def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), options)
+    write_bytes(uri, dumps(obj, indent=2, sort_keys=True).encode(), options)
 
 
 def read_json(uri: str, options: StorageOptions | None = None) -> Any:
@@ -160,3 +206,32 @@ def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str |
         fs.get(path, tmp)
         os.replace(tmp, local)
     return local
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from or during (each once, nearest first)."""
+    seen: list[BaseException] = []
+    while e is not None and all(e is not s for s in seen) and len(seen) < 20:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def storage_failure(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) when ``e`` is storage failing the job, None otherwise: credentials that are
+    missing or refused are the user's to fix (2); an endpoint that cannot be reached is the machine's (1)."""
+    try:
+        from botocore import exceptions as bx
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        return None
+    for err in _chain(e):
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
+            return 2, (f"storage: {first} (give credentials through the environment, e.g. AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY, or --set storage.key=… --set storage.secret=…)")
+        if isinstance(err, PermissionError):
+            return 2, f"storage refused access: {first}"
+        if isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError,
+                            ConnectionRefusedError)):
+            return 1, f"storage cannot be reached: {first}"
+    return None

@@ -58,6 +58,22 @@ def global_ids(root: ArtifactRoot, name: str = "global") -> np.ndarray:
     return root.load_array(f"{name}/ids.npy")
 
 
+def check_consistent(root: ArtifactRoot, image_ids: np.ndarray | None, name: str = "global") -> None:
+    """Refuse (:class:`ArtifactError`) a root whose descriptor matrix disagrees with itself or with its image
+    table: row counts of ids, vectors and meta, duplicated ids, ids of no image (``image_ids``; None: not checked)."""
+    g = open_global(root, name)
+    problem = None
+    if g.ids.ndim != 1 or g.vectors.ndim != 2 or len(g.ids) != len(g.vectors) or g.meta.count != len(g.ids):
+        problem = (f"{len(g.ids)} ids, {len(g.vectors)} vectors and a count of {g.meta.count} do not agree")
+    elif len(np.unique(g.ids)) != len(g.ids):
+        problem = "an image id appears in more than one row"
+    elif image_ids is not None and not np.isin(g.ids, image_ids).all():
+        problem = f"{int((~np.isin(g.ids, image_ids)).sum())} row(s) name no image of images.parquet"
+    if problem:
+        raise ArtifactError(f"{root.uri}/{name} is inconsistent ({problem}): the root was changed after it was "
+                            "built; rebuild it (python -m jobs.index … --out a new root)")
+
+
 def open_global(root: ArtifactRoot, name: str = "global") -> GlobalDescriptors:
     ids = global_ids(root, name)
     vectors = root.load_array(f"{name}/vectors.npy")

@@ -25,10 +25,10 @@ Key-value metadata of each file: ``schema_version``, ``extractor`` (JSON of the 
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
+
+from storage import fs as sfs
 
 SCHEMA_VERSION = 2  # 2: one stage-record shape (job, settings)
 
@@ -53,7 +53,7 @@ def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None
                    pa.field("asmk_codes", pa.list_(pa.list_(pa.uint8(), local_dim // 8)))]
     meta = {"schema_version": str(SCHEMA_VERSION)}
     if metadata:
-        meta.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()})
+        meta.update({k: v if isinstance(v, str) else sfs.dumps(v) for k, v in metadata.items()})
     return pa.schema(fields, metadata=meta)
 
 

@@ -52,12 +52,21 @@ class ShardSet:
         return sfs.read_json(self.commit_path(index), self.options)
 
     def committed(self) -> dict[int, dict]:
-        """Commit records of the complete shards, by shard index (read concurrently)."""
+        """Commit records of the complete shards, by shard index (read concurrently). What a killed
+        writer left half-written is removed (:func:`storage.fs.sweep_temporaries`): a rerun leaves none."""
+        self.sweep()
         indices = self.indices()
         blobs = sfs.read_many([self.commit_path(i) for i in indices], self.options)
         return {i: json.loads(b) for i, b in zip(indices, blobs)}
 
+    def sweep(self) -> None:
+        """Remove the temporaries that killed writers left here (:func:`storage.fs.sweep_temporaries`)."""
+        for folder in (self.uri, sfs.join(self.uri, COMMITS)):
+            sfs.sweep_temporaries(folder)
+
     def pending(self, indices: list[int]) -> list[int]:
+        """The shards of ``indices`` still to write (a rerun's work; killed writers' temporaries removed)."""
+        self.sweep()
         done = set(self.indices())
         return [i for i in indices if i not in done]
 

@@ -1,9 +1,17 @@
 """Typed configs: precedence, validation of types / choices / sections / required fields, --print-config."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib
+import math
+import pkgutil
+import types
+import typing
+
 import pytest
 
-from jobs.config import parse
+from jobs.config import from_dict, parse, set_dotted, to_dict
 from jobs.extract import FLAGS
 from jobs.index import IndexConfig
 from jobs.search import FLAGS as SEARCH_FLAGS, SearchConfig
@@ -96,3 +104,215 @@ def test_extraction_digest_of_existing_roots_is_stable_and_ignores_execution_set
     assert settings_digest({"describe": {"local": "how"}}) == "349d4d9971dfc90f"
     assert settings_digest({"describe": {"cudnn": True, "device": "cuda", "forward_batch": 16}}) == "71191749d2e7c0d2"
     assert settings_digest({"describe": {"gem_p": 4.0}}) != "71191749d2e7c0d2"
+
+
+# ------------------------------------------------------------------------------------------
+# Ranges: every count at least 1 (or 0 where 0 is documented), every float finite and in range
+# ------------------------------------------------------------------------------------------
+INDEX = ["--collection", "c", "--out", "o"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topk", "0"], r"^topk: Input should be greater than or equal to 1 \(got 0\)$"),
+    (["--topk", "-1"], r"^topk: Input should be greater than or equal to 1 \(got -1\)$"),
+    (["--topk", "1000000000000"], r"^topk: Input should be less than or equal to \d+ \(got 1000000000000\)$"),
+    (["--center-crop", "0"], r"^center_crop: Input should be greater than 0 \(got 0\)$"),
+    (["--center-crop", "1.5"], r"^center_crop: Input should be less than or equal to 1 \(got 1.5\)$"),
+    (["--center-crop", "nan"], r"^center_crop: Input should be a finite number"),
+    (["--center-crop", "inf"], r"^center_crop: Input should be a finite number"),
+    (["--center-crop", "-0.5"], r"^center_crop: Input should be greater than 0 \(got -0.5\)$"),
+    (["--set", "center_crop=.nan"], r"^center_crop: Input should be a finite number \(got nan\)$"),
+    (["--set", "center_crop=-.inf"], r"^center_crop: Input should be a finite number \(got -inf\)$"),
+    (["--set", "fusion_beta=.inf"], r"^fusion_beta: Input should be a finite number"),
+    (["--set", "rerank_params.alpha=1"], r"^rerank_params.alpha: Input should be less than 1"),
+    (["--set", "rerank_params.sparse_keep=0"], r"^rerank_params.sparse_keep: Input should be greater than 0"),
+    (["--set", "asmk.params.tau=1.5"], r"^asmk.params.tau: Input should be less than or equal to 1"),
+    (["--set", "ray.actor_resources={extract: .nan}"], r"^ray.actor_resources.extract: Input should be a finite number"),
+])
+def test_search_out_of_range_values_are_one_line_config_errors(args, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse(SearchConfig, [*SEARCH, *args], SEARCH_FLAGS)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("crop, expected", [("1.0", 1.0), ("0.4", 0.4), ("1", 1.0), ("1e-3", 0.001)])
+def test_center_crop_in_the_unit_interval_is_accepted(crop, expected):
+    assert parse(SearchConfig, [*SEARCH, "--center-crop", crop], SEARCH_FLAGS).center_crop == expected
+    assert parse(SearchConfig, SEARCH, SEARCH_FLAGS).center_crop is None  # no crop stays the default
+
+
+@pytest.mark.parametrize("crop", [0, 0.0, 1.5, -0.5, math.nan, math.inf, -math.inf])
+def test_center_crop_out_of_range_is_refused_by_from_dict(crop):
+    from jobs.extract import ExtractConfig
+
+    for cls, data in ((SearchConfig, {"index": "i", "queries": "q", "out": "o"}), (ExtractConfig, {"collection": "c", "out": "o"})):
+        with pytest.raises(ConfigError, match=r"^center_crop: "):
+            from_dict(cls, {**data, "center_crop": crop})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("codebook.k", -5, r"^codebook.k: Input should be greater than or equal to 2 \(got -5\)$"),
+    ("batch_size", 0, r"^batch_size: Input should be greater than or equal to 1 \(got 0\)$"),
+    ("shard_size", 0, r"^shard_size: Input should be greater than or equal to 1 \(got 0\)$"),
+    ("graph.k", 0, r"^graph.k: Input should be greater than or equal to 1 \(got 0\)$"),
+    ("describe.local_smoothing", 2, r"^describe.local_smoothing: Value error, must be odd"),
+    ("describe.global_scales", [], r"^describe.global_scales: List should have at least 1 item"),
+    ("describe.local_scales", [1.0, 0.0], r"^describe.local_scales.1: Input should be greater than 0"),
+    ("spectral.sparse_keep", 1.01, r"^spectral.sparse_keep: Input should be less than or equal to 1"),
+])
+def test_index_out_of_range_values_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(IndexConfig, [*INDEX, "--set", f"{key}={value}"], FLAGS)
+    data = {"collection": "c", "out": "o"}
+    set_dotted(data, key, value)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(IndexConfig, data)
+
+
+def test_graph_job_k_zero_is_refused():
+    from jobs.graph import FLAGS as GRAPH_FLAGS, GraphJobConfig
+
+    with pytest.raises(ConfigError, match=r"^graph.k: Input should be greater than or equal to 1 \(got 0\)$"):
+        parse(GraphJobConfig, ["--index", "i", "--set", "graph.k=0"], GRAPH_FLAGS)
+
+
+# Int fields where 0 (never a negative) is documented to mean something; every other int is a count (≥ 1).
+ZERO_ALLOWED = {
+    "id_offset": "ids start at 0",
+    "seed": "any non-negative seed",
+    "forward_batch": "0: 16 images on GPU, 1 on CPU",
+    "local_whiten_dim": "0: no local whitening",
+    "nlist": "0: 4·√n IVF lists",
+    "ivf_threshold": "0: IVF for every size",
+    "rank": "spectral.rank 0 disables the spectral stage",
+    "oversample": "0: no extra block vectors",
+    "hybrid_iters": "0: the low-rank part of hybrid alone",
+    "tasks": "iasmk.tasks 0: 4 per CPU",
+    "steps": "gss.steps 0: the untrained network (README)",
+}
+
+
+def job_configs() -> dict[str, type]:
+    """The config dataclass each job of ``jobs.cli.JOBS`` parses, read off its ``main``."""
+    from jobs.cli import JOBS
+
+    class Parsed(Exception):
+        pass
+
+    def capture(cls, *args, **kwargs):
+        raise Parsed(cls)
+
+    found = {}
+    for job in JOBS:
+        module = importlib.import_module(f"jobs.{job}")
+        real, module.parse = module.parse, capture
+        try:
+            module.main([])
+        except Parsed as e:
+            found[job] = e.args[0]
+        finally:
+            module.parse = real
+    assert set(found) == set(JOBS), "every job's main parses its config first"
+    return found
+
+
+def _members(typ) -> list:
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(typ) if a is not type(None)]
+    return [typ]
+
+
+def config_leaves(cls: type, prefix: str = "", seen: set | None = None):
+    """(dotted key, plain type) of every value field under dataclass ``cls``, nested sections walked."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = [m for m in _members(hints[f.name]) if dataclasses.is_dataclass(m)]
+        if sub:
+            if seen is not None:
+                seen.add(sub[0])
+            yield from config_leaves(sub[0], f"{prefix}{f.name}.", seen)
+        else:
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def required_values(cls: type) -> dict:
+    """Plausible values of the required fields of a job config (its defaults fill the rest)."""
+    hints = typing.get_type_hints(cls)
+    plain = {str: "x", int: 1}
+    return {f.name: ["x"] if typing.get_origin(hints[f.name]) is list else plain[hints[f.name]]
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+
+def numbers(typ) -> list[tuple[type, typing.Callable]]:
+    """(int or float, wrap) for each number a field holds: itself, a list's items or a dict's values."""
+    out = []
+    for m in _members(typ):
+        origin = typing.get_origin(m)
+        if origin is list:
+            out.append((typing.get_args(m)[0], lambda v: [v]))
+        elif origin is dict:
+            out.append((typing.get_args(m)[1], lambda v: {"x": v}))
+        else:
+            out.append((m, lambda v: v))
+    return [(t, w) for t, w in out if t in (int, float)]  # bool is not int here: its own type
+
+
+def refused(cls: type, base: dict, key: str, value) -> str | None:
+    """The one-line error of ``key=value`` over the valid ``base``, None when accepted."""
+    data = copy.deepcopy(base)
+    set_dotted(data, key, value)
+    try:
+        from_dict(cls, data)
+    except ConfigError as e:
+        msg = str(e)
+        assert msg.startswith(key) and "\n" not in msg, (key, value, msg)
+        return msg
+    return None
+
+
+def test_every_job_config_has_valid_defaults():
+    """pydantic does not check defaults: a default outside its own range would pass parse unnoticed."""
+    for job, cls in job_configs().items():
+        cfg = from_dict(cls, required_values(cls))
+        assert from_dict(cls, to_dict(cfg)) == cfg, job
+
+
+def test_every_number_of_every_job_config_is_range_checked():
+    """Walks the type hints of each job's config (nested sections included): every float (also optional, list
+    items, dict values) refuses NaN and ±inf; every int refuses −1 and 2**63, and 0 unless ZERO_ALLOWED documents
+    what 0 means. A new field without its constraint fails here."""
+    problems, checked = [], 0
+    for job, cls in job_configs().items():
+        base = required_values(cls)
+        from_dict(cls, base)  # the base is valid: an error below is the tested value's
+        for key, typ in config_leaves(cls):
+            for kind, wrap in numbers(typ):
+                checked += 1
+                bad = [math.nan, math.inf, -math.inf] if kind is float else [-1, 2**63]
+                if kind is int and key.split(".")[-1] not in ZERO_ALLOWED:
+                    bad.append(0)
+                problems += [f"{job}: {key}={v!r} accepted" for v in bad if refused(cls, base, key, wrap(v)) is None]
+                if kind is int and key.split(".")[-1] in ZERO_ALLOWED and refused(cls, base, key, wrap(0)) is not None:
+                    problems.append(f"{job}: {key}=0 refused although ZERO_ALLOWED says {ZERO_ALLOWED[key.split('.')[-1]]!r}")
+    assert checked > 200, checked  # the walk reached the nested sections
+    assert not problems, "\n".join(problems)
+
+
+def test_the_walk_reaches_every_config_dataclass():
+    """Every ``*Config`` / ``*Params`` dataclass of jobs/, operators/ and cluster/ is some job's (section), so the
+    range test above covers it."""
+    import cluster
+    import jobs
+    import operators
+
+    defined = set()
+    for package in (jobs, operators, cluster):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            defined |= {c for name, c in vars(module).items() if isinstance(c, type) and dataclasses.is_dataclass(c)
+                        and c.__module__ == module.__name__ and name.endswith(("Config", "Params"))}
+    reached = set(job_configs().values())
+    for cls in list(reached):
+        list(config_leaves(cls, seen=reached))
+    assert defined - reached == set(), sorted(c.__qualname__ for c in defined - reached)

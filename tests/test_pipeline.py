@@ -47,7 +47,7 @@ def test_index_records_errors_and_builds_global(built_index):
     table = root.shards().read_all(["image_id", "status", "error"]).to_pandas()
     errors = table[table.status == "error"].set_index("image_id")["error"]
     assert set(errors.index) == {14, 15}
-    assert "decode" in errors[14] and "FileNotFoundError" in errors[15]
+    assert "ImageDecodeError" in errors[14] and "FileNotFoundError" in errors[15]
     vectors, ids = root.load_array("global/vectors.npy"), root.load_array("global/ids.npy")
     assert vectors.shape == (14, 1280) and sorted(ids.tolist()) == list(range(14))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -704,7 +704,7 @@ def test_unusual_images_are_described_and_a_bomb_is_an_error_row(ray_session, mi
     becomes an error row with its reason; no good image is dropped."""
     import cv2
 
-    from tests.test_images import bomb_png, with_exif_orientation
+    from tests.test_images import WEBP_BOMB, bomb_png, patched_jpeg, patched_tiff, with_exif_orientation
 
     photo = cv2.imread(pd.read_csv(mini_subset)["file"].iloc[0])
     photo = cv2.resize(photo, (256, 192), interpolation=cv2.INTER_AREA)
@@ -715,16 +715,19 @@ def test_unusual_images_are_described_and_a_bomb_is_an_error_row(ray_session, mi
              "grey.png": cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY))[1].tobytes(),
              "deep.png": cv2.imencode(".png", photo.astype(np.uint16) * 257)[1].tobytes(),
              "alpha.png": cv2.imencode(".png", np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)]))[1].tobytes(),
-             "bomb.png": bomb_png(60_000, 60_000)}
+             "bomb.png": bomb_png(60_000, 60_000), "bomb.webp": WEBP_BOMB, "bomb.tif": patched_tiff(12000, 12000),
+             "bomb-fill.jpg": patched_jpeg(12000, 12000, fill=True)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     pd.DataFrame({"file": [str(tmp_path / n) for n in files]}).to_csv(tmp_path / "c.csv", index=False)
     summary = index_job.main(["--collection", str(tmp_path / "c.csv"), "--out", str(tmp_path / "idx"), *FAST,
                               "--set", "stages=[extract,global]", "--set", "describe.local=none"])
-    assert summary["counts"]["images_ok"] == 5 and summary["counts"]["images_error"] == 1
+    assert summary["counts"]["images_ok"] == 5 and summary["counts"]["images_error"] == 4
     root = ArtifactRoot(str(tmp_path / "idx"))
     table = root.shards().read_all(["image_id", "status", "error"]).to_pandas().set_index("image_id")
     assert table.status[5] == "error" and "declared size 60000x60000" in table.error[5]
+    for i in (6, 7, 8):  # WebP, TIFF, a JPEG with a fill byte before its frame header: refused from the header
+        assert table.status[i] == "error" and "declared size 12000x12000" in table.error[i], table.error[i]
     g = dict(zip(root.load_array("global/ids.npy").tolist(), root.load_array("global/vectors.npy")))
     assert float(g[0] @ g[1]) > 0.99                        # EXIF-rotated = upright
     assert float(g[0] @ g[3]) > 0.999 and float(g[0] @ g[4]) > 0.999   # 16-bit and alpha: the same colours
@@ -864,3 +867,113 @@ def test_gradnet_trains_and_reranks_by_query_feature_expansion(built_index, mini
     for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
         assert qid not in ids and len(set(ids)) == len(ids) and np.all(np.diff(scores) <= 1e-6)
     assert evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"] > 0.2
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing runs, nothing leaks, nothing crashes (a built index, in-process on the session's Ray)
+# ------------------------------------------------------------------------------------------
+def _tampered_copy(out, tmp_path, **describe) -> str:
+    """A copy of the built root whose recorded extraction settings say ``describe``."""
+    root = tmp_path / "tampered"
+    shutil.copytree(out, root)
+    for record in (root / "index.json", root / "stages" / "extract.json"):
+        data = json.loads(record.read_text())
+        stage = data["stages"]["extract"] if "stages" in data else data
+        stage["settings"]["describe"].update(describe)
+        record.write_text(json.dumps(data))
+    return str(root)
+
+
+def test_a_tampered_root_runs_no_code_and_reaches_no_file_outside_it(built_index, mini_subset, tmp_path, capsys):
+    import pickle
+
+    from tests.test_security import Evil
+
+    out, _ = built_index
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"state_dict": Evil(str(target))}))
+    queries = ["--queries", str(mini_subset), "--out", str(tmp_path / "r"), "--center-crop", "0.5"]
+    inside = _tampered_copy(out, tmp_path, backbone="resnet50", checkpoint=str(tmp_path / "tampered" / "ckpt.pth"))
+    shutil.copy(evil, tmp_path / "tampered" / "ckpt.pth")
+    code, line = _exit_line(capsys, lambda: search_job.main(["--index", inside, *queries]))
+    assert code == 2 and "needs Python objects unpickled" in line and "describe.checkpoint" in line, line
+    shutil.rmtree(tmp_path / "tampered")
+    outside = _tampered_copy(out, tmp_path, backbone="resnet50", checkpoint=str(evil))
+    code, line = _exit_line(capsys, lambda: search_job.main(["--index", outside, *queries]))
+    assert code == 2 and "outside the root" in line, line
+    assert not target.exists()
+
+
+def test_a_root_whose_artifacts_disagree_is_refused(built_index, mini_subset, tmp_path, capsys):
+    out, _ = built_index
+    root = tmp_path / "negated"
+    shutil.copytree(out, root)
+    ids = np.load(root / "global" / "ids.npy")
+    np.save(root / "global" / "ids.npy", -ids - 1)
+    code, line = _exit_line(capsys, lambda: search_job.main(["--index", str(root), "--queries", str(mini_subset),
+                                                              "--out", str(tmp_path / "r")]))
+    assert code == 2 and "is inconsistent" in line and f"{len(ids)} row(s) name no image" in line, line
+
+
+def test_identical_queries_are_described_once(built_index, mini_subset, tmp_path):
+    out, _ = built_index
+    q = pd.read_csv(mini_subset)[["file"]].head(2)
+    q["x0"], q["y0"], q["x1"], q["y1"] = 5.0, 5.0, 300.0, 200.0
+    q = pd.concat([q, q.iloc[[0] * 300]], ignore_index=True)
+    q.to_csv(tmp_path / "q.csv", index=False)
+    s = search_job.main(["--index", str(out), "--queries", str(tmp_path / "q.csv"), "--out", str(tmp_path / "r"),
+                         "--topk", "5"])
+    assert s["counts"]["queries"] == 302 and s["counts"]["queries_repeated"] == 300
+    assert s["counts"]["images_ok"] == 2 and s["counts"]["queries_described"] == 2
+    table, _ = read_results(str(tmp_path / "r"))
+    lists = table.to_pandas().sort_values("query_id")["ids"].map(tuple).tolist()
+    assert len(lists) == 302 and len(lists[0]) == 5 and lists[2:] == [lists[0]] * 300 and lists[1] != lists[0]
+
+
+def test_every_failure_of_the_queries_is_one_line(built_index, mini_subset, s3_server, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    out, _ = built_index
+    pd.DataFrame({"file": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]}).to_csv(tmp_path / "gone.csv", index=False)
+    code, line = _exit_line(capsys, lambda: search_job.main(["--index", str(out), "--queries", str(tmp_path / "gone.csv"),
+                                                              "--out", str(tmp_path / "r")]))
+    assert code == 2 and "none of the 2 queries could be described" in line and "a.jpg" in line, line
+    fs, _ = sfs.filesystem("s3://x", s3_server["options"])
+    fs.pipe(f"{s3_server['bucket']}/q/manifest.csv", pd.read_csv(mini_subset).head(2).to_csv(index=False).encode())
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env.update(RAY_AUTH_MODE="disabled", AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+               AWS_EC2_METADATA_DISABLED="true")
+    base = [sys.executable, "-m", "jobs.search", "--index", str(out), "--queries", f"s3://{s3_server['bucket']}/q/",
+            "--out", str(tmp_path / "r")]
+    for extra, want, text in [
+        (["--set", f"storage={{client_kwargs: {{endpoint_url: '{s3_server['endpoint']}'}}}}"], 2, "credentials"),
+        (["--set", f"storage={{key: k, secret: s, client_kwargs: {{endpoint_url: 'http://127.0.0.1:{free_port()}'}},"
+                   " config_kwargs: {retries: {max_attempts: 1}}}"], 1, "storage cannot be reached")]:
+        run = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        errors = [ln for ln in run.stderr.splitlines() if ln.startswith("error: ")]
+        assert run.returncode == want and len(errors) == 1 and text in errors[0], run.stderr[-3000:]
+        assert "Traceback" not in run.stderr
+
+
+def test_no_file_or_line_a_job_writes_holds_a_credential(built_index, mini_subset, tmp_path, capsys):
+    from jobs import mine as mine_job
+    from jobs import rerank as rerank_job
+
+    out, _ = built_index
+    secret = "Sup3rSecretValue"
+    storage = ["--set", f"storage={{key: AKIA{secret}, secret: {secret}, token: {secret}, password: {secret}}}"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(tmp_path / "s"), *storage])
+    evaluate_job.main(["--results", str(tmp_path / "s"), "--ground-truth", str(mini_subset), *storage])
+    rerank_job.main(["--index", str(out), "--out", str(tmp_path / "o"), "--top", "5", *storage])
+    mine_job.main(["--index", str(out), "--out", str(tmp_path / "m"), "--set", "iasmk_min_shared=1", *storage])
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    written += [p for p in out.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+    assert len(written) > 10 and sum(p.name == "run.json" for p in written) == 2
+    leaked = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    captured = capsys.readouterr()
+    assert not leaked and secret not in captured.out + captured.err, leaked
