@@ -29,7 +29,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from cluster.ray_env import connect  # noqa: E402
 from jobs.evaluate import group_ground_truth  # noqa: E402
-from jobs.search import SearchConfig, asmk_search, build_context, fusion_candidates, global_search  # noqa: E402
+from jobs.search import SearchConfig  # noqa: E402
+from jobs.search_queries import build_context  # noqa: E402
+from jobs.search_rankings import asmk_search, fusion_candidates, global_search  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from operators.fusion import fuse  # noqa: E402
 from operators.metrics import evaluate  # noqa: E402

@@ -21,10 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.evaluate import group_ground_truth  # noqa: E402
-from jobs.search import self_ids  # noqa: E402
 from operators.metrics import evaluate  # noqa: E402
 from storage.artifacts import ArtifactRoot  # noqa: E402
-from storage.collection import load_collection  # noqa: E402
+from storage.collection import load_collection, self_ids  # noqa: E402
 from storage.schemas import local_arrays  # noqa: E402
 
 

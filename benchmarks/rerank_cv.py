@@ -32,7 +32,9 @@ from benchmarks.fusion_cv import cross_validate, per_query_ap  # noqa: E402
 from cluster.ray_env import connect  # noqa: E402
 from jobs import graph as graph_job  # noqa: E402
 from jobs.evaluate import group_ground_truth  # noqa: E402
-from jobs.search import SearchConfig, build_context, diffusion, query_expansion, search  # noqa: E402
+from jobs.search import SearchConfig, search  # noqa: E402
+from jobs.search_queries import build_context  # noqa: E402
+from jobs.search_rerank import query_expansion, rerank_in_tasks  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from operators.rerank import RerankParams  # noqa: E402
 from storage.artifacts import ArtifactRoot  # noqa: E402
@@ -88,7 +90,7 @@ def main() -> None:
                 for kq in ints(a.kq):
                     c = dataclasses.replace(ctx, parts=[groot], cfg=dataclasses.replace(
                         cfg, rerank="dfs", rerank_params=RerankParams(kq=kq)))
-                    ap.setdefault((method, "dfs", (k, kq)), []).append(per_query_ap(diffusion(c, initial).ids, pos))
+                    ap.setdefault((method, "dfs", (k, kq)), []).append(per_query_ap(rerank_in_tasks(c, initial).ids, pos))
             print(f"{crop} {method}: done", file=sys.stderr, flush=True)
     report({s: np.concatenate(v) for s, v in ap.items()}, np.concatenate(groups))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cluster.runner import run_tasks
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, build_index, idf_weights, search
 from operators.codebook import AssignConfig, Quantizer
@@ -70,9 +71,6 @@ def entry_shards(cfg: AsmkConfig, records: dict[int, dict], sha1: str) -> set[in
 
 
 def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
-    import ray
-    from tqdm import tqdm
-
     centroids = load_codebook(root)
     records = root.shards().committed()
     shards = sorted(records)
@@ -82,14 +80,8 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
     done = partials(root).committed()
     pending = [s for s in shards if s not in from_entries
                and any(done.get(s, {}).get(key) != v for key, v in want.items())]
-    task = ray.remote(num_cpus=1)(partial_task)
-    futures = [task.remote(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma, want["assign"])
-               for s in pending]
-    with tqdm(total=len(futures), desc="partial inverted files", unit="shard") as bar:
-        while futures:
-            done, futures = ray.wait(futures)
-            ray.get(done)
-            bar.update(len(done))
+    run_tasks(partial_task, [(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma, want["assign"])
+                             for s in pending], options={"num_cpus": 1}, desc="partial inverted files", unit="shard")
     summary.add(asmk_partials_built=len(pending), asmk_shards_of_entries=len(from_entries),
                 asmk_partials_skipped=len(shards) - len(pending) - len(from_entries))
     inputs = merge_inputs(records, partials(root).committed(), want, cfg)

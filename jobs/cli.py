@@ -9,7 +9,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval rerank    --index ROOT --out RES             offline database-side diffusion
     retrieval discover  --index ROOT                       i-ASMK* components, graph centrality
     retrieval mine      --index ROOT --out PAIRS           training pairs: mining on manifolds, i-ASMK*
-    retrieval train_reranker --index ROOT              learned re-ranker (GSS) on the index's graph
+    retrieval train_reranker --index ROOT              learned re-ranker (GSS, GRAD-Net) on the index's graph
     retrieval evaluate  --results RES --ground-truth G     mAP, mP@k, HTML report
     retrieval report    --results RES1,RES2 --out DIR      comparison page of evaluated results
     retrieval synthetic --out DIR                          a small synthetic collection
@@ -28,7 +28,7 @@ JOBS = {
     "rerank": "offline diffusion lists for every database item",
     "discover": "i-ASMK* compressed inverted file and graph centrality of an index",
     "mine": "unsupervised training pairs (mining on manifolds, i-ASMK* components)",
-    "train_reranker": "train a learned re-ranker (GSS) on the index's kNN graph",
+    "train_reranker": "train a learned re-ranker (GSS or GRAD-Net) on the index's kNN graph (also: train-reranker)",
     "evaluate": "mAP / mP@k of results against ground truth, with an HTML report",
     "report": "compare evaluated results: table, mAP-per-method plot, time per stage",
     "synthetic": "write a small synthetic instance collection",
@@ -38,8 +38,18 @@ JOBS = {
 
 def usage() -> str:
     width = max(map(len, JOBS))
-    return ("usage: retrieval JOB [options]   (retrieval JOB --help for the job's options)\n\njobs:\n"
+    return ("usage: retrieval [--version] JOB [options]   (retrieval JOB --help for the job's options)\n\njobs:\n"
             + "\n".join(f"  {name:<{width}}  {what}" for name, what in JOBS.items()) + "\n")
+
+
+def version() -> str:
+    """The installed package's version (``pyproject.toml``)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("retrieval-pipeline")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), end="")
         sys.exit(0 if argv else 2)
-    job, rest = argv[0], argv[1:]
+    if argv[0] in ("-V", "--version"):
+        print(f"retrieval {version()}")
+        sys.exit(0)
+    job, rest = argv[0].replace("-", "_"), argv[1:]  # train-reranker = train_reranker
     if job not in JOBS:
         print(f"error: unknown job {job!r}; one of {', '.join(JOBS)}", file=sys.stderr)
         sys.exit(2)

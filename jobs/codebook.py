@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.ray_env import largest_node_cpus
+from cluster.runner import run_tasks
 from jobs.summary import JobSummary
 from operators.codebook import effective_k, train_codebook
 from operators.constraints import AtLeast2, Count, Seed
@@ -57,8 +58,6 @@ def sample_descriptors(root: ArtifactRoot, n: int, seed: int) -> np.ndarray:
 
 def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary, gpus: float = 0) -> np.ndarray:
     """Train (or copy from ``cfg.source``) the codebook of ``root``."""
-    import ray
-
     meta = codebook_meta(root)
     if meta is not None and meta.get("config") == dataclasses.asdict(cfg):
         summary.add(codebook_reused=1)
@@ -72,8 +71,8 @@ def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary,
         if k < cfg.k:
             warnings.warn(f"codebook: {len(x)} sampled descriptors are too few for k={cfg.k}; using k={k}")
         cpus = cfg.cpus or largest_node_cpus()  # faiss k-means threads over a whole node
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(train_codebook)
-        centroids = ray.get(task.remote(x, k, cfg.niter, cfg.seed, threads=int(cpus)))
+        centroids, = run_tasks(train_codebook, [(x, k, cfg.niter, cfg.seed, None, int(cpus))],  # gpu: None (auto)
+                               options={"num_cpus": cpus, "num_gpus": gpus}).results
         info = {"sample": len(x), "k_requested": cfg.k, "cpus": cpus}
     write_codebook(root, centroids, dataclasses.asdict(cfg), **info)
     summary.add(codebook_k=len(centroids))

@@ -14,7 +14,11 @@ silently). Every such mistake is a :class:`storage.errors.ConfigError`: one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import os
+import re
 import signal
 import sys
 import types
@@ -134,14 +138,69 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # argparse's own usage errors: one line, exit 2
         raise ConfigError(f"{self.prog}: {message}")
 
+    def print_help(self, file: typing.IO[str] | None = None) -> None:
+        super().print_help(file or report_stream())
+
+
+class Reporting(io.TextIOBase):
+    """``sys.stdout`` while :func:`run_cli` runs a job: whatever is printed (Ray's forwarded worker output,
+    libraries' chatter) goes to stderr; :attr:`report` is the real stdout, kept for what the job reports
+    (:func:`report_stream`: its JSON summary, ``--help``, ``--print-config``)."""
+
+    def __init__(self, report: typing.TextIO) -> None:
+        super().__init__()
+        self.report = report
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+
+def report_stream() -> typing.TextIO:
+    """Where a job writes what it reports: the real stdout under :func:`run_cli`, else ``sys.stdout``."""
+    return getattr(sys.stdout, "report", sys.stdout)
+
+
+def plain(doc: str) -> str:
+    """A docstring as the command line shows it: Sphinx roles and literals without their markup."""
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc or "")
+    return re.sub(r"``([^`]+)``", r"\1", doc)
+
+
+def example_key(cls: type) -> str:
+    """``section.key=default`` of the first nested section of ``cls``: a ``--set`` example that the job takes."""
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_in(typing.get_type_hints(cls)[f.name])
+        default = default_of(cls, f.name)
+        if sub is not None and default is not None and default is not dataclasses.MISSING:
+            inner = next((g for g in dataclasses.fields(sub) if isinstance(getattr(default, g.name), (int, float, str))
+                          and not isinstance(getattr(default, g.name), bool)), None)
+            if inner is not None:
+                return f"{f.name}.{inner.name}={getattr(default, inner.name)}"
+    return "KEY=VALUE"
+
+
+def default_prog() -> str:
+    """``python -m jobs.X`` when a job module runs as a script (argparse would say ``X.py``)."""
+    path = os.path.abspath(sys.argv[0])
+    if path.endswith(".py") and os.path.basename(os.path.dirname(path)) == "jobs":
+        return f"python -m jobs.{os.path.basename(path)[:-3]}"
+    return os.path.basename(sys.argv[0])
+
 
 def parser(cls: type, flags: dict[str, Flag], description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     """The job's argument parser: ``--config``, ``--set``, ``--print-config`` and its flags, each
     flag's help showing its default and choices (read from ``cls``)."""
-    ap = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog=prog or default_prog(), description=plain(description),
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", metavar="FILE", help="YAML config file (any key of the job's config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any config key, e.g. --set describe.local=how (repeatable; values parsed as YAML)")
+                    help=f"override any config key, e.g. --set {example_key(cls)} (repeatable; values parsed as YAML)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     for flag, (key, help_) in flags.items():
         opts = choices(cls, key)
@@ -149,8 +208,8 @@ def parser(cls: type, flags: dict[str, Flag], description: str = "", prog: str |
         shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
         if opts:
             shown += f"; one of {', '.join(opts)}"
-        ap.add_argument(flag, dest=key.replace(".", "__"), default=None, metavar=key.split(".")[-1].upper(),
-                        help=f"{help_} ({shown})")
+        metavar = "{" + ",".join(opts) + "}" if opts else key.split(".")[-1].upper()
+        ap.add_argument(flag, dest=key.replace(".", "__"), default=None, metavar=metavar, help=f"{help_} ({shown})")
     return ap
 
 
@@ -181,7 +240,7 @@ def parse(cls: type[T], argv: list[str] | None, flags: dict[str, Flag], descript
             raise ConfigError(f"--set {item}: the value is not valid YAML") from None
     cfg = from_dict(cls, data)
     if ns.print_config:
-        print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="")
+        print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="", file=report_stream())
         raise SystemExit(0)
     return cfg
 
@@ -212,7 +271,8 @@ def run_cli(main: Callable[[], Any]) -> None:
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        main()
+        with contextlib.redirect_stdout(Reporting(sys.stdout)):  # stdout: what the job reports, nothing else
+            main()
     except KeyboardInterrupt:
         _exit(130, "interrupted (SIGINT); run the same command again to resume")
     except Interrupted as e:

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import ray
 
 from cluster.ray_env import RayConfig, connect
+from cluster.runner import run_tasks
 from jobs.config import parse, run_cli, to_dict
 from jobs.objects import ObjectsConfig, build_objects
 from jobs.summary import JobSummary
@@ -102,19 +104,6 @@ def compress_task(uri: str, options: dict, part: int, lo: int, hi: int, max_h: i
         "vectors_in_components": int(cw.component_sizes.sum()), "postings": int(ivf.offsets[hi] - ivf.offsets[lo])})
 
 
-def run_parts(task, pending: list, desc: str) -> list[dict]:
-    import ray
-    from tqdm import tqdm
-
-    futures, out = list(pending), []
-    with tqdm(total=len(futures), desc=desc, unit="range") as bar:
-        while futures:
-            ready, futures = ray.wait(futures)
-            out += ray.get(ready)
-            bar.update(len(ready))
-    return out
-
-
 def pending(records: dict[int, dict], n: int, record: dict) -> list[int]:
     """Ranges without a committed part made under ``record``'s settings."""
     return [i for i in range(n) if any(records.get(i, {}).get(k) != v for k, v in record.items())]
@@ -122,12 +111,9 @@ def pending(records: dict[int, dict], n: int, record: dict) -> list[int]:
 
 def count_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict) -> tuple:
     """Pass 1 over every range (committed ones skipped); returns the summed (image-pair keys, counts)."""
-    import ray
-
     todo = pending(pair_count_parts(root).committed(), len(ranges), record)
-    task = ray.remote(num_cpus=1)(count_task)
-    run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
-              "pair counts")
+    run_tasks(count_task, [(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
+              options={"num_cpus": 1}, desc="pair counts", unit="range")
     keys, counts = sum_counts(*zip(*[load_pair_counts(root, i) for i in range(len(ranges))]))
     return keys, counts
 
@@ -135,19 +121,14 @@ def count_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, rec
 def compress_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict,
                   consistent: np.ndarray) -> int:
     """Pass 2 over every range (committed ones skipped); returns the ranges built."""
-    import ray
-
     todo = pending(compressed_parts(root).committed(), len(ranges), record)
-    task = ray.remote(num_cpus=1)(compress_task)
     ref = ray.put(consistent)
-    run_parts(task, [task.remote(root.uri, root.options, i, *ranges[i], max_h, c.block_words, ref, record)
-                     for i in todo], "components")
+    run_tasks(compress_task, [(root.uri, root.options, i, *ranges[i], max_h, c.block_words, ref, record)
+                              for i in todo], options={"num_cpus": 1}, desc="components", unit="range")
     return len(todo)
 
 
 def build_iasmk(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
-    import ray
-
     ivf, meta = open_inverted_file(root)
     if not ivf.binary:
         raise ArtifactError(f"{root.uri}: i-ASMK* aggregates binary ASMK* vectors; the index was built with "
@@ -206,10 +187,8 @@ def centrality_task(uri: str, options: dict, cfg: dict) -> dict:
 
 
 def build_centrality(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
-    import ray
-
-    meta = ray.get(ray.remote(num_cpus=1)(centrality_task).remote(root.uri, root.options,
-                                                                   dataclasses.asdict(cfg.centrality)))
+    meta, = run_tasks(centrality_task, [(root.uri, root.options, dataclasses.asdict(cfg.centrality))],
+                      options={"num_cpus": 1}).results
     summary.add(centrality_nodes=meta["nodes"], modes=meta["modes"])
     return meta
 

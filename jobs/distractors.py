@@ -24,7 +24,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
+
 from cluster.ray_env import RayConfig, connect
+from cluster.runner import run_tasks
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.asmk import image_entries
@@ -88,9 +91,6 @@ def shard_task(root_uri: str, options: dict, pool: DonorPool, params: dict, seed
 
 
 def generate(cfg: DistractorConfig, summary: JobSummary) -> None:
-    import ray
-    from tqdm import tqdm
-
     donors, root = ArtifactRoot(cfg.donors, cfg.storage), ArtifactRoot(cfg.out, cfg.storage)
     centroids = load_codebook(ArtifactRoot(cfg.codebook or cfg.donors, cfg.storage))
     with summary.stage("donor pool"):
@@ -105,16 +105,13 @@ def generate(cfg: DistractorConfig, summary: JobSummary) -> None:
     record = {**entries_record(codebook_hash(centroids)),
               "settings": "synthetic-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}
     summary.add(distractors=cfg.n, shards_total=len(by_shard), shards_skipped=len(by_shard) - len(work))
-    task = ray.remote(num_cpus=1)(shard_task)
     pool_ref, step = ray.put(pool), max(1, cfg.shards_per_task)
-    futures = [task.remote(root.uri, root.options, pool_ref, dataclasses.asdict(cfg.params), cfg.seed,
-                           centroids.shape[1], work[i:i + step], record) for i in range(0, len(work), step)]
-    with summary.stage("distractors"), tqdm(total=sum(c for *_, c in work), desc="distractors", unit="img") as bar:
-        while futures:
-            done, futures = ray.wait(futures)
-            n = sum(ray.get(done))
-            summary.add(distractors_written=n)
-            bar.update(n)
+    args = [(root.uri, root.options, pool_ref, dataclasses.asdict(cfg.params), cfg.seed, centroids.shape[1],
+             work[i:i + step], record) for i in range(0, len(work), step)]
+    with summary.stage("distractors"):
+        run_tasks(shard_task, args, options={"num_cpus": 1}, desc="distractors", unit="img",
+                  total=sum(c for *_, c in work), advance=lambda n: n,
+                  on_result=lambda n: summary.add(distractors_written=n))
     root.record_stage("distractors", "distractors", settings, images=cfg.n, first_id=first_id)
 
 

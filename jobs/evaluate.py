@@ -11,6 +11,7 @@ table and writes ``RES/metrics.json`` and the HTML report ``RES/report.html`` (:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from operators.metrics import evaluate, revisited_setups
 from storage.artifacts import ArtifactRoot
 from storage.collection import load_collection, read_revisited
 from storage.errors import GroundTruthError
+from storage.global_index import global_ids, has_global
 from storage.results import read_results, write_metrics
 
 
@@ -116,6 +118,10 @@ def run(cfg: EvaluateConfig) -> dict:
     else:  # revisited: easy / medium / hard
         out = {**metrics, "per_query_ap": {s: dict(zip(names, v)) for s, v in per_query.items()}}
     out["run"] = {k: run_info.get(k) for k in ("method", "rerank", "params", "index", "queries", "center_crop", "timings_s")}
+    out["ranking_depth"] = ranking_depth(run_info, cfg.storage)
+    if out["ranking_depth"]["truncated"]:
+        print(f"note: {out['ranking_depth']['note']}", file=sys.stderr)
+        run_info = {**run_info, "ranking_depth": out["ranking_depth"]["note"]}
     write_metrics(cfg.results, out, cfg.storage)
     print_table(metrics, cfg.ks)
     if cfg.report.enabled:
@@ -125,6 +131,19 @@ def run(cfg: EvaluateConfig) -> dict:
         uri = write_report(cfg.results, cfg.storage, cfg.report, metrics, cfg.ks, setup, rows, *setups[setup], database, run_info)
         print(f"report: {uri}")
     return out
+
+
+def ranking_depth(run_info: dict, options: dict) -> dict:
+    """How deep the evaluated rankings go against the database they rank: a ranking shorter than the database
+    (``--topk`` below its size) scores positives below its end as never retrieved, so its mAP is a lower bound."""
+    params, config = run_info.get("params") or {}, run_info.get("config") or {}
+    roots = [ArtifactRoot(r, options) for r in [run_info.get("index") or config["index"], *config.get("distractors", [])]]
+    database = sum(len(global_ids(r)) if has_global(r) else len(r.images()) for r in roots)
+    depth = int(params.get("topk") or params.get("top") or database)
+    truncated = depth < database - 1  # a query's own image is left out of its ranking
+    note = (f"the rankings hold the top {depth} of {database} database items: positives ranked below are counted as "
+            f"missed (mAP is a lower bound); search with --topk {database} to score whole rankings") if truncated else ""
+    return {"depth": depth, "database": database, "truncated": truncated, "note": note}
 
 
 def print_table(metrics: dict, ks: list[int]) -> None:

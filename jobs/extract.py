@@ -23,8 +23,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import ray
 
 from cluster.ray_env import RayConfig, connect, plan_actors
+from cluster.runner import run_tasks
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.asmk import image_entries
@@ -83,8 +85,6 @@ class ExtractConfig:
 
 def _node_id() -> str | None:
     try:
-        import ray
-
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside Ray
         return None
@@ -269,9 +269,6 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
     ``local_whiten_images`` images are drawn at random; images that cannot be described are replaced
     by further random draws until that many are described or the collection is exhausted.
     """
-    import ray
-
-    @ray.remote(num_cpus=cfg.ray.actor_cpus)
     def sample_descriptors(files: list[str]) -> list[np.ndarray]:
         d = Describer(dataclasses.replace(cfg.describe, local_scales=[1.0], global_scales=[1.0]))
         out = []
@@ -294,7 +291,8 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
         batch = files[tried:tried + target - len(parts)]
         tried += len(batch)
         chunks = np.array_split(batch, max(1, min(8, len(batch) // 16)))
-        for got in ray.get([sample_descriptors.remote(list(c)) for c in chunks if len(c)]):
+        for got in run_tasks(sample_descriptors, [(list(c),) for c in chunks if len(c)],
+                             options={"num_cpus": cfg.ray.actor_cpus}).results:
             parts.extend(got)
     n_desc = sum(len(p) for p in parts)
     if n_desc < 2:
@@ -331,7 +329,6 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
 
     Callers check first (:func:`check_settings`) that committed shards were made under ``cfg``'s settings.
     """
-    import ray
     from tqdm import tqdm
 
     all_items = shard_items(images, cfg.shard_size)
@@ -342,7 +339,7 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
     check_checkpoint(cfg.describe)
     items = [{"shard": s, "items": it} for s, it in all_items if s in pending]
     plan = plan_actors(cfg.ray, prefer_gpu=cfg.describe.device != "cpu")
-    ctx = ray.data.DataContext.get_current()
+    ctx = ray.data.DataContext.get_current()  # Ray Data loads here, on first use, not with ray itself
     ctx.enable_progress_bars = False          # one tqdm bar over shards instead of Ray Data's log lines
     ctx.issue_detectors_config.detectors = []  # actor memory is reserved explicitly (RayConfig.actor_memory_mb)
     plan.actors = min(plan.actors, len(items))

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
+import ray
 import scipy.sparse as sp
 
 from cluster.ray_env import RayConfig, connect, largest_node_cpus
+from cluster.runner import run_tasks
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators import graph as G
@@ -134,33 +136,35 @@ def rows_of(node_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tuple[np.ndarray, np.ndarray]:
     """kNN lists of every node, computed by Ray tasks over blocks of ``cfg.block`` items."""
-    import ray
-
     n = len(global_ids(root))
     k = min(cfg.k, n - 1)
     if cfg.source == "global":
-        futures, summary.info["graph_knn"] = vector_knn(cfg, root, k)
+        tasks, summary.info["graph_knn"] = vector_knn(cfg, root, k)
     elif cfg.source == "asmk":
         from operators.asmk import entries_by_image
 
         meta = inverted_file_meta(root)
         write_asmk_image_index(root, *entries_by_image(open_inverted_file(root)[0]))  # rebuilt with every graph build
-        task = ray.remote(num_cpus=1)(asmk_knn_task)
-        futures = [task.remote(root.uri, root.options, s, min(n, s + cfg.block), k, meta["params"], 256)
-                   for s in range(0, n, cfg.block)]
+        tasks = KnnTasks(asmk_knn_task, {"num_cpus": 1}, [(root.uri, root.options, s, min(n, s + cfg.block), k,
+                                                           meta["params"], 256) for s in range(0, n, cfg.block)])
     else:  # unreachable: validated by the config
         raise AssertionError(cfg.source)
     ids, sims, commit = knn_writer(root, n, k)
-    gather_knn(futures, ids, sims, f"kNN graph ({cfg.source})")
+    gather_knn(tasks, ids, sims, f"kNN graph ({cfg.source})")
     commit()
     return load_knn(root)
 
 
-def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global") -> tuple[list, str]:
+class KnnTasks(NamedTuple):
+    """Tasks returning ``(start, rows, similarities)`` of a block of items, for :func:`gather_knn`."""
+    fn: Callable
+    options: dict          # ray.remote's
+    args: list[tuple]
+
+
+def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global") -> tuple[KnnTasks, str]:
     """Ray tasks finding the top-``k`` of every row of the vector set ``name`` (exact blocks, or faiss IVF
     above ``cfg.ivf_threshold`` rows), and which of the two."""
-    import ray
-
     n = len(global_ids(root, name))
     ivf = n > cfg.ivf_threshold
     index_ref = ray.put(ivf_index(cfg, root, name) if ivf else None)  # once in the object store, not per task
@@ -168,23 +172,19 @@ def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global
     # and at most MAX_IVF_TASKS of them
     block = cfg.block if not ivf or n <= cfg.block * MAX_IVF_TASKS else -(-n // MAX_IVF_TASKS)
     cpus = largest_node_cpus() if ivf else 1
-    task = ray.remote(num_cpus=cpus)(global_knn_task)
-    futures = [task.remote(root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name, cpus)
-               for s in range(0, n, block)]
-    return futures, "ivf" if ivf else "exact"
+    args = [(root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name, cpus)
+            for s in range(0, n, block)]
+    return KnnTasks(global_knn_task, {"num_cpus": cpus}, args), "ivf" if ivf else "exact"
 
 
-def gather_knn(futures: list, ids: np.ndarray, sims: np.ndarray, desc: str) -> None:
-    """Write the results of :func:`global_knn_task`-like tasks into ``ids`` / ``sims`` as they finish."""
-    import ray
-    from tqdm import tqdm
+def gather_knn(tasks: KnnTasks, ids: np.ndarray, sims: np.ndarray, desc: str) -> None:
+    """Run ``tasks``, writing their results into ``ids`` / ``sims`` as they finish."""
+    def put(got: tuple[int, np.ndarray, np.ndarray]) -> None:
+        start, nn, s = got
+        ids[start:start + len(nn)], sims[start:start + len(nn)] = nn, s
 
-    with tqdm(total=len(ids), desc=desc, unit="item") as bar:
-        while futures:
-            done, futures = ray.wait(futures)
-            for start, nn, s in ray.get(done):
-                ids[start:start + len(nn)], sims[start:start + len(nn)] = nn, s
-                bar.update(len(nn))
+    run_tasks(tasks.fn, tasks.args, options=tasks.options, desc=desc, unit="item", total=len(ids),
+              advance=lambda got: len(got[1]), on_result=put, keep=False)
 
 
 def ivf_index(cfg: GraphConfig, root: ArtifactRoot, name: str = "global") -> np.ndarray:

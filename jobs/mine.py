@@ -26,20 +26,20 @@ import pandas as pd
 import pyarrow as pa
 
 from cluster.ray_env import RayConfig, connect
+from cluster.runner import run_tasks
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
-from operators.centrality import modes, stationary
 from operators.constraints import Count
 from operators.diffusion import temporal, top_k
 from operators.global_index import iter_blocks
-from operators.graph import components
 from operators.knn import knn_blocks
-from operators.mining import MiningParams, effective_sizes, pools
+from operators.mining import (MiningParams, component_positives, effective_sizes, graph_negatives, mode_anchors, pools,
+                              shared_components)
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.global_index import global_ids, open_global
 from storage.graph import graph_problem, load_affinity, load_graph, load_knn
-from storage.pairs import PAIRS_SCHEMA, pair_parts, read_pairs, write_pairs, write_pairs_page
+from storage.pairs import pair_parts, pair_table, read_pairs, write_pairs, write_pairs_page
 
 
 @dataclass(kw_only=True)
@@ -57,15 +57,6 @@ class MineConfig:
     page_anchors: Count = 12          # anchors shown in pairs.html
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
-
-
-def pair_table(anchors: np.ndarray, others: np.ndarray, label: int, scores: np.ndarray, source: str,
-               files: pd.Series) -> pa.Table:
-    """Rows of one kind of pair; ``files`` maps image id → file."""
-    return pa.table({"anchor_id": anchors.astype(np.int64), "other_id": others.astype(np.int64),
-                     "label": np.full(len(anchors), label, np.int8), "score": np.asarray(scores, np.float32),
-                     "source": [source] * len(anchors), "anchor_file": files.loc[anchors].to_numpy(str),
-                     "other_file": files.loc[others].to_numpy(str)}, schema=PAIRS_SCHEMA)
 
 
 def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndarray, sizes: tuple[int, int],
@@ -98,15 +89,9 @@ def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndar
 def select_anchors(root: ArtifactRoot, n_anchors: int, where: str = "largest", min_component: int = 3
                    ) -> tuple[np.ndarray, dict]:
     """The ``n_anchors`` modes of π with the largest π (node rows), on the graph's largest component
-    (``where="largest"``) or on any component of at least ``min_component`` nodes (``"all"``)."""
-    w = load_affinity(root)
-    _, label = components(w)
-    size = np.bincount(label)
-    eligible = (label == size.argmax()) if where == "largest" else (size[label] >= min_component)
-    found = modes(w, stationary(w))
-    chosen = found[eligible[found]][:n_anchors]
-    return chosen, {"nodes": w.shape[0], "lcc": int(size.max()), "components": len(size), "modes": len(found),
-                    "eligible_modes": int(eligible[found].sum())}
+    (``where="largest"``) or on any component of at least ``min_component`` nodes (``"all"``):
+    :func:`operators.mining.mode_anchors` of the index's affinity graph."""
+    return mode_anchors(load_affinity(root), n_anchors, where, min_component)
 
 
 def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table | None:
@@ -123,13 +108,7 @@ def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table |
     key, shared = key[shared >= min_shared], shared[shared >= min_shared]
     if not len(key):
         return None
-    a, b = key // n_img, key % n_img
-    a, b, shared = np.r_[a, b], np.r_[b, a], np.r_[shared, shared]      # both directions, then cap per anchor
-    order = np.lexsort((b, -shared, a))
-    a, b, shared = a[order], b[order], shared[order]
-    keep = np.r_[0, np.flatnonzero(np.diff(a)) + 1]
-    rank = np.arange(len(a)) - np.repeat(keep, np.diff(np.r_[keep, len(a)]))
-    a, b, shared = a[rank < cap], b[rank < cap], shared[rank < cap]
+    a, b, shared = component_positives(key, shared, n_img, cap)
     img = np.asarray(civf.images)
     files = root.image_files()
     pos = pair_table(img[a], img[b], 1, shared, "iasmk", files)
@@ -137,42 +116,16 @@ def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table |
     return pa.concat_tables([pos, neg])
 
 
-def shared_components(indptr: np.ndarray, members: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image pairs (key i · n_img + j, i < j) of every component and how many components each shares;
-    components of one size are expanded together (no loop over components)."""
-    sizes = np.diff(indptr)
-    keys = []
-    for size in np.unique(sizes[sizes > 1]):
-        starts = indptr[:-1][sizes == size]
-        m = np.sort(members[starts[:, None] + np.arange(size)[None, :]], axis=1)   # (components, size)
-        i, j = np.triu_indices(size, 1)
-        keys.append((m[:, i] * n_img + m[:, j]).ravel())
-    if not keys:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.unique(np.concatenate(keys), return_counts=True)
-
-
 def iasmk_negatives(root: ArtifactRoot, anchors: np.ndarray, positive: set, cap: int, files: pd.Series) -> pa.Table:
-    """Each anchor's kNN-graph neighbours (global similarity, best first) that share no component with it."""
+    """Each anchor's kNN-graph neighbours (global similarity, best first) that share no component with it
+    (:func:`operators.mining.graph_negatives`)."""
     ids = np.asarray(global_ids(root))
-    row_of = {int(i): r for r, i in enumerate(ids)}
     knn_ids, knn_sims = load_knn(root)
-    a_out, o_out, s_out = [], [], []
-    for anchor in anchors.tolist():
-        r = row_of.get(anchor)
-        if r is None:
-            continue
-        nb, sims = np.asarray(knn_ids[r]), np.asarray(knn_sims[r])
-        keep = [(int(ids[x]), float(s)) for x, s in zip(nb, sims) if x >= 0 and (anchor, int(ids[x])) not in positive]
-        for other, s in keep[:cap]:
-            a_out.append(anchor), o_out.append(other), s_out.append(s)
-    return pair_table(np.array(a_out, np.int64), np.array(o_out, np.int64), 0, np.array(s_out), "iasmk", files)
+    a, o, s = graph_negatives(anchors, ids, knn_ids, knn_sims, positive, cap)
+    return pair_table(a, o, 0, s, "iasmk", files)
 
 
 def run(cfg: MineConfig, summary: JobSummary) -> None:
-    import ray
-    from tqdm import tqdm
-
     root = ArtifactRoot(cfg.index, cfg.storage)
     problem = graph_problem(root)
     if problem:
@@ -185,20 +138,16 @@ def run(cfg: MineConfig, summary: JobSummary) -> None:
     summary.add(anchors=len(anchors))
     blocks = [anchors[s:s + cfg.anchors_per_task] for s in range(0, len(anchors), cfg.anchors_per_task)]
     done = pair_parts(cfg.out, cfg.storage).committed()
-    task = ray.remote(num_cpus=1)(manifold_task)
     params = dataclasses.asdict(cfg.params)
-    futures = []
+    args = []
     for part, block in enumerate(blocks):
         record = {"source": "manifold", "anchors": block.tolist(), "params": params, "sizes": [k_pos, k_neg]}
         if all(done.get(part, {}).get(k) == v for k, v in record.items()):
             summary.add(parts_skipped=1)
             continue
-        futures.append(task.remote(root.uri, root.options, cfg.out, part, block, (k_pos, k_neg), params, record))
-    with summary.stage("manifold pairs"), tqdm(total=len(futures), desc="anchor blocks", unit="block") as bar:
-        while futures:
-            ready, futures = ray.wait(futures)
-            ray.get(ready)
-            bar.update(len(ready))
+        args.append((root.uri, root.options, cfg.out, part, block, (k_pos, k_neg), params, record))
+    with summary.stage("manifold pairs"):
+        run_tasks(manifold_task, args, options={"num_cpus": 1}, desc="anchor blocks", unit="block")
     if cfg.iasmk:
         with summary.stage("i-ASMK* pairs"):
             table = iasmk_pairs(root, cfg.params.cap, cfg.iasmk_min_shared)

@@ -23,7 +23,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 
+from cluster.runner import run_tasks
 from jobs.config import from_dict
 from jobs.extract import recorded_describer
 from jobs.graph import GraphConfig, ivf_index, gather_knn, vector_knn
@@ -170,28 +172,20 @@ def _torch(x: np.ndarray):
 def _run_parts(root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: dict, desc: str,
                summary: JobSummary, *args) -> list[int]:
     """Run ``task`` over blocks of the database images, skipping parts committed with the same record."""
-    import ray
-    from tqdm import tqdm
-
     ids = np.asarray(open_global(root).ids)
     files = root.image_files().loc[ids].tolist()
     done = object_parts(root, kind).committed()
-    params, futures = dataclasses.asdict(cfg.params), []
-    remote = ray.remote(num_cpus=1)(task)
+    params, todo = dataclasses.asdict(cfg.params), []
     blocks = range(0, len(ids), cfg.images_per_task)
     for part, s in enumerate(blocks):
         rec = {**record, "images": ids[s:s + cfg.images_per_task].tolist()}
         if all(done.get(part, {}).get(k) == v for k, v in rec.items()):
             summary.add(**{f"{kind}_skipped": 1})
             continue
-        futures.append(remote.remote(root.uri, root.options, part, ids[s:s + cfg.images_per_task],
-                                     files[s:s + cfg.images_per_task], params, rec, *args))
-    with tqdm(total=len(futures), desc=desc, unit="block") as bar:
-        while futures:
-            ready, futures = ray.wait(futures)
-            for r in ray.get(ready):
-                summary.add(image_errors=len(r.get("errors", [])))
-            bar.update(len(ready))
+        todo.append((root.uri, root.options, part, ids[s:s + cfg.images_per_task], files[s:s + cfg.images_per_task],
+                     params, rec, *args))
+    run_tasks(task, todo, options={"num_cpus": 1}, desc=desc, unit="block",
+              on_result=lambda r: summary.add(image_errors=len(r.get("errors", []))), keep=False)
     return list(range(len(blocks)))
 
 
@@ -201,9 +195,9 @@ def region_centrality(root: ArtifactRoot, cfg: ObjectsConfig, summary: JobSummar
     _, regions = open_regions(root)
     n, image = len(regions.ids), np.asarray(regions.ids)
     k_search = min(n - 1, p.k + int(np.unique(image, return_counts=True)[1].max()))
-    futures, summary.info["region_knn"] = vector_knn(cfg.knn, root, k_search, REGIONS)
+    tasks, summary.info["region_knn"] = vector_knn(cfg.knn, root, k_search, REGIONS)
     nn, sims = np.full((n, k_search), -1, np.int64), np.full((n, k_search), -np.inf, np.float32)
-    gather_knn(futures, nn, sims, "region kNN")
+    gather_knn(tasks, nn, sims, "region kNN")
     sims, nn = drop_groups(sims, nn, image, image, p.k)
     w = affinity(nn, sims, n=n, k=p.k, gamma=p.beta, mode="mutual")
     g = katz(w, p.alpha)
@@ -214,8 +208,6 @@ def region_centrality(root: ArtifactRoot, cfg: ObjectsConfig, summary: JobSummar
 
 def build_objects(cfg: ObjectsConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     """The three steps of the module doc; returns the stage's meta (also ``objects/meta.json``)."""
-    import ray
-
     params = dataclasses.asdict(cfg.params)
     extract = recorded_describer(root, cfg.checkpoint)
     settings = {"fs": {k: params[k] for k in FS_PARAMS}, "extract": extract}  # what pass 1 depends on

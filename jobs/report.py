@@ -26,6 +26,7 @@ import pyarrow as pa
 from jobs.config import parse, run_cli
 from operators.constraints import Count
 from operators.images import resize_max_side
+from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from storage.collection import read_image
 from storage.results import read_metrics, report_page_uri, write_comparison, write_report_page
@@ -86,6 +87,7 @@ def run_table(run: dict) -> str:
     params = run.get("params") or {}
     rows = [("method", run.get("method")), ("re-ranking", run.get("rerank")), ("index", run.get("index")),
             ("queries", run.get("queries")), ("centre crop", run.get("center_crop")),
+            ("ranking depth", run.get("ranking_depth")),
             *((f"param {k}", v) for k, v in params.items()),
             *((f"time: {k}", f"{v:.2f} s") for k, v in (run.get("timings_s") or {}).items())]
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
@@ -206,8 +208,10 @@ def comparison_rows(cfg: CompareConfig) -> pd.DataFrame:
         searching = sum(v for k, v in timings.items() if k != "extract queries")
         n = run.get("queries") or m["queries"]
         crop = run.get("center_crop")
+        depth = metrics.get("ranking_depth") or {}
         rows.append({"results": res, "method": run.get("method"), "rerank": run.get("rerank") or "none",
                      "queries": "whole" if crop is None else f"crop {crop:g}", "n_queries": n,
+                     "ranked": f"top {depth['depth']} of {depth['database']}" if depth.get("truncated") else "all",
                      "mAP": 100 * m["mAP"],
                      **{k: 100 * m[k] for k in sorted((k for k in m if k.startswith("mP@")), key=lambda k: int(k[3:]))},
                      "ms_per_query": 1000 * searching / max(n, 1), "describe_s": timings.get("extract queries", 0.0),
@@ -216,17 +220,28 @@ def comparison_rows(cfg: CompareConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bars_svg(labels: list[str], values: list[float], colors: list[str], unit: str, width: int = 640) -> str:
-    """Horizontal bars with their values, one per label (inline SVG)."""
-    top = max(values) if values and max(values) > 0 else 1.0
+def bars_svg(labels: list[str], values: list[float], colors: list[str], unit: str, width: int = 640,
+             start: float = 0.0, best: int | None = None) -> str:
+    """Horizontal bars with their values, one per label (inline SVG). The axis runs from ``start`` (said under
+    the plot when not 0, so near values read apart); bar ``best`` is outlined and starred."""
+    top = max(values) if values and max(values) > start else start + 1.0
     h, left = 18, 230
     items = []
     for i, (lab, v, c) in enumerate(zip(labels, values, colors)):
-        y, w = 4 + i * h, (width - left - 70) * v / top
+        y, w = 4 + i * h, max(1.0, (width - left - 70) * (v - start) / (top - start))
+        mark = ' stroke="#000" stroke-width="2"' if i == best else ""
         items.append(f'<text x="{left - 6}" y="{y + 12}" text-anchor="end">{html.escape(lab)}</text>'
-                     f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{h - 4}" fill="{c}"/>'
-                     f'<text x="{left + w + 4:.1f}" y="{y + 12}">{v:.1f} {unit}</text>')
-    return f'<svg width="{width}" height="{8 + h * len(labels)}" style="font:11px sans-serif">{"".join(items)}</svg>'
+                     f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{h - 4}" fill="{c}"{mark}/>'
+                     f'<text x="{left + w + 4:.1f}" y="{y + 12}">{v:.1f} {unit}{" ★" if i == best else ""}</text>')
+    axis = (f'<text x="{left}" y="{16 + h * len(labels)}" fill="#666">axis from {start:g} {unit}</text>'
+            if start else "")
+    return (f'<svg width="{width}" height="{22 + h * len(labels)}" style="font:11px sans-serif">'
+            f'{"".join(items)}{axis}</svg>')
+
+
+def axis_start(values: list[float]) -> float:
+    """Where a mAP axis starts: 10 points below the lowest value, rounded down to a multiple of 10 (0 at least)."""
+    return max(0.0, float(np.floor((min(values) - 10) / 10) * 10)) if values else 0.0
 
 
 def comparison_page(cfg: CompareConfig, rows: pd.DataFrame, index_summary: dict | None) -> str:
@@ -236,27 +251,37 @@ def comparison_page(cfg: CompareConfig, rows: pd.DataFrame, index_summary: dict 
     legend = " ".join(f'<span style="color:{c}">■</span> {html.escape(r)}' for r, c in RERANK_COLORS.items()
                       if r in set(order["rerank"]))
     shown = [c for c in rows.columns if c not in ("results", "index") and not c.startswith("time ")]
+    best = best_rows(order)
     table = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{v:.2f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
-                         for v in r) + "</tr>" for r in order[shown].itertuples(index=False)) + "</table>"
+        ("<tr style='font-weight:bold;background:#eef6e8'>" if i in best else "<tr>") + "".join(
+            f"<td>{v:.2f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>" for v in r)
+        + "</tr>" for i, r in enumerate(order[shown].itertuples(index=False))) + "</table>"
     index_part = ""
     if index_summary:
         stages = index_summary.get("timings_s", {})
         index_part = (f"<h3>Index: time per stage of its last run ({index_summary.get('total_s', 0):.0f} s in all)</h3>"
                       + bars_svg(list(stages), list(stages.values()), ["#888"] * len(stages), "s"))
-    links = "".join(f'<li><a href="{html.escape(report_page_uri(r))}">{html.escape(r)}</a></li>'
-                    for r in order["results"])
+    links = "".join(f'<li><a href="{html.escape(sfs.relative_link(report_page_uri(r), cfg.out))}">{html.escape(r)}'
+                    f'</a></li>' for r in order["results"])
+    maps = order["mAP"].tolist()
     return COMPARISON.format(
         title=html.escape(cfg.title), index=html.escape(str(rows["index"].iloc[0])), table=table, legend=legend,
-        map_plot=bars_svg(labels, order["mAP"].tolist(), colors, "mAP"),
+        map_plot=bars_svg(labels, maps, colors, "mAP", start=axis_start(maps), best=int(np.argmax(maps)) if maps else None),
         time_plot=bars_svg(labels, order["ms_per_query"].tolist(), colors, "ms/query"),
         index_part=index_part, links=links)
+
+
+def best_rows(rows: pd.DataFrame) -> set[int]:
+    """Positions of the rows with the highest mAP of each query set (whole, each crop): bold in the table."""
+    pos = rows.reset_index(drop=True)
+    return {int(i) for i in pos.groupby("queries")["mAP"].idxmax().tolist()} if len(pos) else set()
 
 
 COMPARISON = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font:14px sans-serif;margin:20px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
 <h2>{title}</h2><p>index: {index}</p>{table}
+<p>In bold: the best mAP of each query set.</p>
 <h3>mAP per method and re-ranking</h3><p>{legend}</p>{map_plot}
 <h3>Search time per query (ranking + re-ranking; query description excluded, it is cached)</h3>{time_plot}
 {index_part}<h3>Per-query galleries</h3><ul>{links}</ul></body></html>

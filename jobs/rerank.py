@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from cluster.ray_env import RayConfig, connect
+from cluster.runner import run_tasks
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.constraints import Count
@@ -74,9 +75,6 @@ def rerank_items_task(uri: str, options: dict, out: str, part: int, start: int, 
 
 
 def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
-    import ray
-    from tqdm import tqdm
-
     root = ArtifactRoot(cfg.index, cfg.storage)
     problem = graph_problem(root, spectral=cfg.method in ("fsr", "hybrid"))
     if problem:
@@ -87,16 +85,10 @@ def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
     done = parts.committed()
     pending = [(i, s) for i, s in blocks if done.get(i, {}).get("method") != cfg.method]
     summary.add(items=n, parts_total=len(blocks), parts_skipped=len(blocks) - len(pending))
-    task = ray.remote(num_cpus=1)(rerank_items_task)
     conf = to_dict(cfg)
-    futures = [task.remote(root.uri, root.options, cfg.out, i, s, min(n, s + cfg.items_per_task), conf)
-               for i, s in pending]
-    with tqdm(total=len(futures), desc=f"offline {cfg.method}", unit="part") as bar:
-        while futures:
-            ready, futures = ray.wait(futures)
-            for rec in ray.get(ready):
-                summary.add(rows_written=rec["rows"])
-            bar.update(len(ready))
+    run_tasks(rerank_items_task, [(root.uri, root.options, cfg.out, i, s, min(n, s + cfg.items_per_task), conf)
+                                  for i, s in pending], options={"num_cpus": 1}, desc=f"offline {cfg.method}",
+              unit="part", on_result=lambda rec: summary.add(rows_written=rec["rows"]), keep=False)
     write_run(cfg.out, {"config": to_dict(cfg), "method": cfg.method, "rerank": "offline", "index": cfg.index,
                         "params": {"top": cfg.top, "seed": cfg.seed, "rerank": dataclasses.asdict(cfg.params)},
                         "queries": n, "timings_s": dict(summary.timings)}, cfg.storage)

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from jobs.config import report_stream
 from storage.fs import dumps
 from storage.summaries import write_summary
 
@@ -66,5 +67,5 @@ class JobSummary:
         d = self.as_dict()
         if folder:
             write_summary(folder, self.job, d, options)
-        print(dumps(d, indent=2))
+        print(dumps(d, indent=2), file=report_stream(), flush=True)
         return d

@@ -13,7 +13,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from jobs.config import parse, run_cli
+from jobs.config import parse, report_stream, run_cli
 from operators.constraints import Count, Seed
 from storage.collection import write_collection
 
@@ -72,7 +72,7 @@ FLAGS = {"--out": ("out", "folder to write"), "--groups": ("groups", "objects"),
 def main(argv: list[str] | None = None, prog: str | None = None) -> str:
     cfg = parse(SyntheticConfig, argv, FLAGS, __doc__, prog)
     path = generate(cfg.out, cfg.groups, cfg.per_group, cfg.seed)
-    print(path)
+    print(path, file=report_stream())
     return path
 
 

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
+import ray
 
 from cluster.ray_env import RayConfig, connect, largest_node_cpus
+from cluster.runner import run_tasks
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary, peak_rss_mb
 from operators import gradnet as GN
@@ -191,8 +193,6 @@ def embed_database(root: ArtifactRoot, model: GSS.ResidualGCN, a_hat, x: np.ndar
 
 def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     """Train ``cfg.method`` unless a model with the same settings is there."""
-    import ray
-
     problem = graph_problem(root, spectral=False)
     if problem:
         raise ArtifactError(f"train-reranker: {problem}")
@@ -205,9 +205,9 @@ def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     cpus = cfg.cpus or largest_node_cpus()
     fn = {"gss": train_gss_task, "gradnet": train_gradnet_task}[method]
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(fn)
     with summary.stage(method):
-        meta = ray.get(task.remote(root.uri, root.options, params, cfg.checkpoint_every, cfg.block, int(cpus)))
+        meta, = run_tasks(fn, [(root.uri, root.options, params, cfg.checkpoint_every, cfg.block, int(cpus))],
+                          options={"num_cpus": cpus, "num_gpus": gpus}).results
     root.record_stage(method, "train_reranker", to_dict(getattr(cfg, method)))
     summary.worker_peak(meta["task_peak_rss_mb"])
     summary.add(models_trained=1, steps_run=meta["steps_run"])

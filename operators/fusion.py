@@ -25,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 
+from operators.ranking import Ranking
+
 Mode = Literal["score", "rank"]
 RRF_K0 = 60.0   # reciprocal rank fusion's constant [ext]
 
@@ -51,6 +53,24 @@ def fuse(cand_ids: np.ndarray, asmk: np.ndarray, cand_global: np.ndarray, beta: 
     order = np.lexsort((np.where(valid, cand_ids, np.iinfo(np.int64).max), -s), axis=1)[:, :k]
     ids, scores = np.take_along_axis(cand_ids, order, 1), np.take_along_axis(s, order, 1)
     return np.where(np.isfinite(scores), ids, -1), scores
+
+
+def union_candidates(a: Ranking, g: Ranking) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the union of two rankings' ids: (ids, ASMK score or −inf, global score or NaN), (m, ka + kg).
+
+    Each id appears once (padding −1); an id of both keeps ``a``'s score and takes ``g``'s similarity.
+    """
+    ids = np.concatenate([a.ids, g.ids], 1)
+    asmk = np.concatenate([a.scores, np.full(g.scores.shape, -np.inf, np.float32)], 1).astype(np.float64)
+    glob = np.concatenate([np.full(a.scores.shape, np.nan), g.scores], 1).astype(np.float64)
+    order = np.argsort(ids, axis=1, kind="stable")  # an id of both: a's entry first, g's next to it
+    ids, asmk, glob = (np.take_along_axis(x, order, 1) for x in (ids, asmk, glob))
+    dup = np.zeros(ids.shape, bool)
+    dup[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+    first = np.roll(dup, -1, axis=1)  # the a-entry of a duplicated id
+    glob[first] = glob[dup]
+    ids[dup] = -1
+    return ids, asmk, glob
 
 
 def _max_normalised(x: np.ndarray) -> np.ndarray:

@@ -13,14 +13,21 @@ T:24834-25677; reference gtolias/mom ``mat/mom_1M.m``).
 NN^m only holds items the diffusion reaches (f > 0). The defaults are the paper's retrieval settings
 (k_p = 50, k_n = 10,000, N_a = 1,500 of 1M images); :func:`effective_sizes` scales N_a and the
 neighbourhoods down for small collections (documented there).
+
+i-ASMK* pairs (``jobs.mine``, when discovery has run): images sharing components are positives
+(:func:`shared_components`, :func:`component_positives`); an anchor's kNN-graph neighbours sharing
+none are its negatives (:func:`graph_negatives`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
+from operators.centrality import modes, stationary
 from operators.constraints import Count, OpenUnit, Tolerance
+from operators.graph import components
 
 
 @dataclass
@@ -63,3 +70,67 @@ def pools(manifold_ids: np.ndarray, manifold_scores: np.ndarray, euclid_ids: np.
         positives.append((nn_m[:k_pos][pos][:cap], ms[:k_pos][pos][:cap]))
         negatives.append((ei[:k_neg][neg][:cap], es[:k_neg][neg][:cap]))
     return positives, negatives
+
+
+def mode_anchors(w: sp.spmatrix, n_anchors: int, where: str = "largest", min_component: int = 3
+                 ) -> tuple[np.ndarray, dict]:
+    """The ``n_anchors`` modes of π with the largest π (node rows) of the affinity graph ``w``, on its largest
+    component (``where="largest"``) or on any component of at least ``min_component`` nodes (``"all"``)."""
+    _, label = components(w)
+    size = np.bincount(label)
+    eligible = (label == size.argmax()) if where == "largest" else (size[label] >= min_component)
+    found = modes(w, stationary(w))
+    chosen = found[eligible[found]][:n_anchors]
+    return chosen, {"nodes": w.shape[0], "lcc": int(size.max()), "components": len(size), "modes": len(found),
+                    "eligible_modes": int(eligible[found].sum())}
+
+
+def shared_components(indptr: np.ndarray, members: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image pairs (key i · n_img + j, i < j) of every component and how many components each shares;
+    components of one size are expanded together (no loop over components)."""
+    sizes = np.diff(indptr)
+    keys = []
+    for size in np.unique(sizes[sizes > 1]):
+        starts = indptr[:-1][sizes == size]
+        m = np.sort(members[starts[:, None] + np.arange(size)[None, :]], axis=1)   # (components, size)
+        i, j = np.triu_indices(size, 1)
+        keys.append((m[:, i] * n_img + m[:, j]).ravel())
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.unique(np.concatenate(keys), return_counts=True)
+
+
+def component_positives(key: np.ndarray, shared: np.ndarray, n_img: int, cap: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positive pairs (anchor, other, components shared) from :func:`shared_components`' keys and counts:
+    each image pair in both directions, at most ``cap`` per anchor, those sharing most first (ties: smaller
+    other), anchors in increasing order."""
+    a, b = key // n_img, key % n_img
+    a, b, shared = np.r_[a, b], np.r_[b, a], np.r_[shared, shared]      # both directions, then cap per anchor
+    order = np.lexsort((b, -shared, a))
+    a, b, shared = a[order], b[order], shared[order]
+    keep = np.r_[0, np.flatnonzero(np.diff(a)) + 1]
+    rank = np.arange(len(a)) - np.repeat(keep, np.diff(np.r_[keep, len(a)]))
+    return a[rank < cap], b[rank < cap], shared[rank < cap]
+
+
+def graph_negatives(anchors: np.ndarray, ids: np.ndarray, knn_ids: np.ndarray, knn_sims: np.ndarray, positive: set,
+                    cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each anchor's kNN-graph neighbours (global similarity, best first) that share no component with it:
+    (anchor ids, other ids, similarities), at most ``cap`` per anchor.
+
+    ``ids`` (n,): the image id of each graph row; ``knn_ids`` / ``knn_sims`` (n, k): each row's neighbour rows
+    (−1: none) and similarities; ``positive``: the (anchor, other) id pairs that do share one. An anchor that
+    is no graph row has none.
+    """
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    a_out, o_out, s_out = [], [], []
+    for anchor in anchors.tolist():
+        r = row_of.get(anchor)
+        if r is None:
+            continue
+        nb, sims = np.asarray(knn_ids[r]), np.asarray(knn_sims[r])
+        keep = [(int(ids[x]), float(s)) for x, s in zip(nb, sims) if x >= 0 and (anchor, int(ids[x])) not in positive]
+        for other, s in keep[:cap]:
+            a_out.append(anchor), o_out.append(other), s_out.append(s)
+    return np.array(a_out, np.int64), np.array(o_out, np.int64), np.array(s_out)

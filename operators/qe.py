@@ -24,3 +24,18 @@ def expand(q: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float
     w = np.where(valid, w, 0.0)
     out = np.asarray(q, np.float64) + np.einsum("mk,mkd->md", w, x)
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def expand_ranked(q: np.ndarray, top: np.ndarray, rows: np.ndarray, alpha: float = 3.0) -> np.ndarray:
+    """:func:`expand` of unit queries ``q`` (m, d) with their top results ``top`` (m, n) (database ids best
+    first, −1: padding), weighted by their global similarity to the query.
+
+    ``rows`` (number of ids ≥ 0 in ``top``, d): the results' vectors, in the order of ``top[top >= 0]``
+    (row-major). A padded rank gets a zero vector and similarity −inf (weight 0).
+    """
+    n = top.shape[1]
+    vec = np.zeros((top.size, q.shape[1]), np.float32)
+    vec[top.reshape(-1) >= 0] = rows  # padding (−1) stays zero and is masked below
+    vec = vec.reshape(len(top), n, -1)
+    sims = np.where(top >= 0, np.einsum("mkd,md->mk", vec, q), -np.inf)  # global similarity
+    return expand(q, vec, sims, alpha, n)

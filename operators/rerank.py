@@ -158,3 +158,9 @@ def merge_with_initial(cand: np.ndarray, f: np.ndarray, initial: np.ndarray, own
     rest = init[~np.isin(init, rows)][:max(0, topk - len(rows))]
     return np.r_[rows, rest].astype(np.int64), np.r_[scores, np.zeros(len(rest))]
 
+
+
+def neighbour_cosines(xq: np.ndarray, top: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Global cosine of each query to its database rows ``top`` (−1 padding: 0), gathered from ``x``."""
+    near = np.asarray(x[np.maximum(top, 0).ravel()], np.float32).reshape(*top.shape, -1)
+    return np.where(top >= 0, np.einsum("qd,qkd->qk", xq, near), 0.0)

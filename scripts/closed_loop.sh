@@ -18,8 +18,10 @@ bash scripts/setup.sh >&2
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
 PY=.venv/bin/python
 mkdir -p "$OUT"
-log() { echo "[closed-loop] $*" >&2; }
+log() { echo "[closed-loop] $(date +%H:%M:%S) $*" >&2; }
+log "every job's output goes to $OUT/loop.log (tail -f it to follow); steps below"
 map() {  # map NAME: global search of 40% crops, evaluated; prints the mAP
+  log "search and evaluate ($1): 40% crops, global"
   $PY -m jobs.search --index "$OUT/index" --queries "$C" --out "$OUT/$1" --topk 1000 --center-crop 0.4 >> "$OUT/loop.log" 2>&1
   $PY -m jobs.evaluate --results "$OUT/$1" --ground-truth "$C" >> "$OUT/loop.log" 2>&1
   $PY -c "import json,sys; print(f'{json.load(open(sys.argv[1]))[\"mAP\"]:.4f}')" "$OUT/$1/metrics.json"
@@ -28,11 +30,14 @@ log "index $C"
 $PY -m jobs.index --collection "$C" --out "$OUT/index" --set graph.k="${GRAPH_K:-10}" --set spectral.rank=0 \
   --set global_whiten_dim=null >> "$OUT/loop.log" 2>&1
 before=$(map before)
-log "before: mAP $before; discovery and mining"
+log "before: mAP $before"
+log "discover: i-ASMK* components and graph centrality"
 $PY -m jobs.discover --index "$OUT/index" >> "$OUT/loop.log" 2>&1
+log "mine training pairs into $OUT/pairs"
 $PY -m jobs.mine --index "$OUT/index" --out "$OUT/pairs" --set anchor_components=all >> "$OUT/loop.log" 2>&1
 log "learned whitening from $(ls "$OUT/pairs/parts" | grep -c parquet) part(s) of pairs; re-indexing the global descriptors"
 $PY -m jobs.index --collection "$C" --out "$OUT/index" --set stages=[global] --set global_whiten_pairs="$OUT/pairs" \
   --global-whiten-dim "${LW_DIM:-64}" >> "$OUT/loop.log" 2>&1
 after=$(map after)
+log "done; log: $OUT/loop.log"
 echo "mAP before $before after $after"

@@ -2,7 +2,7 @@
 # Sets up ./.venv (if needed), indexes a real collection once on an embedded local Ray, then searches
 # it with every method (global, ASMK*, fused) and re-ranking (none, αQE, diffusion, hybrid) on whole and
 # 40%-centre-cropped queries, evaluates each, and ends with one comparison table and page.
-# Collection: ../shared/data/instance-mini when present, else a generated synthetic one.
+# Collection: $COLLECTION, by default instance-mini beside the checkout, else a generated synthetic one.
 #
 # Re-ranking parameters for this collection. The papers' defaults (graph k = 50, αQE n = 50) are for
 # collections where an object has tens to hundreds of images; instance-mini's 16 groups hold 2 to 59
@@ -12,7 +12,8 @@
 # ASMK*, whose initial ranking misses group members (+5.0 mAP on 40% crops, +0.7 on whole images), and
 # lowers the already near-perfect global and fused rankings by 1.8 to 3.3 points: no graph k in
 # {5, 10, 20, 50} and k_q in {1, 2, 3, 5, 10} makes it help them here, even chosen in hindsight
-# (README, "Re-ranking on instance-mini").
+# (docs/results.md, "Re-ranking on instance-mini"). Every job runs in one process on one embedded Ray
+# (scripts/demo.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -23,24 +24,7 @@ COLLECTION=${COLLECTION:-../shared/data/instance-mini/images.csv}
 if [ ! -f "$COLLECTION" ]; then
   COLLECTION=$($PY -m jobs.synthetic --out "$OUT/synthetic")
 fi
-$PY -m jobs.index --collection "$COLLECTION" --out "$OUT/index" --set graph.k=10 "$@"
-results=()
-mkdir -p "$OUT/search"
-for crop in whole 0.4; do
-  args=(); [ "$crop" != whole ] && args=(--center-crop "$crop")
-  for method in global asmk fused; do
-    for rerank in none alpha-qe dfs hybrid; do
-      res="$OUT/search/$crop-$method-$rerank"
-      echo "== $crop queries, $method + $rerank ==" >&2
-      $PY -m jobs.search --index "$OUT/index" --queries "$COLLECTION" --out "$res" --topk 1000 \
-        --method "$method" --rerank "$rerank" --set rerank_params.qe_n=2 "${args[@]}" > "$res.log" 2>&1 || { cat "$res.log"; exit 1; }
-      $PY -m jobs.evaluate --results "$res" --ground-truth "$COLLECTION" >> "$res.log" 2>&1 || { cat "$res.log"; exit 1; }
-      results+=("$res")
-    done
-  done
-done
-echo
-$PY -m jobs.report --results "$(IFS=,; echo "${results[*]}")" --out "$OUT" --title "instance retrieval demo"
+$PY scripts/demo.py "$COLLECTION" "$OUT" "$@"
 echo
 echo "index:      $OUT/index   (summary-index.json: time per stage)"
 echo "comparison: $OUT/comparison.html   $OUT/comparison.csv"

@@ -24,6 +24,6 @@ def write_centrality(root: ArtifactRoot, scores: dict[str, np.ndarray], modes: n
 def load_centrality(root: ArtifactRoot) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """The scores by name (memory-mapped), the modes (image ids, best first) and the meta."""
     if not root.exists("centrality/meta.json"):
-        raise ArtifactError(f"{root.uri} has no centrality: run python -m jobs.discover --index {root.uri}")
+        raise ArtifactError(f"{root.uri} has no centrality: run retrieval discover --index {root.uri}")
     scores = {name: root.load_array(f"centrality/{name}.npy") for name in SCORES}
     return scores, np.asarray(root.load_array("centrality/modes.npy")), root.read_json("centrality/meta.json")

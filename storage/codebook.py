@@ -22,7 +22,7 @@ def codebook_meta(root: ArtifactRoot) -> dict | None:
 def load_codebook(root: ArtifactRoot) -> np.ndarray:
     if not root.exists("codebook/centroids.npy"):
         raise ArtifactError(f"{root.uri} has no codebook: run the codebook stage "
-                            f"(python -m jobs.index … --out {root.uri} --set stages=[codebook])")
+                            f"(retrieval index … --out {root.uri} --set stages=[codebook])")
     return np.asarray(root.load_array("codebook/centroids.npy", mmap=False), np.float32)
 
 

@@ -175,6 +175,21 @@ def file_keys(files: pd.Series) -> pd.Series:
     return files.map(sfs.canonical)
 
 
+def first_of_same(queries: pd.DataFrame) -> np.ndarray:
+    """Per query, the image id of the first query with the same file and box (itself when it is the first):
+    a query repeated in the collection is described and ranked once."""
+    keys = pd.DataFrame({"file": file_keys(queries["file"]), **{c: queries[c] for c in ("x0", "y0", "x1", "y1")}})
+    group = keys.groupby(list(keys.columns), dropna=False, sort=False).ngroup().to_numpy()
+    first = pd.Series(np.arange(len(group))).groupby(group).transform("min").to_numpy()
+    return queries["image_id"].to_numpy(np.int64)[first]
+
+
+def self_ids(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
+    """Database id of each query's own image (same file), -1 when the query is not in the database."""
+    by_file = dict(zip(file_keys(database["file"]), database["image_id"]))
+    return np.array([by_file.get(f, -1) for f in file_keys(queries["file"])], dtype=np.int64)
+
+
 def read_revisited(uri: str, options: sfs.StorageOptions | None = None) -> dict:
     """The revisitop ground-truth dict (``imlist``, ``qimlist``, ``gnd``), validated.
 

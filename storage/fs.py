@@ -72,6 +72,16 @@ def is_inside(uri: str, root: str) -> bool:
     return a.startswith(b + ("/" if protocol(root) != "file" else os.sep))
 
 
+def relative_link(target: str, page_folder: str) -> str:
+    """How a page in ``page_folder`` links to ``target``: a relative path when both live under one file system
+    (one local tree, or one bucket), so the link resolves wherever the folder is opened or copied; else the URI."""
+    if protocol(target) == "file" and protocol(page_folder) == "file":
+        return os.path.relpath(canonical(target), canonical(page_folder)).replace(os.sep, "/")
+    if protocol(target) == protocol(page_folder) and target.split("/")[2:3] == page_folder.split("/")[2:3]:
+        return posixpath.relpath(target.split("://", 1)[1], page_folder.split("://", 1)[1].rstrip("/"))
+    return target
+
+
 def is_absolute(uri: str) -> bool:
     return "://" in uri or os.path.isabs(uri)
 

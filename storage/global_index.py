@@ -52,8 +52,8 @@ def has_global(root: ArtifactRoot, name: str = "global") -> bool:
 def global_ids(root: ArtifactRoot, name: str = "global") -> np.ndarray:
     """Image id of each row (memory-mapped); an :class:`ArtifactError` when the stage has not run."""
     if not has_global(root, name):
-        hint = ("run python -m jobs.index --collection … --out " + root.uri if name == "global" else
-                "run python -m jobs.discover --index " + root.uri + " --set stages=[objects]")
+        hint = ("run retrieval index --collection … --out " + root.uri if name == "global" else
+                "run retrieval discover --index " + root.uri + " --set stages=[objects]")
         raise ArtifactError(f"{root.uri} has no {name} descriptors: {hint}")
     return root.load_array(f"{name}/ids.npy")
 
@@ -71,7 +71,7 @@ def check_consistent(root: ArtifactRoot, image_ids: np.ndarray | None, name: str
         problem = f"{int((~np.isin(g.ids, image_ids)).sum())} row(s) name no image of images.parquet"
     if problem:
         raise ArtifactError(f"{root.uri}/{name} is inconsistent ({problem}): the root was changed after it was "
-                            "built; rebuild it (python -m jobs.index … --out a new root)")
+                            "built; rebuild it (retrieval index … --out a new root)")
 
 
 def open_global(root: ArtifactRoot, name: str = "global") -> GlobalDescriptors:

@@ -103,14 +103,14 @@ def graph_problem(root: ArtifactRoot, spectral: bool = False) -> str | None:
     from storage.spectral import spectral_meta
 
     if not root.has_stage("graph"):
-        return f"{root.uri} has no kNN graph: run python -m jobs.graph --index {root.uri}"
+        return f"{root.uri} has no kNN graph: run retrieval graph --index {root.uri}"
     meta = spectral_meta(root) if spectral else None
     if not root.exists("graph/ordered_data.npy") or (meta is not None and meta.get("rows") != "locality order"):
         return (f"the graph artifacts of {root.uri} predate the solver layout (W, S, U in the locality order); "
-                f"rebuild them: python -m jobs.graph --index {root.uri}")
+                f"rebuild them: retrieval graph --index {root.uri}")
     if spectral and meta is None:
         return (f"{root.uri} has no eigenpairs (spectral stage): "
-                f"python -m jobs.graph --index {root.uri} --set stages=[spectral]")
+                f"retrieval graph --index {root.uri} --set stages=[spectral]")
     return None
 
 

@@ -94,7 +94,7 @@ def has_iasmk(root: ArtifactRoot) -> bool:
 
 def iasmk_meta(root: ArtifactRoot) -> dict:
     if not has_iasmk(root):
-        raise ArtifactError(f"{root.uri} has no i-ASMK* inverted file: run python -m jobs.discover --index {root.uri}")
+        raise ArtifactError(f"{root.uri} has no i-ASMK* inverted file: run retrieval discover --index {root.uri}")
     return root.read_json("iasmk/meta.json")
 
 

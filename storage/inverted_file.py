@@ -102,7 +102,7 @@ def has_inverted_file(root: ArtifactRoot) -> bool:
 def inverted_file_meta(root: ArtifactRoot) -> dict:
     if not root.exists("asmk/meta.json"):
         raise ArtifactError(f"{root.uri} has no ASMK inverted file: run the asmk stage "
-                            f"(python -m jobs.index … --out {root.uri} --set stages=[codebook,asmk])")
+                            f"(retrieval index … --out {root.uri} --set stages=[codebook,asmk])")
     return root.read_json("asmk/meta.json")
 
 

@@ -56,7 +56,7 @@ def write_regions(root: ArtifactRoot, table: pd.DataFrame, vectors: np.ndarray) 
 
 def open_regions(root: ArtifactRoot) -> tuple[pd.DataFrame, GlobalDescriptors]:
     if not has_global(root, REGIONS):
-        raise ArtifactError(f"{root.uri} has no object regions: run python -m jobs.discover --index {root.uri} "
+        raise ArtifactError(f"{root.uri} has no object regions: run retrieval discover --index {root.uri} "
                             "--set stages=[objects]")
     return pd.read_parquet(io.BytesIO(root.read_bytes("objects/regions.parquet"))), open_global(root, REGIONS)
 

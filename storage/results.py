@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from operators.ranking import Ranking
 from storage import fs as sfs
 from storage.errors import ArtifactError
+from storage.schemas import RESULTS_SCHEMA
 from storage.shards import ShardSet
+
+
+def results_table(queries: pd.DataFrame, ranked: Ranking) -> pa.Table:
+    """One row per query (in query-id order); padding removed, empty when the query has no result. A query
+    with a ``source`` column takes the ranking of that query (a repeat of it)."""
+    queries = queries.sort_values("image_id")
+    source = queries["source"] if "source" in queries else queries["image_id"]
+    ids, scores = ranked.align(source.to_numpy(np.int64)).lists()
+    return pa.table({"query_id": pa.array(queries["image_id"], pa.int64()),
+                     "query_name": pa.array(queries["name"].astype(str), pa.string()),
+                     "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
+                    schema=RESULTS_SCHEMA)
 
 
 def write_results(out: str, table: pa.Table, run: dict, options: dict | None = None) -> str:
@@ -82,5 +98,5 @@ def write_comparison(out: str, page: str, table: pa.Table, options: dict | None 
 def read_metrics(res: str, options: dict | None = None) -> dict:
     uri = sfs.join(res, "metrics.json")
     if not sfs.exists(uri, options):
-        raise ArtifactError(f"{res} has no metrics.json: run python -m jobs.evaluate --results {res} --ground-truth …")
+        raise ArtifactError(f"{res} has no metrics.json: run retrieval evaluate --results {res} --ground-truth …")
     return sfs.read_json(uri, options)

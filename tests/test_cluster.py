@@ -1,8 +1,12 @@
-"""The real cluster paths: ``ray job submit`` against a local head, and a multi-node cluster."""
+"""The real cluster paths: ``ray job submit`` against a local head, and a multi-node cluster.
+
+One local head (token authentication, as ray_config.yaml starts heads) serves the module's submissions; the
+multi-node runs are compared with the session's one-node ``six_index`` (tests/conftest.py)."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -10,10 +14,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from storage.artifacts import ArtifactRoot
-from tests.conftest import FAST, REPO, free_port
+from tests.conftest import FAST, REPO, SMALL, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -58,43 +63,6 @@ def _submit(dash: int, env: dict, entrypoint: list[str], working_dir: Path | Non
     return proc
 
 
-def test_ray_job_submit_against_local_head(mini_subset, tmp_path):
-    head, dash = _start_head(tmp_path / "head.log", _env())
-    try:
-        out = tmp_path / "index"
-        proc = _submit(dash, _env(), ["python", "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(out),
-                                      *FAST, "--set", "describe.local=none"], REPO)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (tmp_path / "head.log").read_text()[-2000:]
-        assert "succeeded" in proc.stdout
-        assert ArtifactRoot(str(out)).load_array("global/vectors.npy").shape == (14, 1280)
-    finally:
-        os.killpg(head.pid, 15)
-        head.wait(60)
-
-
-def test_a_head_with_token_authentication_refuses_submissions_without_the_token(tmp_path):
-    """The cluster's door: with RAY_AUTH_MODE=token only a client holding the token may submit (run code)."""
-    import secrets
-
-    token = secrets.token_hex(16)
-    home = tmp_path / "home"  # no ~/.ray/auth_token of the machine's user is read
-    home.mkdir()
-    server = dict(_env(), HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    head, dash = _start_head(tmp_path / "head.log", server)
-    try:
-        probe = ["python", "-c", "print('ran on the cluster')"]
-        allowed = _submit(dash, server, probe)
-        assert allowed.returncode == 0 and "succeeded" in allowed.stdout, allowed.stderr[-3000:]
-        for name, client in (("no token", dict(_env(), HOME=str(home))),
-                             ("a wrong token", dict(server, RAY_AUTH_TOKEN=secrets.token_hex(16)))):
-            refused = _submit(dash, client, probe)
-            assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, (name, refused.stderr[-2000:])
-            assert "succeeded" not in refused.stdout
-    finally:
-        os.killpg(head.pid, 15)
-        head.wait(60)
-
-
 def test_ray_config_keeps_the_door_closed():
     cfg = yaml.safe_load((REPO / "ray_config.yaml").read_text())
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
@@ -103,43 +71,65 @@ def test_ray_config_keeps_the_door_closed():
     assert "/home/ubuntu/.ray/auth_token" in cfg["file_mounts"]
 
 
-def test_multi_node_cluster_spreads_extraction(mini_subset, tmp_path):
-    """Two Ray nodes (ray.cluster_utils.Cluster); extraction actors must run on both, and every artifact of the
-    whole index (shards, global, codebook, ASMK*, graph, spectral) equals a one-node run's byte for byte.
+@pytest.fixture(scope="module")
+def cluster_runs(six, tmp_path_factory) -> dict:
+    """Both multi-node runs on one ``ray.cluster_utils.Cluster`` (started once, in a subprocess: this process holds
+    the session's Ray). Every node offers one ``extract`` resource and every extraction actor asks for it, so
+    placement is forced (two 0.5-CPU actors would otherwise both fit on the head node).
 
-    Each node offers one ``extract`` resource and each actor asks for it, so placement is forced
-    (two 0.5-CPU actors would otherwise both fit on the head node).
-    """
-    out = tmp_path / "index"
+    ``spread``: the head and one worker node index ``six`` (every stage). ``lost``: a second worker joins, and
+    ``six`` is indexed again into another root (extract … asmk) while one worker node dies (SIGKILLed processes)
+    once the first feature shard is committed, the other once the first partial inverted file is."""
+    base = tmp_path_factory.mktemp("cluster")
+    roots = {"spread": base / "spread", "lost": base / "lost"}
     script = textwrap.dedent(f"""
-        import json, sys
+        import json, os, threading, time
+        from pathlib import Path
         from ray.cluster_utils import Cluster
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "resources": {{"extract": 1}}}})
-        cluster.add_node(num_cpus=1, resources={{"extract": 1}})
+        workers = [cluster.add_node(num_cpus=1, resources={{"extract": 1}})]
         cluster.wait_for_nodes()
         import ray
         ray.init(address=cluster.address)
         from jobs import index
-        s = index.main(["--collection", {str(mini_subset)!r}, "--out", {str(out)!r},
-                        *{FAST!r},
-                        "--set", "ray.actor_resources={{extract: 1}}"])
-        print("SUMMARY", json.dumps(s["counts"]))
-        ray.shutdown(); cluster.shutdown()
+        args = ["--collection", {str(six)!r}, *{SMALL!r}, "--set", "ray.actor_resources={{extract: 1}}"]
+        s = index.main([*args, "--out", {str(roots["spread"])!r}])
+        print("SUMMARY spread", json.dumps(s["counts"]), flush=True)
+        workers.append(cluster.add_node(num_cpus=1, resources={{"extract": 1}}))
+        cluster.wait_for_nodes()
+        out, lost = Path({str(roots["lost"])!r}), []
+        def watch():
+            for folder, node in zip(("features", "asmk/partials"), workers):
+                while not list((out / folder / "_commits").glob("*.json")):
+                    time.sleep(0.02)
+                lost.append([folder, len(list((out / folder / "_commits").glob("*.json")))])
+                cluster.remove_node(node, allow_graceful=False)
+        threading.Thread(target=watch, daemon=True).start()
+        s = index.main([*args, "--out", str(out), "--set", "stages=[extract,global,codebook,asmk]"])
+        print("SUMMARY lost", json.dumps({{"lost": lost, **s["counts"]}}), flush=True)
+        os._exit(0)  # the removed nodes' processes are gone: Cluster.shutdown would trip over them
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    counts = json.loads(proc.stdout.split("SUMMARY", 1)[1].splitlines()[0])
-    assert counts["images_ok"] == 14
+    # the pool starts dispatching shards once all its actors are up (Ray Data's default starts with the first one
+    # ready, which may then take every one-image shard before the other node's actor has imported torch)
+    env = dict(_env(), RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="300")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=700)
+    counts = {line.split()[1]: json.loads(line.split(None, 2)[2]) for line in proc.stdout.splitlines()
+              if line.startswith("SUMMARY ")}
+    return {"roots": roots, "counts": counts, "output": proc.stdout[-3000:] + proc.stderr[-3000:]}
+
+
+@pytest.mark.slow
+def test_multi_node_cluster_spreads_extraction(cluster_runs, six_index):
+    """Two Ray nodes; extraction actors must run on both, and every artifact of the whole index (shards, global,
+    codebook, ASMK*, graph, spectral) equals a one-node run's byte for byte."""
+    assert "spread" in cluster_runs["counts"], cluster_runs["output"]
+    out, counts = cluster_runs["roots"]["spread"], cluster_runs["counts"]["spread"]
+    assert counts["images_ok"] == 6
     nodes = {r["node"] for r in ArtifactRoot(str(out)).shards().committed().values()}
     assert len(nodes) == 2, nodes
-    # the same command on one node (its own embedded Ray) writes byte-identical artifacts
-    single = tmp_path / "single"
-    proc = subprocess.run([sys.executable, "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(single),
-                           *FAST], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert artifact_bytes(out) == artifact_bytes(single)
+    # the same command on one node (the session's Ray) wrote byte-identical artifacts
+    assert artifact_bytes(out) == artifact_bytes(six_index)
 
 
 def artifact_bytes(root: Path) -> dict[str, bytes]:
@@ -177,50 +167,72 @@ def test_plan_actors_sizes_to_the_cluster():
     assert plan_actors(RayConfig(actor_gpus=0.5), {"CPU": 16, "GPU": 2, "memory": 64 * gib}).actors == 4
 
 
-def test_worker_nodes_lost_mid_extraction_and_mid_asmk_cost_nothing(mini_subset, tmp_path):
-    """Head + 2 worker nodes (``ray.cluster_utils.Cluster``); one worker node dies (SIGKILLed processes) once the
-    first feature shard is committed, the other once the first partial inverted file is: the job completes
-    on what is left, every image is in exactly one shard, and every artifact equals a one-node run's."""
-    import pandas as pd
-
-    six = tmp_path / "six.csv"
-    pd.read_csv(mini_subset).head(6).to_csv(six, index=False)
-    out, single = tmp_path / "index", tmp_path / "single"
-    args = ["--collection", str(six), *FAST, "--set", "shard_size=1", "--set", "codebook.k=16",
-            "--set", "stages=[extract,global,codebook,asmk]"]
-    script = textwrap.dedent(f"""
-        import json, os, threading, time
-        from pathlib import Path
-        from ray.cluster_utils import Cluster
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "resources": {{"extract": 1}}}})
-        workers = [cluster.add_node(num_cpus=1, resources={{"extract": 1}}) for _ in range(2)]
-        cluster.wait_for_nodes()
-        import ray
-        ray.init(address=cluster.address)
-        from jobs import index
-        out, lost = Path({str(out)!r}), []
-        def watch():
-            for folder, node in zip(("features", "asmk/partials"), workers):
-                while not list((out / folder / "_commits").glob("*.json")):
-                    time.sleep(0.02)
-                lost.append([folder, len(list((out / folder / "_commits").glob("*.json")))])
-                cluster.remove_node(node, allow_graceful=False)
-        threading.Thread(target=watch, daemon=True).start()
-        s = index.main(["--out", str(out), *{args!r}, "--set", "ray.actor_resources={{extract: 1}}"])
-        print("SUMMARY", json.dumps({{"lost": lost, **s["counts"]}}), flush=True)
-        os._exit(0)  # the removed nodes' processes are gone: Cluster.shutdown would trip over them
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=500)
-    assert "SUMMARY" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    counts = json.loads(proc.stdout.split("SUMMARY", 1)[1].splitlines()[0])
+@pytest.mark.slow
+def test_worker_nodes_lost_mid_extraction_and_mid_asmk_cost_nothing(cluster_runs, six_index):
+    """Head + 2 worker nodes; one worker node dies (SIGKILLed processes) once the first feature shard is committed,
+    the other once the first partial inverted file is: the job completes on what is left, every image is in
+    exactly one shard, and every artifact equals a one-node run's."""
+    assert "lost" in cluster_runs["counts"], cluster_runs["output"]
+    out, counts = cluster_runs["roots"]["lost"], cluster_runs["counts"]["lost"]
     assert [folder for folder, _ in counts["lost"]] == ["features", "asmk/partials"], counts
     assert all(at < 6 for _, at in counts["lost"]), counts  # both nodes died with work left
     assert counts["images_ok"] == 6 and counts["asmk_partials_built"] == 6
     shards = ArtifactRoot(str(out)).shards()
     ids = [i for t in shards.iter_tables(["image_id"]) for i in t.column("image_id").to_pylist()]
     assert sorted(ids) == list(range(6))  # no image missing, none twice
-    proc = subprocess.run([sys.executable, "-m", "jobs.index", "--out", str(single), *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert artifact_bytes(out) == artifact_bytes(single)
+    # the one-node run's artifacts of the same stages (those stages write nothing else)
+    assert artifact_bytes(out) == {k: v for k, v in artifact_bytes(six_index).items()
+                                   if k.split("/", 1)[0] not in ("graph", "spectral")}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A local head with token authentication; ``env`` holds the token (the server's and a rightful client's)."""
+    home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token of the machine's user is read
+    log = home.parent / "head.log"
+    server = dict(_env(), HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    proc, dash = _start_head(log, server)
+    try:
+        yield {"dash": dash, "env": server, "home": home, "log": log}
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a ``ray start --block`` head and every process it started: SIGKILL to its process group (SIGTERM makes
+    the head stop each process in turn, ~30 s), then whatever runs outside the group (its workers) ends with it."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, 9)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        family = []
+    proc.wait(60)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for p in alive:
+        p.kill()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_local_head(head, six, tmp_path):
+    out = tmp_path / "index"
+    proc = _submit(head["dash"], head["env"], ["python", "-m", "jobs.index", "--collection", str(six), "--out", str(out),
+                                               *FAST, "--set", "describe.local=none"], REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + head["log"].read_text()[-2000:]
+    assert "succeeded" in proc.stdout
+    assert ArtifactRoot(str(out)).load_array("global/vectors.npy").shape == (6, 1280)
+
+
+@pytest.mark.slow
+def test_a_head_with_token_authentication_refuses_submissions_without_the_token(head):
+    """The cluster's door: with RAY_AUTH_MODE=token only a client holding the token may submit (run code)."""
+    server = head["env"]
+    probe = ["python", "-c", "print('ran on the cluster')"]
+    allowed = _submit(head["dash"], server, probe)
+    assert allowed.returncode == 0 and "succeeded" in allowed.stdout, allowed.stderr[-3000:]
+    for name, client in (("no token", dict(_env(), HOME=str(head["home"]))),
+                         ("a wrong token", dict(server, RAY_AUTH_TOKEN=secrets.token_hex(16)))):
+        refused = _submit(head["dash"], client, probe)
+        assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, (name, refused.stderr[-2000:])
+        assert "succeeded" not in refused.stdout

@@ -54,12 +54,7 @@ def test_plain_data_and_numpy_arrays_load():
         loads_data(pickle.dumps({"x": collections.OrderedDict()}))
 
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
-
-
-@pytest.mark.parametrize("args, message", [
+CLI_MISTAKES = [
     (["-m", "jobs.cli", "nosuchjob"], "unknown job 'nosuchjob'"),
     (["-m", "jobs.cli", "search", "--index", "i", "--queries", "q", "--out", "o", "--topk", "abc"],
      "topk: Input should be a valid integer"),
@@ -69,16 +64,34 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["-m", "jobs.rerank", "--index", "i", "--out", "o", "--method", "truncated-dfs"], "method: Input should be"),
     (["-m", "jobs.evaluate", "--results", "/nonexistent/res", "--ground-truth", "g.csv"], "holds no results"),
     (["-m", "jobs.synthetic"], "out: Field required"),
-])
-def test_command_line_mistakes_print_one_line_and_exit_2(args, message):
-    p = run(*args)
+]
+
+
+@pytest.fixture(scope="module")
+def cli_mistakes() -> dict:
+    """Every case's command, all started at once (each is an interpreter importing the jobs: seconds of CPU)."""
+    procs = {tuple(args): subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True) for args, _ in CLI_MISTAKES}
+    done = {}
+    for args, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        done[args] = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    return done
+
+
+@pytest.mark.slow  # a Python subprocess per case
+@pytest.mark.parametrize("args, message", CLI_MISTAKES)
+def test_command_line_mistakes_print_one_line_and_exit_2(cli_mistakes, args, message):
+    p = cli_mistakes[tuple(args)]
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_input_error_raised_inside_a_ray_task_is_one_line(ray_session, capsys):
+    from conftest import ray_shutdowns_recorded
     from jobs.config import run_cli
     from storage.errors import ArtifactError
 
@@ -86,9 +99,9 @@ def test_input_error_raised_inside_a_ray_task_is_one_line(ray_session, capsys):
     def task():
         raise ArtifactError("missing artifact /x/graph/order.npy")
 
-    with pytest.raises(SystemExit) as e:
+    with ray_shutdowns_recorded() as shutdowns, pytest.raises(SystemExit) as e:  # the session keeps its Ray
         run_cli(lambda: ray_session.get(task.remote()))
-    assert e.value.code == 2
+    assert e.value.code == 2 and shutdowns == [1]  # the failed job asked for Ray's shutdown
     assert capsys.readouterr().err.strip() == "error: missing artifact /x/graph/order.npy"
     assert issubclass(ArtifactError, InputError)
 

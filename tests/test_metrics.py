@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from jobs import evaluate as evaluate_job
-from jobs.search import results_table
 from operators.ranking import Ranking
 from operators.metrics import average_precision, evaluate, positive_ranks, precision_at, revisited_setups
 from storage import fs as sfs
+from storage.results import results_table
 from tests.conftest import REVISITED
 
 

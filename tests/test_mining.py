@@ -63,7 +63,7 @@ def test_pool_set_differences_by_hand():
 
 
 def test_shared_components_counts_every_image_pair_of_every_component():
-    from jobs.mine import shared_components
+    from operators.mining import shared_components
 
     # components {0,1,2}, {1,2}, {3,4}; one singleton {5}
     indptr = np.array([0, 3, 5, 7, 8])
@@ -71,3 +71,42 @@ def test_shared_components_counts_every_image_pair_of_every_component():
     keys, counts = shared_components(indptr, members, 10)
     got = {(int(k) // 10, int(k) % 10): int(c) for k, c in zip(keys, counts)}
     assert got == {(0, 1): 1, (0, 2): 1, (1, 2): 2, (3, 4): 1}
+
+
+def test_component_positives_both_directions_capped_per_anchor():
+    from operators.mining import component_positives
+
+    n = 10   # pairs (0,1) share 3, (0,2) 1, (1,2) 2, (3,4) 1
+    key, shared = np.array([0 * n + 1, 0 * n + 2, 1 * n + 2, 3 * n + 4]), np.array([3, 1, 2, 1])
+    a, b, s = component_positives(key, shared, n, cap=1)
+    assert list(zip(a.tolist(), b.tolist(), s.tolist())) == [(0, 1, 3), (1, 0, 3), (2, 1, 2), (3, 4, 1), (4, 3, 1)]
+    a, b, s = component_positives(key, shared, n, cap=5)
+    assert list(zip(a.tolist(), b.tolist())) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 1), (2, 0), (3, 4), (4, 3)]
+
+
+def test_graph_negatives_skip_positives_padding_and_unknown_anchors():
+    from operators.mining import graph_negatives
+
+    ids = np.array([10, 11, 12, 13])                 # image id of each graph row
+    knn_ids = np.array([[1, 2, 3], [0, -1, -1], [3, 0, 1], [2, 1, 0]])
+    knn_sims = np.array([[0.9, 0.8, 0.7], [0.9, 0, 0], [0.6, 0.5, 0.4], [0.6, 0.3, 0.2]])
+    a, o, s = graph_negatives(np.array([10, 11, 99]), ids, knn_ids, knn_sims, {(10, 12)}, cap=1)
+    assert a.tolist() == [10, 11] and o.tolist() == [11, 10] and s.tolist() == [0.9, 0.9]
+    a, o, _ = graph_negatives(np.array([10]), ids, knn_ids, knn_sims, {(10, 12)}, cap=5)
+    assert o.tolist() == [11, 13]
+
+
+def test_mode_anchors_on_the_largest_component_or_all():
+    import scipy.sparse as sp
+
+    from operators.mining import mode_anchors
+
+    # a star around 1 (nodes 0-3) and an edge 4-5: π = degree / 10, modes 1 (π 0.3) and 4 (tie broken by index)
+    r, c, v = [1, 1, 1, 4], [0, 2, 3, 5], [1.0, 1.0, 1.0, 2.0]
+    w = sp.csr_matrix((v + v, (r + c, c + r)), shape=(6, 6))
+    chosen, info = mode_anchors(w, 5)
+    assert chosen.tolist() == [1]
+    assert info == {"nodes": 6, "lcc": 4, "components": 2, "modes": 2, "eligible_modes": 1}
+    assert mode_anchors(w, 5, "all", min_component=2)[0].tolist() == [1, 4]
+    assert mode_anchors(w, 1, "all", min_component=2)[0].tolist() == [1]
+    assert mode_anchors(w, 5, "all", min_component=3)[0].tolist() == [1]

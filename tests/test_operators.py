@@ -172,7 +172,7 @@ def test_fusion_matches_the_formula_per_query(mode):
 
 
 def test_union_candidates_keeps_each_id_once_with_both_scores():
-    from jobs.search import union_candidates
+    from operators.fusion import union_candidates
     from operators.ranking import Ranking
 
     a = Ranking([0], [[3, 1, -1]], [[2.0, 1.0, 0]])
@@ -182,6 +182,32 @@ def test_union_candidates_keeps_each_id_once_with_both_scores():
     assert set(got) == {1, 3, 4, 5}
     assert got[1] == (1.0, pytest.approx(0.9)) and got[3][0] == 2.0 and np.isnan(got[3][1])
     assert np.isneginf(got[4][0]) and got[5][1] == pytest.approx(0.1)
+
+
+def test_expand_ranked_gathers_the_top_results_and_masks_padding():
+    from operators.qe import expand, expand_ranked
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[[0, 5]] + 0.1
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    top = np.array([[0, 3, 7], [5, -1, -1]])
+    got = expand_ranked(q, top, x[top[top >= 0]], alpha=3.0)
+    # by hand: padded ranks take weight 0, i.e. only the results that exist enter
+    want = np.stack([expand(q[j:j + 1], x[t[t >= 0]][None], (x[t[t >= 0]] @ q[j])[None], 3.0, 3)[0]
+                     for j, t in enumerate(top)])
+    assert got.dtype == np.float32 and np.allclose(got, want, atol=1e-6)
+
+
+def test_neighbour_cosines_gathers_rows_and_zeroes_padding():
+    from operators.rerank import neighbour_cosines
+
+    rng = np.random.default_rng(1)
+    x, xq = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    top = np.array([[4, 0, -1], [2, -1, -1]])
+    got = neighbour_cosines(xq, top, x)
+    assert np.allclose(got, [[xq[0] @ x[4], xq[0] @ x[0], 0], [xq[1] @ x[2], 0, 0]], atol=1e-6)
 
 
 def test_learned_whitening_whitens_matches_and_diagonalises_non_matches():

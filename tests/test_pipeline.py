@@ -20,6 +20,8 @@ from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 from tests.conftest import FAST
 
+pytestmark = pytest.mark.slow  # every test runs jobs on Ray (the session's, or its own)
+
 
 @pytest.fixture(scope="module")
 def collection(mini_subset, tmp_path_factory):
@@ -543,12 +545,18 @@ def test_codebook_is_reused_unless_its_config_changes(built_index, collection, t
 
 
 def _exit_line(capsys, main) -> tuple[int, str]:
-    from jobs.config import run_cli
+    """``run_cli(main)``'s exit code and its one ``error:`` line. The failing job asks Ray to shut down (checked);
+    the request is recorded, not carried out, so the session's Ray serves the next job."""
+    import ray
 
-    with pytest.raises(SystemExit) as e:
+    from jobs.config import run_cli
+    from tests.conftest import ray_shutdowns_recorded
+
+    with ray_shutdowns_recorded() as shutdowns, pytest.raises(SystemExit) as e:
         run_cli(main)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1, err
+    assert shutdowns == [1] or not ray.is_initialized(), "the failed job left its Ray running"
     return e.value.code, err[0]
 
 
@@ -774,9 +782,10 @@ def test_synthetic_distractors_join_an_entries_index_deterministically(built_ind
     out, _ = built_index
     roots = [tmp_path / "a", tmp_path / "b"]
     args = ["--donors", str(out), "--n", "30", "--set", "shard_size=8"]
+    index_job.main(["--collection", str(collection), "--out", str(roots[0]), *FAST, "--set", "local_store=entries",
+                    "--set", f"codebook.source={out}", "--set", "stages=[extract]"])
+    shutil.copytree(roots[0], roots[1])  # the same real images in both roots; each gets its own distractors run
     for r in roots:
-        index_job.main(["--collection", str(collection), "--out", str(r), *FAST, "--set", "local_store=entries",
-                        "--set", f"codebook.source={out}", "--set", "stages=[extract]"])
         s = distractors_job.main([*args, "--out", str(r)])
         assert s["counts"]["distractors_written"] == 30 and s["counts"]["shards_total"] == 4
     images = ArtifactRoot(str(roots[0])).images()
@@ -947,16 +956,18 @@ def test_every_failure_of_the_queries_is_one_line(built_index, mini_subset, s3_s
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     env.update(RAY_AUTH_MODE="disabled", AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
                AWS_EC2_METADATA_DISABLED="true")
-    base = [sys.executable, "-m", "jobs.search", "--index", str(out), "--queries", f"s3://{s3_server['bucket']}/q/",
-            "--out", str(tmp_path / "r")]
-    for extra, want, text in [
+    base = [sys.executable, "-m", "jobs.search", "--index", str(out), "--queries", f"s3://{s3_server['bucket']}/q/"]
+    cases = [
         (["--set", f"storage={{client_kwargs: {{endpoint_url: '{s3_server['endpoint']}'}}}}"], 2, "credentials"),
         (["--set", f"storage={{key: k, secret: s, client_kwargs: {{endpoint_url: 'http://127.0.0.1:{free_port()}'}},"
-                   " config_kwargs: {retries: {max_attempts: 1}}}"], 1, "storage cannot be reached")]:
-        run = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        errors = [ln for ln in run.stderr.splitlines() if ln.startswith("error: ")]
-        assert run.returncode == want and len(errors) == 1 and text in errors[0], run.stderr[-3000:]
-        assert "Traceback" not in run.stderr
+                   " config_kwargs: {retries: {max_attempts: 1}}}"], 1, "storage cannot be reached")]
+    runs = [subprocess.Popen(base + ["--out", str(tmp_path / f"r{i}"), *extra], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i, (extra, _, _) in enumerate(cases)]
+    for run, (_, want, text) in zip(runs, cases):  # both at once: each is an interpreter and a Ray starting
+        _, stderr = run.communicate(timeout=300)
+        errors = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+        assert run.returncode == want and len(errors) == 1 and text in errors[0], stderr[-3000:]
+        assert "Traceback" not in stderr
 
 
 def test_no_file_or_line_a_job_writes_holds_a_credential(built_index, mini_subset, tmp_path, capsys):

@@ -184,7 +184,7 @@ def test_an_interrupted_write_leaves_no_temporary_and_a_rerun_sweeps_a_killed_on
 # Identical queries, an inconsistent root (no Ray)
 # ------------------------------------------------------------------------------------------
 def test_identical_queries_point_at_their_first():
-    from jobs.search import first_of_same
+    from storage.collection import first_of_same
 
     nan = float("nan")
     q = pd.DataFrame({"image_id": [5, 6, 7, 8, 9], "file": ["a.jpg", "a.jpg", "./a.jpg", "a.jpg", "b.jpg"],
@@ -277,9 +277,9 @@ def test_embedded_ray_listens_on_loopback_only_with_a_fresh_token_and_dies_with_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signalled_job_ends_with_one_line_leaves_no_ray_and_resumes(mini_subset, tmp_path, sig):
-    out = tmp_path / "idx"
-    cmd = [sys.executable, "-m", "jobs.index", "--collection", str(mini_subset), "--out", str(out), *FAST,
+def test_a_signalled_job_ends_with_one_line_leaves_no_ray_and_resumes(six, tmp_path, sig):
+    out = tmp_path / "idx"  # six images: two shards (4 + 2), the second one left for the rerun
+    cmd = [sys.executable, "-m", "jobs.index", "--collection", str(six), "--out", str(out), *FAST,
            "--set", "stages=[extract,global]"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []

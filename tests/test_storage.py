@@ -38,7 +38,7 @@ def test_feature_table_roundtrip():
     assert t.column("error").to_pylist()[-1] == "cannot decode image"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])  # s3: moto_server
 def root_uri(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "root"), {}
@@ -112,6 +112,7 @@ def test_relative_collections_record_absolute_files(tmp_path, monkeypatch):
         assert df["name"].tolist() == ["a.jpg"]
 
 
+@pytest.mark.slow
 def test_collection_from_s3_prefix(s3_server, instance_mini):
     fs, _ = sfs.filesystem("s3://x", s3_server["options"])
     for name in ("one.jpg", "two.jpg"):
@@ -172,6 +173,7 @@ def test_concurrent_stage_records_are_never_lost(tmp_path):
     assert ArtifactRoot(root.uri).stage_settings("extract") == {"a": 2}
 
 
+@pytest.mark.slow
 def test_an_interrupted_s3_upload_leaves_no_object(s3_server, monkeypatch):
     """A multipart upload that fails after its first part is aborted: the key never appears (moto)."""
     import s3fs
