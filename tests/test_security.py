@@ -27,12 +27,7 @@ from conftest import FAST, REPO
 SECRET = "Sup3rSecretValue"
 
 
-class Evil:
-    def __init__(self, target: str):
-        self.target = target
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.target}",)
+from test_input_errors import Evil  # noqa: E402 - a pickle whose loading runs ``touch TARGET``
 
 
 # ------------------------------------------------------------------------------------------
