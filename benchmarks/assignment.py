@@ -10,6 +10,7 @@ the fraction given the same word (single assignment) and the overlap of the 5 wo
 assignment; the last line is ``speedup S agreement A`` (single assignment, HNSW build not counted: it is
 built once per task). State the machine when quoting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ def main() -> None:
     x, t = timed(rootsift, a.collection, 2000)
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(x))
-    xq, xb = x[perm[:a.queries]], x[perm[a.queries:]]
+    xq, xb = x[perm[: a.queries]], x[perm[a.queries :]]
     if a.niter:
         centroids = train_codebook(xb, a.k, a.niter)
     else:
@@ -72,8 +73,10 @@ def main() -> None:
     overlap = np.mean([len(np.intersect1d(e, h)) / 5 for e, h in zip(exact5, approx5)])
     agreement = float((exact[:, 0] == approx[:, 0]).mean())
     print(f"flat (exact): {t_flat:.2f} s, {t_flat / len(xq) * 1e6:.0f} µs a descriptor; MA-5 {t_flat5:.2f} s")
-    print(f"hnsw: built in {t_build:.2f} s; {t_hnsw:.2f} s, {t_hnsw / len(xq) * 1e6:.0f} µs a descriptor; MA-5 "
-          f"{t_hnsw5:.2f} s ({t_flat5 / t_hnsw5:.1f}x), MA-5 words shared with the exact 5: {overlap:.4f}")
+    print(
+        f"hnsw: built in {t_build:.2f} s; {t_hnsw:.2f} s, {t_hnsw / len(xq) * 1e6:.0f} µs a descriptor; MA-5 "
+        f"{t_hnsw5:.2f} s ({t_flat5 / t_hnsw5:.1f}x), MA-5 words shared with the exact 5: {overlap:.4f}"
+    )
     print(f"speedup {t_flat / t_hnsw:.1f} agreement {agreement:.4f}")
 
 

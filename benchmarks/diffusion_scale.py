@@ -15,6 +15,7 @@ graph (faiss IVF, k = ``--k``), mutual affinity with γ = 3 and S = D^-1/2 W D^-
 
 State the machine when quoting the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,7 @@ def make_data(n: int, d: int, cluster_size: int, n_queries: int, latent: int = 8
     for s in range(0, n, 1 << 18):
         m = min(1 << 18, n - s)
         z = centres[rng.integers(0, len(centres), m)] + 0.5 * rng.standard_normal((m, latent), dtype=np.float32)
-        x[s:s + m] = np.tanh(z @ lift) + 0.05 * rng.standard_normal((m, d), dtype=np.float32)
+        x[s : s + m] = np.tanh(z @ lift) + 0.05 * rng.standard_normal((m, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     q = x[rng.choice(n, n_queries, replace=False)] + 0.02 * rng.standard_normal((n_queries, d), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -76,11 +77,15 @@ def make_data(n: int, d: int, cluster_size: int, n_queries: int, latent: int = 8
 def product_timings(s_random: sp.csr_matrix, s_local: sp.csr_matrix, m: int, reps: int = 3) -> None:
     """One (I − αS)·P with P (n, m): scipy float64 in node and locality order, our kernel float64/float32."""
     p = np.random.default_rng(1).standard_normal((s_local.shape[0], m))
-    runs = [("scipy, float64, node order", lambda: p - 0.99 * (s_random @ p)),
-            ("scipy, float64, locality order", lambda: p - 0.99 * (s_local @ p))]
+    runs = [
+        ("scipy, float64, node order", lambda: p - 0.99 * (s_random @ p)),
+        ("scipy, float64, locality order", lambda: p - 0.99 * (s_local @ p)),
+    ]
     for dt in (np.float64, np.float32):
         sd, pd_ = s_local.astype(dt), p.astype(dt)
-        runs.append((f"compiled kernel, {dt.__name__}, locality order", lambda sd=sd, pd_=pd_: shifted_product(sd, pd_, 0.99)))
+        runs.append(
+            (f"compiled kernel, {dt.__name__}, locality order", lambda sd=sd, pd_=pd_: shifted_product(sd, pd_, 0.99))
+        )
     print(f"  one (I − αS)·P product, P with {m} columns:")
     for name, fn in runs:
         fn()
@@ -105,8 +110,9 @@ def main() -> None:
     ap.add_argument("--cluster-size", type=int, default=100)
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--eig", default="chebyshev", choices=["chebyshev", "lanczos", "simultaneous"])
-    ap.add_argument("--eig-tol", type=float, default=1e-3,
-                    help="chebyshev: max residual ||Su − λu||; lanczos: relative accuracy")
+    ap.add_argument(
+        "--eig-tol", type=float, default=1e-3, help="chebyshev: max residual ||Su − λu||; lanczos: relative accuracy"
+    )
     ap.add_argument("--power-iters", type=int, default=30, help="chebyshev: max outer iterations; simultaneous: q")
     ap.add_argument("--degree", type=int, default=32, help="chebyshev: filter degree")
     ap.add_argument("--oversample", type=int, default=100)
@@ -116,9 +122,11 @@ def main() -> None:
     ap.add_argument("--shortlist", type=int, default=10_000)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="    %(message)s")  # eigen-solver progress
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; n={a.n:,} d={a.d} k={a.k} "
-          f"r={a.rank} queries={a.queries}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; n={a.n:,} d={a.d} k={a.k} "
+        f"r={a.rank} queries={a.queries}"
+    )
     x, xq = make_data(a.n, a.d, a.cluster_size, a.queries)
 
     print("offline")
@@ -136,21 +144,37 @@ def main() -> None:
         pos = inverse_permutation(order)
         w = sp.csr_matrix(w[order][:, order])
         s = normalize(w)
-    print(f"  graph: {w.nnz:,} nonzeros, mean degree {w.nnz / a.n:.1f}, W+S {(w.data.nbytes + w.indices.nbytes) * 2 / 2**20:.0f} MB")
+    mb = (w.data.nbytes + w.indices.nbytes) * 2 / 2**20
+    print(f"  graph: {w.nnz:,} nonzeros, mean degree {w.nnz / a.n:.1f}, W+S {mb:.0f} MB")
     product_timings(s_random, s, a.queries)
     with Step(f"eigenpairs r={a.rank} on the LCC ({a.eig})"):
         lcc = largest_component(w)
         s_lcc = normalize(w[lcc][:, lcc])
-        lam, u_lcc = eigenpairs(s_lcc, a.rank, method=a.eig, oversample=a.oversample, iters=a.power_iters,
-                                dtype=np.float32, tol=a.eig_tol, degree=a.degree)
-    resid = max(np.linalg.norm(s_lcc.astype(np.float32) @ u_lcc[:, c:c + 50] - u_lcc[:, c:c + 50] * lam[c:c + 50].astype(np.float32),
-                               axis=0).max() for c in range(0, len(lam), 50))
+        lam, u_lcc = eigenpairs(
+            s_lcc,
+            a.rank,
+            method=a.eig,
+            oversample=a.oversample,
+            iters=a.power_iters,
+            dtype=np.float32,
+            tol=a.eig_tol,
+            degree=a.degree,
+        )
+    resid = max(
+        np.linalg.norm(
+            s_lcc.astype(np.float32) @ u_lcc[:, c : c + 50] - u_lcc[:, c : c + 50] * lam[c : c + 50].astype(np.float32),
+            axis=0,
+        ).max()
+        for c in range(0, len(lam), 50)
+    )
     with Step("U on all nodes (zero outside the LCC)"):
         u = np.zeros((a.n, len(lam)), np.float32)
         u[lcc] = u_lcc
         del u_lcc, s_lcc
-    print(f"  LCC {len(lcc):,} nodes; λ_1 {lam[0]:.4f} … λ_r {lam[-1]:.4f}; ||Su − λu|| ≤ {resid:.1e} for all r; "
-          f"U {u.nbytes / 2**20:.0f} MB")
+    print(
+        f"  LCC {len(lcc):,} nodes; λ_1 {lam[0]:.4f} … λ_r {lam[-1]:.4f}; ||Su − λu|| ≤ {resid:.1e} for all r; "
+        f"U {u.nbytes / 2**20:.0f} MB"
+    )
     with Step("SHybrid: U 99% sparse"):
         u_sparse = sparsify(u, keep=0.01, as_csr=True)
 
@@ -158,7 +182,7 @@ def main() -> None:
     qs = np.einsum("qkd,qd->qk", x[np.maximum(qi, 0)], xq)
     y64 = seeds(a.n, pos[qi], qs, kq=10)  # positions in the locality order
     y_random = seeds(a.n, qi, qs, kq=10)
-    y = y64.astype(np.float32)             # our solvers run in float32 (jobs default)
+    y = y64.astype(np.float32)  # our solvers run in float32 (jobs default)
     print("online (per query; seeds from a faiss IVF 10-NN search, not timed)")
     m = a.single
     single = {}
@@ -179,13 +203,18 @@ def main() -> None:
             out = fn()
         per = Step.rows[-1][1] / a.queries
         results[name] = out
-        print(f"      → {per * 1000:8.1f} ms/query, {1 / per:7.1f} queries/s, {base / per:6.1f}× one-at-a-time cg "
-              f"({single['locality order'] / per:.1f}× the same in locality order)")
+        print(
+            f"      → {per * 1000:8.1f} ms/query, {1 / per:7.1f} queries/s, {base / per:6.1f}× one-at-a-time cg "
+            f"({single['locality order'] / per:.1f}× the same in locality order)"
+        )
         return st
 
     timed(f"batched CG, 20 its ({a.queries} queries at once)", lambda: temporal(s, y, tol=1e-6, maxiter=20))
-    short = np.argsort(-(x @ xq.T), axis=0)[:a.shortlist].T if a.n <= 200_000 else \
-        search_ivf(index, xq, a.shortlist, a.nprobe)[1]
+    short = (
+        np.argsort(-(x @ xq.T), axis=0)[: a.shortlist].T
+        if a.n <= 200_000
+        else search_ivf(index, xq, a.shortlist, a.nprobe)[1]
+    )
     short = np.where(short >= 0, pos[np.maximum(short, 0)], -1)
     ys = np.take_along_axis(y.T, np.maximum(short, 0), 1) * (short >= 0)
     timed(f"truncated CG, T={a.shortlist}", lambda: truncated(w, short, ys, tol=1e-6, maxiter=20))

@@ -8,6 +8,7 @@ Runs on the first N images of ../shared/data/instance-mini (mixed sizes, up to 1
 3. the ``jobs.extract`` pipeline on an embedded Ray (actor pool, sharded Parquet output).
 Prints images/s and the ratio against the reference. State the machine when quoting figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.describe import DescriptorConfig, Describer  # noqa: E402
+from operators.describe import Describer, DescriptorConfig  # noqa: E402
 from operators.images import decode_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instance-mini"
@@ -38,8 +39,10 @@ def main() -> None:
     df = pd.read_csv(DATA / "images.csv").sample(frac=1.0, random_state=0).head(a.images)
     files = [str(DATA / f) for f in df.file]
     cfg = DescriptorConfig(local=a.local)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}; {len(files)} images; local={a.local}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}; {len(files)} images; local={a.local}"
+    )
 
     d = Describer(cfg)
     d([decode_image(open(files[0], "rb").read())])  # warm-up
@@ -53,7 +56,7 @@ def main() -> None:
     t = time.time()
     imgs = [decode_image(open(f, "rb").read()) for f in files]
     for s in range(0, len(imgs), 8):
-        d(imgs[s:s + 8])
+        d(imgs[s : s + 8])
     batched = len(files) / (time.time() - t)
     print(f"in-process, same-shape images batched (≤ 8 / forward): {batched:.2f} images/s  ({batched / ref:.2f}x)")
 
@@ -66,8 +69,18 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     t = time.time()
-    extract.main(["--collection", f"{tmp}/c.csv", "--out", f"{tmp}/out", "--set", f"describe.local={a.local}",
-                  "--set", "shard_size=8"])
+    extract.main(
+        [
+            "--collection",
+            f"{tmp}/c.csv",
+            "--out",
+            f"{tmp}/out",
+            "--set",
+            f"describe.local={a.local}",
+            "--set",
+            "shard_size=8",
+        ]
+    )
     pipe = len(files) / (time.time() - t)
     print(f"jobs.extract on Ray (actors, incl. start-up and Parquet writes): {pipe:.2f} images/s  ({pipe / ref:.2f}x)")
     ray.shutdown()

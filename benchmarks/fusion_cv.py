@@ -13,6 +13,7 @@ often, the best fixed β in hindsight (an upper bound, not a result), the mAP at
 default, and the number of groups where fusion falls more than 5 points below the better
 component on that group. Queries are described once and cached (``ROOT/query-cache``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,9 @@ def main() -> None:
     p.add_argument("--crops", default="whole,0.4")
     p.add_argument("--betas", default="0.05,0.1,0.2,0.3,0.5,0.7,1,1.5,2,3,5")
     p.add_argument("--shortlist", type=int, default=1000)
-    p.add_argument("--per-group", default="", help="also print each group's mAP for these settings (score:0.5,rank:1.5)")
+    p.add_argument(
+        "--per-group", default="", help="also print each group's mAP for these settings (score:0.5,rank:1.5)"
+    )
     a = p.parse_args()
     betas = [float(b) for b in a.betas.split(",")]
     default = SearchConfig(index=a.index, queries=a.queries, out="")
@@ -81,8 +84,9 @@ def main() -> None:
     gt = load_collection(a.queries)
     pooled = []
     for crop in a.crops.split(","):
-        cfg = SearchConfig(index=a.index, queries=a.queries, out="/tmp/fusion-cv",
-                           center_crop=None if crop == "whole" else float(crop))
+        cfg = SearchConfig(
+            index=a.index, queries=a.queries, out="/tmp/fusion-cv", center_crop=None if crop == "whole" else float(crop)
+        )
         t0 = time.time()
         ctx, ra, rg, (cand, asmk_s, glob) = candidates(cfg, a.shortlist)
         names = ctx.queries.set_index("image_id").loc[ctx.qids, "name"].tolist()
@@ -90,15 +94,24 @@ def main() -> None:
         group_of = dict(zip(gt["name"], gt["group"]))
         groups = np.array([group_of.get(n, "?") if len(p) else "?" for n, p in zip(names, positives)], object)
         ap = {("asmk", 0): per_query_ap(ra.ids, positives), ("global", 0): per_query_ap(rg.ids, positives)}
-        ap.update({(m, b): per_query_ap(fuse(cand, asmk_s, glob, b, 100, m)[0], positives) for m in MODES for b in betas})
-        print(f"\n== {crop} queries: {int((groups != '?').sum())} with positives in {len(set(groups) - {'?'})} groups "
-              f"(searches {time.time() - t0:.1f} s) ==")
+        ap.update(
+            {(m, b): per_query_ap(fuse(cand, asmk_s, glob, b, 100, m)[0], positives) for m in MODES for b in betas}
+        )
+        print(
+            f"\n== {crop} queries: {int((groups != '?').sum())} with positives in {len(set(groups) - {'?'})} groups "
+            f"(searches {time.time() - t0:.1f} s) =="
+        )
         report(ap, groups, default, [(m, float(b)) for m, b in (x.split(":") for x in a.per_group.split(",") if x)])
         pooled.append((ap, groups))
     if len(pooled) > 1:
-        print(f"\n== every query set together ({' + '.join(a.crops.split(','))}): beta chosen on other groups' queries of all sets ==")
-        report({s: np.concatenate([ap[s] for ap, _ in pooled]) for s in pooled[0][0]},
-               np.concatenate([g for _, g in pooled]), default, [])
+        sets = " + ".join(a.crops.split(","))
+        print(f"\n== every query set together ({sets}): beta chosen on other groups' queries of all sets ==")
+        report(
+            {s: np.concatenate([ap[s] for ap, _ in pooled]) for s in pooled[0][0]},
+            np.concatenate([g for _, g in pooled]),
+            default,
+            [],
+        )
 
 
 def report(ap: dict, groups: np.ndarray, default: SearchConfig, per_group: list[tuple[str, float]]) -> None:
@@ -112,18 +125,28 @@ def report(ap: dict, groups: np.ndarray, default: SearchConfig, per_group: list[
         held, chosen = cross_validate(table, groups)
         hindsight = max(table, key=lambda s: np.nanmean(table[s]))
         at_default = fused.get((m if m != "auto" else default.fusion, default.fusion_beta))
-        below = [g for g in real if np.nanmean(held[groups == g]) < max(np.nanmean(ap_a[groups == g]),
-                                                                         np.nanmean(ap_g[groups == g])) - 0.05]
-        print(f"fused {m:<6} cross-validated mAP {100 * np.nanmean(held):6.2f}   chosen most "
-              f"{Counter(map(str, chosen)).most_common(1)[0][0]:<14} hindsight {100 * np.nanmean(table[hindsight]):6.2f} "
-              f"at {hindsight}   at default beta={default.fusion_beta} {100 * np.nanmean(at_default):6.2f}   "
-              f"groups >5 pts below the better component: {below}")
+        below = [
+            g
+            for g in real
+            if np.nanmean(held[groups == g]) < max(np.nanmean(ap_a[groups == g]), np.nanmean(ap_g[groups == g])) - 0.05
+        ]
+        print(
+            f"fused {m:<6} cross-validated mAP {100 * np.nanmean(held):6.2f}   chosen most "
+            f"{Counter(map(str, chosen)).most_common(1)[0][0]:<14} hindsight {100 * np.nanmean(table[hindsight]):6.2f} "
+            f"at {hindsight}   at default beta={default.fusion_beta} {100 * np.nanmean(at_default):6.2f}   "
+            f"groups >5 pts below the better component: {below}"
+        )
     if per_group:
-        print(f"{'group':<18} {'queries':>7} {'ASMK*':>6} {'global':>6} " + " ".join(f"{m + ' ' + str(b):>10}" for m, b in per_group))
+        print(
+            f"{'group':<18} {'queries':>7} {'ASMK*':>6} {'global':>6} "
+            + " ".join(f"{m + ' ' + str(b):>10}" for m, b in per_group)
+        )
         for g in real:
             sel = groups == g
-            print(f"{g:<18} {int(sel.sum()):>7} {100 * np.nanmean(ap_a[sel]):>6.1f} {100 * np.nanmean(ap_g[sel]):>6.1f} "
-                  + " ".join(f"{100 * np.nanmean(fused[(m, b)][sel]):>10.1f}" for m, b in per_group))
+            print(
+                f"{g:<18} {int(sel.sum()):>7} {100 * np.nanmean(ap_a[sel]):>6.1f} {100 * np.nanmean(ap_g[sel]):>6.1f} "
+                + " ".join(f"{100 * np.nanmean(fused[(m, b)][sel]):>10.1f}" for m, b in per_group)
+            )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Checks (each prints its figures and OK / FAIL; the exit status is the number of 
 ``--dry-run`` runs the "GPU" side on the CPU too (checks this script, not the GPU). Without a GPU and without
 ``--dry-run`` it says so and exits 0. Run it on a GPU machine whenever one is lent, and record its figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def check_extraction(images: list[np.ndarray], unseen: list[np.ndarray], device:
     """CPU against ``device`` (cuDNN off, the default) on ``images``; then on ``unseen`` (shapes new to both
     describers) images/s with cuDNN off, with cuDNN on first sight of each shape, and again (its plans cached):
     cuDNN plans every new input shape afresh, and retrieval images rarely share one."""
-    from operators.describe import DescriptorConfig, Describer
+    from operators.describe import Describer, DescriptorConfig
 
     cpu = Describer(DescriptorConfig(local="none", device="cpu"))
     dev = Describer(DescriptorConfig(local="none", device=device, forward_batch=16))
@@ -61,9 +62,13 @@ def check_extraction(images: list[np.ndarray], unseen: list[np.ndarray], device:
     d = cpu(unseen)
     cos = min(float(np.dot(x["global"], y["global"])) for x, y in zip(a + d, b + c))
     n = len(unseen)
-    return report("extraction", cos >= 0.999, f"min cosine {cos:.5f}; images/s on {len(images)} images: "
-                  f"{len(images) / t_cpu:.1f} on CPU, {len(images) / t_dev:.1f} on {device}; on {n} more: cuDNN off "
-                  f"{n / t_off:.1f}, cuDNN on {n / t_new:.1f} (new shapes) and {n / t_seen:.1f} (shapes seen)")
+    return report(
+        "extraction",
+        cos >= 0.999,
+        f"min cosine {cos:.5f}; images/s on {len(images)} images: "
+        f"{len(images) / t_cpu:.1f} on CPU, {len(images) / t_dev:.1f} on {device}; on {n} more: cuDNN off "
+        f"{n / t_off:.1f}, cuDNN on {n / t_new:.1f} (new shapes) and {n / t_seen:.1f} (shapes seen)",
+    )
 
 
 def check_kmeans(x: np.ndarray, gpu: bool) -> int:
@@ -73,11 +78,15 @@ def check_kmeans(x: np.ndarray, gpu: bool) -> int:
 
     def error(c):
         return float(faiss.knn(x, c, 1)[0].mean())
+
     c_cpu, t_cpu = timed(train_codebook, x, 1024, 10, gpu=False)
     c_dev, t_dev = timed(train_codebook, x, 1024, 10, gpu=gpu)
     e_cpu, e_dev = error(c_cpu), error(c_dev)
-    return report("k-means (k = 1,024)", abs(e_dev - e_cpu) <= 0.02 * e_cpu,
-                  f"quantisation error {e_cpu:.4f} CPU / {e_dev:.4f}; {t_cpu:.2f} s CPU / {t_dev:.2f} s")
+    return report(
+        "k-means (k = 1,024)",
+        abs(e_dev - e_cpu) <= 0.02 * e_cpu,
+        f"quantisation error {e_cpu:.4f} CPU / {e_dev:.4f}; {t_cpu:.2f} s CPU / {t_dev:.2f} s",
+    )
 
 
 def check_assignment(x: np.ndarray, centroids: np.ndarray) -> int:
@@ -90,8 +99,7 @@ def check_assignment(x: np.ndarray, centroids: np.ndarray) -> int:
     (_, exact), t_cpu = timed(cpu.search, x, 1)
     words, t_dev = timed(Quantizer(centroids), x, 1)  # on every GPU when faiss has GPUs
     same = float((words[:, 0] == exact[:, 0]).mean())
-    return report("assignment (flat)", same >= 0.999,
-                  f"same word {same:.5f}; {t_cpu:.2f} s CPU / {t_dev:.2f} s")
+    return report("assignment (flat)", same >= 0.999, f"same word {same:.5f}; {t_cpu:.2f} s CPU / {t_dev:.2f} s")
 
 
 def check_knn(x: np.ndarray) -> int:
@@ -104,7 +112,9 @@ def check_knn(x: np.ndarray) -> int:
     (_, exact), t_cpu = timed(faiss.knn, xq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
     (_, ids), t_dev = timed(knn_blocks, xq, iter_blocks(np.arange(len(x)), x, 16384), 10)
     recall = float(np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(exact, ids)]))
-    return report("kNN (top-10, inner product)", recall >= 0.999, f"recall {recall:.5f}; {t_cpu:.2f} s CPU / {t_dev:.2f} s")
+    return report(
+        "kNN (top-10, inner product)", recall >= 0.999, f"recall {recall:.5f}; {t_cpu:.2f} s CPU / {t_dev:.2f} s"
+    )
 
 
 def synthetic_graph(n: int, d: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -142,13 +152,18 @@ def compare(name: str, device: str, make, train, embed, steps: int, chaotic: boo
     agree = int(np.argmax(rel > 1e-3)) if (rel > 1e-3).any() else steps
     cos0, cos = float(np.min(np.sum(e0[0] * e0[1], axis=1))), float(np.min(np.sum(e_c * e_d, axis=1)))
     ok = cos0 >= 0.99999 and rel[0] <= 1e-4 and (chaotic or (agree == steps and cos >= 0.999))
-    return report(name, ok, f"untrained forward min cosine {cos0:.6f}; first loss rel. diff {rel[0]:.1e}; losses agree "
-                  f"(1e-3) for {agree} of {steps} steps (max {rel.max():.1e}); trained embedding min cosine {cos:.6f}; "
-                  f"{ms_c:.1f} ms/step CPU / {ms_d:.1f} on {device} (peak {peak:.2f} GiB){extra}")
+    return report(
+        name,
+        ok,
+        f"untrained forward min cosine {cos0:.6f}; first loss rel. diff {rel[0]:.1e}; losses agree "
+        f"(1e-3) for {agree} of {steps} steps (max {rel.max():.1e}); trained embedding min cosine {cos:.6f}; "
+        f"{ms_c:.1f} ms/step CPU / {ms_d:.1f} on {device} (peak {peak:.2f} GiB){extra}",
+    )
 
 
 def check_gss(x: np.ndarray, nn: np.ndarray, device: str, steps: int = 20) -> int:
     from learned_rerankers import dense_gss_step
+
     from operators import gss as GSS
 
     p = GSS.GssParams(k=10, steps=steps)
@@ -157,11 +172,18 @@ def check_gss(x: np.ndarray, nn: np.ndarray, device: str, steps: int = 20) -> in
     probe = np.arange(0, len(x), max(1, len(x) // 1000))
     dense = ""
     if device != "cpu" and len(x) <= 40_000:  # n² floats a few times over on the device
-        dense = f"; dense full-batch reference step on {device}: {1000 * dense_gss_step(x, a_hat, p, beta, device):.1f} ms"
-    return compare(f"GSS training ({len(x):,} nodes, {steps} steps, beta {beta:.4f})", device,
-                   lambda dev: GSS.ResidualGCN(x.shape[1], p, dev),
-                   lambda m, n, log: GSS.train_steps(m, a_hat, x, beta, 0, n, None, log),
-                   lambda m: GSS.embed_nodes(m, a_hat, x, probe), steps, extra=dense)
+        dense = (
+            f"; dense full-batch reference step on {device}: {1000 * dense_gss_step(x, a_hat, p, beta, device):.1f} ms"
+        )
+    return compare(
+        f"GSS training ({len(x):,} nodes, {steps} steps, beta {beta:.4f})",
+        device,
+        lambda dev: GSS.ResidualGCN(x.shape[1], p, dev),
+        lambda m, n, log: GSS.train_steps(m, a_hat, x, beta, 0, n, None, log),
+        lambda m: GSS.embed_nodes(m, a_hat, x, probe),
+        steps,
+        extra=dense,
+    )
 
 
 def check_gradnet(x: np.ndarray, nn: np.ndarray, device: str, steps: int = 20) -> int:
@@ -171,13 +193,18 @@ def check_gradnet(x: np.ndarray, nn: np.ndarray, device: str, steps: int = 20) -
     p = GN.GradNetParams(dropout=0.0)  # no random masks: both sides compute the same function
     a = GN.mutual_adjacency(nn, x, p.k)
     s = GN.sym_normalize(a)
-    anchors = train_codebook(x[:256 * p.anchors], p.anchors, 20, p.seed)
+    anchors = train_codebook(x[: 256 * p.anchors], p.anchors, 20, p.seed)
     z = GN.code_matrix(*GN.sparse_codes(x, anchors, p.codes), p.anchors)
     probe = np.arange(0, len(x), max(1, len(x) // 1000))
-    return compare(f"GRAD-Net training ({len(x):,} nodes, {steps} steps, dropout 0)", device,
-                   lambda dev: GN.GradNet(x.shape[1] + p.anchors, p, dev),
-                   lambda m, n, log: GN.train_steps(m, s, a, x, z, 0, n, None, log),
-                   lambda m: GN.embed_nodes(m, s, x, z, probe), steps, chaotic=True)
+    return compare(
+        f"GRAD-Net training ({len(x):,} nodes, {steps} steps, dropout 0)",
+        device,
+        lambda dev: GN.GradNet(x.shape[1] + p.anchors, p, dev),
+        lambda m, n, log: GN.train_steps(m, s, a, x, z, 0, n, None, log),
+        lambda m: GN.embed_nodes(m, s, x, z, probe),
+        steps,
+        chaotic=True,
+    )
 
 
 def main() -> None:
@@ -202,7 +229,7 @@ def main() -> None:
 
         files = pd.read_csv(a.data / "images.csv")["file"].head(2 * a.images)
         images = [decode_image((a.data / f).read_bytes()) for f in files]
-        failures += check_extraction(images[:a.images], images[a.images:], device)
+        failures += check_extraction(images[: a.images], images[a.images :], device)
     if "faiss" in checks and (gpus or a.dry_run):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((100_000, 64)).astype(np.float32)

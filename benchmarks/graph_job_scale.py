@@ -9,6 +9,7 @@ one ``jobs.search --rerank`` task does with ``--queries`` initial rankings: load
 artifacts (memory-mapped) and re-rank by dfs, hybrid and SHybrid. Prints the job's stage times and
 peak memory (its summary) and the task's load and per-query times. State the machine when quoting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,16 +53,22 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--reuse", action="store_true", help="skip the job: time the task on a root built before")
     a = ap.parse_args()
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; "
-          f"n={a.n:,} k={a.k} r={a.rank}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; "
+        f"n={a.n:,} k={a.k} r={a.rank}",
+        flush=True,
+    )
     x, xq = make_data(a.n, 64, 100, a.queries)
     root = ArtifactRoot(a.root)
     if not a.reuse:
         write_index(root, x)
         t = time.time()
         summary = graph_job.main(["--index", a.root, "--k", str(a.k), "--rank", str(a.rank)])
-        print(f"jobs.graph: {time.time() - t:.0f} s; stages {json.dumps(summary['timings_s'])}; driver peak "
-              f"{summary['driver_peak_rss_mb']:.0f} MB, worker peak {summary['worker_peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"jobs.graph: {time.time() - t:.0f} s; stages {json.dumps(summary['timings_s'])}; driver peak "
+            f"{summary['driver_peak_rss_mb']:.0f} MB, worker peak {summary['worker_peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     elif load_sparse_u(root, 0.01) is None:  # a root from before the stage stored SHybrid's U
         write_sparse_u(root, sparsify(np.asarray(load_u(root)), 0.01, as_csr=True), 0.01)
 
@@ -75,8 +82,12 @@ def main() -> None:
             graph = load_graph(root, sparse_keep=keep)
             rerank(method, graph, ids, sims, own, 100, RerankParams(sparse_keep=keep))
             dt = time.time() - t
-            print(f"task: {name:16s} {run:6s} {dt / len(ids) * 1000:7.1f} ms/query incl. loading the graph and merging "
-                  f"with the initial ranking ({len(ids)} queries, +{rss_mb('VmHWM') - base:.0f} MB)", flush=True)
+            print(
+                f"task: {name:16s} {run:6s} {dt / len(ids) * 1000:7.1f} ms/query incl. loading the graph and merging "
+                f"with the initial ranking ({len(ids)} queries, +{rss_mb('VmHWM') - base:.0f} MB)",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ vocabulary (s = 0.6, so frequent words have long postings, as real ones do) with
 Hamming ≤ 24 of the object's own (enough matches to pass the global check), so components exist. The
 structure is deterministic by ``--seed``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,13 @@ def synthetic_entries(n_images: int, entries: int, objects: int, seed: int, bloc
     vocab = rng.permutation(K)
     owners = rng.integers(0, n_images, (objects, 6))
     sizes = rng.integers(2, 7, objects)
-    obj_words = np.stack([rng.choice(K, 40, replace=False) for _ in range(objects)]) if objects else np.zeros((0, 40), int)
+    obj_words = (
+        np.stack([rng.choice(K, 40, replace=False) for _ in range(objects)]) if objects else np.zeros((0, 40), int)
+    )
     obj_codes = rng.integers(0, 256, (objects, 40, 16), dtype=np.uint8)
     planted: dict[int, list[int]] = {}
     for o in range(objects):
-        for img in owners[o, :sizes[o]]:
+        for img in owners[o, : sizes[o]]:
             planted.setdefault(int(img), []).append(o)
     for s in range(0, n_images, block):
         ids, words, codes = [], [], []
@@ -68,8 +71,15 @@ def write_index(root: ArtifactRoot, n_images: int, entries: int, objects: int, s
     ivf = build_inverted_file(agg, K, binary=True)
     for a in ARRAYS:
         root.write_array(f"asmk/{a}.npy", getattr(ivf, a))
-    write_meta(root, {"k": K, "params": {"binary": True, "alpha": 3.0, "tau": 0.0, "use_idf": False, "db_ma": 1,
-                                         "query_ma": 5}, "codebook_sha1": "synthetic", "entries": int(ivf.offsets[-1])})
+    write_meta(
+        root,
+        {
+            "k": K,
+            "params": {"binary": True, "alpha": 3.0, "tau": 0.0, "use_idf": False, "db_ma": 1, "query_ma": 5},
+            "codebook_sha1": "synthetic",
+            "entries": int(ivf.offsets[-1]),
+        },
+    )
     root.write_json("index.json", {"schema_version": 2, "stages": {}})
     return int(ivf.offsets[-1])
 
@@ -86,12 +96,16 @@ def main() -> None:
     t0 = time.time()
     n = write_index(root, a.images, a.entries, a.objects or a.images // 10, a.seed)
     counts = np.diff(np.load(f"{a.root}/asmk/offsets.npy"))
-    print(f"synthetic index: {a.images} images, {n} entries, {time.time() - t0:.0f} s to generate; "
-          f"postings per word mean {counts.mean():.0f}, max {counts.max()}, Σn² / 2 = {(counts.astype(float) ** 2).sum() / 2:.3g} pairs")
+    pairs = (counts.astype(float) ** 2).sum() / 2
+    print(
+        f"synthetic index: {a.images} images, {n} entries, {time.time() - t0:.0f} s to generate; "
+        f"postings per word mean {counts.mean():.0f}, max {counts.max()}, Σn² / 2 = {pairs:.3g} pairs"
+    )
     wall, peak = run_job(["-m", "jobs.discover", "--index", a.root, "--set", "stages=[iasmk]"])
     summary = json.loads(Path(a.root, "summary-discover.json").read_text())
-    sizes = {d: sum(f.stat().st_size for f in Path(a.root, d).rglob("*") if f.is_file()) / 2**20
-             for d in ("asmk", "iasmk")}
+    sizes = {
+        d: sum(f.stat().st_size for f in Path(a.root, d).rglob("*") if f.is_file()) / 2**20 for d in ("asmk", "iasmk")
+    }
     print(f"jobs.discover: {wall:.1f} s wall (Ray start included), passes {summary['timings_s']}")
     print(f"peak RSS of the process tree: {peak:.0f} MB; asmk/ {sizes['asmk']:.0f} MB, iasmk/ {sizes['iasmk']:.0f} MB")
     print("statistics:", json.dumps(summary["iasmk"]))

@@ -12,6 +12,7 @@ receptive field); the database embedding (GSS, row blocks); ms per query of GSS 
 (queries and database in one problem, all-pairs shortest paths). Prints one line per figure and the dense/ours
 ratios. State the machine when quoting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from operators import cas as CAS  # noqa: E402
 from operators import gradnet as GN  # noqa: E402
 from operators import gss as GSS  # noqa: E402
-from operators import cas as CAS  # noqa: E402
 from operators.cas import CasParams, cas_query_distances  # noqa: E402
 from operators.global_index import iter_blocks  # noqa: E402
 from operators.knn import build_ivf, knn_blocks, search_ivf  # noqa: E402
@@ -48,7 +49,9 @@ def data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         _, nn = knn_blocks(x, iter_blocks(ids, x, 65536), 50, exclude=ids)
         return x, nn
     index = build_ivf(x)  # above EXACT_MAX the lists come from IVF-Flat, nprobe 16 (as the graph stage at scale)
-    nn = np.concatenate([search_ivf(index, x[s:s + 65536], 50, 16, ids[s:s + 65536])[1] for s in range(0, n, 65536)])
+    nn = np.concatenate(
+        [search_ivf(index, x[s : s + 65536], 50, 16, ids[s : s + 65536])[1] for s in range(0, n, 65536)]
+    )
     return x, nn
 
 
@@ -80,6 +83,7 @@ def dense_gss_step(x: np.ndarray, a_hat, p: GSS.GssParams, beta: float, device: 
         loss.backward()
         opt.step()
         loss.item()  # waits for the device
+
     return timed(step, 2)
 
 
@@ -91,7 +95,7 @@ def dense_cas(x: np.ndarray, p: CasParams) -> np.ndarray:
 
     d = CAS.normalized_distances(x)
     rank = CAS.ranking(d)
-    sim = np.exp(-d / p.sigma ** 2)
+    sim = np.exp(-d / p.sigma**2)
     conf, cand = CAS.confident(rank, p.k1), CAS.candidates(rank, p.k2)
     f = CAS.bidirectional_diffusion(CAS.affinity(sim, rank, conf, p.k1, p.confident_weight), p.mu, p.iters) * cand
     feat = CAS.propagate(CAS.smooth(f, cand, conf, sim, rank, p.k3, p.beta), rank, conf, p.k4, p.k5, p.kappa)
@@ -110,6 +114,7 @@ def main() -> None:
     ap.add_argument("--cas-dense-max", type=int, default=5000, help="largest N for the dense CAS reference")
     a = ap.parse_args()
     import os
+
     print(f"machine: {os.cpu_count()} cores; dim {a.dim}")
     for n in map(int, a.sizes.split(",")):
         x, nn = data(n, a.dim)
@@ -120,12 +125,16 @@ def main() -> None:
         beta = GSS.automatic_beta(model, a_hat, x, p)
         before = rss_gb()
         ours = timed(lambda: GSS.train_steps(model, a_hat, x, beta, 0, 1))
-        print(f"n {n}: GSS step ours {ours * 1e3:.1f} ms (batch {min(n, a.batch)}), peak RSS +{rss_gb() - before:.2f} GB")
+        print(
+            f"n {n}: GSS step ours {ours * 1e3:.1f} ms (batch {min(n, a.batch)}), peak RSS +{rss_gb() - before:.2f} GB"
+        )
         if n <= a.dense_max:
             before = rss_gb()
             dense = dense_gss_step(x, a_hat, p, beta)
-            print(f"n {n}: GSS step dense {dense * 1e3:.1f} ms, peak RSS +{rss_gb() - before:.2f} GB; "
-                  f"dense/ours {dense / ours:.1f}x (ours: a batch of {min(n, a.batch)}, unbiased; dense: all pairs)")
+            print(
+                f"n {n}: GSS step dense {dense * 1e3:.1f} ms, peak RSS +{rss_gb() - before:.2f} GB; "
+                f"dense/ours {dense / ours:.1f}x (ours: a batch of {min(n, a.batch)}, unbiased; dense: all pairs)"
+            )
         t = time.perf_counter()
         states, pre = [x], None
         for layer in range(1, p.layers + 1):
@@ -142,6 +151,7 @@ def main() -> None:
         def gss_queries() -> None:
             hq = GSS.embed_queries(model, x[q], top, sims, GSS.degrees(adj), states[:-1])
             knn_blocks(hq, iter_blocks(np.arange(n), emb, 65536), 100, exclude=q)
+
         print(f"n {n}: GSS re-rank {timed(gss_queries, 1) / len(q) * 1e3:.1f} ms/query")
         gp = GN.GradNetParams(k=15, dims=[256, 128, 64])
         ga = GN.mutual_adjacency(nn, x, gp.k)
@@ -149,10 +159,16 @@ def main() -> None:
         near, z = GN.sparse_codes(x, x[np.random.default_rng(0).choice(n, gp.anchors, replace=False)], gp.codes)
         zc = GN.code_matrix(near, z, gp.anchors)
         gmodel = GN.GradNet(a.dim + gp.anchors, gp)
-        print(f"n {n}: GRAD-Net step (64 sextets, dims 256-128-64) "
-              f"{timed(lambda: GN.train_steps(gmodel, gs, ga, x, zc, 0, 1)) * 1e3:.1f} ms")
+        print(
+            f"n {n}: GRAD-Net step (64 sextets, dims 256-128-64) "
+            f"{timed(lambda: GN.train_steps(gmodel, gs, ga, x, zc, 0, 1)) * 1e3:.1f} ms"
+        )
         gemb = GN.embed_nodes(gmodel, gs, x, zc, np.arange(n))
-        print(f"n {n}: GRAD-Net re-rank (QFE + scan) {timed(lambda: knn_blocks(GN.qfe(top, sims, gemb), iter_blocks(np.arange(n), gemb, 65536), 100, exclude=q), 1) / len(q) * 1e3:.1f} ms/query")
+
+        def grad_rerank():
+            return knn_blocks(GN.qfe(top, sims, gemb), iter_blocks(np.arange(n), gemb, 65536), 100, exclude=q)
+
+        print(f"n {n}: GRAD-Net re-rank (QFE + scan) {timed(grad_rerank, 1) / len(q) * 1e3:.1f} ms/query")
         short = min(a.shortlist, n - 1)
         _, cand = knn_blocks(x[:4], iter_blocks(np.arange(n), x, 65536), short, exclude=np.arange(4))
         t = time.perf_counter()
@@ -163,8 +179,10 @@ def main() -> None:
             before, t = rss_gb(), time.perf_counter()
             dense_cas(np.vstack([x[q], x]), CasParams())  # the queries join the database's problem
             total = time.perf_counter() - t
-            print(f"n {n}: CAS dense reference ({len(q)} queries + {n} items in one problem, Floyd–Warshall) "
-                  f"{total:.1f} s = {total / len(q) * 1e3:.0f} ms/query, peak RSS +{rss_gb() - before:.2f} GB")
+            print(
+                f"n {n}: CAS dense reference ({len(q)} queries + {n} items in one problem, Floyd–Warshall) "
+                f"{total:.1f} s = {total / len(q) * 1e3:.0f} ms/query, peak RSS +{rss_gb() - before:.2f} GB"
+            )
         print(f"n {n}: peak RSS of the whole run so far {rss_gb():.2f} GB (data and graphs included)")
 
 

@@ -9,6 +9,7 @@ e.g. the closed loop's "before"), and exhaustive search in memory (small collect
 group on the other groups' queries (the labels of the held-out group are never used to choose it).
 Prints raw mAP, the cross-validated mAP, the setting chosen most often, and the best in hindsight.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ def main() -> None:
     def ap(xw: np.ndarray, qw: np.ndarray) -> np.ndarray:
         s = qw @ xw.T
         ranks = [ids[np.argsort(-s[j], kind="stable")] for j in range(len(qids))]
-        return np.asarray(evaluate([r[r != qq] for r, qq in zip(ranks, qids)], pos, [np.zeros(0, np.int64)] * len(pos))["ap"])
+        return np.asarray(
+            evaluate([r[r != qq] for r, qq in zip(ranks, qids)], pos, [np.zeros(0, np.int64)] * len(pos))["ap"]
+        )
 
     pairs = read_pairs(a.pairs).to_pandas()
     row = {int(v): r for r, v in enumerate(ids)}
@@ -77,8 +80,11 @@ def main() -> None:
     held, chosen = cross_validate(table, groups)
     best = max(table, key=lambda s: np.nanmean(table[s]))
     print(f"pairs: {int((label == 1).sum())} positive, {int((label == 0).sum())} negative")
-    print(f"raw mAP {100 * np.nanmean(raw):.2f}; Lw cross-validated {100 * np.nanmean(held):.2f} "
-          f"(chosen most: {Counter(chosen).most_common(1)[0][0]}); best in hindsight {100 * np.nanmean(table[best]):.2f} at {best}")
+    print(
+        f"raw mAP {100 * np.nanmean(raw):.2f}; Lw cross-validated {100 * np.nanmean(held):.2f} "
+        f"(chosen most: {Counter(chosen).most_common(1)[0][0]}); "
+        f"best in hindsight {100 * np.nanmean(table[best]):.2f} at {best}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Memory figures for the benchmarks: RSS and the peak since a reset (Linux ``/proc``)."""
+
 from __future__ import annotations
 
 import os
@@ -49,14 +50,20 @@ def run_job(args: list[str], period: float = 0.2, log: str | None = None) -> tup
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     t0 = time.time()
     out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, *args], cwd=Path(__file__).resolve().parents[1], env=env,
-                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+    )
     peak = [0.0]
 
     def sample() -> None:
         while proc.poll() is None:
             peak[0] = max(peak[0], tree_rss_mb(proc.pid))
             time.sleep(period)
+
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     proc.wait()

@@ -8,6 +8,7 @@ a group, the distractors, are their own group). For each source and anchor with 
 baseline is the anchor's n nearest Euclidean neighbours (global descriptors, itself excluded); for
 negatives the baseline is the same number of the anchor's nearest neighbours taken as negatives.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,13 @@ def main() -> None:
         for anchor, mine in rows.groupby("anchor_id"):
             sims = vectors @ vectors[row_of[anchor]]
             sims[row_of[anchor]] = -np.inf
-            nearest = np.asarray(g.ids)[np.argsort(-sims, kind="stable")[:len(mine)]]
+            nearest = np.asarray(g.ids)[np.argsort(-sims, kind="stable")[: len(mine)]]
             base += [(group[anchor] == group[int(o)]) == (label == 1) for o in nearest]
         kind = "positive" if label == 1 else "negative"
-        print(f"{source:<9} {kind:<9} {len(rows):>6} {rows.anchor_id.nunique():>7} {100 * np.mean(right):>8.1f}% "
-              f"{100 * np.mean(base):>11.1f}%")
+        print(
+            f"{source:<9} {kind:<9} {len(rows):>6} {rows.anchor_id.nunique():>7} {100 * np.mean(right):>8.1f}% "
+            f"{100 * np.mean(base):>11.1f}%"
+        )
 
 
 if __name__ == "__main__":

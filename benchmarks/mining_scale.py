@@ -10,6 +10,7 @@ anchors in Ray tasks, Euclidean top-10,000 by exact blocked search, pools of 50)
 time (Ray start included), the peak RSS of its process tree (Ray workers included), its stage times,
 and the pairs written. State the machine when quoting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,26 +41,35 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/mine-bench")
     ap.add_argument("--reuse", action="store_true", help="keep the graph built before: time the mining only")
     a = ap.parse_args()
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB;"
-          f" n={a.n:,} anchors={a.anchors}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB;"
+        f" n={a.n:,} anchors={a.anchors}",
+        flush=True,
+    )
     root, pairs = ArtifactRoot(a.root), Path(a.root, "pairs")
     if not a.reuse:
         x, _ = make_data(a.n, 64, 100, 1)
         write_index(root, x)
         del x
-        root.write_images(pd.DataFrame({"image_id": np.arange(a.n), "file": [f"synthetic/{i:07d}.jpg" for i in range(a.n)]}))
+        root.write_images(
+            pd.DataFrame({"image_id": np.arange(a.n), "file": [f"synthetic/{i:07d}.jpg" for i in range(a.n)]})
+        )
         wall, peak = run_job(["-m", "jobs.graph", "--index", a.root, "--k", "30", "--rank", "0"])
         stages = json.loads(Path(a.root, "summary-graph.json").read_text())["timings_s"]
-        print(f"jobs.graph (k = 30): {wall:.0f} s wall, peak RSS {peak:.0f} MB; stages {json.dumps(stages)}", flush=True)
+        print(
+            f"jobs.graph (k = 30): {wall:.0f} s wall, peak RSS {peak:.0f} MB; stages {json.dumps(stages)}", flush=True
+        )
     for f in pairs.rglob("*"):  # mine from scratch (a rerun would skip committed parts)
         if f.is_file():
             f.unlink()
-    wall, peak = run_job(["-m", "jobs.mine", "--index", a.root, "--out", str(pairs), "--anchors", str(a.anchors),
-                          "--set", "iasmk=false"])
+    wall, peak = run_job(
+        ["-m", "jobs.mine", "--index", a.root, "--out", str(pairs), "--anchors", str(a.anchors), "--set", "iasmk=false"]
+    )
     summary = json.loads(Path(pairs, "summary-mine.json").read_text())
     print(f"jobs.mine: {wall:.0f} s wall, peak RSS {peak:.0f} MB; stages {json.dumps(summary['timings_s'])}")
-    print(f"graph: {json.dumps(summary['graph'])}; counts {json.dumps(summary['counts'])}; "
-          f"pairs/ {du_mb(pairs):.1f} MB")
+    print(
+        f"graph: {json.dumps(summary['graph'])}; counts {json.dumps(summary['counts'])}; pairs/ {du_mb(pairs):.1f} MB"
+    )
 
 
 if __name__ == "__main__":

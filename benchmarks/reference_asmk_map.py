@@ -9,6 +9,7 @@ defaults), excludes each query's own image, and evaluates with ``operators.metri
 compare local extractors and layers before our own ASMK exists (issue 3) and, later, as its
 reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,26 @@ def main() -> None:
     db_root, q_root = ArtifactRoot(a.index), ArtifactRoot(a.queries)
     xb, ib = ok_local(db_root)
     xq, iq = ok_local(q_root)
-    print(f"database {len(np.unique(ib))} images, {len(xb)} descriptors of dim {xb.shape[1]}; "
-          f"queries {len(np.unique(iq))} images")
-    params = {"index": {"gpu_id": None}, "train_codebook": {"codebook": {"size": a.codebook}},
-              "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": False},
-                            "quantize": {"multiple_assignment": 1}, "aggregate": {}},
-              "query_ivf": {"quantize": {"multiple_assignment": a.ma}, "aggregate": {},
-                            "search": {"topk": None}, "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}}}
+    print(
+        f"database {len(np.unique(ib))} images, {len(xb)} descriptors of dim {xb.shape[1]}; "
+        f"queries {len(np.unique(iq))} images"
+    )
+    params = {
+        "index": {"gpu_id": None},
+        "train_codebook": {"codebook": {"size": a.codebook}},
+        "build_ivf": {
+            "kernel": {"binary": True},
+            "ivf": {"use_idf": False},
+            "quantize": {"multiple_assignment": 1},
+            "aggregate": {},
+        },
+        "query_ivf": {
+            "quantize": {"multiple_assignment": a.ma},
+            "aggregate": {},
+            "search": {"topk": None},
+            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0},
+        },
+    }
     t = time.time()
     method = asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(xb)
     method = method.build_ivf(xb, ib)
@@ -65,7 +79,7 @@ def main() -> None:
     own = self_ids(queries, db_root.images())
     rankings = [r[r != o] for r, o in zip(ranks, own)]
     gt = load_collection(a.ground_truth)
-    (pos, ign), = group_ground_truth(gt, db_root.images(), queries["name"].tolist()).values()
+    ((pos, ign),) = group_ground_truth(gt, db_root.images(), queries["name"].tolist()).values()
     m = evaluate(rankings, pos, ign)
     print(f"ASMK* (reference, codebook {a.codebook}, MA {a.ma}): mAP {100 * m['mAP']:.2f} over {m['queries']} queries")
 

@@ -1,7 +1,8 @@
 """Re-ranking parameters for a collection, chosen by leave-one-group-out cross-validation.
 
     .venv/bin/python benchmarks/rerank_cv.py --index out/demo/index \
-        --queries ../shared/data/instance-mini/images.csv [--graph-k 5,10,20,50] [--kq 1,2,3,5,10] [--qe-n 1,2,3,5,10,20,50]
+        --queries ../shared/data/instance-mini/images.csv \
+        [--graph-k 5,10,20,50] [--kq 1,2,3,5,10] [--qe-n 1,2,3,5,10,20,50]
 
 The papers' defaults (αQE n = 50, graph k = 50, k_q = 10) are for collections where an object has
 tens to hundreds of images; on a small collection they average or diffuse across objects. This
@@ -13,6 +14,7 @@ cross-validated mAP, and the setting chosen most often (use it with ``--set grap
 time and ``--set rerank_params.…`` at search time). Graphs for each k are built in copies of the
 index's ``global`` stage under ``--work``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,12 +70,18 @@ def main() -> None:
     connect()
     gt = load_collection(a.queries)
     graphs = {k: graph_copy(a.index, Path(a.work), k) for k in ints(a.graph_k)}
-    ap: dict[tuple, list[np.ndarray]] = {}   # (method, rerank, setting) -> per-query AP per query set
+    ap: dict[tuple, list[np.ndarray]] = {}  # (method, rerank, setting) -> per-query AP per query set
     groups = []
     for crop in a.crops.split(","):
         for method in ("global", "asmk", "fused"):
-            cfg = SearchConfig(index=a.index, queries=a.queries, out=str(Path(a.work) / "queries"), method=method,
-                               topk=1000, center_crop=None if crop == "whole" else float(crop))
+            cfg = SearchConfig(
+                index=a.index,
+                queries=a.queries,
+                out=str(Path(a.work) / "queries"),
+                method=method,
+                topk=1000,
+                center_crop=None if crop == "whole" else float(crop),
+            )
             ctx = build_context(cfg, JobSummary("rerank-cv"))
             names = ctx.queries.set_index("image_id").loc[ctx.qids, "name"].tolist()
             pos = group_ground_truth(gt, ctx.database, names)["all"][0]
@@ -83,14 +91,20 @@ def main() -> None:
             initial = search(ctx, JobSummary("rerank-cv"))
             ap.setdefault((method, "none", ()), []).append(per_query_ap(initial.ids, pos))
             for n in ints(a.qe_n):
-                c = dataclasses.replace(ctx, cfg=dataclasses.replace(
-                    cfg, rerank="alpha-qe", rerank_params=RerankParams(qe_n=n)))
+                c = dataclasses.replace(
+                    ctx, cfg=dataclasses.replace(cfg, rerank="alpha-qe", rerank_params=RerankParams(qe_n=n))
+                )
                 ap.setdefault((method, "alpha-qe", (n,)), []).append(per_query_ap(query_expansion(c, initial).ids, pos))
             for k, groot in graphs.items():
                 for kq in ints(a.kq):
-                    c = dataclasses.replace(ctx, parts=[groot], cfg=dataclasses.replace(
-                        cfg, rerank="dfs", rerank_params=RerankParams(kq=kq)))
-                    ap.setdefault((method, "dfs", (k, kq)), []).append(per_query_ap(rerank_in_tasks(c, initial).ids, pos))
+                    c = dataclasses.replace(
+                        ctx,
+                        parts=[groot],
+                        cfg=dataclasses.replace(cfg, rerank="dfs", rerank_params=RerankParams(kq=kq)),
+                    )
+                    ap.setdefault((method, "dfs", (k, kq)), []).append(
+                        per_query_ap(rerank_in_tasks(c, initial).ids, pos)
+                    )
             print(f"{crop} {method}: done", file=sys.stderr, flush=True)
     report({s: np.concatenate(v) for s, v in ap.items()}, np.concatenate(groups))
 
@@ -107,15 +121,19 @@ def report(ap: dict, groups_per_set: np.ndarray) -> None:
             held, chosen = cross_validate(table, groups)
             best = max(table, key=lambda s: np.nanmean(table[s]))
             paper = np.nanmean(table[papers]) if papers in table else float("nan")
-            print(f"{m:<8} {rerank:<10} {100 * np.nanmean(ap[(m, 'none', ())]):>7.2f} {100 * paper:>7.2f} "
-                  f"{100 * np.nanmean(held):>7.2f}  {Counter(chosen).most_common(1)[0][0]} ({best}: "
-                  f"{100 * np.nanmean(table[best]):.2f})")
+            print(
+                f"{m:<8} {rerank:<10} {100 * np.nanmean(ap[(m, 'none', ())]):>7.2f} {100 * paper:>7.2f} "
+                f"{100 * np.nanmean(held):>7.2f}  {Counter(chosen).most_common(1)[0][0]} ({best}: "
+                f"{100 * np.nanmean(table[best]):.2f})"
+            )
             for s, v in table.items():
                 pooled.setdefault(s, []).append(v)
         pooled = {s: np.concatenate(v) for s, v in pooled.items()}
         held, chosen = cross_validate(pooled, np.concatenate([groups] * len(methods)))
-        print(f"{'all 3':<8} {rerank:<10} {'':>7} {'':>7} {100 * np.nanmean(held):>7.2f}  one setting for every "
-              f"method: {Counter(chosen).most_common(1)[0][0]}")
+        print(
+            f"{'all 3':<8} {rerank:<10} {'':>7} {'':>7} {100 * np.nanmean(held):>7.2f}  one setting for every "
+            f"method: {Counter(chosen).most_common(1)[0][0]}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ time is divided by their queries). Last line:
 ``scale N: peak_rss_gb X, index_gb Y, build_s Z, map_crops M`` (M: fused, 40% crops; Y: DIR/n<N> without its
 query cache; Z: the root's jobs, the donors' index left out). State the machine when quoting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,10 @@ def latency(run: dict) -> tuple[float, float, float]:
     A query's time is the sum over the search's steps (global, asmk, a re-ranking) of its task's time, divided
     by the queries that task took (one, but for re-ranking blocks); steps whose query counts differ (a query
     with no local feature has no ASMK task) are added as their means."""
-    steps = [np.repeat([t / n for n, t in step if n], [n for n, _ in step if n])
-             for step in run.get("task_seconds", {}).values()]
+    steps = [
+        np.repeat([t / n for n, t in step if n], [n for n, _ in step if n])
+        for step in run.get("task_seconds", {}).values()
+    ]
     counts = {len(s) for s in steps}
     if not steps:
         per_query = np.full(1, np.nan)
@@ -102,10 +105,17 @@ def report(root: Path) -> pd.DataFrame:
             continue
         run = json.loads((res / "run.json").read_text())
         p50, p95, qps = latency(run)
-        rows.append({"queries": "whole" if run["center_crop"] is None else str(run["center_crop"]),
-                     "method": run["method"], "rerank": run["rerank"],
-                     "mAP": 100 * json.loads((res / "metrics.json").read_text())["mAP"],
-                     "p50_ms": p50, "p95_ms": p95, "qps": qps})
+        rows.append(
+            {
+                "queries": "whole" if run["center_crop"] is None else str(run["center_crop"]),
+                "method": run["method"],
+                "rerank": run["rerank"],
+                "mAP": 100 * json.loads((res / "metrics.json").read_text())["mAP"],
+                "p50_ms": p50,
+                "p95_ms": p95,
+                "qps": qps,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -120,15 +130,25 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
     ap.add_argument("--collection", default=str(DATA))
-    ap.add_argument("--index-stages", default="global,codebook,asmk,graph,spectral",
-                    help="stages of the last index step (a resumed run may leave out finished ones)")
+    ap.add_argument(
+        "--index-stages",
+        default="global,codebook,asmk,graph,spectral",
+        help="stages of the last index step (a resumed run may leave out finished ones)",
+    )
     ap.add_argument("--crops", default="whole,0.4", help="query sets searched: whole and/or centre-crop fractions")
     ap.add_argument("--methods", default="global,asmk,fused", help="initial rankings searched (without re-ranking)")
-    ap.add_argument("--reranks", default="dfs,hybrid", help="re-rankings of the global ranking ('' for none; "
-                    "gss / gradnet need --train)")
+    ap.add_argument(
+        "--reranks",
+        default="dfs,hybrid",
+        help="re-rankings of the global ranking ('' for none; gss / gradnet need --train)",
+    )
     ap.add_argument("--train", default="", help="learned re-rankers trained on the graph first (gss,gradnet)")
-    ap.add_argument("--batched", action="store_true", help="searches in the jobs' default query blocks (one pass "
-                    "over the database for many queries) instead of one query per task; latency is then per block")
+    ap.add_argument(
+        "--batched",
+        action="store_true",
+        help="searches in the jobs' default query blocks (one pass "
+        "over the database for many queries) instead of one query per task; latency is then per block",
+    )
     ap.add_argument("--report", action="store_true", help="print the table of a finished run (no job runs)")
     a = ap.parse_args()
     if a.report:
@@ -139,44 +159,111 @@ def main() -> None:
     n_real = len(pd.read_csv(db_csv))
     root = base / f"n{a.n}"
     steps = Steps(root / "logs")
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; "
-          f"database {a.n:,} = {n_real} real + {max(0, a.n - n_real):,} synthetic", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB; "
+        f"database {a.n:,} = {n_real} real + {max(0, a.n - n_real):,} synthetic",
+        flush=True,
+    )
     donors = base / "donors"
-    steps.run("donors: index", ["-m", "jobs.index", "--collection", str(donors_csv), "--out", str(donors),
-                                "--set", f"describe.sift_n={a.sift_n}",
-                                "--set", "stages=[extract,global,codebook]", "--set", f"codebook.k={a.codebook_k}",
-                                "--set", f"codebook.min_points={a.min_points}"],
-              build=False)
+    steps.run(
+        "donors: index",
+        [
+            "-m",
+            "jobs.index",
+            "--collection",
+            str(donors_csv),
+            "--out",
+            str(donors),
+            "--set",
+            f"describe.sift_n={a.sift_n}",
+            "--set",
+            "stages=[extract,global,codebook]",
+            "--set",
+            f"codebook.k={a.codebook_k}",
+            "--set",
+            f"codebook.min_points={a.min_points}",
+        ],
+        build=False,
+    )
     k = json.loads((donors / "codebook" / "meta.json").read_text())["k"]
     print(f"  codebook: k = {k} trained on the donors' descriptors", flush=True)
-    common = ["--collection", str(db_csv), "--out", str(root), "--set", "local_store=entries",
-              "--set", f"describe.sift_n={a.sift_n}",
-              "--set", f"codebook.source={donors}"]
+    common = [
+        "--collection",
+        str(db_csv),
+        "--out",
+        str(root),
+        "--set",
+        "local_store=entries",
+        "--set",
+        f"describe.sift_n={a.sift_n}",
+        "--set",
+        f"codebook.source={donors}",
+    ]
     steps.run("extract (entries)", ["-m", "jobs.index", *common, "--set", "stages=[extract]"])
     if a.n > n_real:
-        steps.run("distractors", ["-m", "jobs.distractors", "--donors", str(donors), "--out", str(root),
-                                  "--n", str(a.n - n_real)])
+        steps.run(
+            "distractors",
+            ["-m", "jobs.distractors", "--donors", str(donors), "--out", str(root), "--n", str(a.n - n_real)],
+        )
     if a.index_stages != "none":
-        steps.run(a.index_stages.replace(",", "+"), ["-m", "jobs.index", *common, "--set", f"graph.k={a.graph_k}",
-                                                     "--set", f"graph.nprobe={a.nprobe}",
-                                                     "--set", f"spectral.rank={a.rank}",
-                                                     "--set", f"stages=[{a.index_stages}]"])
-    stages = json.loads((root / "summary-index.json").read_text())["timings_s"] if (root / "summary-index.json").exists() else {}
+        steps.run(
+            a.index_stages.replace(",", "+"),
+            [
+                "-m",
+                "jobs.index",
+                *common,
+                "--set",
+                f"graph.k={a.graph_k}",
+                "--set",
+                f"graph.nprobe={a.nprobe}",
+                "--set",
+                f"spectral.rank={a.rank}",
+                "--set",
+                f"stages=[{a.index_stages}]",
+            ],
+        )
+    stages = (
+        json.loads((root / "summary-index.json").read_text())["timings_s"]
+        if (root / "summary-index.json").exists()
+        else {}
+    )
     print(f"  index stages (s): {json.dumps(stages)}")
-    sizes = {p.name: du_gb(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name not in ("query-cache", "logs", "search")}
+    sizes = {
+        p.name: du_gb(p)
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name not in ("query-cache", "logs", "search")
+    }
     index_gb = du_gb(root)
-    print("  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
-          f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)")
+    print(
+        "  disk (GB): " + ", ".join(f"{k} {v:.3f}" for k, v in sizes.items()) + f"; total {index_gb:.3f}"
+        f" ({index_gb * 2**30 / a.n / 1024:.1f} KB per image)"
+    )
     for method in filter(None, a.train.split(",")):  # K of GRAD-Net: the graph's list length
-        steps.run(f"train {method}", ["-m", "jobs.train_reranker", "--index", str(root), "--method", method,
-                                      "--set", f"gradnet.k={a.graph_k}"])
+        steps.run(
+            f"train {method}",
+            ["-m", "jobs.train_reranker", "--index", str(root), "--method", method, "--set", f"gradnet.k={a.graph_k}"],
+        )
     runs = [*((m, "none") for m in a.methods.split(",") if m), *(("global", r) for r in a.reranks.split(",") if r)]
     for crop in a.crops.split(","):
         for method, rerank in runs:
             name = f"{crop}-{method}-{rerank}"
             res = root / "search" / name
-            args = ["-m", "jobs.search", "--index", str(root), "--queries", str(db_csv), "--out", str(res),
-                    "--topk", "100", "--method", method, "--rerank", rerank]
+            args = [
+                "-m",
+                "jobs.search",
+                "--index",
+                str(root),
+                "--queries",
+                str(db_csv),
+                "--out",
+                str(res),
+                "--topk",
+                "100",
+                "--method",
+                method,
+                "--rerank",
+                rerank,
+            ]
             if not a.batched:
                 args += ["--set", "query_block=1", "--set", "asmk.query_block=1", "--set", "rerank_params.block=4"]
             if rerank == "hybrid":
@@ -184,18 +271,34 @@ def main() -> None:
             if crop != "whole":
                 args += ["--center-crop", crop]
             steps.run(f"search {name}", args, build=False)
-            steps.run(f"evaluate {name}", ["-m", "jobs.evaluate", "--results", str(res), "--ground-truth", str(db_csv),
-                                           "--set", "report.enabled=false"], build=False)
+            steps.run(
+                f"evaluate {name}",
+                [
+                    "-m",
+                    "jobs.evaluate",
+                    "--results",
+                    str(res),
+                    "--ground-truth",
+                    str(db_csv),
+                    "--set",
+                    "report.enabled=false",
+                ],
+                build=False,
+            )
     df = report(root)
     table = df.to_dict("records")
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     build_s = sum(r["wall_s"] for r in steps.rows if r["build"])
     peak_gb = max(r["peak_rss_mb"] for r in steps.rows) / 1024
     crops = df[(df.queries == "0.4") & (df.method == "fused") & (df.rerank == "none")]["mAP"].iloc[0]
-    (root / "scale.json").write_text(json.dumps({"n": a.n, "steps": steps.rows, "disk_gb": sizes, "table": table,
-                                                 "index_stages_s": stages}, indent=1))
-    print(f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, "
-          f"map_crops {crops:.2f}")
+    (root / "scale.json").write_text(
+        json.dumps(
+            {"n": a.n, "steps": steps.rows, "disk_gb": sizes, "table": table, "index_stages_s": stages}, indent=1
+        )
+    )
+    print(
+        f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, map_crops {crops:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 The settings of ``tests/test_gss.py``, ``tests/test_gradnet.py`` and ``tests/test_cas.py`` (which assert only
 a margin over kNN); every 5th point a query (CAS: every 9th, as its test), its curve's other points positive.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,18 +16,29 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from test_diffusion import curves  # noqa: E402
+
 from operators import gradnet as GN  # noqa: E402
 from operators import gss as GSS  # noqa: E402
 from operators.cas import CasParams, cas_distances, normalized_distances  # noqa: E402
 from operators.knn import knn_blocks  # noqa: E402
 from operators.metrics import average_precision, positive_ranks  # noqa: E402
-from test_diffusion import curves  # noqa: E402
 
 
 def m_ap(order: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> float:
     ids = np.arange(len(labels))
-    return float(np.mean([average_precision(*positive_ranks(o[o != q], np.flatnonzero((labels == labels[q]) & (ids != q)),
-                                                            np.zeros(0, np.int64))) for o, q in zip(order, queries)]))
+    return float(
+        np.mean(
+            [
+                average_precision(
+                    *positive_ranks(
+                        o[o != q], np.flatnonzero((labels == labels[q]) & (ids != q)), np.zeros(0, np.int64)
+                    )
+                )
+                for o, q in zip(order, queries)
+            ]
+        )
+    )
 
 
 def by_embedding(v: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -53,7 +65,8 @@ def main() -> None:
     GN.train_steps(gm, s, a, x, z, 0, g.max_steps)
     print(f"GRAD-Net  {m_ap(by_embedding(GN.embed_nodes(gm, s, x, z, ids), q5), q5, labels):.3f}  (α = 0)")
     q9 = ids[::9]
-    print(f"kNN       {m_ap(np.argsort(normalized_distances(x)[q9], axis=1, kind='stable'), q9, labels):.3f}  (CAS's queries)")
+    knn_order = np.argsort(normalized_distances(x)[q9], axis=1, kind="stable")
+    print(f"kNN       {m_ap(knn_order, q9, labels):.3f}  (CAS's queries)")
     print(f"CAS       {m_ap(np.argsort(cas_distances(x, CasParams(), q9), axis=1, kind='stable'), q9, labels):.3f}")
 
 

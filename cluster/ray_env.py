@@ -12,6 +12,7 @@ in this process's environment alone (inherited by the Ray processes it starts, w
 watcher process (:mod:`cluster.reaper`) ends the embedded Ray's processes should the job itself die
 without shutting Ray down (SIGKILL, a crash), so no Ray process outlives its job.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,17 +37,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RayConfig:
-    address: str | None = None          # a cluster to join (None: RAY_ADDRESS, else an embedded local Ray)
-    num_cpus: Count | None = None         # embedded Ray only
+    address: str | None = None  # a cluster to join (None: RAY_ADDRESS, else an embedded local Ray)
+    num_cpus: Count | None = None  # embedded Ray only
     object_store_mb: ObjectStoreMB | None = None  # embedded Ray only
-    actor_cpus: PosFinite = 0.5             # fractional CPUs per extraction actor (2-core machines)
-    actors: Count | None = None           # extraction actors (None: from cluster resources)
-    actor_memory_mb: Count = 2500         # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
+    actor_cpus: PosFinite = 0.5  # fractional CPUs per extraction actor (2-core machines)
+    actors: Count | None = None  # extraction actors (None: from cluster resources)
+    actor_memory_mb: Count = 2500  # memory reserved per extraction actor (measured ≤ 2 GiB at 1024 px)
     actor_resources: dict[str, PosFinite] | None = None  # custom resources per actor, e.g. {extract: 1} pins
-                                                     # one actor per node started with --resources='{"extract":1}'
-    actor_gpus: NonNegFinite | None = None     # GPUs per extraction actor (None: 1 when the cluster has GPUs now);
-                                        # set it on an autoscaling cluster whose GPU workers start on demand
-    max_actors: Count | None = None       # autoscaling pool: 1 … max_actors actors, Ray adds nodes for them
+    # one actor per node started with --resources='{"extract":1}'
+    actor_gpus: NonNegFinite | None = None  # GPUs per extraction actor (None: 1 when the cluster has GPUs now);
+    # set it on an autoscaling cluster whose GPU workers start on demand
+    max_actors: Count | None = None  # autoscaling pool: 1 … max_actors actors, Ray adds nodes for them
 
 
 def connect(cfg: RayConfig | None = None) -> dict:
@@ -61,8 +62,12 @@ def connect(cfg: RayConfig | None = None) -> dict:
                 ray.init(address=address, **kwargs)
         else:
             start_embedded(cfg, kwargs)
-            print(f"[ray] started an embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
-                  "127.0.0.1 only, token authentication); set RAY_ADDRESS to join a cluster", file=sys.stderr, flush=True)
+            print(
+                f"[ray] started an embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+                "127.0.0.1 only, token authentication); set RAY_ADDRESS to join a cluster",
+                file=sys.stderr,
+                flush=True,
+            )
     res = ray.cluster_resources()
     log.info("ray cluster: %s", {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")})
     return res
@@ -78,8 +83,14 @@ def start_embedded(cfg: RayConfig, kwargs: dict) -> None:
     handler = signal.getsignal(signal.SIGTERM)
     try:
         with start_failures("the embedded Ray could not start"):
-            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", **kwargs)
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                object_store_memory=store,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **kwargs,
+            )
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
@@ -127,9 +138,14 @@ def watch(processes: list[psutil.Process]) -> None:
     if not processes:
         return
     pids = [f"{p.pid}:{p.create_time()!r}" for p in processes if p.is_running()]
-    subprocess.Popen([sys.executable, "-m", "cluster.reaper", str(os.getpid()), *pids], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.Popen(
+        [sys.executable, "-m", "cluster.reaper", str(os.getpid()), *pids],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 def largest_node_cpus() -> int:
@@ -152,8 +168,15 @@ def ray_failure(e: BaseException) -> str | None:
     under the job; None for anything else (a task's own exception keeps its traceback)."""
     from ray import exceptions as rex
 
-    system = (rex.RaySystemError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ActorDiedError, rex.ObjectLostError,
-              rex.OwnerDiedError, rex.LocalRayletDiedError)
+    system = (
+        rex.RaySystemError,
+        rex.NodeDiedError,
+        rex.WorkerCrashedError,
+        rex.ActorDiedError,
+        rex.ObjectLostError,
+        rex.OwnerDiedError,
+        rex.LocalRayletDiedError,
+    )
     if isinstance(e, rex.RayTaskError) and not isinstance(e.cause, system):
         return None
     cause = e.cause if isinstance(e, rex.RayTaskError) else e
@@ -170,7 +193,7 @@ class ActorPlan:
     num_gpus: float
     memory_mb: int = 0
     resources: dict[str, float] | None = None
-    min_actors: int | None = None       # autoscaling pool when below ``actors``
+    min_actors: int | None = None  # autoscaling pool when below ``actors``
 
     @property
     def concurrency(self) -> int | tuple[int, int]:
@@ -191,7 +214,9 @@ def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool 
     """
     res = resources if resources is not None else ray.cluster_resources()
     if cfg.actor_resources and not cfg.actors:  # as many actors as the custom resources admit
-        cfg = dataclasses.replace(cfg, actors=max(1, int(min(res.get(k, 0) / v for k, v in cfg.actor_resources.items()))))
+        cfg = dataclasses.replace(
+            cfg, actors=max(1, int(min(res.get(k, 0) / v for k, v in cfg.actor_resources.items())))
+        )
     gpus = cfg.actor_gpus if cfg.actor_gpus is not None else (1.0 if prefer_gpu and res.get("GPU") else 0.0)
     if cfg.max_actors:
         plan = ActorPlan(cfg.max_actors, 1.0 if gpus else cfg.actor_cpus, gpus, cfg.actor_memory_mb, min_actors=1)

@@ -6,6 +6,7 @@ SIGKILL, or crashed in native code, cannot: Ray's raylet and GCS follow their pa
 and runtime-env agents would stay, orphaned. Each process is named by its pid and start time, so a pid
 reused by an unrelated process is never touched.
 """
+
 from __future__ import annotations
 
 import sys

@@ -17,6 +17,7 @@ instance of the task's own error class (an :class:`storage.errors.InputError` st
 exit 1). Before anything propagates (a task's error, Ray's, the callback's, Ctrl-C, SIGTERM), the tasks
 still pending are cancelled (``ray.cancel``), so none keeps running on a cluster the job has left.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,24 +36,35 @@ R = TypeVar("R")
 
 @dataclass
 class TaskRun(Generic[R]):
-    results: list[R]       # submission order (empty with keep=False)
-    seconds: list[float]   # each task's own service seconds, submission order
-    wall_s: float          # submission of the first task to the result of the last
+    results: list[R]  # submission order (empty with keep=False)
+    seconds: list[float]  # each task's own service seconds, submission order
+    wall_s: float  # submission of the first task to the result of the last
 
 
 def timed(fn: Callable[..., R]) -> Callable[..., tuple[R, float]]:
     """``fn`` returning (its result, the seconds it ran): a task's service time, measured where it runs."""
+
     @functools.wraps(fn)
     def run(*args: Any) -> tuple[R, float]:
         t0 = time.perf_counter()
         return fn(*args), time.perf_counter() - t0
+
     return run
 
 
-def run_tasks(fn: Callable[..., R], args: Iterable[tuple], *, options: dict | None = None, desc: str | None = None,
-              unit: str = "task", total: int | None = None, advance: Callable[[R], int] | None = None,
-              on_result: Callable[[R], Any] | None = None, keep: bool = True,
-              max_in_flight: int | None = None) -> TaskRun[R]:
+def run_tasks(
+    fn: Callable[..., R],
+    args: Iterable[tuple],
+    *,
+    options: dict | None = None,
+    desc: str | None = None,
+    unit: str = "task",
+    total: int | None = None,
+    advance: Callable[[R], int] | None = None,
+    on_result: Callable[[R], Any] | None = None,
+    keep: bool = True,
+    max_in_flight: int | None = None,
+) -> TaskRun[R]:
     """Run ``fn(*a)`` for every ``a`` in ``args`` as Ray tasks and wait for all of them (see the module doc)."""
     remote = ray.remote(**options)(timed(fn)) if options else ray.remote(timed(fn))
     args = list(args)
@@ -68,8 +80,9 @@ def run_tasks(fn: Callable[..., R], args: Iterable[tuple], *, options: dict | No
 
     try:
         submit(max_in_flight or len(args))
-        with tqdm(total=len(args) if total is None else total, desc=desc, unit=unit, file=sys.stderr,
-                  disable=desc is None) as bar:
+        with tqdm(
+            total=len(args) if total is None else total, desc=desc, unit=unit, file=sys.stderr, disable=desc is None
+        ) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
@@ -80,8 +93,15 @@ def run_tasks(fn: Callable[..., R], args: Iterable[tuple], *, options: dict | No
                     if on_result is not None:
                         on_result(result)
                     bar.update(advance(result) if advance is not None else 1)
-                    log.debug("%s: task %d done in %.3f s (%d/%d, %.1f s)", label, i, seconds[i],
-                              len(args) - len(pending), len(args), time.perf_counter() - t0)
+                    log.debug(
+                        "%s: task %d done in %.3f s (%d/%d, %.1f s)",
+                        label,
+                        i,
+                        seconds[i],
+                        len(args) - len(pending),
+                        len(args),
+                        time.perf_counter() - t0,
+                    )
                 if max_in_flight:
                     submit(max_in_flight - len(pending))
     except BaseException:
@@ -89,8 +109,14 @@ def run_tasks(fn: Callable[..., R], args: Iterable[tuple], *, options: dict | No
         raise
     run = TaskRun([results[i] for i in sorted(results)], seconds, time.perf_counter() - t0)
     if args:
-        log.info("%s: %d task(s) in %.1f s; task seconds mean %.2f, max %.2f", label, len(args), run.wall_s,
-                 sum(seconds) / len(seconds), max(seconds))
+        log.info(
+            "%s: %d task(s) in %.1f s; task seconds mean %.2f, max %.2f",
+            label,
+            len(args),
+            run.wall_s,
+            sum(seconds) / len(seconds),
+            max(seconds),
+        )
     return run
 
 

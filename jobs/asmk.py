@@ -7,6 +7,7 @@ them into the word-partitioned layout of :mod:`storage.inverted_file`, which sea
 Several roots built with the same codebook (e.g. a collection and R1M distractors) are searched
 together, top-k merged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,21 +22,28 @@ from operators.codebook import AssignConfig, Quantizer
 from operators.constraints import Count
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
+from storage.entries import CODEBOOK_KEY
 from storage.errors import SettingsMismatch
 from storage.iasmk import open_compressed
-from storage.entries import CODEBOOK_KEY
-from storage.inverted_file import (has_inverted_file, inverted_file_meta, merge_partials, open_inverted_file, partials, write_meta,
-                                   write_partial)
+from storage.inverted_file import (
+    has_inverted_file,
+    inverted_file_meta,
+    merge_partials,
+    open_inverted_file,
+    partials,
+    write_meta,
+    write_partial,
+)
 from storage.schemas import local_arrays
 
 
 @dataclass
 class AsmkConfig:
     params: AsmkParams = field(default_factory=AsmkParams)
-    buffer_mb: Count = 256           # search: score buffer per task (queries × images × 8 B)
-    query_block: Count = 256         # search: query images per Ray task
+    buffer_mb: Count = 256  # search: score buffer per task (queries × images × 8 B)
+    query_block: Count = 256  # search: query images per Ray task
     assign: AssignConfig = field(default_factory=AssignConfig)  # words of database (and query) descriptors:
-                                   # exact flat search, or HNSW (≥ 5× faster at k = 65,536, benchmarks/assignment.py)
+    # exact flat search, or HNSW (≥ 5× faster at k = 65,536, benchmarks/assignment.py)
 
 
 def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: int, assign: dict) -> dict:
@@ -49,9 +57,19 @@ def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: 
     desc, ids, _ = local_arrays(table)
     desc = desc.astype(np.float32)
     ivf = build_index(desc, ids, Quantizer(centroids, AssignConfig(**assign))(desc, db_ma), centroids, binary)
-    return write_partial(root, shard, ivf, {
-        "entries": len(ivf.entry_image), "descriptors": len(desc), "codebook_sha1": codebook_hash(centroids),
-        "binary": binary, "db_ma": db_ma, "assign": assign})
+    return write_partial(
+        root,
+        shard,
+        ivf,
+        {
+            "entries": len(ivf.entry_image),
+            "descriptors": len(desc),
+            "codebook_sha1": codebook_hash(centroids),
+            "binary": binary,
+            "db_ma": db_ma,
+            "assign": assign,
+        },
+    )
 
 
 def entry_shards(cfg: AsmkConfig, records: dict[int, dict], sha1: str) -> set[int]:
@@ -62,11 +80,15 @@ def entry_shards(cfg: AsmkConfig, records: dict[int, dict], sha1: str) -> set[in
         return shards
     other = sorted(s for s in shards if records[s][CODEBOOK_KEY] != sha1)
     if other:
-        raise SettingsMismatch(f"{len(other)} feature shard(s) (e.g. part {other[0]}) hold ASMK* entries of another "
-                               "codebook than this root's (codebook.source must be the root they were made with)")
+        raise SettingsMismatch(
+            f"{len(other)} feature shard(s) (e.g. part {other[0]}) hold ASMK* entries of another "
+            "codebook than this root's (codebook.source must be the root they were made with)"
+        )
     if not cfg.params.binary or cfg.params.db_ma != 1:
-        raise SettingsMismatch("shards of ASMK* entries are binary and single-assigned: asmk.params.binary=true and "
-                               "asmk.params.db_ma=1 are the only settings they can be indexed with")
+        raise SettingsMismatch(
+            "shards of ASMK* entries are binary and single-assigned: asmk.params.binary=true and "
+            "asmk.params.db_ma=1 are the only settings they can be indexed with"
+        )
     return shards
 
 
@@ -75,22 +97,39 @@ def build_asmk(cfg: AsmkConfig, root: ArtifactRoot, summary: JobSummary) -> dict
     records = root.shards().committed()
     shards = sorted(records)
     from_entries = entry_shards(cfg, records, codebook_hash(centroids))
-    want = {"codebook_sha1": codebook_hash(centroids), "binary": cfg.params.binary, "db_ma": cfg.params.db_ma,
-            "assign": dataclasses.asdict(cfg.assign)}
+    want = {
+        "codebook_sha1": codebook_hash(centroids),
+        "binary": cfg.params.binary,
+        "db_ma": cfg.params.db_ma,
+        "assign": dataclasses.asdict(cfg.assign),
+    }
     done = partials(root).committed()
-    pending = [s for s in shards if s not in from_entries
-               and any(done.get(s, {}).get(key) != v for key, v in want.items())]
-    run_tasks(partial_task, [(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma, want["assign"])
-                             for s in pending], options={"num_cpus": 1}, desc="partial inverted files", unit="shard")
-    summary.add(asmk_partials_built=len(pending), asmk_shards_of_entries=len(from_entries),
-                asmk_partials_skipped=len(shards) - len(pending) - len(from_entries))
+    pending = [
+        s for s in shards if s not in from_entries and any(done.get(s, {}).get(key) != v for key, v in want.items())
+    ]
+    run_tasks(
+        partial_task,
+        [(root.uri, root.options, s, cfg.params.binary, cfg.params.db_ma, want["assign"]) for s in pending],
+        options={"num_cpus": 1},
+        desc="partial inverted files",
+        unit="shard",
+    )
+    summary.add(
+        asmk_partials_built=len(pending),
+        asmk_shards_of_entries=len(from_entries),
+        asmk_partials_skipped=len(shards) - len(pending) - len(from_entries),
+    )
     inputs = merge_inputs(records, partials(root).committed(), want, cfg)
     if has_inverted_file(root) and (root.stages().get("asmk") or {}).get("inputs") == inputs:
         summary.add(asmk_merge_skipped=1)  # the inverted file was merged from these very shards and partials
         return {**inverted_file_meta(root), "inputs": inputs}
     info = merge_partials(root, shards, len(centroids), from_entries)
-    meta = {**info, "k": len(centroids), "params": dataclasses.asdict(cfg.params),
-            "codebook_sha1": codebook_hash(centroids)}
+    meta = {
+        **info,
+        "k": len(centroids),
+        "params": dataclasses.asdict(cfg.params),
+        "codebook_sha1": codebook_hash(centroids),
+    }
     write_meta(root, meta)
     summary.add(asmk_entries=info["entries"])
     summary.info["asmk_bytes_per_entry"] = info["bytes_per_entry"]
@@ -108,8 +147,17 @@ def merge_inputs(shards: dict[int, dict], parts: dict[int, dict], want: dict, cf
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def search_task(roots: list[tuple[str, dict]], words: np.ndarray, codes: np.ndarray, qimg: np.ndarray,
-                params: dict, k: int, exclude: dict, buffer_mb: int, layout: str = "asmk"):
+def search_task(
+    roots: list[tuple[str, dict]],
+    words: np.ndarray,
+    codes: np.ndarray,
+    qimg: np.ndarray,
+    params: dict,
+    k: int,
+    exclude: dict,
+    buffer_mb: int,
+    layout: str = "asmk",
+):
     """Search aggregated queries in every partition (same codebook) and merge their top-k.
 
     ``layout``: ``asmk`` (the inverted file) or ``iasmk`` (the i-ASMK* compressed one, jobs.discover).

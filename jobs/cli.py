@@ -15,6 +15,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval synthetic --out DIR                          a small synthetic collection
     retrieval distractors --donors D --out ROOT --n N      R1M-like synthetic distractors joining an index root
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,13 +39,17 @@ JOBS = {
 
 def usage() -> str:
     width = max(map(len, JOBS))
-    return ("usage: retrieval [--version] JOB [options]   (retrieval JOB --help for the job's options)\n\njobs:\n"
-            + "\n".join(f"  {name:<{width}}  {what}" for name, what in JOBS.items()) + "\n")
+    return (
+        "usage: retrieval [--version] JOB [options]   (retrieval JOB --help for the job's options)\n\njobs:\n"
+        + "\n".join(f"  {name:<{width}}  {what}" for name, what in JOBS.items())
+        + "\n"
+    )
 
 
 def version() -> str:
     """The installed package's version (``pyproject.toml``)."""
-    from importlib.metadata import PackageNotFoundError, version as installed
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     try:
         return installed("retrieval-pipeline")

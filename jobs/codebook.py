@@ -6,6 +6,7 @@ shards, trains k-means in a Ray task (on a GPU when the cluster has one), and st
 when the sample is too small for it. A codebook trained on one collection is reused on another
 with ``--set codebook.source=OTHER_ROOT`` (the papers train on a separate set, L7511-7518).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,13 +31,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class CodebookConfig:
     k: AtLeast2 = 65536
-    sample: Count = 1_000_000        # descriptors sampled for k-means
+    sample: Count = 1_000_000  # descriptors sampled for k-means
     niter: Count = 10
     seed: Seed = 0
-    source: str | None = None      # reuse the codebook of another artifact root
-    cpus: Count | None = None        # CPUs of the k-means task (None: every CPU of the largest node)
-    min_points: Count = 39           # sampled descriptors per word below which k is reduced (faiss's own warning
-                                   # threshold; fewer train a coarser codebook, still a valid one)
+    source: str | None = None  # reuse the codebook of another artifact root
+    cpus: Count | None = None  # CPUs of the k-means task (None: every CPU of the largest node)
+    min_points: Count = 39  # sampled descriptors per word below which k is reduced (faiss's own warning
+    # threshold; fewer train a coarser codebook, still a valid one)
 
 
 def sample_descriptors(root: ArtifactRoot, n: int, seed: int) -> np.ndarray:
@@ -71,8 +72,11 @@ def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary,
         if k < cfg.k:
             warnings.warn(f"codebook: {len(x)} sampled descriptors are too few for k={cfg.k}; using k={k}")
         cpus = cfg.cpus or largest_node_cpus()  # faiss k-means threads over a whole node
-        centroids, = run_tasks(train_codebook, [(x, k, cfg.niter, cfg.seed, None, int(cpus))],  # gpu: None (auto)
-                               options={"num_cpus": cpus, "num_gpus": gpus}).results
+        (centroids,) = run_tasks(
+            train_codebook,
+            [(x, k, cfg.niter, cfg.seed, None, int(cpus))],  # gpu: None (auto)
+            options={"num_cpus": cpus, "num_gpus": gpus},
+        ).results
         info = {"sample": len(x), "k_requested": cfg.k, "cpus": cpus}
     write_codebook(root, centroids, dataclasses.asdict(cfg), **info)
     summary.add(codebook_k=len(centroids))

@@ -11,6 +11,7 @@ required fields (a dataclass field without default) and unknown keys (typos neve
 silently). Every such mistake is a :class:`storage.errors.ConfigError`: one line, exit 2.
 ``--print-config`` prints the resolved config as YAML and exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def check_keys(cls: type, data: dict, where: str = "") -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; known under "
-                          f"{where.rstrip('.') or 'the top level'}: {names}")
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; known under "
+            f"{where.rstrip('.') or 'the top level'}: {names}"
+        )
     for key, value in data.items():
         sub = _dataclass_in(hints[key])
         if sub is not None and isinstance(value, dict):
@@ -87,8 +90,11 @@ def choices(cls: type, key: str) -> list[str] | None:
     typ: Any = cls
     for part in key.split("."):
         typ = typing.get_type_hints(_dataclass_in(typ))[part]
-    args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) in (
-        typing.Union, types.UnionType) else [typ]
+    args = (
+        [a for a in typing.get_args(typ) if a is not type(None)]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType)
+        else [typ]
+    )
     lit = [a for a in args if typing.get_origin(a) is Literal]
     return [str(c) for c in typing.get_args(lit[0])] if lit else None
 
@@ -113,7 +119,9 @@ def flag_value(cls: type, key: str, raw: str) -> Any:
     typ: Any = cls
     for part in key.split("."):
         typ = typing.get_type_hints(_dataclass_in(typ))[part]
-    args = set(typing.get_args(typ)) - {type(None)} if typing.get_origin(typ) in (typing.Union, types.UnionType) else {typ}
+    args = (
+        set(typing.get_args(typ)) - {type(None)} if typing.get_origin(typ) in (typing.Union, types.UnionType) else {typ}
+    )
     if args == {str}:
         return raw
     if any(typing.get_origin(a) is list for a in args):
@@ -178,8 +186,15 @@ def example_key(cls: type) -> str:
         sub = _dataclass_in(typing.get_type_hints(cls)[f.name])
         default = default_of(cls, f.name)
         if sub is not None and default is not None and default is not dataclasses.MISSING:
-            inner = next((g for g in dataclasses.fields(sub) if isinstance(getattr(default, g.name), (int, float, str))
-                          and not isinstance(getattr(default, g.name), bool)), None)
+            inner = next(
+                (
+                    g
+                    for g in dataclasses.fields(sub)
+                    if isinstance(getattr(default, g.name), (int, float, str))
+                    and not isinstance(getattr(default, g.name), bool)
+                ),
+                None,
+            )
             if inner is not None:
                 return f"{f.name}.{inner.name}={getattr(default, inner.name)}"
     return "KEY=VALUE"
@@ -193,14 +208,24 @@ def default_prog() -> str:
     return os.path.basename(sys.argv[0])
 
 
-def parser(cls: type, flags: dict[str, Flag], description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    cls: type, flags: dict[str, Flag], description: str = "", prog: str | None = None
+) -> argparse.ArgumentParser:
     """The job's argument parser: ``--config``, ``--set``, ``--print-config`` and its flags, each
     flag's help showing its default and choices (read from ``cls``)."""
-    ap = _Parser(prog=prog or default_prog(), description=plain(description),
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(
+        prog=prog or default_prog(),
+        description=plain(description),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", metavar="FILE", help="YAML config file (any key of the job's config)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help=f"override any config key, e.g. --set {example_key(cls)} (repeatable; values parsed as YAML)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override any config key, e.g. --set {example_key(cls)} (repeatable; values parsed as YAML)",
+    )
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     for flag, (key, help_) in flags.items():
         opts = choices(cls, key)
@@ -213,8 +238,9 @@ def parser(cls: type, flags: dict[str, Flag], description: str = "", prog: str |
     return ap
 
 
-def parse(cls: type[T], argv: list[str] | None, flags: dict[str, Flag], description: str = "",
-          prog: str | None = None) -> T:
+def parse(
+    cls: type[T], argv: list[str] | None, flags: dict[str, Flag], description: str = "", prog: str | None = None
+) -> T:
     """Parse ``argv`` into a validated ``cls``; ``--print-config`` prints it and exits."""
     ap = parser(cls, flags, description, prog)
     ns = ap.parse_args(argv)

@@ -19,6 +19,7 @@
 Query images must take no part (seed 002 L7463-7476): index the database without them.
 Writes ``ROOT/summary-discover.json`` (counts ``asmk_entries``, ``iasmk_entries``, …).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,15 @@ from storage.centrality import write_centrality
 from storage.errors import ArtifactError
 from storage.global_index import global_ids
 from storage.graph import graph_problem, load_affinity
-from storage.iasmk import (compressed_parts, load_pair_counts, merge_compressed,
-                           pair_count_parts, write_compressed_part, write_iasmk_meta, write_pair_counts)
+from storage.iasmk import (
+    compressed_parts,
+    load_pair_counts,
+    merge_compressed,
+    pair_count_parts,
+    write_compressed_part,
+    write_iasmk_meta,
+    write_pair_counts,
+)
 from storage.inverted_file import open_inverted_file
 
 Stage = Literal["iasmk", "centrality", "objects"]
@@ -52,21 +60,21 @@ Stage = Literal["iasmk", "centrality", "objects"]
 @dataclass
 class IasmkConfig:
     params: IasmkParams = field(default_factory=IasmkParams)
-    tasks: NonNegInt = 0                  # word ranges (0: 4 per CPU of the cluster)
-    block_words: Count = 256          # words whose matches a task holds at once
+    tasks: NonNegInt = 0  # word ranges (0: 4 per CPU of the cluster)
+    block_words: Count = 256  # words whose matches a task holds at once
 
 
 @dataclass
 class CentralityConfig:
-    pagerank_beta: OpenUnit = 0.85     # PageRank: follow an edge with probability β, else teleport [ext: the usual 0.85]
-    katz_alpha: OpenUnit = 0.99        # Katz: L_α g = 1 (α of the diffusion papers)
-    katz_tol: Tolerance = 1e-6          # CG relative residual
+    pagerank_beta: OpenUnit = 0.85  # PageRank: follow an edge with probability β, else teleport [ext: the usual 0.85]
+    katz_alpha: OpenUnit = 0.99  # Katz: L_α g = 1 (α of the diffusion papers)
+    katz_tol: Tolerance = 1e-6  # CG relative residual
     katz_maxiter: Count = 500
 
 
 @dataclass(kw_only=True)
 class DiscoverConfig:
-    index: str                      # artifact root with an ASMK* inverted file (required)
+    index: str  # artifact root with an ASMK* inverted file (required)
     stages: list[Stage] = field(default_factory=lambda: ["iasmk", "centrality"])
     iasmk: IasmkConfig = field(default_factory=IasmkConfig)
     centrality: CentralityConfig = field(default_factory=CentralityConfig)
@@ -93,15 +101,26 @@ def count_task(uri: str, options: dict, part: int, lo: int, hi: int, max_h: int,
     return write_pair_counts(root, part, keys, counts, {**record, "matches": int(counts.sum()), "pairs": len(keys)})
 
 
-def compress_task(uri: str, options: dict, part: int, lo: int, hi: int, max_h: int, block: int,
-                  consistent: np.ndarray, record: dict) -> dict:
+def compress_task(
+    uri: str, options: dict, part: int, lo: int, hi: int, max_h: int, block: int, consistent: np.ndarray, record: dict
+) -> dict:
     """Pass 2 for words [lo, hi): components over consistent matches, committed as part ``part``."""
     root = ArtifactRoot(uri, options)
     ivf, _ = open_inverted_file(root)
     cw = compress_words(ivf, lo, hi, max_h, consistent, block)
-    return write_compressed_part(root, part, cw, {
-        **record, "entries": len(cw.words), "members": len(cw.members), "components": len(cw.component_sizes),
-        "vectors_in_components": int(cw.component_sizes.sum()), "postings": int(ivf.offsets[hi] - ivf.offsets[lo])})
+    return write_compressed_part(
+        root,
+        part,
+        cw,
+        {
+            **record,
+            "entries": len(cw.words),
+            "members": len(cw.members),
+            "components": len(cw.component_sizes),
+            "vectors_in_components": int(cw.component_sizes.sum()),
+            "postings": int(ivf.offsets[hi] - ivf.offsets[lo]),
+        },
+    )
 
 
 def pending(records: dict[int, dict], n: int, record: dict) -> list[int]:
@@ -112,47 +131,84 @@ def pending(records: dict[int, dict], n: int, record: dict) -> list[int]:
 def count_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict) -> tuple:
     """Pass 1 over every range (committed ones skipped); returns the summed (image-pair keys, counts)."""
     todo = pending(pair_count_parts(root).committed(), len(ranges), record)
-    run_tasks(count_task, [(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
-              options={"num_cpus": 1}, desc="pair counts", unit="range")
+    run_tasks(
+        count_task,
+        [(root.uri, root.options, i, *ranges[i], max_h, c.block_words, record) for i in todo],
+        options={"num_cpus": 1},
+        desc="pair counts",
+        unit="range",
+    )
     keys, counts = sum_counts(*zip(*[load_pair_counts(root, i) for i in range(len(ranges))]))
     return keys, counts
 
 
-def compress_pass(root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict,
-                  consistent: np.ndarray) -> int:
+def compress_pass(
+    root: ArtifactRoot, ranges: list, max_h: int, c: IasmkConfig, record: dict, consistent: np.ndarray
+) -> int:
     """Pass 2 over every range (committed ones skipped); returns the ranges built."""
     todo = pending(compressed_parts(root).committed(), len(ranges), record)
     ref = ray.put(consistent)
-    run_tasks(compress_task, [(root.uri, root.options, i, *ranges[i], max_h, c.block_words, ref, record)
-                              for i in todo], options={"num_cpus": 1}, desc="components", unit="range")
+    run_tasks(
+        compress_task,
+        [(root.uri, root.options, i, *ranges[i], max_h, c.block_words, ref, record) for i in todo],
+        options={"num_cpus": 1},
+        desc="components",
+        unit="range",
+    )
     return len(todo)
 
 
 def build_iasmk(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
     ivf, meta = open_inverted_file(root)
     if not ivf.binary:
-        raise ArtifactError(f"{root.uri}: i-ASMK* aggregates binary ASMK* vectors; the index was built with "
-                            "asmk.params.binary=false")
+        raise ArtifactError(
+            f"{root.uri}: i-ASMK* aggregates binary ASMK* vectors; the index was built with asmk.params.binary=false"
+        )
     c = cfg.iasmk
     max_h = max_hamming(c.params.tau_l, ivf.dim)
     ranges = word_ranges(ivf.counts, c.tasks or 4 * int(ray.cluster_resources().get("CPU", 1)))
-    record = {"tau_l": c.params.tau_l, "codebook_sha1": meta.get("codebook_sha1"),  # what pass 1 depends on
-              "asmk_entries": int(ivf.offsets[-1]), "ranges": [list(r) for r in ranges]}
+    record = {
+        "tau_l": c.params.tau_l,
+        "codebook_sha1": meta.get("codebook_sha1"),  # what pass 1 depends on
+        "asmk_entries": int(ivf.offsets[-1]),
+        "ranges": [list(r) for r in ranges],
+    }
     with summary.stage("i-ASMK* pass 1: matches per image pair"):
         keys, counts = count_pass(root, ranges, max_h, c, record)
     consistent = np.sort(keys[counts >= c.params.tau_g])
     with summary.stage("i-ASMK* pass 2: components"):
-        built = compress_pass(root, ranges, max_h, c, {**record, "tau_g": c.params.tau_g,
-                                                        "consistent_pairs": len(consistent)}, consistent)
-        merged = merge_compressed(root, list(range(len(ranges))), ivf.k, np.asarray(ivf.images),
-                                  np.asarray(ivf.image_entries), ivf.codes.shape[1])
+        built = compress_pass(
+            root, ranges, max_h, c, {**record, "tau_g": c.params.tau_g, "consistent_pairs": len(consistent)}, consistent
+        )
+        merged = merge_compressed(
+            root,
+            list(range(len(ranges))),
+            ivf.k,
+            np.asarray(ivf.images),
+            np.asarray(ivf.image_entries),
+            ivf.codes.shape[1],
+        )
         sizes = merged.pop("component_sizes")
     stats = iasmk_stats(ivf, counts, consistent, sizes, merged, c.params.tau_g)
-    write_iasmk_meta(root, {"params": {**meta["params"], **dataclasses.asdict(c.params)}, "k": ivf.k,
-                            "codebook_sha1": meta.get("codebook_sha1"), "ranges": len(ranges), **stats})
-    summary.add(asmk_entries=int(ivf.offsets[-1]), iasmk_entries=merged["entries"], iasmk_components=len(sizes),
-                iasmk_vectors_in_components=int(sizes.sum()), iasmk_matches=stats["matches"],
-                iasmk_consistent_matches=stats["consistent_matches"], iasmk_ranges_built=built)
+    write_iasmk_meta(
+        root,
+        {
+            "params": {**meta["params"], **dataclasses.asdict(c.params)},
+            "k": ivf.k,
+            "codebook_sha1": meta.get("codebook_sha1"),
+            "ranges": len(ranges),
+            **stats,
+        },
+    )
+    summary.add(
+        asmk_entries=int(ivf.offsets[-1]),
+        iasmk_entries=merged["entries"],
+        iasmk_components=len(sizes),
+        iasmk_vectors_in_components=int(sizes.sum()),
+        iasmk_matches=stats["matches"],
+        iasmk_consistent_matches=stats["consistent_matches"],
+        iasmk_ranges_built=built,
+    )
     summary.info["iasmk"] = stats
     return stats
 
@@ -163,12 +219,18 @@ def iasmk_stats(ivf, counts: np.ndarray, consistent: np.ndarray, sizes: np.ndarr
     n = int(ivf.offsets[-1])
     kept = counts >= tau_g
     hist = np.bincount(np.minimum(sizes, 6), minlength=7)[2:] if len(sizes) else np.zeros(5, np.int64)
-    return {"matches": int(counts.sum()), "consistent_matches": int(counts[kept].sum()),
-            "consistent_pairs": len(consistent), "asmk_entries": n, "iasmk_entries": merged["entries"],
-            "entries_ratio": merged["entries"] / max(n, 1), "components": len(sizes),
-            "mean_component_size": float(sizes.mean()) if len(sizes) else 0.0,
-            "fraction_vectors_in_components": float(sizes.sum() / max(n, 1)),
-            "component_sizes_2_3_4_5_6plus": hist.tolist()}
+    return {
+        "matches": int(counts.sum()),
+        "consistent_matches": int(counts[kept].sum()),
+        "consistent_pairs": len(consistent),
+        "asmk_entries": n,
+        "iasmk_entries": merged["entries"],
+        "entries_ratio": merged["entries"] / max(n, 1),
+        "components": len(sizes),
+        "mean_component_size": float(sizes.mean()) if len(sizes) else 0.0,
+        "fraction_vectors_in_components": float(sizes.sum() / max(n, 1)),
+        "component_sizes_2_3_4_5_6plus": hist.tolist(),
+    }
 
 
 def centrality_task(uri: str, options: dict, cfg: dict) -> dict:
@@ -176,19 +238,28 @@ def centrality_task(uri: str, options: dict, cfg: dict) -> dict:
     c = CentralityConfig(**cfg)
     root = ArtifactRoot(uri, options)
     w = load_affinity(root)
-    scores = {"stationary": stationary(w), "pagerank": pagerank(w, c.pagerank_beta),
-              "katz": katz(w, c.katz_alpha, c.katz_tol, c.katz_maxiter)}
+    scores = {
+        "stationary": stationary(w),
+        "pagerank": pagerank(w, c.pagerank_beta),
+        "katz": katz(w, c.katz_alpha, c.katz_tol, c.katz_maxiter),
+    }
     ids = np.asarray(global_ids(root))
     found = ids[modes(w, scores["stationary"])]
-    meta = {"params": cfg, "nodes": w.shape[0], "edges": int(w.nnz // 2), "modes": len(found),
-            "isolated": int((np.diff(w.indptr) == 0).sum())}
+    meta = {
+        "params": cfg,
+        "nodes": w.shape[0],
+        "edges": int(w.nnz // 2),
+        "modes": len(found),
+        "isolated": int((np.diff(w.indptr) == 0).sum()),
+    }
     write_centrality(root, scores, found, meta)
     return meta
 
 
 def build_centrality(cfg: DiscoverConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
-    meta, = run_tasks(centrality_task, [(root.uri, root.options, dataclasses.asdict(cfg.centrality))],
-                      options={"num_cpus": 1}).results
+    (meta,) = run_tasks(
+        centrality_task, [(root.uri, root.options, dataclasses.asdict(cfg.centrality))], options={"num_cpus": 1}
+    ).results
     summary.add(centrality_nodes=meta["nodes"], modes=meta["modes"])
     return meta
 

@@ -15,6 +15,7 @@ stages=[global,codebook,asmk,graph,spectral]`` indexes real images and distracto
 pure function of (seed, shard), streamed and committed on its own; a rerun writes only missing shards.
 Run it after the root's extraction (a later extraction of the real collection keeps the distractors).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,13 +43,13 @@ from storage.errors import CollectionError
 
 @dataclass(kw_only=True)
 class DistractorConfig:
-    donors: str                     # root whose committed shards are the donor images (required)
-    out: str                        # root the distractors join (required)
-    n: Count                          # distractor images (required)
+    donors: str  # root whose committed shards are the donor images (required)
+    out: str  # root the distractors join (required)
+    n: Count  # distractor images (required)
     seed: Seed = 0
-    shard_size: Count = 1000          # distractors per feature shard
-    shards_per_task: Count = 4        # shards per Ray task
-    codebook: str | None = None     # root of the codebook of the entries (default: the donors root's)
+    shard_size: Count = 1000  # distractors per feature shard
+    shards_per_task: Count = 4  # shards per Ray task
+    codebook: str | None = None  # root of the codebook of the entries (default: the donors root's)
     assign: AssignConfig = field(default_factory=AssignConfig)  # donors holding descriptors: their words
     params: DistractorParams = field(default_factory=DistractorParams)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -69,13 +70,24 @@ def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig
     counts = [len(w) for w, _ in per_image]
     if not counts or sum(counts) == 0:
         raise CollectionError(f"{donors.uri}: no described donor image with local features")
-    return DonorPool(np.concatenate(globs), np.r_[0, np.cumsum(counts)].astype(np.int64),
-                     np.concatenate([w for w, _ in per_image]).astype(np.int32),
-                     np.concatenate([c for _, c in per_image]))
+    return DonorPool(
+        np.concatenate(globs),
+        np.r_[0, np.cumsum(counts)].astype(np.int64),
+        np.concatenate([w for w, _ in per_image]).astype(np.int32),
+        np.concatenate([c for _, c in per_image]),
+    )
 
 
-def shard_task(root_uri: str, options: dict, pool: DonorPool, params: dict, seed: int, local_dim: int,
-               jobs: list[tuple[int, int, int]], record: dict) -> int:
+def shard_task(
+    root_uri: str,
+    options: dict,
+    pool: DonorPool,
+    params: dict,
+    seed: int,
+    local_dim: int,
+    jobs: list[tuple[int, int, int]],
+    record: dict,
+) -> int:
     """Write the shards ``(shard, first image id, count)`` of distractors (a Ray task); returns images written."""
     p = DistractorParams(**params)
     root, written = ArtifactRoot(root_uri, options), 0
@@ -102,22 +114,45 @@ def generate(cfg: DistractorConfig, summary: JobSummary) -> None:
     pending = set(root.shards().pending(by_shard.index.tolist()))
     work = [(int(s), int(r["min"]), int(r["size"])) for s, r in by_shard.iterrows() if s in pending]
     settings = {k: v for k, v in to_dict(cfg).items() if k in ("seed", "params", "donors", "assign")}
-    record = {**entries_record(codebook_hash(centroids)),
-              "settings": "synthetic-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}
+    record = {
+        **entries_record(codebook_hash(centroids)),
+        "settings": "synthetic-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
+    }
     summary.add(distractors=cfg.n, shards_total=len(by_shard), shards_skipped=len(by_shard) - len(work))
     pool_ref, step = ray.put(pool), max(1, cfg.shards_per_task)
-    args = [(root.uri, root.options, pool_ref, dataclasses.asdict(cfg.params), cfg.seed, centroids.shape[1],
-             work[i:i + step], record) for i in range(0, len(work), step)]
+    args = [
+        (
+            root.uri,
+            root.options,
+            pool_ref,
+            dataclasses.asdict(cfg.params),
+            cfg.seed,
+            centroids.shape[1],
+            work[i : i + step],
+            record,
+        )
+        for i in range(0, len(work), step)
+    ]
     with summary.stage("distractors"):
-        run_tasks(shard_task, args, options={"num_cpus": 1}, desc="distractors", unit="img",
-                  total=sum(c for *_, c in work), advance=lambda n: n,
-                  on_result=lambda n: summary.add(distractors_written=n))
+        run_tasks(
+            shard_task,
+            args,
+            options={"num_cpus": 1},
+            desc="distractors",
+            unit="img",
+            total=sum(c for *_, c in work),
+            advance=lambda n: n,
+            on_result=lambda n: summary.add(distractors_written=n),
+        )
     root.record_stage("distractors", "distractors", settings, images=cfg.n, first_id=first_id)
 
 
-FLAGS = {"--donors": ("donors", "root whose images the distractors are drawn around"),
-         "--out": ("out", "root the distractors join"), "--n": ("n", "distractor images"),
-         "--seed": ("seed", "random seed")}
+FLAGS = {
+    "--donors": ("donors", "root whose images the distractors are drawn around"),
+    "--out": ("out", "root the distractors join"),
+    "--n": ("n", "distractor images"),
+    "--seed": ("seed", "random seed"),
+}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:

@@ -8,6 +8,7 @@ setups with their ignored sets, :mod:`operators.metrics`). Queries and database 
 to the ground truth by name: in full where the names agree, else without folder or extension. Prints a
 table and writes ``RES/metrics.json`` and the HTML report ``RES/report.html`` (:mod:`jobs.report`).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,8 @@ from storage.results import read_results, write_metrics
 
 @dataclass(kw_only=True)
 class EvaluateConfig:
-    results: str                    # results folder written by jobs.search / jobs.rerank (required)
-    ground_truth: str               # manifest with a group column, or revisited gnd_*.pkl (required)
+    results: str  # results folder written by jobs.search / jobs.rerank (required)
+    ground_truth: str  # manifest with a group column, or revisited gnd_*.pkl (required)
     ks: list[Count] = field(default_factory=lambda: [1, 5, 10])
     report: ReportConfig = field(default_factory=ReportConfig)  # RES/report.html (report.enabled=false: none)
     storage: dict = field(default_factory=dict)
@@ -58,8 +59,9 @@ def name_key(database_names: list[str], reference_names: list[str], query_names:
 def _id_by_name(database: pd.DataFrame, key) -> dict[str, int]:
     keys = database["name"].map(key)
     if keys.duplicated().any():
-        raise GroundTruthError(f"image names are ambiguous once reduced to {key.__name__}: "
-                         f"{keys[keys.duplicated()].tolist()[:5]}")
+        raise GroundTruthError(
+            f"image names are ambiguous once reduced to {key.__name__}: {keys[keys.duplicated()].tolist()[:5]}"
+        )
     return dict(zip(keys, database["image_id"]))
 
 
@@ -117,7 +119,9 @@ def run(cfg: EvaluateConfig) -> dict:
         out = {**metrics["all"], "per_query_ap": dict(zip(names, per_query["all"]))}
     else:  # revisited: easy / medium / hard
         out = {**metrics, "per_query_ap": {s: dict(zip(names, v)) for s, v in per_query.items()}}
-    out["run"] = {k: run_info.get(k) for k in ("method", "rerank", "params", "index", "queries", "center_crop", "timings_s")}
+    out["run"] = {
+        k: run_info.get(k) for k in ("method", "rerank", "params", "index", "queries", "center_crop", "timings_s")
+    }
     out["ranking_depth"] = ranking_depth(run_info, cfg.storage)
     if out["ranking_depth"]["truncated"]:
         print(f"note: {out['ranking_depth']['note']}", file=sys.stderr)
@@ -126,9 +130,17 @@ def run(cfg: EvaluateConfig) -> dict:
     print_table(metrics, cfg.ks)
     if cfg.report.enabled:
         setup = "all" if "all" in setups else "medium"
-        rows = pd.DataFrame({"query_id": table.column("query_id").to_pylist(), "query_name": names, "ids": rankings,
-                             "ap": [np.nan if a is None else a for a in per_query[setup]]})
-        uri = write_report(cfg.results, cfg.storage, cfg.report, metrics, cfg.ks, setup, rows, *setups[setup], database, run_info)
+        rows = pd.DataFrame(
+            {
+                "query_id": table.column("query_id").to_pylist(),
+                "query_name": names,
+                "ids": rankings,
+                "ap": [np.nan if a is None else a for a in per_query[setup]],
+            }
+        )
+        uri = write_report(
+            cfg.results, cfg.storage, cfg.report, metrics, cfg.ks, setup, rows, *setups[setup], database, run_info
+        )
         print(f"report: {uri}")
     return out
 
@@ -137,12 +149,20 @@ def ranking_depth(run_info: dict, options: dict) -> dict:
     """How deep the evaluated rankings go against the database they rank: a ranking shorter than the database
     (``--topk`` below its size) scores positives below its end as never retrieved, so its mAP is a lower bound."""
     params, config = run_info.get("params") or {}, run_info.get("config") or {}
-    roots = [ArtifactRoot(r, options) for r in [run_info.get("index") or config["index"], *config.get("distractors", [])]]
+    roots = [
+        ArtifactRoot(r, options) for r in [run_info.get("index") or config["index"], *config.get("distractors", [])]
+    ]
     database = sum(len(global_ids(r)) if has_global(r) else len(r.images()) for r in roots)
     depth = int(params.get("topk") or params.get("top") or database)
     truncated = depth < database - 1  # a query's own image is left out of its ranking
-    note = (f"the rankings hold the top {depth} of {database} database items: positives ranked below are counted as "
-            f"missed (mAP is a lower bound); search with --topk {database} to score whole rankings") if truncated else ""
+    note = (
+        (
+            f"the rankings hold the top {depth} of {database} database items: positives ranked below are counted as "
+            f"missed (mAP is a lower bound); search with --topk {database} to score whole rankings"
+        )
+        if truncated
+        else ""
+    )
     return {"depth": depth, "database": database, "truncated": truncated, "note": note}
 
 
@@ -150,7 +170,10 @@ def print_table(metrics: dict, ks: list[int]) -> None:
     head = f"{'setup':<8} {'queries':>7} {'mAP':>7} " + " ".join(f"{'mP@' + str(k):>7}" for k in ks)
     print(head)
     for setup, m in metrics.items():
-        print(f"{setup:<8} {m['queries']:>7} {100 * m['mAP']:>7.2f} " + " ".join(f"{100 * m[f'mP@{k}']:>7.2f}" for k in ks))
+        print(
+            f"{setup:<8} {m['queries']:>7} {100 * m['mAP']:>7.2f} "
+            + " ".join(f"{100 * m[f'mP@{k}']:>7.2f}" for k in ks)
+        )
 
 
 FLAGS = {

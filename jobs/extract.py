@@ -9,6 +9,7 @@ each loading the model once. An actor reads and decodes its shard's images in th
 them ``batch_size`` at a time (same-shape images share a forward pass), writes the shard straight
 to storage and commits it. Unreadable images become error rows; they never stop the job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,10 @@ from cluster.runner import run_tasks
 from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.asmk import image_entries
+from operators.backbones import CheckpointRefused, load_checkpoint
 from operators.codebook import AssignConfig, Quantizer
 from operators.constraints import Count, Fraction, ImageId, NonNegInt
-from operators.backbones import CheckpointRefused, load_checkpoint
-from operators.describe import DescriptorConfig, Describer
+from operators.describe import Describer, DescriptorConfig
 from operators.images import center_box, crop
 from operators.whitening import Whitening, learn_pca_whitening
 from storage import fs as sfs
@@ -47,7 +48,6 @@ from storage.shards import ShardSet
 from storage.summaries import write_failed_images
 from storage.whitening import read_whitening, write_whitening
 
-
 log = logging.getLogger(__name__)
 
 
@@ -58,25 +58,26 @@ LOCAL_COLUMNS = ("local_desc", "local_xy", "local_scale", "local_strength")
 @dataclass
 class EntriesConfig:
     """ASMK* entries written by extraction (``local_store`` entries or both)."""
-    codebook: str | None = None            # root holding the codebook (jobs.index: codebook.source by default)
+
+    codebook: str | None = None  # root holding the codebook (jobs.index: codebook.source by default)
     assign: AssignConfig = field(default_factory=AssignConfig)  # exact flat, or HNSW (benchmarks/assignment.py)
 
 
 @dataclass(kw_only=True)
 class ExtractConfig:
-    collection: str                        # folder, manifest, s3:// prefix or revisited .pkl (required)
-    out: str                               # artifact root (required)
+    collection: str  # folder, manifest, s3:// prefix or revisited .pkl (required)
+    out: str  # artifact root (required)
     role: Literal["database", "queries"] = "database"  # revisited .pkl: imlist or qimlist (with boxes)
     id_offset: ImageId = 0
-    shard_size: Count = 32                   # images per Parquet shard
-    batch_size: Count = 8                    # images read ahead and passed per describer call
-    center_crop: Fraction | None = None       # crop images without a box to this central fraction
-    allow_outside_root: bool = False       # a manifest's relative paths may climb out of its folder (../)
-    local_whiten_dim: NonNegInt = 128            # how: PCA-whitening of local descriptors to this dim
-    local_whiten_images: Count = 200         # how: images sampled to learn it
+    shard_size: Count = 32  # images per Parquet shard
+    batch_size: Count = 8  # images read ahead and passed per describer call
+    center_crop: Fraction | None = None  # crop images without a box to this central fraction
+    allow_outside_root: bool = False  # a manifest's relative paths may climb out of its folder (../)
+    local_whiten_dim: NonNegInt = 128  # how: PCA-whitening of local descriptors to this dim
+    local_whiten_images: Count = 200  # how: images sampled to learn it
     local_store: LocalStore = "descriptors"  # descriptors (float16, ~270 B a feature: codebooks can be trained on
-                                           # them), entries (each image's ASMK* entries of a given codebook, ~20 B
-                                           # a word: what R1M fits in), or both (README "Storage at R1M")
+    # them), entries (each image's ASMK* entries of a given codebook, ~20 B
+    # a word: what R1M fits in), or both (README "Storage at R1M")
     entries: EntriesConfig = field(default_factory=EntriesConfig)
     describe: DescriptorConfig = field(default_factory=DescriptorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -114,9 +115,12 @@ class ShardExtractor:
         white = Whitening.from_bytes(whitening) if whitening else None
         self.describer = Describer(self.describe_cfg, local_whitening=white)
         self.store = cfg["local_store"]
-        self.schema = feature_schema(self.describer.global_dim, self.describer.local_dim,
-                                     {"extractor": {"describe": cfg["describe"], "center_crop": cfg["center_crop"]}},
-                                     entries=self.store != "descriptors")
+        self.schema = feature_schema(
+            self.describer.global_dim,
+            self.describer.local_dim,
+            {"extractor": {"describe": cfg["describe"], "center_crop": cfg["center_crop"]}},
+            entries=self.store != "descriptors",
+        )
         self.shards = ShardSet(shards_uri, cfg["storage"])
         self.settings = settings_digest(cfg)
         self.entries = {}
@@ -134,9 +138,19 @@ class ShardExtractor:
             rows = self.extract(json.loads(items))
             n_ok = sum(r["status"] == "ok" for r in rows)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            self.shards.write(int(shard), feature_table(rows, self.schema),
-                              {"ok": n_ok, "errors": len(rows) - n_ok, "seconds": time.time() - t0, "peak_rss_mb": peak,
-                               "node": self.node, "settings": self.settings, **self.entries})
+            self.shards.write(
+                int(shard),
+                feature_table(rows, self.schema),
+                {
+                    "ok": n_ok,
+                    "errors": len(rows) - n_ok,
+                    "seconds": time.time() - t0,
+                    "peak_rss_mb": peak,
+                    "node": self.node,
+                    "settings": self.settings,
+                    **self.entries,
+                },
+            )
             for k, v in zip(out, (int(shard), n_ok, len(rows) - n_ok, time.time() - t0, peak)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
@@ -154,7 +168,7 @@ class ShardExtractor:
         rows: list[dict] = []
         bs = self.cfg["batch_size"]
         for start in range(0, len(items), bs):
-            chunk = items[start:start + bs]
+            chunk = items[start : start + bs]
             loaded = list(self.io.map(load, chunk))
             good = [i for i, x in enumerate(loaded) if not isinstance(x, Exception)]
             described = self._describe([loaded[i][0] for i in good])
@@ -168,7 +182,7 @@ class ShardExtractor:
                 else:
                     rows.append({**base, **loaded[i][1], **desc_by[i], "status": "ok"})
             if self.store != "descriptors":
-                self._add_entries([r for r in rows[len(rows) - len(chunk):] if r["status"] == "ok"])
+                self._add_entries([r for r in rows[len(rows) - len(chunk) :] if r["status"] == "ok"])
         return rows
 
     def _add_entries(self, rows: list[dict]) -> None:
@@ -207,22 +221,29 @@ def shard_items(images: pd.DataFrame, shard_size: int) -> list[tuple[int, str]]:
     recorded, so reruns and grown collections cut identically); tables recorded without it are cut
     into consecutive runs of ``shard_size`` images.
     """
-    shard = (images["shard"].to_numpy() if "shard" in images
-             else np.arange(len(images)) // max(1, shard_size))
+    shard = images["shard"].to_numpy() if "shard" in images else np.arange(len(images)) // max(1, shard_size)
     boxes = images[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist()
-    records = [{"image_id": i, "file": f, "box": b}
-               for i, f, b in zip(images["image_id"].astype(int).tolist(), images["file"].tolist(), boxes)]
+    records = [
+        {"image_id": i, "file": f, "box": b}
+        for i, f, b in zip(images["image_id"].astype(int).tolist(), images["file"].tolist(), boxes)
+    ]
     order = np.argsort(shard, kind="stable")
     cuts = np.flatnonzero(np.diff(shard[order])) + 1
-    return [(int(shard[rows[0]]), json.dumps([records[r] for r in rows.tolist()]))
-            for rows in (np.split(order, cuts) if len(order) else [])]
+    return [
+        (int(shard[rows[0]]), json.dumps([records[r] for r in rows.tolist()]))
+        for rows in (np.split(order, cuts) if len(order) else [])
+    ]
 
 
 def extraction_settings(cfg: dict) -> dict:
     """The settings that make a shard's rows: describer settings (batching, device and cuDNN left out),
     the crop policy and the local whitening's dimension. Shards made under other settings never mix."""
-    describe = to_dict(from_dict(DescriptorConfig, {k: v for k, v in cfg.get("describe", {}).items()
-                                                     if k in DescriptorConfig.__dataclass_fields__}))
+    describe = to_dict(
+        from_dict(
+            DescriptorConfig,
+            {k: v for k, v in cfg.get("describe", {}).items() if k in DescriptorConfig.__dataclass_fields__},
+        )
+    )
     out = {f"describe.{k}": v for k, v in describe.items() if k not in ("forward_batch", "device", "cudnn")}
     out["center_crop"] = cfg.get("center_crop")
     store = cfg.get("local_store", "descriptors")
@@ -257,10 +278,15 @@ def check_settings(shards: ShardSet, cfg: dict, previous: dict | None = None) ->
     changed = ""
     if previous is not None:
         old, new = extraction_settings(previous), extraction_settings(cfg)
-        changed = " (changed: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new)
-                                            if old.get(k) != new.get(k)) + ")"
-    raise SettingsMismatch(f"{shards.uri} holds {len(indices)} shard(s) extracted with other settings{changed}; "
-                             "use a new --out (or the settings it was built with)")
+        changed = (
+            " (changed: "
+            + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+            + ")"
+        )
+    raise SettingsMismatch(
+        f"{shards.uri} holds {len(indices)} shard(s) extracted with other settings{changed}; "
+        "use a new --out (or the settings it was built with)"
+    )
 
 
 def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening:
@@ -269,6 +295,7 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
     ``local_whiten_images`` images are drawn at random; images that cannot be described are replaced
     by further random draws until that many are described or the collection is exhausted.
     """
+
     def sample_descriptors(files: list[str]) -> list[np.ndarray]:
         d = Describer(dataclasses.replace(cfg.describe, local_scales=[1.0], global_scales=[1.0]))
         out = []
@@ -288,16 +315,19 @@ def learn_local_whitening(cfg: ExtractConfig, images: pd.DataFrame) -> Whitening
     parts: list[np.ndarray] = []
     tried = 0
     while len(parts) < target and tried < len(files):
-        batch = files[tried:tried + target - len(parts)]
+        batch = files[tried : tried + target - len(parts)]
         tried += len(batch)
         chunks = np.array_split(batch, max(1, min(8, len(batch) // 16)))
-        for got in run_tasks(sample_descriptors, [(list(c),) for c in chunks if len(c)],
-                             options={"num_cpus": cfg.ray.actor_cpus}).results:
+        for got in run_tasks(
+            sample_descriptors, [(list(c),) for c in chunks if len(c)], options={"num_cpus": cfg.ray.actor_cpus}
+        ).results:
             parts.extend(got)
     n_desc = sum(len(p) for p in parts)
     if n_desc < 2:
-        raise CollectionError(f"local whitening: {tried} sampled image(s) gave {n_desc} local descriptor(s); "
-                              f"at least 2 are needed (e.g. {list(files[:3])})")
+        raise CollectionError(
+            f"local whitening: {tried} sampled image(s) gave {n_desc} local descriptor(s); "
+            f"at least 2 are needed (e.g. {list(files[:3])})"
+        )
     log.info("local whitening: %d descriptors from %d of %d images tried", n_desc, len(parts), tried)
     return learn_pca_whitening(np.concatenate(parts), cfg.local_whiten_dim)
 
@@ -318,13 +348,16 @@ def recorded_describer(root: ArtifactRoot, given: str | None) -> dict:
     describe = root.stage_settings("extract")["describe"]
     ckpt = describe.get("checkpoint")
     if ckpt and not sfs.is_inside(ckpt, root.uri) and (not given or sfs.canonical(given) != sfs.canonical(ckpt)):
-        raise SettingsMismatch(f"{root.uri} was extracted with describe.checkpoint={ckpt!r}, outside the root: "
-                               f"name it yourself to use it (--set checkpoint={ckpt})")
+        raise SettingsMismatch(
+            f"{root.uri} was extracted with describe.checkpoint={ckpt!r}, outside the root: "
+            f"name it yourself to use it (--set checkpoint={ckpt})"
+        )
     return describe
 
 
-def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None,
-                   summary: JobSummary) -> None:
+def run_extraction(
+    cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, whitening: Whitening | None, summary: JobSummary
+) -> None:
     """Extract every pending shard of ``images`` into ``shards`` (resumes: committed shards are skipped).
 
     Callers check first (:func:`check_settings`) that committed shards were made under ``cfg``'s settings.
@@ -340,16 +373,25 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
     items = [{"shard": s, "items": it} for s, it in all_items if s in pending]
     plan = plan_actors(cfg.ray, prefer_gpu=cfg.describe.device != "cpu")
     ctx = ray.data.DataContext.get_current()  # Ray Data loads here, on first use, not with ray itself
-    ctx.enable_progress_bars = False          # one tqdm bar over shards instead of Ray Data's log lines
+    ctx.enable_progress_bars = False  # one tqdm bar over shards instead of Ray Data's log lines
     ctx.issue_detectors_config.detectors = []  # actor memory is reserved explicitly (RayConfig.actor_memory_mb)
     plan.actors = min(plan.actors, len(items))
     summary.info["actors"] = dataclasses.asdict(plan)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardExtractor, batch_size=1, batch_format="numpy", concurrency=plan.concurrency,
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-        memory=plan.memory_mb * 2**20 if plan.memory_mb else None, resources=plan.resources,
-        fn_constructor_kwargs={"cfg": to_dict(cfg), "whitening": whitening.to_bytes() if whitening else None,
-                               "shards_uri": shards.uri})
+        ShardExtractor,
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=plan.concurrency,
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        memory=plan.memory_mb * 2**20 if plan.memory_mb else None,
+        resources=plan.resources,
+        fn_constructor_kwargs={
+            "cfg": to_dict(cfg),
+            "whitening": whitening.to_bytes() if whitening else None,
+            "shards_uri": shards.uri,
+        },
+    )
     with tqdm(total=len(items), desc="shards", unit="shard") as bar:
         for row in ds.iter_rows():
             summary.add(images_ok=int(row["ok"]), images_error=int(row["errors"]), shards_written=1)
@@ -357,8 +399,16 @@ def run_extraction(cfg: ExtractConfig, images: pd.DataFrame, shards: ShardSet, w
             bar.update(1)
 
 
-def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: int, options: dict,
-                   shard_size: int = 32, fresh: pd.DataFrame | None = None, allow_outside: bool = False) -> pd.DataFrame:
+def prepare_images(
+    root: ArtifactRoot,
+    collection: str,
+    role: str,
+    id_offset: int,
+    options: dict,
+    shard_size: int = 32,
+    fresh: pd.DataFrame | None = None,
+    allow_outside: bool = False,
+) -> pd.DataFrame:
     """The collection table with its stable ids and shards, recorded once under ``root``.
 
     A rerun reuses the recorded ids. Images added to the collection since are appended: new ids
@@ -375,10 +425,14 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
         return fresh
     known = set(file_keys(recorded["file"]))
     in_fresh = file_keys(fresh["file"])
-    removed = known - set(in_fresh) - set(file_keys(recorded["file"][is_synthetic(recorded["file"])]))  # jobs.distractors
+    removed = (
+        known - set(in_fresh) - set(file_keys(recorded["file"][is_synthetic(recorded["file"])]))
+    )  # jobs.distractors
     if removed:
-        raise SettingsMismatch(f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
-                         f"(e.g. {sorted(removed)[:3]}); use a new --out")
+        raise SettingsMismatch(
+            f"{root.uri} was built from a collection holding {len(removed)} image(s) missing now "
+            f"(e.g. {sorted(removed)[:3]}); use a new --out"
+        )
     added = fresh[~in_fresh.isin(known)].copy()
     if added.empty:
         return recorded
@@ -388,8 +442,15 @@ def prepare_images(root: ArtifactRoot, collection: str, role: str, id_offset: in
         added["image_id"] = int(recorded["image_id"].max()) + 1 + np.arange(len(added), dtype=np.int64)
     added["shard"] = int(recorded["shard"].max()) + 1 + np.arange(len(added)) // max(1, shard_size)
     grown = pd.concat([recorded, added[recorded.columns]], ignore_index=True)
-    log.info("%s: %d new image(s), ids %d..%d, shards %d..%d", root.uri, len(added), added["image_id"].min(),
-             added["image_id"].max(), added["shard"].min(), added["shard"].max())
+    log.info(
+        "%s: %d new image(s), ids %d..%d, shards %d..%d",
+        root.uri,
+        len(added),
+        added["image_id"].min(),
+        added["image_id"].max(),
+        added["shard"].min(),
+        added["shard"].max(),
+    )
     root.write_images(grown)
     return grown
 
@@ -403,8 +464,11 @@ def recorded_settings(cfg: ExtractConfig) -> dict:
 def failed_images(shards: ShardSet, images: pd.DataFrame) -> pd.DataFrame:
     """image_id, file, error of every image whose extraction failed, over all committed shards
     (only shards whose commit record counts errors are read, and only their small columns)."""
-    parts = [shards.read_shard(i, ["image_id", "status", "error"]).to_pandas()
-             for i, rec in shards.committed().items() if rec.get("errors")]
+    parts = [
+        shards.read_shard(i, ["image_id", "status", "error"]).to_pandas()
+        for i, rec in shards.committed().items()
+        if rec.get("errors")
+    ]
     rows = pd.concat(parts) if parts else pd.DataFrame({"image_id": [], "status": [], "error": []})
     rows = rows[rows["status"] == "error"]
     return rows.merge(images[["image_id", "file"]], on="image_id", how="left")[["image_id", "file", "error"]]
@@ -414,8 +478,11 @@ def count_collection(root: ArtifactRoot, images: pd.DataFrame, summary: JobSumma
     """Counts of the whole collection (this run's and earlier runs' shards) and the failed-images list."""
     records = root.shards().committed()
     failed = failed_images(root.shards(), images)
-    summary.counts.update(collection_images=len(images), collection_ok=sum(r.get("ok", 0) for r in records.values()),
-                          collection_failed=len(failed))
+    summary.counts.update(
+        collection_images=len(images),
+        collection_ok=sum(r.get("ok", 0) for r in records.values()),
+        collection_failed=len(failed),
+    )
     summary.info["failed_images_csv"] = write_failed_images(root.uri, failed, root.options)
     summary.info["failed_images"] = failed.head(20).to_dict("records")
 
@@ -426,15 +493,20 @@ def check_entries(cfg: ExtractConfig) -> None:
     if cfg.local_store == "descriptors":
         return
     if cfg.describe.local == "none" or not cfg.entries.codebook:
-        raise ConfigError(f"local_store={cfg.local_store} needs local features and entries.codebook=ROOT "
-                          "(the root whose codebook assigns them; jobs.index: codebook.source)")
+        raise ConfigError(
+            f"local_store={cfg.local_store} needs local features and entries.codebook=ROOT "
+            "(the root whose codebook assigns them; jobs.index: codebook.source)"
+        )
     centroids = load_codebook(ArtifactRoot(cfg.entries.codebook, cfg.storage))
     if cfg.describe.local == "rootsift" and centroids.shape[1] != 128:
-        raise SettingsMismatch(f"{cfg.entries.codebook}: a {centroids.shape[1]}-d codebook cannot assign 128-d RootSIFT")
+        raise SettingsMismatch(
+            f"{cfg.entries.codebook}: a {centroids.shape[1]}-d codebook cannot assign 128-d RootSIFT"
+        )
     made = entry_codebooks(ArtifactRoot(cfg.out, cfg.storage), synthetic=False)
     if made and made != {codebook_hash(centroids)}:
-        raise SettingsMismatch(f"{cfg.out} holds entries of another codebook than {cfg.entries.codebook}'s now; "
-                               "use a new --out")
+        raise SettingsMismatch(
+            f"{cfg.out} holds entries of another codebook than {cfg.entries.codebook}'s now; use a new --out"
+        )
 
 
 def extract(cfg: ExtractConfig, summary: JobSummary, job: str = "extract") -> ArtifactRoot:
@@ -443,15 +515,17 @@ def extract(cfg: ExtractConfig, summary: JobSummary, job: str = "extract") -> Ar
     root = ArtifactRoot(cfg.out, cfg.storage)
     previous = root.stage_settings("extract", required=False)
     check_settings(root.shards(), to_dict(cfg), previous)
-    images = prepare_images(root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage, cfg.shard_size,
-                            allow_outside=cfg.allow_outside_root)
+    images = prepare_images(
+        root, cfg.collection, cfg.role, cfg.id_offset, cfg.storage, cfg.shard_size, allow_outside=cfg.allow_outside_root
+    )
     summary.add(images=len(images))
     whitening = None
     if cfg.describe.local == "how" and cfg.local_whiten_dim:
         whitening = read_whitening(root, "local")
         if whitening is not None and whitening.dim != min(cfg.local_whiten_dim, len(whitening.mean)):
-            raise SettingsMismatch(f"{root.uri} holds a {whitening.dim}-d local whitening, not "
-                                     f"{cfg.local_whiten_dim}-d; use a new --out")
+            raise SettingsMismatch(
+                f"{root.uri} holds a {whitening.dim}-d local whitening, not {cfg.local_whiten_dim}-d; use a new --out"
+            )
         if whitening is None:
             with summary.stage("learn local whitening"):
                 whitening = learn_local_whitening(cfg, images)

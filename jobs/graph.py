@@ -14,6 +14,7 @@ Lanczos, or FSR's simultaneous iteration; :mod:`operators.spectral`), for FSR an
 Artifacts: :mod:`storage.graph` (kNN lists, W, the locality order, W and S in it) and
 :mod:`storage.spectral` (U, λ, SHybrid's sparse U).
 """
+
 from __future__ import annotations
 
 import time
@@ -35,12 +36,18 @@ from operators.knn import build_ivf, knn_blocks, search_ivf
 from operators.spectral import eigenpairs, sparsify
 from storage.artifacts import ArtifactRoot
 from storage.global_index import global_ids, open_global
-from storage.graph import (knn_writer, load_asmk_image_index, load_knn, load_ordered, write_affinity,
-                           write_asmk_image_index, write_graph_meta)
+from storage.graph import (
+    knn_writer,
+    load_asmk_image_index,
+    load_knn,
+    load_ordered,
+    write_affinity,
+    write_asmk_image_index,
+    write_graph_meta,
+)
 from storage.inverted_file import inverted_file_meta, open_inverted_file
 from storage.learned import invalidate_learned
 from storage.spectral import invalidate_spectral, u_writer, write_sparse_u, write_spectral
-
 
 MAX_IVF_TASKS = 32  # IVF kNN tasks per graph: each deserialises the whole index, one at a time per node
 
@@ -48,31 +55,33 @@ MAX_IVF_TASKS = 32  # IVF kNN tasks per graph: each deserialises the whole index
 @dataclass
 class GraphConfig:
     source: Literal["global", "asmk"] = "global"
-    k: Count = 50                     # neighbours per item (T:18677-18684)
+    k: Count = 50  # neighbours per item (T:18677-18684)
     mode: Literal["mutual", "union"] = "mutual"  # spec §1
-    gamma: PosFinite = 3.0              # s = [vᵀz]₊^γ
-    block: Count = 4096               # items per Ray task
-    ivf_threshold: NonNegInt = 200_000    # global source: IVF (approximate) above this many items, exact below
-    nlist: NonNegInt = 0                  # IVF lists (0: 4·√n)
+    gamma: PosFinite = 3.0  # s = [vᵀz]₊^γ
+    block: Count = 4096  # items per Ray task
+    ivf_threshold: NonNegInt = 200_000  # global source: IVF (approximate) above this many items, exact below
+    nlist: NonNegInt = 0  # IVF lists (0: 4·√n)
     nprobe: Count = 32
 
 
 @dataclass
 class SpectralConfig:
-    rank: NonNegInt = 400                 # r eigenpairs (T:20419-20422); 0 disables the stage
-    method: Literal["chebyshev", "lanczos", "simultaneous"] = "chebyshev"  # filtered subspace iteration | eigsh | FSR Alg. 1
-    oversample: NonNegInt = 100           # block methods: p extra vectors
-    iters: Count = 30                 # chebyshev: at most this many outer iterations; simultaneous: q
-    degree: Count = 32                # chebyshev: filter polynomial degree
-    tol: Tolerance = 1e-3               # chebyshev: max ||S u − λ u||; lanczos: relative accuracy (0: machine precision)
-    sparse_keep: Fraction = 0.01       # also store SHybrid's U keeping this fraction of entries (T:20425-20431); 1: no
-    max_nodes: Count = 2_000_000      # skip (with a warning) above this many LCC nodes: the block methods hold
-                                    # ~5 blocks of n × (r + p) float32 (10 GB at 1M nodes, r + p = 500)
+    rank: NonNegInt = 400  # r eigenpairs (T:20419-20422); 0 disables the stage
+    method: Literal["chebyshev", "lanczos", "simultaneous"] = (
+        "chebyshev"  # filtered subspace iteration | eigsh | FSR Alg. 1
+    )
+    oversample: NonNegInt = 100  # block methods: p extra vectors
+    iters: Count = 30  # chebyshev: at most this many outer iterations; simultaneous: q
+    degree: Count = 32  # chebyshev: filter polynomial degree
+    tol: Tolerance = 1e-3  # chebyshev: max ||S u − λ u||; lanczos: relative accuracy (0: machine precision)
+    sparse_keep: Fraction = 0.01  # also store SHybrid's U keeping this fraction of entries (T:20425-20431); 1: no
+    max_nodes: Count = 2_000_000  # skip (with a warning) above this many LCC nodes: the block methods hold
+    # ~5 blocks of n × (r + p) float32 (10 GB at 1M nodes, r + p = 500)
 
 
 @dataclass(kw_only=True)
 class GraphJobConfig:
-    index: str                      # artifact root (required)
+    index: str  # artifact root (required)
     stages: list[Literal["graph", "spectral"]] = field(default_factory=lambda: ["graph", "spectral"])
     graph: GraphConfig = field(default_factory=GraphConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
@@ -83,8 +92,17 @@ class GraphJobConfig:
 # ------------------------------------------------------------------------------------------
 # Ray tasks
 # ------------------------------------------------------------------------------------------
-def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, index_bytes: np.ndarray | None,
-                    nprobe: int, name: str = "global", threads: int = 1) -> tuple[int, np.ndarray, np.ndarray]:
+def global_knn_task(
+    uri: str,
+    options: dict,
+    start: int,
+    stop: int,
+    k: int,
+    index_bytes: np.ndarray | None,
+    nprobe: int,
+    name: str = "global",
+    threads: int = 1,
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Top-k neighbours (rows, similarities) of items ``start:stop`` of the vector set ``name`` (the global
     descriptors; object discovery's regions); an IVF search runs on ``threads`` threads."""
     import faiss
@@ -101,8 +119,9 @@ def global_knn_task(uri: str, options: dict, start: int, stop: int, k: int, inde
     return start, nn, sims
 
 
-def asmk_knn_task(uri: str, options: dict, start: int, stop: int, k: int, params: dict,
-                  buffer_mb: int) -> tuple[int, np.ndarray, np.ndarray]:
+def asmk_knn_task(
+    uri: str, options: dict, start: int, stop: int, k: int, params: dict, buffer_mb: int
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Top-k neighbours of items ``start:stop`` by ASMK: their own inverted-file entries as queries."""
     from operators.asmk import AsmkParams, idf_weights, image_postings, search
 
@@ -115,8 +134,7 @@ def asmk_knn_task(uri: str, options: dict, start: int, stop: int, k: int, params
     dense = dense[ivf.images[dense] == want]
     query = image_postings(ivf, *load_asmk_image_index(root), dense)  # this block's postings only
     weight = idf_weights(ivf.counts, len(ivf.images)) if p.use_idf else None
-    qids, scores, ids = search(ivf, query, p, k, {int(i): int(i) for i in want}, weight,
-                               buffer_bytes=buffer_mb * 2**20)
+    qids, scores, ids = search(ivf, query, p, k, {int(i): int(i) for i in want}, weight, buffer_bytes=buffer_mb * 2**20)
     nn = np.full((stop - start, k), -1, np.int64)
     sims = np.full((stop - start, k), -np.inf, np.float32)
     where = {int(q): j for j, q in enumerate(want)}
@@ -145,8 +163,14 @@ def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tupl
 
         meta = inverted_file_meta(root)
         write_asmk_image_index(root, *entries_by_image(open_inverted_file(root)[0]))  # rebuilt with every graph build
-        tasks = KnnTasks(asmk_knn_task, {"num_cpus": 1}, [(root.uri, root.options, s, min(n, s + cfg.block), k,
-                                                           meta["params"], 256) for s in range(0, n, cfg.block)])
+        tasks = KnnTasks(
+            asmk_knn_task,
+            {"num_cpus": 1},
+            [
+                (root.uri, root.options, s, min(n, s + cfg.block), k, meta["params"], 256)
+                for s in range(0, n, cfg.block)
+            ],
+        )
     else:  # unreachable: validated by the config
         raise AssertionError(cfg.source)
     ids, sims, commit = knn_writer(root, n, k)
@@ -157,8 +181,9 @@ def build_knn(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> tupl
 
 class KnnTasks(NamedTuple):
     """Tasks returning ``(start, rows, similarities)`` of a block of items, for :func:`gather_knn`."""
+
     fn: Callable
-    options: dict          # ray.remote's
+    options: dict  # ray.remote's
     args: list[tuple]
 
 
@@ -172,19 +197,30 @@ def vector_knn(cfg: GraphConfig, root: ArtifactRoot, k: int, name: str = "global
     # and at most MAX_IVF_TASKS of them
     block = cfg.block if not ivf or n <= cfg.block * MAX_IVF_TASKS else -(-n // MAX_IVF_TASKS)
     cpus = largest_node_cpus() if ivf else 1
-    args = [(root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name, cpus)
-            for s in range(0, n, block)]
+    args = [
+        (root.uri, root.options, s, min(n, s + block), k, index_ref, cfg.nprobe, name, cpus) for s in range(0, n, block)
+    ]
     return KnnTasks(global_knn_task, {"num_cpus": cpus}, args), "ivf" if ivf else "exact"
 
 
 def gather_knn(tasks: KnnTasks, ids: np.ndarray, sims: np.ndarray, desc: str) -> None:
     """Run ``tasks``, writing their results into ``ids`` / ``sims`` as they finish."""
+
     def put(got: tuple[int, np.ndarray, np.ndarray]) -> None:
         start, nn, s = got
-        ids[start:start + len(nn)], sims[start:start + len(nn)] = nn, s
+        ids[start : start + len(nn)], sims[start : start + len(nn)] = nn, s
 
-    run_tasks(tasks.fn, tasks.args, options=tasks.options, desc=desc, unit="item", total=len(ids),
-              advance=lambda got: len(got[1]), on_result=put, keep=False)
+    run_tasks(
+        tasks.fn,
+        tasks.args,
+        options=tasks.options,
+        desc=desc,
+        unit="item",
+        total=len(ids),
+        advance=lambda got: len(got[1]),
+        on_result=put,
+        keep=False,
+    )
 
 
 def ivf_index(cfg: GraphConfig, root: ArtifactRoot, name: str = "global") -> np.ndarray:
@@ -205,8 +241,15 @@ def build_graph(cfg: GraphConfig, root: ArtifactRoot, summary: JobSummary) -> di
     invalidate_learned(root)
     n_comp, labels = G.components(w)
     sizes = np.bincount(labels)
-    meta = {**asdict(cfg), "nodes": int(w.shape[0]), "nnz": int(w.nnz), "mean_degree": float(w.nnz / max(1, w.shape[0])),
-            "components": int(n_comp), "largest_component": int(sizes.max()), "isolated": int((sizes == 1).sum())}
+    meta = {
+        **asdict(cfg),
+        "nodes": int(w.shape[0]),
+        "nnz": int(w.nnz),
+        "mean_degree": float(w.nnz / max(1, w.shape[0])),
+        "components": int(n_comp),
+        "largest_component": int(sizes.max()),
+        "isolated": int((sizes == 1).sum()),
+    }
     write_graph_meta(root, meta)
     summary.add(graph_nodes=meta["nodes"], graph_edges=meta["nnz"])
     summary.info["graph"] = {k: meta[k] for k in ("mean_degree", "components", "largest_component", "isolated")}
@@ -220,24 +263,42 @@ def build_spectral(cfg: SpectralConfig, root: ArtifactRoot, summary: JobSummary)
     lcc = G.largest_component(w)  # positions, ascending: the LCC keeps the locality order
     if len(lcc) > cfg.max_nodes:
         import warnings
-        warnings.warn(f"spectral stage skipped: the largest component has {len(lcc)} nodes > spectral.max_nodes="
-                      f"{cfg.max_nodes}; --rerank fsr/hybrid need it (set spectral.max_nodes to force)")
+
+        warnings.warn(
+            f"spectral stage skipped: the largest component has {len(lcc)} nodes > spectral.max_nodes="
+            f"{cfg.max_nodes}; --rerank fsr/hybrid need it (set spectral.max_nodes to force)"
+        )
         summary.info["spectral"] = {"skipped": True, "lcc": int(len(lcc))}
         return summary.info["spectral"]
     s = G.normalize(sp.csr_matrix(w[lcc][:, lcc], dtype=np.float64))
     r = min(cfg.rank, len(lcc) - 1)
     method = cfg.method if len(lcc) > 2000 else "dense"  # small graphs: exact dense eigh
     t = time.time()
-    lam, u_lcc = eigenpairs(s, r, method=method, oversample=cfg.oversample, iters=cfg.iters, tol=cfg.tol,
-                            degree=cfg.degree, dtype=np.float64 if method == "lanczos" else np.float32)
+    lam, u_lcc = eigenpairs(
+        s,
+        r,
+        method=method,
+        oversample=cfg.oversample,
+        iters=cfg.iters,
+        tol=cfg.tol,
+        degree=cfg.degree,
+        dtype=np.float64 if method == "lanczos" else np.float32,
+    )
     del s
     u, commit = u_writer(root, w.shape[0], r)
     u[lcc] = u_lcc
     commit()
     if cfg.sparse_keep < 1:  # SHybrid's U, so no re-ranking task sparsifies the (n, r) U again
         write_sparse_u(root, sparsify(np.asarray(u), cfg.sparse_keep, as_csr=True), cfg.sparse_keep)
-    meta = {**asdict(cfg), "rank": int(r), "method_used": method, "lcc": int(len(lcc)), "rows": "locality order",
-            "seconds": round(time.time() - t, 2), "lambda_min": float(lam.min()) if r else None}
+    meta = {
+        **asdict(cfg),
+        "rank": int(r),
+        "method_used": method,
+        "lcc": int(len(lcc)),
+        "rows": "locality order",
+        "seconds": round(time.time() - t, 2),
+        "lambda_min": float(lam.min()) if r else None,
+    }
     write_spectral(root, lam, lcc, meta)
     summary.info["spectral"] = meta
     return meta

@@ -13,6 +13,7 @@
 Extraction resumes (committed shards are skipped); the cheap ``global`` stage is redone each run.
 ``--set stages=[global,graph]`` picks stages.
 """
+
 from __future__ import annotations
 
 import typing
@@ -25,13 +26,15 @@ from cluster.ray_env import connect
 from jobs.asmk import AsmkConfig, build_asmk
 from jobs.codebook import CodebookConfig, build_codebook
 from jobs.config import parse, run_cli, to_dict
-from jobs.extract import FLAGS as EXTRACT_FLAGS, ExtractConfig, extract
-from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig, run_stages as run_graph_stages
+from jobs.extract import FLAGS as EXTRACT_FLAGS
+from jobs.extract import ExtractConfig, extract
+from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig
+from jobs.graph import run_stages as run_graph_stages
 from jobs.summary import JobSummary
 from operators.constraints import AtLeast2, Count, NonNegFinite, Probability
 from operators.whitening import Whitening, learn_lw, learn_pca_whitening
-from storage.errors import CollectionError, ConfigError
 from storage.artifacts import ArtifactRoot
+from storage.errors import CollectionError, ConfigError
 from storage.global_index import GlobalMeta, global_writer
 from storage.pairs import read_pairs
 from storage.schemas import global_matrix
@@ -45,15 +48,15 @@ LOCAL_STAGES = ("codebook", "asmk")
 @dataclass(kw_only=True)
 class IndexConfig(ExtractConfig):
     stages: list[Stage] = field(default_factory=lambda: list(STAGES))
-    global_whiten_dim: Count | None = None              # PCA-whiten global descriptors (None: keep raw)
-    global_whiten_images: AtLeast2 = 5000                  # images sampled (from random shards) to learn it
-    global_whiten_source: str | None = None           # learn it on another root's shards (independent data)
-    global_whiten_shrinkage: Probability = 1.0              # eigenvalue power s/2 (1: plain PCAw; 0.5: HOW's shrinkage)
-    global_whiten_pairs: str | None = None            # learned whitening Lw from mined pairs (jobs.mine) instead of PCAw
+    global_whiten_dim: Count | None = None  # PCA-whiten global descriptors (None: keep raw)
+    global_whiten_images: AtLeast2 = 5000  # images sampled (from random shards) to learn it
+    global_whiten_source: str | None = None  # learn it on another root's shards (independent data)
+    global_whiten_shrinkage: Probability = 1.0  # eigenvalue power s/2 (1: plain PCAw; 0.5: HOW's shrinkage)
+    global_whiten_pairs: str | None = None  # learned whitening Lw from mined pairs (jobs.mine) instead of PCAw
     global_whiten_negatives: Literal["random", "mined"] = "random"  # Lw's non-matching pairs: random pairs of the
-                                                      # collection (C_D = 2Σ, as cirtorch) or the mined negatives
-    global_whiten_reg: NonNegFinite = 10.0                   # Lw: C_S + reg · tr(C_S)/D · I (few pairs, many dimensions;
-                                                      # leave-one-group-out CV on instance-mini, benchmarks/lw_cv.py)
+    # collection (C_D = 2Σ, as cirtorch) or the mined negatives
+    global_whiten_reg: NonNegFinite = 10.0  # Lw: C_S + reg · tr(C_S)/D · I (few pairs, many dimensions;
+    # leave-one-group-out CV on instance-mini, benchmarks/lw_cv.py)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -87,8 +90,8 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
     for table in shards.iter_tables(["image_id", "status", "global"]):
         table = _ok(table)
         x = global_matrix(table)
-        vectors[at:at + len(x)] = whitening(x) if whitening else x
-        ids[at:at + len(x)] = table.column("image_id").to_numpy()
+        vectors[at : at + len(x)] = whitening(x) if whitening else x
+        ids[at : at + len(x)] = table.column("image_id").to_numpy()
         at += len(x)
     commit(GlobalMeta(count=n, dim=dim, whitened=bool(whitening)))
     summary.add(global_vectors=n)
@@ -149,18 +152,27 @@ def entries_codebook(cfg: IndexConfig) -> None:
         return
     source = cfg.codebook.source or cfg.entries.codebook
     if cfg.codebook.source and cfg.entries.codebook and cfg.codebook.source != cfg.entries.codebook:
-        raise ConfigError(f"codebook.source={cfg.codebook.source} and entries.codebook={cfg.entries.codebook} differ: "
-                          "the entries must be of the index's codebook")
+        raise ConfigError(
+            f"codebook.source={cfg.codebook.source} and entries.codebook={cfg.entries.codebook} differ: "
+            "the entries must be of the index's codebook"
+        )
     if not source:
-        raise ConfigError(f"local_store={cfg.local_store} needs codebook.source=ROOT: a codebook trained before "
-                          "extraction (on a sample or another collection; README \"Storage at R1M\")")
+        raise ConfigError(
+            f"local_store={cfg.local_store} needs codebook.source=ROOT: a codebook trained before "
+            'extraction (on a sample or another collection; README "Storage at R1M")'
+        )
     cfg.codebook.source = cfg.entries.codebook = source
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    cfg = parse(IndexConfig, argv, EXTRACT_FLAGS | {
-        "--global-whiten-dim": ("global_whiten_dim", "PCA-whiten global descriptors to this dimension")},
-        __doc__, prog)
+    cfg = parse(
+        IndexConfig,
+        argv,
+        EXTRACT_FLAGS
+        | {"--global-whiten-dim": ("global_whiten_dim", "PCA-whiten global descriptors to this dimension")},
+        __doc__,
+        prog,
+    )
     entries_codebook(cfg)
     summary = JobSummary("index")
     res = connect(cfg.ray)
@@ -182,9 +194,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         root.record_stage("asmk", "index", to_dict(cfg.asmk), inputs=built["inputs"])
     graph_stages = [st for st in ("graph", "spectral") if st in cfg.stages]
     if graph_stages and not (cfg.graph.source == "asmk" and cfg.describe.local == "none"):
-        run_graph_stages(GraphJobConfig(index=cfg.out, stages=graph_stages, graph=cfg.graph, spectral=cfg.spectral,
-                                        ray=cfg.ray, storage=cfg.storage),
-                         root, summary, job="index")
+        run_graph_stages(
+            GraphJobConfig(
+                index=cfg.out,
+                stages=graph_stages,
+                graph=cfg.graph,
+                spectral=cfg.spectral,
+                ray=cfg.ray,
+                storage=cfg.storage,
+            ),
+            root,
+            summary,
+            job="index",
+        )
     summary.info["index"] = cfg.out
     return summary.finish(root.uri, cfg.storage)
 

@@ -15,6 +15,7 @@
 Writes ``PAIRS/parts`` (:mod:`storage.pairs`), ``PAIRS/pairs.html`` (sample anchors with their
 positives and negatives as thumbnails) and ``PAIRS/summary-mine.json``. A rerun skips committed parts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,15 @@ from operators.constraints import Count
 from operators.diffusion import temporal, top_k
 from operators.global_index import iter_blocks
 from operators.knn import knn_blocks
-from operators.mining import (MiningParams, component_positives, effective_sizes, graph_negatives, mode_anchors, pools,
-                              shared_components)
+from operators.mining import (
+    MiningParams,
+    component_positives,
+    effective_sizes,
+    graph_negatives,
+    mode_anchors,
+    pools,
+    shared_components,
+)
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.global_index import global_ids, open_global
@@ -44,23 +52,31 @@ from storage.pairs import pair_parts, pair_table, read_pairs, write_pairs, write
 
 @dataclass(kw_only=True)
 class MineConfig:
-    index: str                      # artifact root with a kNN graph (required)
-    out: str                        # pairs folder or s3:// prefix (required)
+    index: str  # artifact root with a kNN graph (required)
+    out: str  # pairs folder or s3:// prefix (required)
     params: MiningParams = field(default_factory=MiningParams)
     anchor_components: Literal["largest", "all"] = "largest"  # anchors on the largest component (the paper) or on
-                                    # every component of at least ``min_component`` nodes (small, fragmented collections)
+    # every component of at least ``min_component`` nodes (small, fragmented collections)
     min_component: Count = 3
-    anchors_per_task: Count = 64      # columns of one multi-right-hand-side solve
-    iasmk: bool = True              # also pairs from i-ASMK* components, when jobs.discover has run
-    iasmk_min_shared: Count = 10      # i-ASMK* positives share at least this many components (τ_g of the
-                                    # paper's global-consistency check, applied to components)
-    page_anchors: Count = 12          # anchors shown in pairs.html
+    anchors_per_task: Count = 64  # columns of one multi-right-hand-side solve
+    iasmk: bool = True  # also pairs from i-ASMK* components, when jobs.discover has run
+    iasmk_min_shared: Count = 10  # i-ASMK* positives share at least this many components (τ_g of the
+    # paper's global-consistency check, applied to components)
+    page_anchors: Count = 12  # anchors shown in pairs.html
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
 
-def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndarray, sizes: tuple[int, int],
-                  params: dict, record: dict) -> dict:
+def manifold_task(
+    uri: str,
+    options: dict,
+    out: str,
+    part: int,
+    anchors: np.ndarray,
+    sizes: tuple[int, int],
+    params: dict,
+    record: dict,
+) -> dict:
     """Positives and negatives of one block of anchors (node rows), committed as part ``part``."""
     p = MiningParams(**params)
     k_pos, k_neg = sizes
@@ -68,7 +84,7 @@ def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndar
     graph = load_graph(root, spectral=False)
     y = np.zeros((graph.n, len(anchors)), np.float32)
     y[graph.position[anchors], np.arange(len(anchors))] = 1.0
-    f = temporal(graph.s, y, p.alpha, p.tol, p.maxiter)[graph.position]        # node order
+    f = temporal(graph.s, y, p.alpha, p.tol, p.maxiter)[graph.position]  # node order
     m_scores, m_rows = top_k(f, k_neg, exclude=anchors)
     g = open_global(root)
     rows = np.arange(len(g.ids), dtype=np.int64)
@@ -86,8 +102,9 @@ def manifold_task(uri: str, options: dict, out: str, part: int, anchors: np.ndar
     return write_pairs(out, part, table, {**record, "positives": len(tables[0]), "negatives": len(tables[1])}, options)
 
 
-def select_anchors(root: ArtifactRoot, n_anchors: int, where: str = "largest", min_component: int = 3
-                   ) -> tuple[np.ndarray, dict]:
+def select_anchors(
+    root: ArtifactRoot, n_anchors: int, where: str = "largest", min_component: int = 3
+) -> tuple[np.ndarray, dict]:
     """The ``n_anchors`` modes of π with the largest π (node rows), on the graph's largest component
     (``where="largest"``) or on any component of at least ``min_component`` nodes (``"all"``):
     :func:`operators.mining.mode_anchors` of the index's affinity graph."""
@@ -102,8 +119,9 @@ def iasmk_pairs(root: ArtifactRoot, cap: int, min_shared: int = 1) -> pa.Table |
     if not has_iasmk(root):
         return None
     civf, _ = open_compressed(root)
-    key, shared = shared_components(np.asarray(civf.entry_indptr), np.asarray(civf.entry_image, np.int64),
-                                    len(civf.images))
+    key, shared = shared_components(
+        np.asarray(civf.entry_indptr), np.asarray(civf.entry_image, np.int64), len(civf.images)
+    )
     n_img = len(civf.images)
     key, shared = key[shared >= min_shared], shared[shared >= min_shared]
     if not len(key):
@@ -136,7 +154,7 @@ def run(cfg: MineConfig, summary: JobSummary) -> None:
         anchors, graph_info = select_anchors(root, n_anchors, cfg.anchor_components, cfg.min_component)
     summary.info.update(graph=graph_info, effective={"anchors": n_anchors, "k_pos": k_pos, "k_neg": k_neg})
     summary.add(anchors=len(anchors))
-    blocks = [anchors[s:s + cfg.anchors_per_task] for s in range(0, len(anchors), cfg.anchors_per_task)]
+    blocks = [anchors[s : s + cfg.anchors_per_task] for s in range(0, len(anchors), cfg.anchors_per_task)]
     done = pair_parts(cfg.out, cfg.storage).committed()
     params = dataclasses.asdict(cfg.params)
     args = []

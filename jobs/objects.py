@@ -17,6 +17,7 @@
 
 Artifacts: :mod:`storage.objects`. Parameters: :class:`operators.saliency.SaliencyParams`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,25 +29,41 @@ import ray
 from cluster.runner import run_tasks
 from jobs.config import from_dict
 from jobs.extract import recorded_describer
-from jobs.graph import GraphConfig, ivf_index, gather_knn, vector_knn
+from jobs.graph import GraphConfig, gather_knn, ivf_index, vector_knn
 from jobs.summary import JobSummary
 from operators.centrality import katz
 from operators.constraints import Count
-from operators.describe import DescriptorConfig, Describer
+from operators.describe import Describer, DescriptorConfig
 from operators.gem import multiscale_gem
 from operators.global_index import iter_blocks
 from operators.graph import affinity
 from operators.knn import drop_groups, knn_blocks, search_ivf
-from operators.saliency import (SaliencyParams, egm, feature_saliency, l2n, object_saliency, patch_max, region_gem,
-                                region_mean)
+from operators.saliency import (
+    SaliencyParams,
+    egm,
+    feature_saliency,
+    l2n,
+    object_saliency,
+    patch_max,
+    region_gem,
+    region_mean,
+)
 from operators.whitening import Whitening
 from storage.artifacts import ArtifactRoot
 from storage.collection import read_image
 from storage.global_index import open_global
-from storage.objects import (REGIONS, load_katz, merge_descriptors, merge_regions, object_parts, open_regions,
-                             write_katz, write_objects_meta, write_part)
+from storage.objects import (
+    REGIONS,
+    load_katz,
+    merge_descriptors,
+    merge_regions,
+    object_parts,
+    open_regions,
+    write_katz,
+    write_objects_meta,
+    write_part,
+)
 from storage.whitening import read_whitening
-
 
 FS_PARAMS = ("fs_rho", "sigma", "tau", "egm_iters", "max_regions", "gem_p")  # the parameters pass 1 reads
 
@@ -54,9 +71,9 @@ FS_PARAMS = ("fs_rho", "sigma", "tau", "egm_iters", "max_regions", "gem_p")  # t
 @dataclass
 class ObjectsConfig:
     params: SaliencyParams = field(default_factory=SaliencyParams)
-    images_per_task: Count = 32       # database images per Ray task (a committed part)
+    images_per_task: Count = 32  # database images per Ray task (a committed part)
     knn: GraphConfig = field(default_factory=GraphConfig)  # the region kNN tasks (block, IVF threshold, nprobe)
-    checkpoint: str | None = None     # the describer's weights, when the index names a file outside its root
+    checkpoint: str | None = None  # the describer's weights, when the index names a file outside its root
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,8 +113,9 @@ def _images(root: ArtifactRoot, files: list[str]) -> tuple[list[int], list[np.nd
     return ok, images, errors
 
 
-def regions_task(uri: str, options: dict, part: int, image_ids: np.ndarray, files: list[str], params: dict,
-                 record: dict) -> dict:
+def regions_task(
+    uri: str, options: dict, part: int, image_ids: np.ndarray, files: list[str], params: dict, record: dict
+) -> dict:
     """Pass 1 for a block of images: every FS.egm region (image, scale, box, f, descriptor), committed."""
     root, p = ArtifactRoot(uri, options), SaliencyParams(**params)
     describer, white = _describer(root)
@@ -106,15 +124,29 @@ def regions_task(uri: str, options: dict, part: int, image_ids: np.ndarray, file
     for i, maps in zip(ok, describer.global_maps(images) if images else []):
         for scale, a in zip(describer.cfg.global_scales, maps):
             boxes, fs, z = fs_regions(a, p)
-            for k, v in (("image_id", np.full(len(boxes), image_ids[i])), ("scale", np.full(len(boxes), scale)),
-                         ("boxes", boxes), ("fs", fs), ("vectors", _whiten(z, white))):
+            for k, v in (
+                ("image_id", np.full(len(boxes), image_ids[i])),
+                ("scale", np.full(len(boxes), scale)),
+                ("boxes", boxes),
+                ("fs", fs),
+                ("vectors", _whiten(z, white)),
+            ):
                 cols[k].append(v)
     arrays = {k: np.concatenate(v) if v else np.zeros((0, 4) if k == "boxes" else 0) for k, v in cols.items()}
     return write_part(root, "region_parts", part, arrays, {**record, "errors": errors, "found": len(arrays["fs"])})
 
 
-def os_task(uri: str, options: dict, part: int, image_ids: np.ndarray, files: list[str], params: dict,
-            record: dict, index_bytes: bytes | None = None, nprobe: int = 32) -> dict:
+def os_task(
+    uri: str,
+    options: dict,
+    part: int,
+    image_ids: np.ndarray,
+    files: list[str],
+    params: dict,
+    record: dict,
+    index_bytes: bytes | None = None,
+    nprobe: int = 32,
+) -> dict:
     """Pass 2 for a block of images: OS maps, OS.egm regions and the saliency-based descriptors, committed."""
     root, p = ArtifactRoot(uri, options), SaliencyParams(**params)
     describer, white = _describer(root)
@@ -133,8 +165,10 @@ def os_task(uri: str, options: dict, part: int, image_ids: np.ndarray, files: li
             counts.append(len(boxes))
         v = multiscale_gem([_torch(x) for x in per_scale], describer.cfg.gem_p)[0].numpy()
         out_ids.append(image_ids[i]), out_vec.append(_whiten(v[None], white)[0])
-    arrays = {"image_id": np.asarray(out_ids, np.int64),
-              "vectors": np.stack(out_vec) if out_vec else np.zeros((0, regions.vectors.shape[1]), np.float32)}
+    arrays = {
+        "image_id": np.asarray(out_ids, np.int64),
+        "vectors": np.stack(out_vec) if out_vec else np.zeros((0, regions.vectors.shape[1]), np.float32),
+    }
     return write_part(root, "os_parts", part, arrays, {**record, "errors": errors, "found": int(sum(counts))})
 
 
@@ -149,8 +183,17 @@ def region_search(vectors: np.ndarray, index_bytes: bytes | None, nprobe: int):
     return lambda u, k: search_ivf(index, u, k, nprobe)
 
 
-def os_boxes(a: np.ndarray, image_id: int, search, region_image: np.ndarray, f: np.ndarray,
-             g: np.ndarray, white: Whitening | None, p: SaliencyParams, extra: int) -> np.ndarray:
+def os_boxes(
+    a: np.ndarray,
+    image_id: int,
+    search,
+    region_image: np.ndarray,
+    f: np.ndarray,
+    g: np.ndarray,
+    white: Whitening | None,
+    p: SaliencyParams,
+    extra: int,
+) -> np.ndarray:
     """OS.egm regions of one activation map: S from each patch's nearest regions of other images (eq. 16)."""
     fhat = feature_saliency(a)
     u = _whiten(patch_max(a, p.patch), white)
@@ -169,8 +212,9 @@ def _torch(x: np.ndarray):
 # ------------------------------------------------------------------------------------------
 # Driver side
 # ------------------------------------------------------------------------------------------
-def _run_parts(root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: dict, desc: str,
-               summary: JobSummary, *args) -> list[int]:
+def _run_parts(
+    root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: dict, desc: str, summary: JobSummary, *args
+) -> list[int]:
     """Run ``task`` over blocks of the database images, skipping parts committed with the same record."""
     ids = np.asarray(open_global(root).ids)
     files = root.image_files().loc[ids].tolist()
@@ -178,14 +222,31 @@ def _run_parts(root: ArtifactRoot, kind: str, task, cfg: ObjectsConfig, record: 
     params, todo = dataclasses.asdict(cfg.params), []
     blocks = range(0, len(ids), cfg.images_per_task)
     for part, s in enumerate(blocks):
-        rec = {**record, "images": ids[s:s + cfg.images_per_task].tolist()}
+        rec = {**record, "images": ids[s : s + cfg.images_per_task].tolist()}
         if all(done.get(part, {}).get(k) == v for k, v in rec.items()):
             summary.add(**{f"{kind}_skipped": 1})
             continue
-        todo.append((root.uri, root.options, part, ids[s:s + cfg.images_per_task], files[s:s + cfg.images_per_task],
-                     params, rec, *args))
-    run_tasks(task, todo, options={"num_cpus": 1}, desc=desc, unit="block",
-              on_result=lambda r: summary.add(image_errors=len(r.get("errors", []))), keep=False)
+        todo.append(
+            (
+                root.uri,
+                root.options,
+                part,
+                ids[s : s + cfg.images_per_task],
+                files[s : s + cfg.images_per_task],
+                params,
+                rec,
+                *args,
+            )
+        )
+    run_tasks(
+        task,
+        todo,
+        options={"num_cpus": 1},
+        desc=desc,
+        unit="block",
+        on_result=lambda r: summary.add(image_errors=len(r.get("errors", []))),
+        keep=False,
+    )
     return list(range(len(blocks)))
 
 
@@ -222,8 +283,13 @@ def build_objects(cfg: ObjectsConfig, root: ArtifactRoot, summary: JobSummary) -
         index_ref = ray.put(ivf_index(cfg.knn, root, REGIONS) if n_regions > cfg.knn.ivf_threshold else None)
         parts = _run_parts(root, "os_parts", os_task, cfg, record, "OS descriptors", summary, index_ref, cfg.knn.nprobe)
         described = merge_descriptors(root, parts)
-    meta = {"params": params, "extract": extract, "regions": n_regions, "images": described,
-            "regions_per_image_scale": n_regions / max(1, described * len(extract["global_scales"]))}
+    meta = {
+        "params": params,
+        "extract": extract,
+        "regions": n_regions,
+        "images": described,
+        "regions_per_image_scale": n_regions / max(1, described * len(extract["global_scales"])),
+    }
     write_objects_meta(root, meta)
     summary.add(object_regions=n_regions, object_images=described)
     return meta

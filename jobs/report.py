@@ -5,12 +5,14 @@
 re-ranking, query set, mAP, mP@k and time per query, a mAP-per-method plot, search time per query
 and the index's time per stage. It also prints the table.
 
-The gallery, ``RES/report.html``, is written by ``jobs.evaluate``. It shows the metrics of every setup, each query's AP as a sorted curve (inline SVG), and the
-worst and best queries with their top results as thumbnails (embedded JPEGs, so the page works
-from S3 or a laptop alike). The query's box is drawn in yellow; results are framed by relevance:
-green positive, grey ignored (junk), red negative. Only ``2 · shown`` queries and ``depth`` results
+The gallery, ``RES/report.html``, is written by ``jobs.evaluate``. It shows the metrics of every
+setup, each query's AP as a sorted curve (inline SVG), and the worst and best queries with their
+top results as thumbnails (embedded JPEGs, so the page works from S3 or a laptop alike). The
+query's box is drawn in yellow; results are framed by relevance: green positive, grey ignored
+(junk), red negative. Only ``2 · shown`` queries and ``depth`` results
 each are read, whatever the size of the collection.
 """
+
 from __future__ import annotations
 
 import base64
@@ -38,9 +40,9 @@ COLORS = {"positive": "#2e9e44", "ignored": "#9a9a9a", "negative": "#d0342c"}
 @dataclass
 class ReportConfig:
     enabled: bool = True
-    shown: Count = 12         # worst and best queries shown (each)
-    depth: Count = 10         # results shown per query
-    thumb: Count = 112        # thumbnail max side in px
+    shown: Count = 12  # worst and best queries shown (each)
+    depth: Count = 10  # results shown per query
+    thumb: Count = 112  # thumbnail max side in px
 
 
 def thumbnail(uri: str, box: tuple, side: int, options: dict) -> str | None:
@@ -65,33 +67,45 @@ def ap_curve_svg(aps: np.ndarray, width: int = 560, height: int = 160) -> str:
     x = np.linspace(30, width - 5, len(aps)) if len(aps) > 1 else np.array([30.0])
     y = 5 + (1 - aps) * (height - 25)
     points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))
-    return (f'<svg width="{width}" height="{height}" style="font:11px sans-serif">'
-            f'<line x1="30" y1="5" x2="30" y2="{height - 20}" stroke="#444"/>'
-            f'<line x1="30" y1="{height - 20}" x2="{width - 5}" y2="{height - 20}" stroke="#444"/>'
-            f'<text x="2" y="12">1.0</text><text x="2" y="{height - 20}">0.0</text>'
-            f'<text x="{width // 2 - 60}" y="{height - 4}">queries by AP ({len(aps)})</text>'
-            f'<polyline fill="none" stroke="#1f6fb2" stroke-width="2" points="{points}"/></svg>')
+    return (
+        f'<svg width="{width}" height="{height}" style="font:11px sans-serif">'
+        f'<line x1="30" y1="5" x2="30" y2="{height - 20}" stroke="#444"/>'
+        f'<line x1="30" y1="{height - 20}" x2="{width - 5}" y2="{height - 20}" stroke="#444"/>'
+        f'<text x="2" y="12">1.0</text><text x="2" y="{height - 20}">0.0</text>'
+        f'<text x="{width // 2 - 60}" y="{height - 4}">queries by AP ({len(aps)})</text>'
+        f'<polyline fill="none" stroke="#1f6fb2" stroke-width="2" points="{points}"/></svg>'
+    )
 
 
 def metrics_table(metrics: dict[str, dict], ks: list[int]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ["setup", "queries", "mAP", *(f"mP@{k}" for k in ks)])
     rows = "".join(
         f"<tr><td>{html.escape(s)}</td><td>{m['queries']}</td><td>{100 * m['mAP']:.2f}</td>"
-        + "".join(f"<td>{100 * m[f'mP@{k}']:.2f}</td>" for k in ks) + "</tr>"
-        for s, m in metrics.items())
+        + "".join(f"<td>{100 * m[f'mP@{k}']:.2f}</td>" for k in ks)
+        + "</tr>"
+        for s, m in metrics.items()
+    )
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
 def run_table(run: dict) -> str:
     """What made the results: method, re-ranking, parameters, index, queries and time per stage."""
     params = run.get("params") or {}
-    rows = [("method", run.get("method")), ("re-ranking", run.get("rerank")), ("index", run.get("index")),
-            ("queries", run.get("queries")), ("centre crop", run.get("center_crop")),
-            ("ranking depth", run.get("ranking_depth")),
-            *((f"param {k}", v) for k, v in params.items()),
-            *((f"time: {k}", f"{v:.2f} s") for k, v in (run.get("timings_s") or {}).items())]
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                   for k, v in rows if v is not None)
+    rows = [
+        ("method", run.get("method")),
+        ("re-ranking", run.get("rerank")),
+        ("index", run.get("index")),
+        ("queries", run.get("queries")),
+        ("centre crop", run.get("center_crop")),
+        ("ranking depth", run.get("ranking_depth")),
+        *((f"param {k}", v) for k, v in params.items()),
+        *((f"time: {k}", f"{v:.2f} s") for k, v in (run.get("timings_s") or {}).items()),
+    ]
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+        for k, v in rows
+        if v is not None
+    )
     return f"<table>{body}</table>"
 
 
@@ -117,17 +131,30 @@ def query_files(queries_root: str | None, options: dict, database: pd.DataFrame)
         return database.set_index("image_id").reindex(columns=["file", "x0", "y0", "x1", "y1"])
     root = ArtifactRoot(queries_root, options)
     queries = root.images()
-    table = (queries if queries is not None else database).set_index("image_id").reindex(
-        columns=["file", "x0", "y0", "x1", "y1"])
+    table = (
+        (queries if queries is not None else database)
+        .set_index("image_id")
+        .reindex(columns=["file", "x0", "y0", "x1", "y1"])
+    )
     if queries is not None and root.shards().indices():
         boxes = root.shards().read_all(["image_id", "x0", "y0", "x1", "y1"]).to_pandas().set_index("image_id")
         table.update(boxes)
     return table
 
 
-def write_report(results: str, options: dict, cfg: ReportConfig, metrics: dict[str, dict], ks: list[int],
-                 setup: str, table: pd.DataFrame, positives: list[np.ndarray], ignore: list[np.ndarray],
-                 database: pd.DataFrame, run: dict | None = None) -> str:
+def write_report(
+    results: str,
+    options: dict,
+    cfg: ReportConfig,
+    metrics: dict[str, dict],
+    ks: list[int],
+    setup: str,
+    table: pd.DataFrame,
+    positives: list[np.ndarray],
+    ignore: list[np.ndarray],
+    database: pd.DataFrame,
+    run: dict | None = None,
+) -> str:
     """Write ``RES/report.html`` for the rows of ``table`` (query_id, query_name, ids, ap); returns its URI.
 
     ``run``: ``run.json`` of the results (what made them; its ``queries_root`` locates the query images).
@@ -143,16 +170,30 @@ def write_report(results: str, options: dict, cfg: ReportConfig, metrics: dict[s
             row = qfiles.loc[q.query_id] if q.query_id in qfiles.index else None
             box = tuple(row[["x0", "y0", "x1", "y1"]].astype(float)) if row is not None else None
             jobs[(r, "q")] = pool.submit(thumbnail, row["file"], box, cfg.thumb, options) if row is not None else None
-            for i in np.asarray(q.ids)[:cfg.depth]:
+            for i in np.asarray(q.ids)[: cfg.depth]:
                 if i in dbfiles.index:
                     jobs[(r, int(i))] = pool.submit(thumbnail, dbfiles[i], None, cfg.thumb, options)
         thumbs = {k: (f.result() if f is not None else None) for k, f in jobs.items()}
-    sections = [query_section(table.iloc[r], thumbs, relevance(np.asarray(table.iloc[r].ids)[:cfg.depth],
-                                                                 positives[r], ignore[r]), r, cfg)
-                for r in chosen]
-    page = PAGE.format(title=html.escape(results), run=run_table(run), table=metrics_table(metrics, ks),
-                       setup=html.escape(setup),
-                       curve=ap_curve_svg(aps), shown=cfg.shown, queries="".join(sections), thumb=cfg.thumb)
+    sections = [
+        query_section(
+            table.iloc[r],
+            thumbs,
+            relevance(np.asarray(table.iloc[r].ids)[: cfg.depth], positives[r], ignore[r]),
+            r,
+            cfg,
+        )
+        for r in chosen
+    ]
+    page = PAGE.format(
+        title=html.escape(results),
+        run=run_table(run),
+        table=metrics_table(metrics, ks),
+        setup=html.escape(setup),
+        curve=ap_curve_svg(aps),
+        shown=cfg.shown,
+        queries="".join(sections),
+        thumb=cfg.thumb,
+    )
     return write_report_page(results, page, options)
 
 
@@ -160,11 +201,14 @@ def query_section(q, thumbs: dict, rel: list[str], r: int, cfg: ReportConfig) ->
     def img(src, color, title):
         inner = f'<img src="{src}">' if src else "<span>?</span>"
         return f'<div class="t" style="border-color:{color}" title="{html.escape(title)}">{inner}</div>'
+
     cells = [img(thumbs.get((r, "q")), "#f0c000", f"query {q.query_name}")]
-    for rank, (i, kind) in enumerate(zip(np.asarray(q.ids)[:cfg.depth].tolist(), rel), 1):
+    for rank, (i, kind) in enumerate(zip(np.asarray(q.ids)[: cfg.depth].tolist(), rel), 1):
         cells.append(img(thumbs.get((r, int(i))), COLORS[kind], f"#{rank} id {i}: {kind}"))
-    return (f'<div class="q"><div class="h">{html.escape(str(q.query_name))} — AP {100 * q.ap:.1f}</div>'
-            f'{"".join(cells)}</div>')
+    return (
+        f'<div class="q"><div class="h">{html.escape(str(q.query_name))} — AP {100 * q.ap:.1f}</div>'
+        f"{''.join(cells)}</div>"
+    )
 
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>retrieval report: {title}</title>
@@ -186,15 +230,23 @@ width:{thumb}px;height:{thumb}px;vertical-align:top;text-align:center;overflow:h
 # ------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class CompareConfig:
-    results: list[str]              # evaluated results folders (jobs.search + jobs.evaluate) (required)
-    out: str                        # folder receiving comparison.html and comparison.csv (required)
+    results: list[str]  # evaluated results folders (jobs.search + jobs.evaluate) (required)
+    out: str  # folder receiving comparison.html and comparison.csv (required)
     title: str = "Method comparison"
-    setup: str = "medium"           # revisited ground truth: the setup compared (group ground truth has one)
+    setup: str = "medium"  # revisited ground truth: the setup compared (group ground truth has one)
     storage: dict = field(default_factory=dict)
 
 
-RERANK_COLORS = {"none": "#1f6fb2", "aqe": "#7fb8e6", "alpha-qe": "#2e9e44", "dfs": "#d0342c",
-                 "truncated-dfs": "#f08a5d", "fsr": "#8e44ad", "hybrid": "#e0a800", "offline": "#555555"}
+RERANK_COLORS = {
+    "none": "#1f6fb2",
+    "aqe": "#7fb8e6",
+    "alpha-qe": "#2e9e44",
+    "dfs": "#d0342c",
+    "truncated-dfs": "#f08a5d",
+    "fsr": "#8e44ad",
+    "hybrid": "#e0a800",
+    "offline": "#555555",
+}
 
 
 def comparison_rows(cfg: CompareConfig) -> pd.DataFrame:
@@ -209,19 +261,34 @@ def comparison_rows(cfg: CompareConfig) -> pd.DataFrame:
         n = run.get("queries") or m["queries"]
         crop = run.get("center_crop")
         depth = metrics.get("ranking_depth") or {}
-        rows.append({"results": res, "method": run.get("method"), "rerank": run.get("rerank") or "none",
-                     "queries": "whole" if crop is None else f"crop {crop:g}", "n_queries": n,
-                     "ranked": f"top {depth['depth']} of {depth['database']}" if depth.get("truncated") else "all",
-                     "mAP": 100 * m["mAP"],
-                     **{k: 100 * m[k] for k in sorted((k for k in m if k.startswith("mP@")), key=lambda k: int(k[3:]))},
-                     "ms_per_query": 1000 * searching / max(n, 1), "describe_s": timings.get("extract queries", 0.0),
-                     **{f"time {k}": v for k, v in timings.items() if k != "extract queries"},
-                     "index": run.get("index")})
+        rows.append(
+            {
+                "results": res,
+                "method": run.get("method"),
+                "rerank": run.get("rerank") or "none",
+                "queries": "whole" if crop is None else f"crop {crop:g}",
+                "n_queries": n,
+                "ranked": f"top {depth['depth']} of {depth['database']}" if depth.get("truncated") else "all",
+                "mAP": 100 * m["mAP"],
+                **{k: 100 * m[k] for k in sorted((k for k in m if k.startswith("mP@")), key=lambda k: int(k[3:]))},
+                "ms_per_query": 1000 * searching / max(n, 1),
+                "describe_s": timings.get("extract queries", 0.0),
+                **{f"time {k}": v for k, v in timings.items() if k != "extract queries"},
+                "index": run.get("index"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def bars_svg(labels: list[str], values: list[float], colors: list[str], unit: str, width: int = 640,
-             start: float = 0.0, best: int | None = None) -> str:
+def bars_svg(
+    labels: list[str],
+    values: list[float],
+    colors: list[str],
+    unit: str,
+    width: int = 640,
+    start: float = 0.0,
+    best: int | None = None,
+) -> str:
     """Horizontal bars with their values, one per label (inline SVG). The axis runs from ``start`` (said under
     the plot when not 0, so near values read apart); bar ``best`` is outlined and starred."""
     top = max(values) if values and max(values) > start else start + 1.0
@@ -230,13 +297,16 @@ def bars_svg(labels: list[str], values: list[float], colors: list[str], unit: st
     for i, (lab, v, c) in enumerate(zip(labels, values, colors)):
         y, w = 4 + i * h, max(1.0, (width - left - 70) * (v - start) / (top - start))
         mark = ' stroke="#000" stroke-width="2"' if i == best else ""
-        items.append(f'<text x="{left - 6}" y="{y + 12}" text-anchor="end">{html.escape(lab)}</text>'
-                     f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{h - 4}" fill="{c}"{mark}/>'
-                     f'<text x="{left + w + 4:.1f}" y="{y + 12}">{v:.1f} {unit}{" ★" if i == best else ""}</text>')
-    axis = (f'<text x="{left}" y="{16 + h * len(labels)}" fill="#666">axis from {start:g} {unit}</text>'
-            if start else "")
-    return (f'<svg width="{width}" height="{22 + h * len(labels)}" style="font:11px sans-serif">'
-            f'{"".join(items)}{axis}</svg>')
+        items.append(
+            f'<text x="{left - 6}" y="{y + 12}" text-anchor="end">{html.escape(lab)}</text>'
+            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{h - 4}" fill="{c}"{mark}/>'
+            f'<text x="{left + w + 4:.1f}" y="{y + 12}">{v:.1f} {unit}{" ★" if i == best else ""}</text>'
+        )
+    axis = f'<text x="{left}" y="{16 + h * len(labels)}" fill="#666">axis from {start:g} {unit}</text>' if start else ""
+    return (
+        f'<svg width="{width}" height="{22 + h * len(labels)}" style="font:11px sans-serif">'
+        f"{''.join(items)}{axis}</svg>"
+    )
 
 
 def axis_start(values: list[float]) -> float:
@@ -248,27 +318,49 @@ def comparison_page(cfg: CompareConfig, rows: pd.DataFrame, index_summary: dict 
     order = rows  # as given: the caller's order reads best (the demo: query set, method, re-ranking)
     labels = [f"{q} · {m} + {r}" for q, m, r in zip(order["queries"], order["method"], order["rerank"])]
     colors = [RERANK_COLORS.get(r, "#444") for r in order["rerank"]]
-    legend = " ".join(f'<span style="color:{c}">■</span> {html.escape(r)}' for r, c in RERANK_COLORS.items()
-                      if r in set(order["rerank"]))
+    legend = " ".join(
+        f'<span style="color:{c}">■</span> {html.escape(r)}'
+        for r, c in RERANK_COLORS.items()
+        if r in set(order["rerank"])
+    )
     shown = [c for c in rows.columns if c not in ("results", "index") and not c.startswith("time ")]
     best = best_rows(order)
-    table = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>" + "".join(
-        ("<tr style='font-weight:bold;background:#eef6e8'>" if i in best else "<tr>") + "".join(
-            f"<td>{v:.2f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>" for v in r)
-        + "</tr>" for i, r in enumerate(order[shown].itertuples(index=False))) + "</table>"
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in shown)
+        + "</tr>"
+        + "".join(
+            ("<tr style='font-weight:bold;background:#eef6e8'>" if i in best else "<tr>")
+            + "".join(f"<td>{v:.2f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>" for v in r)
+            + "</tr>"
+            for i, r in enumerate(order[shown].itertuples(index=False))
+        )
+        + "</table>"
+    )
     index_part = ""
     if index_summary:
         stages = index_summary.get("timings_s", {})
-        index_part = (f"<h3>Index: time per stage of its last run ({index_summary.get('total_s', 0):.0f} s in all)</h3>"
-                      + bars_svg(list(stages), list(stages.values()), ["#888"] * len(stages), "s"))
-    links = "".join(f'<li><a href="{html.escape(sfs.relative_link(report_page_uri(r), cfg.out))}">{html.escape(r)}'
-                    f'</a></li>' for r in order["results"])
+        index_part = (
+            f"<h3>Index: time per stage of its last run ({index_summary.get('total_s', 0):.0f} s in all)</h3>"
+            + bars_svg(list(stages), list(stages.values()), ["#888"] * len(stages), "s")
+        )
+    links = "".join(
+        f'<li><a href="{html.escape(sfs.relative_link(report_page_uri(r), cfg.out))}">{html.escape(r)}</a></li>'
+        for r in order["results"]
+    )
     maps = order["mAP"].tolist()
     return COMPARISON.format(
-        title=html.escape(cfg.title), index=html.escape(str(rows["index"].iloc[0])), table=table, legend=legend,
-        map_plot=bars_svg(labels, maps, colors, "mAP", start=axis_start(maps), best=int(np.argmax(maps)) if maps else None),
+        title=html.escape(cfg.title),
+        index=html.escape(str(rows["index"].iloc[0])),
+        table=table,
+        legend=legend,
+        map_plot=bars_svg(
+            labels, maps, colors, "mAP", start=axis_start(maps), best=int(np.argmax(maps)) if maps else None
+        ),
         time_plot=bars_svg(labels, order["ms_per_query"].tolist(), colors, "ms/query"),
-        index_part=index_part, links=links)
+        index_part=index_part,
+        links=links,
+    )
 
 
 def best_rows(rows: pd.DataFrame) -> set[int]:
@@ -289,15 +381,22 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><b
 
 
 def print_comparison(rows: pd.DataFrame) -> None:
-    pivot = rows.pivot_table(index=["method", "rerank"], columns="queries", values=["mAP", "ms_per_query"],
-                             aggfunc="first", sort=False)
+    pivot = rows.pivot_table(
+        index=["method", "rerank"], columns="queries", values=["mAP", "ms_per_query"], aggfunc="first", sort=False
+    )
     cols = sorted(rows["queries"].unique(), key=lambda q: (q != "whole", q))
     head = f"{'method':<8} {'re-ranking':<14}" + "".join(f" {('mAP ' + q):>13} {'ms/q':>7}" for q in cols)
     print(head)
     for (method, rerank), r in pivot.iterrows():
-        print(f"{method:<8} {rerank:<14}" + "".join(
-            f" {r[('mAP', q)]:>13.2f} {r[('ms_per_query', q)]:>7.1f}" if ("mAP", q) in r and pd.notna(r[("mAP", q)])
-            else f" {'-':>13} {'-':>7}" for q in cols))
+        print(
+            f"{method:<8} {rerank:<14}"
+            + "".join(
+                f" {r[('mAP', q)]:>13.2f} {r[('ms_per_query', q)]:>7.1f}"
+                if ("mAP", q) in r and pd.notna(r[("mAP", q)])
+                else f" {'-':>13} {'-':>7}"
+                for q in cols
+            )
+        )
 
 
 FLAGS = {
@@ -313,8 +412,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     rows = comparison_rows(cfg)
     index = rows["index"].dropna()
     summary = read_summary(str(index.iloc[0]), "index", cfg.storage) if len(index) else None
-    uri = write_comparison(cfg.out, comparison_page(cfg, rows, summary), pa.Table.from_pandas(rows, preserve_index=False),
-                           cfg.storage)
+    uri = write_comparison(
+        cfg.out, comparison_page(cfg, rows, summary), pa.Table.from_pandas(rows, preserve_index=False), cfg.storage
+    )
     print_comparison(rows)
     print(f"comparison: {uri}")
     return {"page": uri, "rows": len(rows)}
@@ -341,16 +441,24 @@ def pairs_page(table: pa.Table, anchors: int, options: dict, shown: int = 8, thu
                 cells = [pool.submit(thumbnail, mine.anchor_file.iloc[0], None, thumb, options)]
                 cells += [pool.submit(thumbnail, f, None, thumb, options) for f in [*pos.other_file, *neg.other_file]]
                 colors = ["#f0c000"] + [COLORS["positive"]] * len(pos) + [COLORS["negative"]] * len(neg)
-                titles = [f"anchor {anchor}"] + [f"+ {o} ({s:.3f})" for o, s in zip(pos.other_id, pos.score)] + \
-                         [f"− {o} ({s:.3f})" for o, s in zip(neg.other_id, neg.score)]
+                titles = (
+                    [f"anchor {anchor}"]
+                    + [f"+ {o} ({s:.3f})" for o, s in zip(pos.other_id, pos.score)]
+                    + [f"− {o} ({s:.3f})" for o, s in zip(neg.other_id, neg.score)]
+                )
                 sections.append((source, anchor, len(pos), len(neg), cells, colors, titles))
         body = "".join(
             f'<div class="q"><div class="h">{html.escape(source)} · anchor {anchor}: {p} positive(s), {n} negative(s)'
-            f'</div>' + "".join(
+            f"</div>"
+            + "".join(
                 f'<div class="t" style="border-color:{c};width:{thumb}px;height:{thumb}px" title="{html.escape(t)}">'
-                + (f'<img src="{f.result()}">' if f.result() else "<span>?</span>") + "</div>"
-                for f, c, t in zip(cells, colors, titles)) + "</div>"
-            for source, anchor, p, n, cells, colors, titles in sections)
+                + (f'<img src="{f.result()}">' if f.result() else "<span>?</span>")
+                + "</div>"
+                for f, c, t in zip(cells, colors, titles)
+            )
+            + "</div>"
+            for source, anchor, p, n, cells, colors, titles in sections
+        )
     counts = df.groupby(["source", "label"]).size()
     summary = ", ".join(f"{s} {'positives' if lab == 1 else 'negatives'}: {v}" for (s, lab), v in counts.items())
     return PAIRS.format(summary=html.escape(summary), body=body)

@@ -12,6 +12,7 @@ results schema of ``jobs.search`` (``query_id`` = the item), so a killed run res
 ``jobs.evaluate`` reads it unchanged. The item itself is left out of its list. This is also the
 input of training-pair mining.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,11 +37,11 @@ from storage.schemas import RESULTS_SCHEMA
 
 @dataclass(kw_only=True)
 class RerankJobConfig:
-    index: str                      # artifact root with a kNN graph (required)
-    out: str                        # results folder (required)
+    index: str  # artifact root with a kNN graph (required)
+    out: str  # results folder (required)
     method: Literal["dfs", "fsr", "hybrid"] = "dfs"
-    top: Count = 100                  # L: list length per item
-    seed: Literal["self", "knn"] = "self"              # self: y = e_i (K e_i, spec §8) | knn: y from the item's k_q neighbours
+    top: Count = 100  # L: list length per item
+    seed: Literal["self", "knn"] = "self"  # self: y = e_i (K e_i, spec §8) | knn: y from the item's k_q neighbours
     items_per_task: Count = 1024
     params: RerankParams = field(default_factory=lambda: RerankParams(block=32))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -59,18 +60,23 @@ def rerank_items_task(uri: str, options: dict, out: str, part: int, start: int, 
     knn_ids, knn_sims = load_knn(root)
     knn_i = np.asarray(knn_ids[start:stop])
     knn_s = np.asarray(knn_sims[start:stop], np.float64)
-    rows = np.concatenate([items[:, None], knn_i], axis=1)   # the item first: its own seed, weight 1
+    rows = np.concatenate([items[:, None], knn_i], axis=1)  # the item first: its own seed, weight 1
     sims = np.concatenate([np.ones((len(items), 1)), knn_s], axis=1)
     kq = 1 if c.seed == "self" else c.params.kq + 1
     p = dataclasses.replace(c.params, kq=kq, gamma=1.0 if c.seed == "self" else c.params.gamma)
     r, s = rerank(c.method, graph, rows, sims, items, c.top, p)
     names = root.images().set_index("image_id")["name"]
     ids = [node_ids[x[x >= 0]].tolist() for x in r]
-    scores = [v[np.isfinite(v)][:len(i)].astype(np.float32).tolist() for v, i in zip(s, ids)]
-    table = pa.table({"query_id": pa.array(node_ids[items], pa.int64()),
-                      "query_name": pa.array(names.loc[node_ids[items]].astype(str).to_numpy(), pa.string()),
-                      "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
-                     schema=RESULTS_SCHEMA)
+    scores = [v[np.isfinite(v)][: len(i)].astype(np.float32).tolist() for v, i in zip(s, ids)]
+    table = pa.table(
+        {
+            "query_id": pa.array(node_ids[items], pa.int64()),
+            "query_name": pa.array(names.loc[node_ids[items]].astype(str).to_numpy(), pa.string()),
+            "ids": pa.array(ids, pa.list_(pa.int64())),
+            "scores": pa.array(scores, pa.list_(pa.float32())),
+        },
+        schema=RESULTS_SCHEMA,
+    )
     return result_parts(out, options).write(part, table, {"items": [int(start), int(stop)], "method": c.method})
 
 
@@ -86,12 +92,28 @@ def run(cfg: RerankJobConfig, summary: JobSummary) -> None:
     pending = [(i, s) for i, s in blocks if done.get(i, {}).get("method") != cfg.method]
     summary.add(items=n, parts_total=len(blocks), parts_skipped=len(blocks) - len(pending))
     conf = to_dict(cfg)
-    run_tasks(rerank_items_task, [(root.uri, root.options, cfg.out, i, s, min(n, s + cfg.items_per_task), conf)
-                                  for i, s in pending], options={"num_cpus": 1}, desc=f"offline {cfg.method}",
-              unit="part", on_result=lambda rec: summary.add(rows_written=rec["rows"]), keep=False)
-    write_run(cfg.out, {"config": to_dict(cfg), "method": cfg.method, "rerank": "offline", "index": cfg.index,
-                        "params": {"top": cfg.top, "seed": cfg.seed, "rerank": dataclasses.asdict(cfg.params)},
-                        "queries": n, "timings_s": dict(summary.timings)}, cfg.storage)
+    run_tasks(
+        rerank_items_task,
+        [(root.uri, root.options, cfg.out, i, s, min(n, s + cfg.items_per_task), conf) for i, s in pending],
+        options={"num_cpus": 1},
+        desc=f"offline {cfg.method}",
+        unit="part",
+        on_result=lambda rec: summary.add(rows_written=rec["rows"]),
+        keep=False,
+    )
+    write_run(
+        cfg.out,
+        {
+            "config": to_dict(cfg),
+            "method": cfg.method,
+            "rerank": "offline",
+            "index": cfg.index,
+            "params": {"top": cfg.top, "seed": cfg.seed, "rerank": dataclasses.asdict(cfg.params)},
+            "queries": n,
+            "timings_s": dict(summary.timings),
+        },
+        cfg.storage,
+    )
 
 
 FLAGS = {

@@ -33,6 +33,7 @@ Every query gets a row (an empty ranking when it could not be described).
 
 Output ``RES/results.parquet`` (``storage.schemas.RESULTS_SCHEMA``), ``RES/run.json`` and a summary.
 """
+
 from __future__ import annotations
 
 # The search's stages are modules of their own (stage modules, not jobs: no ``main``, never run with -m):
@@ -59,9 +60,11 @@ from operators.cas import CasParams
 from operators.constraints import Count, Fraction, NonNegFinite
 from operators.fusion import Mode as FusionMode
 from operators.ranking import Ranking
-from operators.rerank import DIFFUSION, LEARNED, METHODS as RERANK_METHODS, SHORTLIST, RerankParams
+from operators.rerank import DIFFUSION, LEARNED, SHORTLIST, RerankParams
+from operators.rerank import METHODS as RERANK_METHODS
 from storage.iasmk import iasmk_meta
-from storage.results import results_table, write_results as store_results
+from storage.results import results_table
+from storage.results import write_results as store_results
 
 Method = Literal["global", "asmk", "fused", "iasmk", "fused-iasmk", "os"]
 Rerank = Literal["none", "aqe", "alpha-qe", "dfs", "truncated-dfs", "fsr", "hybrid", "gss", "gradnet", "cas"]
@@ -71,28 +74,30 @@ assert typing.get_args(Rerank) == RERANK_METHODS
 
 @dataclass(kw_only=True)
 class SearchConfig:
-    index: str                            # artifact root written by jobs.index (required)
-    queries: str                          # query collection (required)
-    out: str                              # results folder (required)
+    index: str  # artifact root written by jobs.index (required)
+    queries: str  # query collection (required)
+    out: str  # results folder (required)
     method: Method = "global"
     topk: Count = 100
     distractors: list[str] = field(default_factory=list)  # more index roots searched with ``index``
     role: Literal["queries", "database"] = "queries"  # revisited .pkl: queries (qimlist + bbx) or database
-    center_crop: Fraction | None = None      # crop queries without a box to this central fraction
-    allow_outside_root: bool = False      # the query manifest's relative paths may climb out of its folder (../)
+    center_crop: Fraction | None = None  # crop queries without a box to this central fraction
+    allow_outside_root: bool = False  # the query manifest's relative paths may climb out of its folder (../)
     exclude_self: bool = True
     reuse_database_features: bool = True  # uncropped queries that are database images reuse its features
-    query_cache: str = "index"            # described queries: "index" (ROOT/query-cache), "results" (RES/queries, no reuse) or a folder
-    query_block: Count = 1024               # queries per Ray search task (global)
-    db_block: Count = 65536                 # database rows per faiss call
-    asmk: AsmkConfig | None = None        # ASMK search parameters (None: those the index was built with)
-    fusion: FusionMode = "rank"           # fused: rank (reciprocal rank fusion) or score (normalised sum)
-    fusion_beta: NonNegFinite = 1.5              # fused: weight of the global term (group-wise cross-validated, README "Fusion")
-    fusion_shortlist: Count = 1000          # fused: shortlist of each method
+    query_cache: str = (
+        "index"  # described queries: "index" (ROOT/query-cache), "results" (RES/queries, no reuse) or a folder
+    )
+    query_block: Count = 1024  # queries per Ray search task (global)
+    db_block: Count = 65536  # database rows per faiss call
+    asmk: AsmkConfig | None = None  # ASMK search parameters (None: those the index was built with)
+    fusion: FusionMode = "rank"  # fused: rank (reciprocal rank fusion) or score (normalised sum)
+    fusion_beta: NonNegFinite = 1.5  # fused: weight of the global term (group-wise cross-validated, README "Fusion")
+    fusion_shortlist: Count = 1000  # fused: shortlist of each method
     rerank: Rerank = "none"
     rerank_params: RerankParams = field(default_factory=RerankParams)
     cas: CasParams = field(default_factory=CasParams)  # --rerank cas (EXT defaults, operators.cas)
-    checkpoint: str | None = None         # the describer's weights, when the index names a file outside its root
+    checkpoint: str | None = None  # the describer's weights, when the index names a file outside its root
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
@@ -112,9 +117,18 @@ def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
         params.update(fusion=cfg.fusion, fusion_beta=cfg.fusion_beta, fusion_shortlist=cfg.fusion_shortlist)
     if cfg.rerank != "none":
         params["rerank"] = dataclasses.asdict(cfg.cas if cfg.rerank == "cas" else cfg.rerank_params)
-    run = {"config": to_dict(cfg), "method": cfg.method, "rerank": cfg.rerank, "params": params, "index": cfg.index,
-           "queries": table.num_rows, "queries_root": ctx.qroot.uri, "center_crop": cfg.center_crop,
-           "timings_s": timings, "task_seconds": ctx.task_seconds}
+    run = {
+        "config": to_dict(cfg),
+        "method": cfg.method,
+        "rerank": cfg.rerank,
+        "params": params,
+        "index": cfg.index,
+        "queries": table.num_rows,
+        "queries_root": ctx.qroot.uri,
+        "center_crop": cfg.center_crop,
+        "timings_s": timings,
+        "task_seconds": ctx.task_seconds,
+    }
     return store_results(cfg.out, table, run, cfg.storage)
 
 
@@ -134,9 +148,14 @@ def search(ctx: SearchContext, summary: JobSummary) -> Ranking:
     """The initial ranking of ``ctx.cfg.method``, re-ranked by ``ctx.cfg.rerank``, top ``topk``."""
     cfg = ctx.cfg
     depth = initial_depth(cfg, ctx.n_database)
-    initial = {"global": lambda: global_search(ctx, ctx.xq, depth), "os": lambda: global_search(ctx, ctx.xq, depth), "asmk": lambda: asmk_search(ctx, depth),
-               "iasmk": lambda: asmk_search(ctx, depth, "iasmk"), "fused": lambda: fused_search(ctx, depth),
-               "fused-iasmk": lambda: fused_search(ctx, depth)}[cfg.method]
+    initial = {
+        "global": lambda: global_search(ctx, ctx.xq, depth),
+        "os": lambda: global_search(ctx, ctx.xq, depth),
+        "asmk": lambda: asmk_search(ctx, depth),
+        "iasmk": lambda: asmk_search(ctx, depth, "iasmk"),
+        "fused": lambda: fused_search(ctx, depth),
+        "fused-iasmk": lambda: fused_search(ctx, depth),
+    }[cfg.method]
     with summary.stage(f"search ({cfg.method})"):
         ranked = initial()
     if cfg.rerank in ("aqe", "alpha-qe"):
@@ -156,8 +175,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     ctx = build_context(cfg, summary)
     every = pd.concat([ctx.queries[["image_id", "name", "source"]], ctx.repeats], ignore_index=True)
     table = results_table(every, search(ctx, summary))
-    summary.add(queries=len(every), queries_described=len(ctx.qids),
-                queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())))
+    summary.add(
+        queries=len(every),
+        queries_described=len(ctx.qids),
+        queries_without_results=int(sum(len(x) == 0 for x in table.column("ids").to_pylist())),
+    )
     summary.info["results"] = write_results(ctx, table, dict(summary.timings))
     return summary.finish(cfg.out, cfg.storage)
 

@@ -1,6 +1,7 @@
 """The context of ``jobs.search`` (a stage module, not a job): the :class:`SearchContext` one search reads
 once and passes down, and the queries' global and local descriptors read through pyarrow (from the
 described queries' cache entry, or from the database's own shards for the queries that reuse them)."""
+
 from __future__ import annotations
 
 import typing
@@ -29,16 +30,16 @@ class SearchContext:
     """
 
     cfg: SearchConfig
-    parts: list[ArtifactRoot]   # the index, then the distractor roots
-    database: pd.DataFrame      # the index's image table (ids, files, shards)
-    queries: pd.DataFrame       # every distinct query: image_id, name, file, box, own (database id or −1), reuse
-    repeats: pd.DataFrame       # queries repeating one above (same file and box): image_id, name, source (its id)
-    qroot: ArtifactRoot         # the described queries (cache entry)
-    qids: np.ndarray            # (m,) described queries, sorted
-    xq: np.ndarray              # (m, D) their global descriptors, in the database's (whitened) space
-    exclude: np.ndarray         # (m,) database id left out of each query's ranking (−1: none)
-    lookup: GlobalLookup        # global descriptors by database id, over every partition
-    db_lookup: GlobalLookup     # the database vectors the method ranks (``os``: the saliency-based ones)
+    parts: list[ArtifactRoot]  # the index, then the distractor roots
+    database: pd.DataFrame  # the index's image table (ids, files, shards)
+    queries: pd.DataFrame  # every distinct query: image_id, name, file, box, own (database id or −1), reuse
+    repeats: pd.DataFrame  # queries repeating one above (same file and box): image_id, name, source (its id)
+    qroot: ArtifactRoot  # the described queries (cache entry)
+    qids: np.ndarray  # (m,) described queries, sorted
+    xq: np.ndarray  # (m, D) their global descriptors, in the database's (whitened) space
+    exclude: np.ndarray  # (m,) database id left out of each query's ranking (−1: none)
+    lookup: GlobalLookup  # global descriptors by database id, over every partition
+    db_lookup: GlobalLookup  # the database vectors the method ranks (``os``: the saliency-based ones)
     task_seconds: dict = field(default_factory=dict)  # step -> [[queries, seconds]] of each Ray task (run.json)
 
     @property
@@ -73,8 +74,9 @@ def _ok(table: pa.Table) -> pa.Table:
     return table.filter(pc.equal(table.column("status"), "ok"))
 
 
-def query_globals(root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame,
-                  lookup: GlobalLookup) -> tuple[np.ndarray, np.ndarray]:
+def query_globals(
+    root: ArtifactRoot, qroot: ArtifactRoot, queries: pd.DataFrame, lookup: GlobalLookup
+) -> tuple[np.ndarray, np.ndarray]:
     """Ids (sorted) and global descriptors, in the database's (whitened) space, of the described queries."""
     ids, vectors = [], []
     if (~queries["reuse"]).any():

@@ -1,6 +1,7 @@
 """The queries of ``jobs.search`` (a stage module, not a job): described exactly as the database was into
 their cache entry (:mod:`storage.query_cache`), or reusing a database image's features, then read once
 into the search's :class:`jobs.search_context.SearchContext`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,16 @@ import numpy as np
 import pandas as pd
 
 from jobs.config import from_dict, to_dict
-from jobs.extract import (ExtractConfig, check_settings, extraction_settings, failed_images, prepare_images,
-                          recorded_describer, recorded_settings, run_extraction)
+from jobs.extract import (
+    ExtractConfig,
+    check_settings,
+    extraction_settings,
+    failed_images,
+    prepare_images,
+    recorded_describer,
+    recorded_settings,
+    run_extraction,
+)
 from jobs.search_context import SearchContext, query_globals, vector_set
 from jobs.search_rerank import rerank_problem
 from jobs.summary import JobSummary
@@ -74,15 +83,23 @@ def build_context(cfg: SearchConfig, summary: JobSummary) -> SearchContext:
 def query_extract_config(cfg: SearchConfig, root: ArtifactRoot, out: str) -> ExtractConfig:
     """The index's extraction settings applied to the queries (their crop policy and role)."""
     built = from_dict(ExtractConfig, root.stage_settings("extract"))
-    return ExtractConfig(collection=cfg.queries, out=out, role=cfg.role, shard_size=built.shard_size,
-                         batch_size=built.batch_size, center_crop=cfg.center_crop,
-                         local_whiten_dim=built.local_whiten_dim,
-                         describe=from_dict(DescriptorConfig, recorded_describer(root, cfg.checkpoint)), ray=cfg.ray,
-                         storage=cfg.storage)
+    return ExtractConfig(
+        collection=cfg.queries,
+        out=out,
+        role=cfg.role,
+        shard_size=built.shard_size,
+        batch_size=built.batch_size,
+        center_crop=cfg.center_crop,
+        local_whiten_dim=built.local_whiten_dim,
+        describe=from_dict(DescriptorConfig, recorded_describer(root, cfg.checkpoint)),
+        ray=cfg.ray,
+        storage=cfg.storage,
+    )
 
 
-def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFrame,
-                     summary: JobSummary) -> tuple[pd.DataFrame, ArtifactRoot]:
+def describe_queries(
+    cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFrame, summary: JobSummary
+) -> tuple[pd.DataFrame, ArtifactRoot]:
     """Describe the queries that need it into their cache entry; returns the query table and the entry.
 
     A query that is an uncropped database image is not described: its database features are reused
@@ -101,18 +118,31 @@ def describe_queries(cfg: SearchConfig, root: ArtifactRoot, database: pd.DataFra
     if cfg.query_cache == "results":
         qroot = results_query_root(cfg.out, cfg.storage)
     else:
-        key = query_cache_key(root, {**extraction_settings(to_dict(qcfg)), "role": cfg.role,
-                                     "reuse": reusable},
-                              fresh, whitening.to_bytes() if whitening else None, len(db_ids))
+        key = query_cache_key(
+            root,
+            {**extraction_settings(to_dict(qcfg)), "role": cfg.role, "reuse": reusable},
+            fresh,
+            whitening.to_bytes() if whitening else None,
+            len(db_ids),
+        )
         qroot = query_cache_root(root, key, None if cfg.query_cache == "index" else cfg.query_cache)
     qcfg = dataclasses.replace(qcfg, out=qroot.uri)
     check_settings(qroot.shards(), to_dict(qcfg), qroot.stage_settings("extract", required=False))
-    queries = prepare_images(qroot, qcfg.collection, qcfg.role, 0, cfg.storage, qcfg.shard_size,
-                             fresh=fresh.drop(columns=["own", "reuse", "source"]))
+    queries = prepare_images(
+        qroot,
+        qcfg.collection,
+        qcfg.role,
+        0,
+        cfg.storage,
+        qcfg.shard_size,
+        fresh=fresh.drop(columns=["own", "reuse", "source"]),
+    )
     queries = queries.merge(fresh[["image_id", "own", "reuse", "source"]], on="image_id", how="left")
     distinct = queries["source"] == queries["image_id"]
-    summary.add(queries_reusing_database_features=int((queries["reuse"] & distinct).sum()),
-                queries_repeated=int((~distinct).sum()))
+    summary.add(
+        queries_reusing_database_features=int((queries["reuse"] & distinct).sum()),
+        queries_repeated=int((~distinct).sum()),
+    )
     summary.info["query_cache"] = qroot.uri
     with summary.stage("extract queries"):
         run_extraction(qcfg, queries[~queries["reuse"] & distinct], qroot.shards(), whitening, summary)

@@ -1,6 +1,7 @@
 """The initial rankings of ``jobs.search`` (a stage module, not a job), in Ray tasks over blocks of queries:
 global (memory-mapped descriptors streamed in blocks with a top-k heap), ASMK / i-ASMK* over every
 partition's inverted file, and both fused over the union of their shortlists (:mod:`operators.fusion`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,8 @@ import typing
 import numpy as np
 import ray
 
-from jobs.asmk import AsmkConfig, search_task as asmk_search_task
+from jobs.asmk import AsmkConfig
+from jobs.asmk import search_task as asmk_search_task
 from jobs.config import from_dict
 from jobs.search_context import SearchContext, query_locals, vector_set
 from operators.asmk import AsmkParams, aggregate
@@ -32,10 +34,12 @@ if typing.TYPE_CHECKING:
 
 def timed(fn):
     """``fn`` returning (its result, the seconds it ran): each search task's service time, for run.json."""
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         t0 = time.perf_counter()
         return fn(*args, **kwargs), time.perf_counter() - t0
+
     return run
 
 
@@ -46,13 +50,16 @@ def gather(ctx: SearchContext, step: str, futures: list, sizes: list[int]) -> li
     return [r for r, _ in got]
 
 
-def global_search_task(roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int,
-                       name: str = "global"):
+def global_search_task(
+    roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int, name: str = "global"
+):
     """Rank the memory-mapped descriptors ``name`` of every partition for one block of queries (a Ray task)."""
+
     def blocks():
         for uri, options in roots:
             g = open_global(ArtifactRoot(uri, options), name)
             yield from iter_blocks(g.ids, g.vectors, db_block)
+
     return knn_blocks(xq, blocks(), k, exclude)
 
 
@@ -60,17 +67,23 @@ def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
     """Top-``k`` by global-descriptor similarity of query vectors ``xq`` (one per ``ctx.qids``)."""
     task = ray.remote(num_cpus=1)(timed(global_search_task))
     b = ctx.cfg.query_block
-    futures = [task.remote(ctx.roots, xq[s:s + b], ctx.exclude[s:s + b], k, ctx.cfg.db_block, vector_set(ctx.cfg.method))
-               for s in ctx.block_starts(b)]
-    got = gather(ctx, "global", futures, [len(xq[s:s + b]) for s in ctx.block_starts(b)])
-    return Ranking.concat([Ranking(ctx.qids[s:s + b], ids, scores) for s, (scores, ids) in zip(ctx.block_starts(b), got)])
+    futures = [
+        task.remote(ctx.roots, xq[s : s + b], ctx.exclude[s : s + b], k, ctx.cfg.db_block, vector_set(ctx.cfg.method))
+        for s in ctx.block_starts(b)
+    ]
+    got = gather(ctx, "global", futures, [len(xq[s : s + b]) for s in ctx.block_starts(b)])
+    return Ranking.concat(
+        [Ranking(ctx.qids[s : s + b], ids, scores) for s, (scores, ids) in zip(ctx.block_starts(b), got)]
+    )
 
 
 def asmk_config(cfg: SearchConfig, root: ArtifactRoot) -> AsmkConfig:
     """The search's ASMK settings: ``cfg.asmk`` when given, else the index's own (assignment included)."""
     built = root.stage_settings("asmk")
-    chosen = cfg.asmk or from_dict(AsmkConfig, {**built, "params": AsmkParams(**built["params"]),
-                                                "assign": AssignConfig(**built.get("assign", {}))})
+    chosen = cfg.asmk or from_dict(
+        AsmkConfig,
+        {**built, "params": AsmkParams(**built["params"]), "assign": AssignConfig(**built.get("assign", {}))},
+    )
     if chosen.params.binary != built["params"]["binary"]:
         raise ConfigError("asmk.params.binary must match the index (it decides what the inverted file stores)")
     return chosen
@@ -85,7 +98,9 @@ def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
     centroids = load_codebook(ctx.root)
     for other in ctx.parts[1:]:
         if codebook_hash(load_codebook(other)) != codebook_hash(centroids):
-            raise SettingsMismatch(f"{other.uri} was built with another codebook; it cannot be searched with {ctx.root.uri}")
+            raise SettingsMismatch(
+                f"{other.uri} was built with another codebook; it cannot be searched with {ctx.root.uri}"
+            )
     chosen = asmk_config(ctx.cfg, ctx.root)
     params, buffer_mb = chosen.params, chosen.buffer_mb
     desc, qimg = query_locals(ctx)
@@ -96,10 +111,21 @@ def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
     task = ray.remote(num_cpus=1)(timed(asmk_search_task))
     futures = []
     for s in range(0, len(uq), block):
-        m = np.isin(agg.image_ids, uq[s:s + block])
-        futures.append(task.remote(ctx.roots, agg.words[m], agg.codes[m], agg.image_ids[m], dataclasses.asdict(params),
-                                   k, {q: exclude.get(q, -1) for q in uq[s:s + block].tolist()}, buffer_mb, layout))
-    sizes = [len(uq[s:s + block]) for s in range(0, len(uq), block)]
+        m = np.isin(agg.image_ids, uq[s : s + block])
+        futures.append(
+            task.remote(
+                ctx.roots,
+                agg.words[m],
+                agg.codes[m],
+                agg.image_ids[m],
+                dataclasses.asdict(params),
+                k,
+                {q: exclude.get(q, -1) for q in uq[s : s + block].tolist()},
+                buffer_mb,
+                layout,
+            )
+        )
+    sizes = [len(uq[s : s + block]) for s in range(0, len(uq), block)]
     parts = [Ranking(qids, ids, scores) for qids, scores, ids in gather(ctx, layout, futures, sizes)]
     return Ranking.concat(parts).align(ctx.qids).top(k)
 
@@ -122,6 +148,6 @@ def fusion_candidates(ctx: SearchContext, a: Ranking, g: Ranking, block: int = 6
     cand, asmk_s, glob = union_candidates(a, g)
     rows, cols = np.nonzero((cand >= 0) & np.isnan(glob))
     for s in range(0, len(rows), block):
-        r, c = rows[s:s + block], cols[s:s + block]
+        r, c = rows[s : s + block], cols[s : s + block]
         glob[r, c] = np.einsum("nd,nd->n", ctx.lookup(cand[r, c]), ctx.xq[r])
     return cand, asmk_s, glob

@@ -1,4 +1,5 @@
 """Job summaries: counts, per-stage timings and peak memory, printed and stored as JSON."""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,9 +59,15 @@ class JobSummary:
         self.worker_peak_rss_mb = max(self.worker_peak_rss_mb, float(mb))
 
     def as_dict(self) -> dict:
-        return {"job": self.job, "counts": self.counts, "timings_s": self.timings,
-                "total_s": round(time.time() - self.started, 3), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
-                "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1), **self.info}
+        return {
+            "job": self.job,
+            "counts": self.counts,
+            "timings_s": self.timings,
+            "total_s": round(time.time() - self.started, 3),
+            "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+            "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1),
+            **self.info,
+        }
 
     def finish(self, folder: str | None = None, options: dict | None = None) -> dict:
         """Print the summary and store it as ``folder/summary-<job>.json`` (:mod:`storage.summaries`)."""

@@ -5,6 +5,7 @@
 shapes) seen under random homographies, scale and brightness changes, so images of a group
 share local structure the way photos of one landmark do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,14 +60,18 @@ def generate(out: str, groups: int = 8, per_group: int = 5, seed: int = 0) -> st
 
 @dataclass(kw_only=True)
 class SyntheticConfig:
-    out: str                 # folder to write (required)
-    groups: Count = 8          # objects
-    per_group: Count = 5       # views of each object
+    out: str  # folder to write (required)
+    groups: Count = 8  # objects
+    per_group: Count = 5  # views of each object
     seed: Seed = 0
 
 
-FLAGS = {"--out": ("out", "folder to write"), "--groups": ("groups", "objects"),
-         "--per-group": ("per_group", "views of each object"), "--seed": ("seed", "random seed")}
+FLAGS = {
+    "--out": ("out", "folder to write"),
+    "--groups": ("groups", "objects"),
+    "--per-group": ("per_group", "views of each object"),
+    "--seed": ("seed", "random seed"),
+}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> str:

@@ -16,6 +16,7 @@ a finished model with the same settings is kept; more steps continue from the ch
   simplex-constrained sparse code, sextet batches on their 2L-hop receptive fields, then the embeddings of
   every node, layer by layer over row blocks (queries: QFE over their initial top-K at search time).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,13 +44,13 @@ from storage.graph import graph_problem, load_knn
 
 @dataclass(kw_only=True)
 class TrainRerankerConfig:
-    index: str                                  # artifact root with a graph stage (required)
+    index: str  # artifact root with a graph stage (required)
     method: Literal["gss", "gradnet"] = "gss"
     gss: GSS.GssParams = field(default_factory=GSS.GssParams)
     gradnet: GN.GradNetParams = field(default_factory=GN.GradNetParams)
-    checkpoint_every: Count = 50                  # steps between checkpoints (a killed job resumes from the last)
-    block: Count = 16384                          # database rows per inference block
-    cpus: Count | None = None                     # CPU threads of the training task (None: a whole node)
+    checkpoint_every: Count = 50  # steps between checkpoints (a killed job resumes from the last)
+    block: Count = 16384  # database rows per inference block
+    cpus: Count | None = None  # CPU threads of the training task (None: a whole node)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: dict = field(default_factory=dict)
 
@@ -71,14 +72,24 @@ def task_setup(uri: str, options: dict, threads: int, k_needed: int, method: str
     root = ArtifactRoot(uri, options)
     nn, _ = load_knn(root)
     if nn.shape[1] < k_needed:
-        raise ArtifactError(f"{method} needs kNN lists of at least {k_needed} neighbours; the graph has "
-                            f"{nn.shape[1]}: rebuild it with a larger graph.k")
+        raise ArtifactError(
+            f"{method} needs kNN lists of at least {k_needed} neighbours; the graph has "
+            f"{nn.shape[1]}: rebuild it with a larger graph.k"
+        )
     return root, device, open_global(root).vectors, nn
 
 
-def train_loop(root: ArtifactRoot, method: str, settings: dict, start: int, total: int, every: int,
-               train: Callable[[int, int, Callable], bool | None], snapshot: Callable[[], dict],
-               info: Callable[[], dict] = dict) -> None:
+def train_loop(
+    root: ArtifactRoot,
+    method: str,
+    settings: dict,
+    start: int,
+    total: int,
+    every: int,
+    train: Callable[[int, int, Callable], bool | None],
+    snapshot: Callable[[], dict],
+    info: Callable[[], dict] = dict,
+) -> None:
     """Steps ``start`` … ``total`` − 1 in chunks of ``every``, a checkpoint (arrays ``snapshot()``, fields
     ``info()``) after each chunk, until ``train`` says it is done."""
     from tqdm import tqdm
@@ -116,19 +127,35 @@ def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int
     def train(start: int, stop: int, log: Callable) -> bool:
         holder["opt"] = GSS.train_until(model, a_hat, x, beta, start, stop, holder["opt"], log, tracker, sample)
         return tracker.done(p)
+
     if not tracker.done(p):
-        train_loop(root, "gss", settings, step, p.steps, every, train,
-                   lambda: {**GSS.training_arrays(model, holder["opt"]), **tracker.arrays()},
-                   lambda: {"beta": beta, "early_stop": tracker.info()})
+        train_loop(
+            root,
+            "gss",
+            settings,
+            step,
+            p.steps,
+            every,
+            train,
+            lambda: {**GSS.training_arrays(model, holder["opt"]), **tracker.arrays()},
+            lambda: {"beta": beta, "early_stop": tracker.info()},
+        )
     last = tracker.curve[-1][0] if tracker.done(p) else p.steps
     kept = GSS.keep_best(model, a_hat, x, sample, tracker, last) if p.stop == "separation" else last
     t_train, t2 = time.time() - t1, time.time()
     embed_database(root, model, a_hat, x, block)
-    meta = {"params": dataclasses.asdict(p), "beta": beta, "nodes": int(a.shape[0]), "edges": int(a.nnz),
-            "device": device, "steps_run": max(0, last - first), "resumed_at": first,
-            "early_stop": {**tracker.info(), "stopped_at": last, "kept_step": kept} if p.stop == "separation" else None,
-            "seconds": {"graph": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
-            "task_peak_rss_mb": round(peak_rss_mb(), 1)}
+    meta = {
+        "params": dataclasses.asdict(p),
+        "beta": beta,
+        "nodes": int(a.shape[0]),
+        "edges": int(a.nnz),
+        "device": device,
+        "steps_run": max(0, last - first),
+        "resumed_at": first,
+        "early_stop": {**tracker.info(), "stopped_at": last, "kept_step": kept} if p.stop == "separation" else None,
+        "seconds": {"graph": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
+        "task_peak_rss_mb": round(peak_rss_mb(), 1),
+    }
     store.write_model(root, "gss", model.weights(), meta, degree=GSS.degrees(a))
     return meta
 
@@ -150,26 +177,45 @@ def train_gradnet_task(uri: str, options: dict, params: dict, every: int, block:
         optimizer = GSS.restore_optimizer(model, arrays, p.lr)
     else:
         sample = np.sort(np.random.default_rng(p.seed).choice(n, min(n, 256 * p.anchors), replace=False))
-        anchors = train_codebook(np.asarray(x[sample], np.float32), min(p.anchors, len(sample)), 20, p.seed, threads=threads)
+        anchors = train_codebook(
+            np.asarray(x[sample], np.float32), min(p.anchors, len(sample)), 20, p.seed, threads=threads
+        )
         model, optimizer, step = GN.GradNet(x.shape[1] + p.anchors, p, device), None, 0
-    codes = [GN.sparse_codes(x[b:b + block], anchors, p.codes) for b in range(0, n, block)]
+    codes = [GN.sparse_codes(x[b : b + block], anchors, p.codes) for b in range(0, n, block)]
     z = GN.code_matrix(np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes]), p.anchors)
     t_graph, holder, first, t1 = time.time() - t0, {"opt": optimizer}, step, time.time()
 
     def train(start: int, stop: int, log: Callable) -> None:
         holder["opt"] = GN.train_steps(model, s, a, x, z, start, stop, holder["opt"], log)
+
     total = GN.total_steps(n, p)
-    train_loop(root, "gradnet", settings, step, total, every, train,
-               lambda: {**GSS.training_arrays(model, holder["opt"]), "anchors": anchors})
+    train_loop(
+        root,
+        "gradnet",
+        settings,
+        step,
+        total,
+        every,
+        train,
+        lambda: {**GSS.training_arrays(model, holder["opt"]), "anchors": anchors},
+    )
     t_train, t2 = time.time() - t1, time.time()
     width = (x.shape[1] + p.anchors + sum(p.dims)) if p.concat else p.dims[-1]
     out, commit = store.embeddings_writer(root, "gradnet", (n, width))
     GN.embed_all(model, s, x, z, out, store.scratch_array, block)  # layer by layer over row blocks
     commit()
-    meta = {"params": dataclasses.asdict(p), "nodes": n, "edges": int(a.nnz), "isolated": int((np.diff(a.indptr) == 0).sum()),
-            "device": device, "steps": total, "steps_run": max(0, total - first), "resumed_at": first,
-            "seconds": {"graph_codes": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
-            "task_peak_rss_mb": round(peak_rss_mb(), 1)}
+    meta = {
+        "params": dataclasses.asdict(p),
+        "nodes": n,
+        "edges": int(a.nnz),
+        "isolated": int((np.diff(a.indptr) == 0).sum()),
+        "device": device,
+        "steps": total,
+        "steps_run": max(0, total - first),
+        "resumed_at": first,
+        "seconds": {"graph_codes": round(t_graph, 2), "train": round(t_train, 2), "embed": round(time.time() - t2, 2)},
+        "task_peak_rss_mb": round(peak_rss_mb(), 1),
+    }
     store.write_model(root, "gradnet", model.weights(), meta, anchors=np.asarray(anchors, np.float32))
     return meta
 
@@ -181,7 +227,9 @@ def embed_database(root: ArtifactRoot, model: GSS.ResidualGCN, a_hat, x: np.ndar
     state, pre_prev = x, None
     for layer in range(1, layers + 1):
         pre = store.scratch_array((n, d))
-        out, commit = store.gss_state_writer(root, layer, (n, d)) if layer < layers else (store.scratch_array((n, d)), None)
+        out, commit = (
+            store.gss_state_writer(root, layer, (n, d)) if layer < layers else (store.scratch_array((n, d)), None)
+        )
         GSS.propagate(model, a_hat, state, layer, pre_prev, pre, out, block)
         if commit is not None:
             commit()  # the memmap stays readable: the next layer reads it
@@ -206,8 +254,11 @@ def train(cfg: TrainRerankerConfig, root: ArtifactRoot, summary: JobSummary) -> 
     cpus = cfg.cpus or largest_node_cpus()
     fn = {"gss": train_gss_task, "gradnet": train_gradnet_task}[method]
     with summary.stage(method):
-        meta, = run_tasks(fn, [(root.uri, root.options, params, cfg.checkpoint_every, cfg.block, int(cpus))],
-                          options={"num_cpus": cpus, "num_gpus": gpus}).results
+        (meta,) = run_tasks(
+            fn,
+            [(root.uri, root.options, params, cfg.checkpoint_every, cfg.block, int(cpus))],
+            options={"num_cpus": cpus, "num_gpus": gpus},
+        ).results
     root.record_stage(method, "train_reranker", to_dict(getattr(cfg, method)))
     summary.worker_peak(meta["task_peak_rss_mb"])
     summary.add(models_trained=1, steps_run=meta["steps_run"])

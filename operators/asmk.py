@@ -18,6 +18,7 @@ pair of the same word is scored with vectorised popcounts (word by word: the que
 word against its contiguous posting slice), accumulated per (query, image) in a chunk-sized buffer,
 and only the top-k per query is kept.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,21 +31,21 @@ from operators.constraints import Count, PosFinite, Similarity
 
 @dataclass
 class AsmkParams:
-    binary: bool = True          # ASMK* (packed sign bits) or ASMK (unit float vectors)
-    alpha: PosFinite = 3.0           # selectivity exponent α
-    tau: Similarity = 0.0             # similarity threshold τ
-    use_idf: bool = False        # w_c = log(N / n_c)²; HOW drops it (L9209)
-    db_ma: Count = 1               # database: single assignment
-    query_ma: Count = 5            # query: multiple assignment m
+    binary: bool = True  # ASMK* (packed sign bits) or ASMK (unit float vectors)
+    alpha: PosFinite = 3.0  # selectivity exponent α
+    tau: Similarity = 0.0  # similarity threshold τ
+    use_idf: bool = False  # w_c = log(N / n_c)²; HOW drops it (L9209)
+    db_ma: Count = 1  # database: single assignment
+    query_ma: Count = 5  # query: multiple assignment m
 
 
 @dataclass
 class Aggregated:
     """One row per (image, visual word): grouped by image, words sorted within an image."""
 
-    image_ids: np.ndarray   # (E,) int64
-    words: np.ndarray       # (E,) int64
-    codes: np.ndarray       # (E, d/8) uint8 packed bits, or (E, d) float32
+    image_ids: np.ndarray  # (E,) int64
+    words: np.ndarray  # (E,) int64
+    codes: np.ndarray  # (E, d/8) uint8 packed bits, or (E, d) float32
 
 
 def binarize(v: np.ndarray) -> np.ndarray:
@@ -52,8 +53,14 @@ def binarize(v: np.ndarray) -> np.ndarray:
     return np.packbits(v > 0, axis=1)
 
 
-def aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
-              binary: bool = True, block_rows: int = 1 << 18) -> Aggregated:
+def aggregate(
+    desc: np.ndarray,
+    image_ids: np.ndarray,
+    words: np.ndarray,
+    centroids: np.ndarray,
+    binary: bool = True,
+    block_rows: int = 1 << 18,
+) -> Aggregated:
     """V(X_c) = Σ residuals per (image, word); a descriptor with m assigned words counts once in each.
 
     ``desc`` (n, d), ``image_ids`` (n,), ``words`` (n, m) from :class:`operators.codebook.Quantizer`.
@@ -61,8 +68,10 @@ def aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centro
     about ``block_rows`` rows (bounded memory); the output is grouped by image, words sorted within.
     """
     ids = np.asarray(image_ids)
-    parts = [_aggregate(desc[a:b], ids[a:b], words[a:b], centroids, binary)
-             for a, b in image_blocks(ids, words.shape[1], block_rows)]
+    parts = [
+        _aggregate(desc[a:b], ids[a:b], words[a:b], centroids, binary)
+        for a, b in image_blocks(ids, words.shape[1], block_rows)
+    ]
     if len(parts) == 1:
         return parts[0]
     return Aggregated(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_ids", "words", "codes")))
@@ -81,7 +90,10 @@ def image_entries(desc: list[np.ndarray], quantizer, centroids: np.ndarray) -> l
     x = np.concatenate([np.asarray(d, np.float32).reshape(-1, centroids.shape[1]) for d in desc])
     local = np.repeat(np.arange(len(desc)), counts)
     agg = aggregate(x, local, quantizer(x, 1), centroids, binary=True)
-    lo, hi = np.searchsorted(agg.image_ids, np.arange(len(desc)), "left"), np.searchsorted(agg.image_ids, np.arange(len(desc)), "right")
+    lo, hi = (
+        np.searchsorted(agg.image_ids, np.arange(len(desc)), "left"),
+        np.searchsorted(agg.image_ids, np.arange(len(desc)), "right"),
+    )
     return [(agg.words[a:b].astype(np.int32), agg.codes[a:b]) for a, b in zip(lo, hi)]
 
 
@@ -109,23 +121,38 @@ def _groups(image_ids: np.ndarray, words: np.ndarray) -> tuple[np.ndarray, np.nd
     return order, img_s, w_s, first
 
 
-def _aggregate(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
-               binary: bool) -> Aggregated:
+def _aggregate(
+    desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray, binary: bool
+) -> Aggregated:
     n, m = words.shape
     d = desc.shape[1]
     width = d // 8 if binary else d
     if n == 0:
-        return Aggregated(np.zeros(0, np.int64), np.zeros(0, np.int64),
-                          np.zeros((0, width), np.uint8 if binary else np.float32))
+        return Aggregated(
+            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width), np.uint8 if binary else np.float32)
+        )
     order, img_s, w_s, first = _groups(image_ids, words)
     codes = np.empty((len(first), width), np.uint8 if binary else np.float32)
-    _sum_residuals(np.ascontiguousarray(desc, np.float32), np.ascontiguousarray(centroids, np.float32),
-                   order // m, w_s, np.r_[first, len(order)].astype(np.int64), binary, codes)
+    _sum_residuals(
+        np.ascontiguousarray(desc, np.float32),
+        np.ascontiguousarray(centroids, np.float32),
+        order // m,
+        w_s,
+        np.r_[first, len(order)].astype(np.int64),
+        binary,
+        codes,
+    )
     return Aggregated(img_s[first], w_s[first], codes)
 
 
-def build_index(desc: np.ndarray, image_ids: np.ndarray, words: np.ndarray, centroids: np.ndarray,
-                binary: bool = True, block_rows: int = 1 << 18) -> "InvertedFile":
+def build_index(
+    desc: np.ndarray,
+    image_ids: np.ndarray,
+    words: np.ndarray,
+    centroids: np.ndarray,
+    binary: bool = True,
+    block_rows: int = 1 << 18,
+) -> "InvertedFile":
     """The inverted file of database descriptors in two streaming passes over blocks of whole images.
 
     Equal to ``build_inverted_file(aggregate(...))`` but never holds the aggregated entries: pass 1
@@ -211,10 +238,10 @@ def selectivity(u: np.ndarray, alpha: float, tau: float) -> np.ndarray:
 class InvertedFile:
     """Word-partitioned postings (arrays may be memory-mapped); see the module doc."""
 
-    offsets: np.ndarray       # (k+1,) int64
-    entry_image: np.ndarray   # (N,) uint32, index into ``images``
-    codes: np.ndarray         # (N, B) uint8 or (N, d) float32
-    images: np.ndarray        # (n_img,) int64 real image ids, sorted
+    offsets: np.ndarray  # (k+1,) int64
+    entry_image: np.ndarray  # (N,) uint32, index into ``images``
+    codes: np.ndarray  # (N, B) uint8 or (N, d) float32
+    images: np.ndarray  # (n_img,) int64 real image ids, sorted
     image_entries: np.ndarray  # (n_img,) int64 number of postings of each image
     binary: bool = True
     entry_indptr: np.ndarray | None = None  # i-ASMK*: entry e stands for images entry_image[indptr[e]:indptr[e+1]]
@@ -239,7 +266,7 @@ class InvertedFile:
         return self.codes.shape[1] * 8 if self.binary else self.codes.shape[1]
 
     def bytes_per_entry(self) -> float:
-        return (self.entry_image.itemsize + self.codes.shape[1] * self.codes.itemsize)
+        return self.entry_image.itemsize + self.codes.shape[1] * self.codes.itemsize
 
 
 def build_inverted_file(agg: Aggregated, k: int, binary: bool = True) -> InvertedFile:
@@ -260,8 +287,9 @@ def build_inverted_file(agg: Aggregated, k: int, binary: bool = True) -> Inverte
     entry_image = np.empty(len(words), np.uint32)
     out_codes = np.empty_like(codes)
     _scatter_by_word(words, dense.astype(np.uint32), codes, offsets[:-1].copy(), entry_image, out_codes)
-    return InvertedFile(offsets, entry_image, out_codes, images,
-                        np.bincount(dense, minlength=len(images)).astype(np.int64), binary)
+    return InvertedFile(
+        offsets, entry_image, out_codes, images, np.bincount(dense, minlength=len(images)).astype(np.int64), binary
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -294,8 +322,11 @@ def _scatter_by_image(entry_image, cursor, positions):
 def image_postings(ivf: InvertedFile, offsets: np.ndarray, positions: np.ndarray, dense: np.ndarray) -> Aggregated:
     """The aggregated entries of images ``dense`` (indices into ``ivf.images``) read back from the
     inverted file through :func:`entries_by_image`, as a query batch (ordered by word)."""
-    sel = np.sort(np.concatenate([np.asarray(positions[offsets[i]:offsets[i + 1]], np.int64) for i in dense]
-                                 or [np.empty(0, np.int64)]))
+    sel = np.sort(
+        np.concatenate(
+            [np.asarray(positions[offsets[i] : offsets[i + 1]], np.int64) for i in dense] or [np.empty(0, np.int64)]
+        )
+    )
     words = np.searchsorted(ivf.offsets, sel, side="right") - 1
     return Aggregated(ivf.images[np.asarray(ivf.entry_image[sel], np.int64)], words, np.asarray(ivf.codes[sel]))
 
@@ -318,9 +349,17 @@ def image_norms(ivf: InvertedFile, word_weight: np.ndarray | None) -> np.ndarray
     return np.bincount(ivf.entry_image, weights=word_weight[words], minlength=len(ivf.images))
 
 
-def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exclude: dict[int, int] | None = None,
-           word_weight: np.ndarray | None = None, norms: np.ndarray | None = None,
-           buffer_bytes: int = 256 * 2**20, use_numba: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def search(
+    ivf: InvertedFile,
+    query: Aggregated,
+    params: AsmkParams,
+    k: int,
+    exclude: dict[int, int] | None = None,
+    word_weight: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
+    buffer_bytes: int = 256 * 2**20,
+    use_numba: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` database images for each query image in ``query`` (aggregated, MA applied).
 
     ``exclude`` maps a query id to a database id left out of its ranking. ``word_weight`` is the
@@ -340,8 +379,9 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
         nq = min(chunk, len(qids) - q0)
         compiled = ivf.binary and ivf.codes.shape[1] % 8 == 0 and (use_numba or ivf.entry_indptr is not None)
         accumulate = _accumulate_numba if compiled else _accumulate_numpy
-        acc = accumulate(ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params,
-                         word_weight, inv_sqrt_norm)
+        acc = accumulate(
+            ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params, word_weight, inv_sqrt_norm
+        )
         qw = np.ones(len(sel)) if word_weight is None else word_weight[query.words[sel]]
         acc /= np.sqrt(np.bincount(q_of_entry[sel] - q0, weights=qw, minlength=nq))[:, None]
         if exclude:
@@ -351,13 +391,21 @@ def search(ivf: InvertedFile, query: Aggregated, params: AsmkParams, k: int, exc
                 if own >= 0 and pos < n_img and ivf.images[pos] == own:
                     acc[j, pos] = -np.inf
         s, i = _topk(acc, k)
-        out_s[q0:q0 + nq, :s.shape[1]], out_i[q0:q0 + nq, :s.shape[1]] = s, np.where(i >= 0, ivf.images[i], -1)
+        out_s[q0 : q0 + nq, : s.shape[1]], out_i[q0 : q0 + nq, : s.shape[1]] = s, np.where(i >= 0, ivf.images[i], -1)
     return qids, out_s, out_i
 
 
-def _accumulate_numpy(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local: np.ndarray, nq: int,
-                params: AsmkParams, word_weight: np.ndarray | None, inv_sqrt_norm: np.ndarray,
-                flush_pairs: int = 8_000_000) -> np.ndarray:
+def _accumulate_numpy(
+    ivf: InvertedFile,
+    words: np.ndarray,
+    codes: np.ndarray,
+    q_local: np.ndarray,
+    nq: int,
+    params: AsmkParams,
+    word_weight: np.ndarray | None,
+    inv_sqrt_norm: np.ndarray,
+    flush_pairs: int = 8_000_000,
+) -> np.ndarray:
     """Dense (nq, n_img) score buffer for one chunk of queries: Σ_c w_c σ(u) / sqrt(norm[img]).
 
     Query entries arrive sorted by word. For each word, all its query entries meet all its postings
@@ -403,20 +451,41 @@ def _accumulate_numpy(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q
     return acc.reshape(nq, n_img)
 
 
-def _accumulate_numba(ivf: InvertedFile, words: np.ndarray, codes: np.ndarray, q_local: np.ndarray, nq: int,
-                      params: AsmkParams, word_weight: np.ndarray | None, inv_sqrt_norm: np.ndarray) -> np.ndarray:
+def _accumulate_numba(
+    ivf: InvertedFile,
+    words: np.ndarray,
+    codes: np.ndarray,
+    q_local: np.ndarray,
+    nq: int,
+    params: AsmkParams,
+    word_weight: np.ndarray | None,
+    inv_sqrt_norm: np.ndarray,
+) -> np.ndarray:
     """The same buffer as :func:`_accumulate_numpy` for packed codes, by a compiled loop over pairs."""
     acc = np.zeros((nq, len(ivf.images)), np.float64)
     bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True]).astype(np.int64)
     table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, params.alpha, params.tau)
     weight = np.zeros(0) if word_weight is None else np.asarray(word_weight, np.float64)
-    args = (bounds, np.asarray(words, np.int64), np.asarray(q_local, np.int64), np.ascontiguousarray(codes).view(np.uint64),
-            np.asarray(ivf.offsets, np.int64))
+    args = (
+        bounds,
+        np.asarray(words, np.int64),
+        np.asarray(q_local, np.int64),
+        np.ascontiguousarray(codes).view(np.uint64),
+        np.asarray(ivf.offsets, np.int64),
+    )
     if ivf.entry_indptr is None:
         _binary_kernel(*args, ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc)
     else:
-        _binary_kernel_members(*args, np.asarray(ivf.entry_indptr, np.int64), ivf.entry_image, ivf.codes.view(np.uint64),
-                               table, inv_sqrt_norm, weight, acc)
+        _binary_kernel_members(
+            *args,
+            np.asarray(ivf.entry_indptr, np.int64),
+            ivf.entry_image,
+            ivf.codes.view(np.uint64),
+            table,
+            inv_sqrt_norm,
+            weight,
+            acc,
+        )
     return acc
 
 
@@ -431,7 +500,11 @@ def _topk(acc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, acc.shape[1])
     if k == 0:
         return np.zeros((acc.shape[0], 0)), np.zeros((acc.shape[0], 0), np.int64)
-    part = np.argpartition(-acc, k - 1, axis=1)[:, :k] if k < acc.shape[1] else np.tile(np.arange(acc.shape[1]), (len(acc), 1))
+    part = (
+        np.argpartition(-acc, k - 1, axis=1)[:, :k]
+        if k < acc.shape[1]
+        else np.tile(np.arange(acc.shape[1]), (len(acc), 1))
+    )
     vals = np.take_along_axis(acc, part, 1)
     order = np.lexsort((part, -vals), axis=1)
     idx = np.take_along_axis(part, order, 1)
@@ -467,8 +540,9 @@ def _binary_kernel(bounds, words, q_local, qcodes, offsets, entry_image, pcodes,
 
 
 @numba.njit(cache=True, nogil=True)
-def _binary_kernel_members(bounds, words, q_local, qcodes, offsets, indptr, members, pcodes, table, inv_sqrt_norm,
-                           weight, acc):
+def _binary_kernel_members(
+    bounds, words, q_local, qcodes, offsets, indptr, members, pcodes, table, inv_sqrt_norm, weight, acc
+):
     """:func:`_binary_kernel` for entries that stand for several images (i-ASMK* components): the
     similarity of a (query entry, posting) pair is added to every member image of the posting."""
     lanes = qcodes.shape[1]

@@ -9,6 +9,7 @@
 
 All backbones expect RGB images normalised with the ImageNet mean/std (:func:`to_tensor`).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -116,12 +117,14 @@ class ResNet(Backbone):
         inplanes = 64
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), RESNET_LAYERS[arch])):
             stride = 1 if i == 0 else 2
-            down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
+            down = nn.Sequential(
+                nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
             layers = [_Bottleneck(inplanes, planes, stride, down)]
             inplanes = planes * 4
             layers += [_Bottleneck(inplanes, planes) for _ in range(blocks - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
-        self.maps = {f"layer{i + 1}": MapInfo(256 * 2 ** i, 4 * 2 ** i) for i in range(4)}
+        self.maps = {f"layer{i + 1}": MapInfo(256 * 2**i, 4 * 2**i) for i in range(4)}
 
     def forward(self, x: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -167,12 +170,15 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-        raise CheckpointRefused(f"checkpoint {path!r} is refused: it needs Python objects unpickled, which could run "
-                                f"code ({why[:160] or 'not plain tensors'}); re-save it as "
-                                "torch.save(model.state_dict(), path)") from None
+        raise CheckpointRefused(
+            f"checkpoint {path!r} is refused: it needs Python objects unpickled, which could run "
+            f"code ({why[:160] or 'not plain tensors'}); re-save it as "
+            "torch.save(model.state_dict(), path)"
+        ) from None
     except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointRefused(f"checkpoint {path!r} cannot be read: {type(e).__name__}: "
-                                f"{(str(e).splitlines() or [''])[0][:200]}") from None
+        raise CheckpointRefused(
+            f"checkpoint {path!r} cannot be read: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointRefused(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
     return state
@@ -185,7 +191,9 @@ def load_resnet(path: str, arch: str = "resnet50") -> ResNet:
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not fit {arch}: missing {missing[:5]}…, unexpected {unexpected[:5]}…")
+        raise ValueError(
+            f"checkpoint {path!r} does not fit {arch}: missing {missing[:5]}…, unexpected {unexpected[:5]}…"
+        )
     return net
 
 

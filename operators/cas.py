@@ -22,6 +22,7 @@ shortlist (m = 1 + T nodes, T = ``shortlist``), and the shortest paths run from 
 on the top-``paths`` graph, not all pairs). On a database of T images the result is the reference's for
 that query alone (the reference solves all queries and the database together).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,22 +37,22 @@ from operators.constraints import Count, NonNegFinite, PosFinite, Probability
 
 @dataclass
 class CasParams:
-    k1: Count = 6               # confident neighbours: mutual top-k1, self included (EXT)
-    k2: Count = 60              # candidates (local cluster 𝒞): k-reciprocal top-k2 with expansion (EXT)
-    k3: Count = 70              # transition matrix: top-k3 (self excluded: k3 − 1 neighbours) (EXT)
-    k4: Count = 7               # smoothing: top-k4 neighbours, self included (EXT)
-    k5: Count = 80              # extra propagation: top-k5 of the two-step walk (EXT)
-    sigma: PosFinite = 0.3        # W = exp(−d/σ²) (EXT)
-    mu: PosFinite = 0.23          # α = 1/(1 + μ) (EXT)
+    k1: Count = 6  # confident neighbours: mutual top-k1, self included (EXT)
+    k2: Count = 60  # candidates (local cluster 𝒞): k-reciprocal top-k2 with expansion (EXT)
+    k3: Count = 70  # transition matrix: top-k3 (self excluded: k3 − 1 neighbours) (EXT)
+    k4: Count = 7  # smoothing: top-k4 neighbours, self included (EXT)
+    k5: Count = 80  # extra propagation: top-k5 of the two-step walk (EXT)
+    sigma: PosFinite = 0.3  # W = exp(−d/σ²) (EXT)
+    mu: PosFinite = 0.23  # α = 1/(1 + μ) (EXT)
     confident_weight: NonNegFinite = 2.0  # λ_c: confident edges of W (EXT lambda_value of sparse_feature_construction)
-    kappa: NonNegFinite = 2.0        # κ: weight of the confident neighbours ξ in F̃ (EXT lv)
-    beta: NonNegFinite = 0.0         # regulariser of the smoothing (EXT beta)
-    iters: Count = 10           # diffusion iterations (EXT max_iter)
-    local: bool = True        # mask every iterate to the clusters (poster); False: the EXT code's order
-    paths: Count = 100          # shortest-path graph: each item's top neighbours (EXT)
-    max_dist: PosFinite = 50.0    # path length cap (EXT)
-    lam: Probability = 0.3          # final = (1 − λ)·path + λ·d (EXT lambda_value)
-    shortlist: Count = 1000     # query-time: the query's top-T items form its problem
+    kappa: NonNegFinite = 2.0  # κ: weight of the confident neighbours ξ in F̃ (EXT lv)
+    beta: NonNegFinite = 0.0  # regulariser of the smoothing (EXT beta)
+    iters: Count = 10  # diffusion iterations (EXT max_iter)
+    local: bool = True  # mask every iterate to the clusters (poster); False: the EXT code's order
+    paths: Count = 100  # shortest-path graph: each item's top neighbours (EXT)
+    max_dist: PosFinite = 50.0  # path length cap (EXT)
+    lam: Probability = 0.3  # final = (1 − λ)·path + λ·d (EXT lambda_value)
+    shortlist: Count = 1000  # query-time: the query's top-T items form its problem
 
 
 def normalized_distances(x: np.ndarray) -> np.ndarray:
@@ -135,8 +136,9 @@ def l1_rows(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.abs(a).sum(1, keepdims=True), 1e-12)
 
 
-def smooth(f: np.ndarray, cand: np.ndarray, conf: np.ndarray, sim: np.ndarray, rank: np.ndarray,
-           k3: int, beta: float) -> np.ndarray:
+def smooth(
+    f: np.ndarray, cand: np.ndarray, conf: np.ndarray, sim: np.ndarray, rank: np.ndarray, k3: int, beta: float
+) -> np.ndarray:
     """F̂: each item's cluster similarities pulled towards its confident neighbours by transition weights
     (two-step walk on the top-(k3 − 1) graph); items with ≤ 1 confident or semi-candidate keep F."""
     trans = l1_rows(top_mask(rank, k3, start=1) * sim)
@@ -152,8 +154,8 @@ def smooth(f: np.ndarray, cand: np.ndarray, conf: np.ndarray, sim: np.ndarray, r
         tw[c] = anchor
         tw[s_] = np.minimum(trans[np.ix_(s_, c)].mean(1), anchor)
         fc, twc = f[i, all_], tw[all_]
-        shift = anchor ** 2 * fc.mean() - anchor * (fc * twc).mean()
-        out[i, all_] = (fc * (anchor * twc + 2 * beta) + shift) / (anchor ** 2 + 2 * beta)
+        shift = anchor**2 * fc.mean() - anchor * (fc * twc).mean()
+        out[i, all_] = (fc * (anchor * twc + 2 * beta) + shift) / (anchor**2 + 2 * beta)
     return l1_rows(out)
 
 
@@ -224,7 +226,7 @@ def path_graph(feat: np.ndarray, rank: np.ndarray, paths: int) -> sp.csr_matrix:
     with np.errstate(divide="ignore", invalid="ignore"):
         xlogx = np.where(feat > 0, feat * np.log2(feat), 0.0)
     js = np.maximum(_js_edges(feat, xlogx, np.ascontiguousarray(rank[:, :k], np.int64)).ravel(), 1e-12)  # > 0: a
-    keep = rows != cols                                                                          # stored 0 is no edge
+    keep = rows != cols  # stored 0 is no edge
     g = sp.csr_matrix((js[keep], (rows[keep], cols[keep])), shape=(n, n))
     return g.maximum(g.T)
 
@@ -239,7 +241,7 @@ def cas_distances(x: np.ndarray, p: CasParams, sources: np.ndarray) -> np.ndarra
     """CAS distances from the items ``sources`` to every item of the problem ``x`` (m × D)."""
     d = normalized_distances(x)
     rank = ranking(d)
-    sim = np.exp(-d / p.sigma ** 2)
+    sim = np.exp(-d / p.sigma**2)
     conf, cand = confident(rank, p.k1), candidates(rank, p.k2)
     w = affinity(sim, rank, conf, p.k1, p.confident_weight)
     f = bidirectional_diffusion(w, p.mu, p.iters, cand if p.local else None)
@@ -253,7 +255,9 @@ def cas_query_distances(xq: np.ndarray, x_short: np.ndarray, p: CasParams) -> np
     return cas_distances(np.vstack([xq[None, :], x_short]), p, np.array([0]))[0, 1:]
 
 
-def rerank_shortlist(xq: np.ndarray, x_short: np.ndarray, rows: np.ndarray, p: CasParams) -> tuple[np.ndarray, np.ndarray]:
+def rerank_shortlist(
+    xq: np.ndarray, x_short: np.ndarray, rows: np.ndarray, p: CasParams
+) -> tuple[np.ndarray, np.ndarray]:
     """One query's shortlist ``rows`` (−1 padding dropped) re-ordered by CAS distance, scores 1/(1 + distance)."""
     ok = rows >= 0
     rows, x_short = rows[ok], x_short[ok]

@@ -11,6 +11,7 @@
 - Modes: local maxima of π over graph neighbours (T:25265-25276), ties broken by node index,
   ranked by π. Isolated nodes are no modes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,10 +69,10 @@ def modes(w: sp.spmatrix, score: np.ndarray) -> np.ndarray:
     w = sp.csr_matrix(w)
     n = w.shape[0]
     rank = np.empty(n, np.int64)
-    rank[np.lexsort((np.arange(n), -score))] = np.arange(n)        # 0 = best
+    rank[np.lexsort((np.arange(n), -score))] = np.arange(n)  # 0 = best
     beats = w.copy()
-    beats.data = (n - rank[beats.indices]).astype(np.float64)       # larger = better neighbour
-    best_neighbour = n - np.asarray(beats.max(axis=1).todense()).ravel()   # rank of the best neighbour
+    beats.data = (n - rank[beats.indices]).astype(np.float64)  # larger = better neighbour
+    best_neighbour = n - np.asarray(beats.max(axis=1).todense()).ravel()  # rank of the best neighbour
     has_neighbours = np.diff(w.indptr) > 0
     is_mode = has_neighbours & (rank < best_neighbour)
     found = np.flatnonzero(is_mode)

@@ -4,6 +4,7 @@ q(x) = nearest centroid (ASMK IJCV L6835-6848); k = 65,536 by default (L7519-752
 Multiple assignment replicates a query descriptor to its m nearest words (m = 5, L7537-7542,
 L9524); the database uses single assignment. k-means runs faiss (GPU when faiss sees GPUs).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ def effective_k(n_samples: int, k: int, min_points_per_centroid: int = 39) -> in
     return max(2, min(k, reduced))
 
 
-def train_codebook(x: np.ndarray, k: int, niter: int = 10, seed: int = 1234, gpu: bool | None = None,
-                   threads: int | None = None) -> np.ndarray:
+def train_codebook(
+    x: np.ndarray, k: int, niter: int = 10, seed: int = 1234, gpu: bool | None = None, threads: int | None = None
+) -> np.ndarray:
     """k-means centroids (k, d) float32 of samples ``x`` (L2 k-means, like the reference asmk);
     ``threads``: faiss's OpenMP threads (a Ray worker starts with as many as its task's CPUs)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -47,10 +49,11 @@ class AssignConfig:
     """How descriptors find their nearest words: ``flat`` (exact, faiss brute force) or ``hnsw`` (faiss
     HNSW graph over the centroids: approximate, several times faster on a 64k codebook; see
     ``benchmarks/assignment.py`` for the agreement with the exact words)."""
+
     method: Literal["flat", "hnsw"] = "flat"
-    hnsw_m: AtLeast2 = 32               # HNSW: links per node
-    ef_construction: Count = 80      # HNSW: candidate list while building
-    ef_search: Count = 64            # HNSW: candidate list per search (at least m of multiple assignment)
+    hnsw_m: AtLeast2 = 32  # HNSW: links per node
+    ef_construction: Count = 80  # HNSW: candidate list while building
+    ef_search: Count = 64  # HNSW: candidate list per search (at least m of multiple assignment)
 
 
 class Quantizer:

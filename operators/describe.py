@@ -9,6 +9,7 @@ Images are resized to ``global_max_side`` / ``max_side`` (shrink only) and resca
 a (side, scale) pass needed by both the global and the local descriptor runs once, and images
 whose rescaled shapes agree are forwarded as one batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ from operators.backbones import build_backbone, to_tensor
 from operators.constraints import Count, NonNegInt, OddCount, PosFinite, Scales
 from operators.gem import gem, multiscale_gem
 from operators.how import merge_scales, select_local
-from operators.images import resize_max_side, rescale
+from operators.images import rescale, resize_max_side
 from operators.rootsift import RootSift
 from operators.whitening import Whitening
 
@@ -34,24 +35,24 @@ GEM_SCALES = [1.0, 1 / math.sqrt(2), 0.5]
 @dataclass
 class DescriptorConfig:
     backbone: Literal["efficientnet-lite0", "resnet50", "resnet101"] = "efficientnet-lite0"
-    checkpoint: str | None = None          # local weights file (required for resnet50/101)
-    global_layer: str = "head"             # map pooled by GeM
+    checkpoint: str | None = None  # local weights file (required for resnet50/101)
+    global_layer: str = "head"  # map pooled by GeM
     global_scales: Scales = field(default_factory=lambda: list(GEM_SCALES))
     gem_p: PosFinite = 3.0
-    global_max_side: Count = 1024            # image max side the global scales are relative to
-    max_side: Count = 1024                   # image max side the local scales are relative to
+    global_max_side: Count = 1024  # image max side the global scales are relative to
+    max_side: Count = 1024  # image max side the local scales are relative to
     local: Literal["rootsift", "how", "none"] = "rootsift"
-    local_layer: str = "head"              # how: map giving local descriptors (head: stride 32; block10: stride 16)
+    local_layer: str = "head"  # how: map giving local descriptors (head: stride 32; block10: stride 16)
     local_scales: Scales = field(default_factory=lambda: list(HOW_SCALES))
-    local_n: Count = 1000                    # how: strongest features kept across scales
+    local_n: Count = 1000  # how: strongest features kept across scales
     local_smoothing: OddCount = 3
-    sift_n: Count = 2000                     # rootsift: features per image
+    sift_n: Count = 2000  # rootsift: features per image
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    forward_batch: NonNegInt = 0                 # max same-shape images per forward; 0: 16 on GPU, 1 on CPU
-                                           # (measured on 2 CPU cores: batching is 0.78x, README)
-    cudnn: bool = False                    # cuDNN convolutions on CUDA: off, as cuDNN plans every new input
-                                           # shape afresh (H200: 0.4 images/s on new shapes against 222 off;
-                                           # benchmarks/gpu_check.py, README "GPU")
+    forward_batch: NonNegInt = 0  # max same-shape images per forward; 0: 16 on GPU, 1 on CPU
+    # (measured on 2 CPU cores: batching is 0.78x, README)
+    cudnn: bool = False  # cuDNN convolutions on CUDA: off, as cuDNN plans every new input
+    # shape afresh (H200: 0.4 images/s on new shapes against 222 off;
+    # benchmarks/gpu_check.py, README "GPU")
 
 
 class ImageTooSmall(ValueError):
@@ -61,11 +62,15 @@ class ImageTooSmall(ValueError):
 class Describer:
     """Batch callable: list of RGB images -> list of descriptor dicts (see module doc)."""
 
-    def __init__(self, cfg: DescriptorConfig, local_whitening: Whitening | None = None,
-                 global_whitening: Whitening | None = None):
+    def __init__(
+        self, cfg: DescriptorConfig, local_whitening: Whitening | None = None, global_whitening: Whitening | None = None
+    ):
         self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = torch.device(
+            "cuda"
+            if cfg.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if cfg.device == "auto" else cfg.device)
+        )
         self.net = build_backbone(cfg.backbone, cfg.checkpoint).to(self.device)
         for name in (cfg.global_layer, cfg.local_layer):
             if name not in self.net.maps:
@@ -99,8 +104,9 @@ class Describer:
                         gem_parts[idx].append(gem(maps[cfg.global_layer][None], cfg.gem_p)[0])
                     if cfg.local == "how" and side == cfg.max_side and scale in cfg.local_scales:
                         d, w, p = select_local(maps[cfg.local_layer], cfg.local_n, cfg.local_smoothing)
-                        local_parts[idx].append((d.float().cpu().numpy(), w.float().cpu().numpy(),
-                                                 p.cpu().numpy(), scale, bases[idx][1]))
+                        local_parts[idx].append(
+                            (d.float().cpu().numpy(), w.float().cpu().numpy(), p.cpu().numpy(), scale, bases[idx][1])
+                        )
         for i, row in enumerate(rows):
             self._check_scales(images[i], gem_parts[i], local_parts[i])
             g = multiscale_gem([v[None].float() for v in gem_parts[i]], cfg.gem_p)[0].cpu().numpy()
@@ -134,8 +140,9 @@ class Describer:
             missing.append("local")
         if missing:
             h, w = image.shape[:2]
-            raise ImageTooSmall(f"image {w}x{h} is too small: no {' or '.join(missing)} scale gives both sides "
-                                f">= {self.min_side} px")
+            raise ImageTooSmall(
+                f"image {w}x{h} is too small: no {' or '.join(missing)} scale gives both sides >= {self.min_side} px"
+            )
 
     def _plan(self) -> dict[tuple[int, float], tuple[str, ...]]:
         """Maps needed at each (max side, scale); a pass shared by global and local runs once."""
@@ -155,12 +162,13 @@ class Describer:
             if min(img.shape[:2]) >= self.min_side:  # smaller ones skip this scale (_check_scales)
                 groups[img.shape].append(i)
         step = self.cfg.forward_batch or (16 if self.device.type == "cuda" else 1)
-        chunks = [idxs[s:s + step] for idxs in groups.values() for s in range(0, len(idxs), step)]
+        chunks = [idxs[s : s + step] for idxs in groups.values() for s in range(0, len(idxs), step)]
         cudnn = torch.backends.cudnn
         for idxs in chunks:
             x = to_tensor([scaled[i] for i in idxs], self.device)
-            with cudnn.flags(enabled=self.cfg.cudnn, benchmark=False, deterministic=cudnn.deterministic,
-                             allow_tf32=cudnn.allow_tf32):
+            with cudnn.flags(
+                enabled=self.cfg.cudnn, benchmark=False, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+            ):
                 out = self.net(x, names)
             for j, i in enumerate(idxs):
                 yield i, {n: m[j] for n, m in out.items()}

@@ -11,6 +11,7 @@ product for all of them. Truncation (T:18576-18583) re-ranks a query's top-T sho
 subgraph of W restricted to it, re-normalised; the subgraphs of a batch form one block-diagonal
 matrix so their CGs also run together.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,8 +26,13 @@ from operators.prefetch import AHEAD, LINE, prefetch
 ALPHA = 0.99
 
 
-def cg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, tol: float = 1e-6, maxiter: int = 20,
-       x0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def cg(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    b: np.ndarray,
+    tol: float = 1e-6,
+    maxiter: int = 20,
+    x0: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Independent conjugate-gradient solves A x_j = b_j for every column j of ``b``.
 
     ``matvec`` maps an (n, m) block to A times it (A symmetric positive-definite, acting column by
@@ -49,11 +55,11 @@ def cg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, tol: float = 1
         ap = np.ascontiguousarray(matvec(p), dtype=b.dtype)
         pap = _column_dot(p, ap)
         step = np.where(active & (pap > 0), rs / np.where(pap > 0, pap, 1), 0.0).astype(b.dtype)
-        rs_new = _step(x, r, p, ap, step)          # x += step p; r −= step Ap; returns ||r||² per column
+        rs_new = _step(x, r, p, ap, step)  # x += step p; r −= step Ap; returns ||r||² per column
         iters += active
         active &= np.sqrt(rs_new) > stop
         beta = np.where(active, rs_new / np.where(rs > 0, rs, 1), 0.0).astype(b.dtype)
-        _direction(p, r, beta)                      # p = r + beta p
+        _direction(p, r, beta)  # p = r + beta p
         rs = rs_new
     return (x[:, 0] if squeeze else x), iters
 
@@ -96,8 +102,9 @@ def _direction(p, r, beta):
             p[i, j] = r[i, j] + beta[j] * p[i, j]
 
 
-def seeds(n: int, ids: np.ndarray, sims: np.ndarray, kq: int = 10, gamma: float = 3.0,
-          dtype: type = np.float64) -> np.ndarray:
+def seeds(
+    n: int, ids: np.ndarray, sims: np.ndarray, kq: int = 10, gamma: float = 3.0, dtype: type = np.float64
+) -> np.ndarray:
     """Dense (n, m) block Y: y_i = [s(q, x_i)]₊^γ for the first ``kq`` neighbours of each query (-1: none)."""
     ids, sims = np.asarray(ids)[:, :kq], np.asarray(sims, np.float64)[:, :kq]
     y = np.zeros((n, len(ids)), dtype)
@@ -107,8 +114,7 @@ def seeds(n: int, ids: np.ndarray, sims: np.ndarray, kq: int = 10, gamma: float 
     return y
 
 
-def temporal(s: sp.spmatrix, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6,
-             maxiter: int = 20) -> np.ndarray:
+def temporal(s: sp.spmatrix, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6, maxiter: int = 20) -> np.ndarray:
     """f = (1 − α)(I − αS)⁻¹ y for every column of ``y`` by CG (S symmetric-normalised).
 
     Runs in ``y``'s dtype (float32 halves the memory traffic; rankings are unchanged in practice).
@@ -169,8 +175,9 @@ def _spmm_combine(indptr, indices, data, p, a, b, c, out, per_line):
                 row[j] += v * pc[j]
 
 
-def truncated(w: sp.spmatrix, shortlists: np.ndarray, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6,
-              maxiter: int = 20) -> np.ndarray:
+def truncated(
+    w: sp.spmatrix, shortlists: np.ndarray, y: np.ndarray, alpha: float = ALPHA, tol: float = 1e-6, maxiter: int = 20
+) -> np.ndarray:
     """Diffusion of each query on its own shortlist (T:18576-18583, T:19975-19978).
 
     ``shortlists`` (m, T) database indices (-1 padding), ``y`` (m, T) the query's seeds on them.
@@ -214,7 +221,9 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tupl
         ok = np.asarray(exclude) >= 0
         sc[np.flatnonzero(ok), np.asarray(exclude)[ok]] = -np.inf
     k = min(k, sc.shape[1])
-    part = np.argpartition(-sc, k - 1, axis=1)[:, :k] if k < sc.shape[1] else np.tile(np.arange(sc.shape[1]), (len(sc), 1))
+    part = (
+        np.argpartition(-sc, k - 1, axis=1)[:, :k] if k < sc.shape[1] else np.tile(np.arange(sc.shape[1]), (len(sc), 1))
+    )
     vals = np.take_along_axis(sc, part, 1)
     order = np.lexsort((part, -vals), axis=1)
     idx = np.take_along_axis(part, order, 1)

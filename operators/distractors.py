@@ -13,6 +13,7 @@ So a distractor keeps real images' burstiness (entries per image, words shared b
 among real global descriptors, between two unrelated images, where a query's false matches live. Each
 distractor is a pure function of its generator, which the caller seeds per shard: deterministic, streamed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,20 +25,20 @@ from operators.constraints import Count, NonNegFinite, Probability
 
 @dataclass
 class DistractorParams:
-    mix: Count = 2                # donor images per distractor
-    flip: Probability = 0.1           # fraction of each entry's sign bits flipped
-    foreign: Probability = 0.1        # entries drawn from the whole pool, as a fraction of the kept ones
-    global_noise: NonNegFinite = 0.1   # σ: norm of the global noise relative to the mixed descriptor
+    mix: Count = 2  # donor images per distractor
+    flip: Probability = 0.1  # fraction of each entry's sign bits flipped
+    foreign: Probability = 0.1  # entries drawn from the whole pool, as a fraction of the kept ones
+    global_noise: NonNegFinite = 0.1  # σ: norm of the global noise relative to the mixed descriptor
 
 
 @dataclass
 class DonorPool:
     """Real images' global descriptors and ASMK* entries (grouped by image: ``offsets``)."""
 
-    globals: np.ndarray   # (n, D) float32
-    offsets: np.ndarray   # (n + 1,) int64
-    words: np.ndarray     # (E,) int32
-    codes: np.ndarray     # (E, B) uint8 packed signs
+    globals: np.ndarray  # (n, D) float32
+    offsets: np.ndarray  # (n + 1,) int64
+    words: np.ndarray  # (E,) int32
+    codes: np.ndarray  # (E, B) uint8 packed signs
 
     def __len__(self) -> int:
         return len(self.globals)
@@ -54,8 +55,9 @@ def flip_bits(codes: np.ndarray, fraction: float, rng: np.random.Generator) -> n
     return codes ^ np.packbits(mask, axis=1)
 
 
-def make_distractor(pool: DonorPool, p: DistractorParams, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_distractor(
+    pool: DonorPool, p: DistractorParams, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One distractor: (global (D,) float32 unit, words (E,) int32 ascending, codes (E, B) uint8); module doc."""
     donors = rng.choice(len(pool), min(p.mix, len(pool)), replace=False)
     weights = rng.dirichlet(np.ones(len(donors)))

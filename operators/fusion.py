@@ -19,6 +19,7 @@ queries pooled) it scored 96.17 cross-validated mAP against 95.86 for score fusi
 92.51 and global alone 95.37; on crops no group fell more than 3 points below its better
 component, where score fusion at the old β = 0.5 lost 5.9 on one (README "Fusion").
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -28,11 +29,17 @@ import numpy as np
 from operators.ranking import Ranking
 
 Mode = Literal["score", "rank"]
-RRF_K0 = 60.0   # reciprocal rank fusion's constant [ext]
+RRF_K0 = 60.0  # reciprocal rank fusion's constant [ext]
 
 
-def fuse(cand_ids: np.ndarray, asmk: np.ndarray, cand_global: np.ndarray, beta: float = 1.5, k: int = 100,
-         mode: Mode = "rank") -> tuple[np.ndarray, np.ndarray]:
+def fuse(
+    cand_ids: np.ndarray,
+    asmk: np.ndarray,
+    cand_global: np.ndarray,
+    beta: float = 1.5,
+    k: int = 100,
+    mode: Mode = "rank",
+) -> tuple[np.ndarray, np.ndarray]:
     """Fused top-``k`` of m queries.
 
     ``cand_ids`` (m, c): each query's candidates (−1: padding); ``asmk`` (m, c): their ASMK scores

@@ -7,6 +7,7 @@ Multi-scale (L2903-2916, L3497-3503): per-scale descriptors are combined by a ge
 with the same p, then L2-normalised; each per-scale vector is L2-normalised first [ext: cirtorch
 ``extract_ms``].
 """
+
 from __future__ import annotations
 
 import torch

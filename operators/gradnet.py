@@ -19,6 +19,7 @@ Open in the paper, our choices: the sparse-coding solver of [46] (we solve eq. 9
 projected gradient on the simplex), B and c (B = 100, the "dimension limit 100" of G:300; c = 5), the epoch
 count (an epoch = N sextets; ``epochs``, capped at ``max_steps`` batches), QFE's K (= the graph's K).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,20 +34,20 @@ from operators.gss import adam_step, receptive_field, row_blocks, to_torch_spars
 
 @dataclass
 class GradNetParams:
-    k: Count = 15                         # mutual kNN (G:256; Paris6k 60, G:317)
-    anchors: Count = 100                  # B k-means anchors (G:300 "dimension limit 100")
-    codes: Count = 5                      # c: nonzero codes per item (not in the paper)
+    k: Count = 15  # mutual kNN (G:256; Paris6k 60, G:317)
+    anchors: Count = 100  # B k-means anchors (G:300 "dimension limit 100")
+    codes: Count = 5  # c: nonzero codes per item (not in the paper)
     dims: Widths = field(default_factory=lambda: [1024, 256, 128])  # layer widths (G:256)
-    concat: bool = False                # output every layer's features concatenated (eq. 17) instead of H^L
+    concat: bool = False  # output every layer's features concatenated (eq. 17) instead of H^L
     dropout: Rate = 0.3
-    leaky: NonNegFinite = 0.01                 # LeakyReLU slope (torch default; not in the paper)
-    alpha: NonNegFinite = 1e5                  # weight of the quadruplet term (G:256)
-    weight_decay: NonNegFinite = 1e-5          # λ‖Θ‖²
-    lr: PosFinite = 3e-4                    # Adam (G:300)
-    batch: Count = 64                     # sextets a batch (G:256)
-    epochs: PosFinite = 300                 # an epoch = N sextets (G:250, G:300)
-    max_steps: Count = 2000               # cap on batches (large N)
-    qfe_rounds: Count = 1                 # QFE applications (G:234-238: "can be applied twice")
+    leaky: NonNegFinite = 0.01  # LeakyReLU slope (torch default; not in the paper)
+    alpha: NonNegFinite = 1e5  # weight of the quadruplet term (G:256)
+    weight_decay: NonNegFinite = 1e-5  # λ‖Θ‖²
+    lr: PosFinite = 3e-4  # Adam (G:300)
+    batch: Count = 64  # sextets a batch (G:256)
+    epochs: PosFinite = 300  # an epoch = N sextets (G:250, G:300)
+    max_steps: Count = 2000  # cap on batches (large N)
+    qfe_rounds: Count = 1  # QFE applications (G:234-238: "can be applied twice")
     seed: Seed = 0
 
 
@@ -90,7 +91,7 @@ def sparse_codes(x: np.ndarray, anchors: np.ndarray, c: int, iters: int = 200) -
     u = np.asarray(anchors, np.float64)
     d2 = (x * x).sum(1)[:, None] - 2 * x @ u.T + (u * u).sum(1)[None, :]
     near = np.argsort(d2, axis=1, kind="stable")[:, :c]
-    uc = u[near]                                         # (n, c, d)
+    uc = u[near]  # (n, c, d)
     gram = np.einsum("ncd,nkd->nck", uc, uc)
     lin = np.einsum("ncd,nd->nc", uc, x)
     step = 1.0 / np.maximum(np.linalg.eigvalsh(gram)[:, -1], 1e-12)
@@ -112,13 +113,16 @@ def code_matrix(near: np.ndarray, z: np.ndarray, b: int) -> sp.csr_matrix:
 # ------------------------------------------------------------------------------------------
 def _torch():
     import torch
+
     return torch
 
 
 class GradNet:
     """Graph diffusion layers (eq. 16) as torch tensors (``params``); forward on receptive-field blocks."""
 
-    def __init__(self, dim_in: int, p: GradNetParams, device: str = "cpu", weights: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self, dim_in: int, p: GradNetParams, device: str = "cpu", weights: dict[str, np.ndarray] | None = None
+    ):
         torch = _torch()
         self.p, self.device = p, device
         if weights is None:
@@ -129,8 +133,9 @@ class GradNet:
                 for name in ("w1", "w2"):
                     weights[f"{name}_{layer}"] = ((torch.rand(d, out, generator=gen) * 2 - 1) * bound).numpy()
                 d = out
-        self.params = {k: torch.tensor(np.asarray(v, np.float32), device=device, requires_grad=True)
-                       for k, v in weights.items()}
+        self.params = {
+            k: torch.tensor(np.asarray(v, np.float32), device=device, requires_grad=True) for k, v in weights.items()
+        }
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.params.items()}
@@ -140,12 +145,13 @@ class GradNet:
         middle rows (those within one hop of the output), s_mid the middle rows to the output rows; each row
         set is a prefix of the one before."""
         torch = _torch()
-        sh = torch.sparse.mm(s_in, h)                        # SH on the middle rows
-        second = torch.sparse.mm(s_mid, sh * h[:sh.shape[0]])  # S(SH ⊙ H) on the output rows
+        sh = torch.sparse.mm(s_in, h)  # SH on the middle rows
+        second = torch.sparse.mm(s_mid, sh * h[: sh.shape[0]])  # S(SH ⊙ H) on the output rows
         m = s_mid.shape[0]
-        first = h[:m] + sh[:m]                               # (I + S)H
-        out = torch.nn.functional.leaky_relu(first @ self.params[f"w1_{layer}"] + second @ self.params[f"w2_{layer}"],
-                                             self.p.leaky)
+        first = h[:m] + sh[:m]  # (I + S)H
+        out = torch.nn.functional.leaky_relu(
+            first @ self.params[f"w1_{layer}"] + second @ self.params[f"w2_{layer}"], self.p.leaky
+        )
         out = torch.nn.functional.normalize(out, dim=1)
         return torch.nn.functional.dropout(out, self.p.dropout, training=training)
 
@@ -162,7 +168,7 @@ class GradNet:
         return torch.cat([x0[:m], *(o[:m] for o in outs)], dim=1)
 
     def regularizer(self):
-        return sum((v ** 2).sum() for v in self.params.values())
+        return sum((v**2).sum() for v in self.params.values())
 
 
 def features(x: np.ndarray, z: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
@@ -199,6 +205,7 @@ def sextet_loss(h, six, a_ij, a_kl, p: GradNetParams):
 
     def s(x, y):
         return (h[six[:, x]] * h[six[:, y]]).sum(1)
+
     bpr = -torch.nn.functional.logsigmoid(s(0, 1) - s(0, 4)) - torch.nn.functional.logsigmoid(s(2, 3) - s(2, 5))
     s_ki, s_li, s_lj = s(2, 0), s(3, 0), s(3, 1)
     quad = torch.log1p(a_ij * a_kl * s_ki * s_li * (s_ki - s_lj) ** 2)
@@ -210,8 +217,17 @@ def total_steps(n: int, p: GradNetParams) -> int:
     return int(min(p.max_steps, np.ceil(p.epochs * n / p.batch)))
 
 
-def train_steps(model: GradNet, s_hat: sp.csr_matrix, a: sp.csr_matrix, x: np.ndarray, z: sp.csr_matrix,
-                start: int, stop: int, optimizer=None, log=None):
+def train_steps(
+    model: GradNet,
+    s_hat: sp.csr_matrix,
+    a: sp.csr_matrix,
+    x: np.ndarray,
+    z: sp.csr_matrix,
+    start: int,
+    stop: int,
+    optimizer=None,
+    log=None,
+):
     """Adam steps ``start``..``stop`` − 1 (batch of step t drawn from (seed, t): a resumed run draws the same)."""
     torch = _torch()
     p = model.p
@@ -224,8 +240,11 @@ def train_steps(model: GradNet, s_hat: sp.csr_matrix, a: sp.csr_matrix, x: np.nd
         nodes, inv = np.unique(six, return_inverse=True)
         sets, blocks = receptive_field(s_hat, nodes, hops)
         torch.manual_seed(p.seed * 1_000_003 + step)  # dropout masks: a function of the step too
-        h = model.forward([to_torch_sparse(b, model.device) for b in blocks],
-                          torch.from_numpy(features(x, z, sets[0])).to(model.device), training=True)
+        h = model.forward(
+            [to_torch_sparse(b, model.device) for b in blocks],
+            torch.from_numpy(features(x, z, sets[0])).to(model.device),
+            training=True,
+        )
         a_ij = torch.from_numpy(np.asarray(a[six[:, 0], six[:, 1]], np.float32).ravel()).to(model.device)
         a_kl = torch.from_numpy(np.asarray(a[six[:, 2], six[:, 3]], np.float32).ravel()).to(model.device)
         loss = sextet_loss(h, inv.reshape(six.shape), a_ij, a_kl, p) + p.weight_decay * model.regularizer()
@@ -241,13 +260,23 @@ def embed_nodes(model: GradNet, s_hat: sp.csr_matrix, x: np.ndarray, z: sp.csr_m
     torch = _torch()
     with torch.no_grad():
         sets, blocks = receptive_field(s_hat, np.asarray(nodes, np.int64), 2 * len(model.p.dims))
-        h = model.forward([to_torch_sparse(b, model.device) for b in blocks],
-                          torch.from_numpy(features(x, z, sets[0])).to(model.device))
+        h = model.forward(
+            [to_torch_sparse(b, model.device) for b in blocks],
+            torch.from_numpy(features(x, z, sets[0])).to(model.device),
+        )
         return torch.nn.functional.normalize(h, dim=1).cpu().numpy()
 
 
-def propagate_layer(model: GradNet, s_hat: sp.csr_matrix, h: np.ndarray, layer: int, sh: np.ndarray,
-                    prod: np.ndarray, out: np.ndarray, block: int = 65536) -> None:
+def propagate_layer(
+    model: GradNet,
+    s_hat: sp.csr_matrix,
+    h: np.ndarray,
+    layer: int,
+    sh: np.ndarray,
+    prod: np.ndarray,
+    out: np.ndarray,
+    block: int = 65536,
+) -> None:
     """H^{l+1} of every node into ``out`` from H^l (``h``), over row blocks: SH into ``sh``, SH ⊙ H into
     ``prod``, then LeakyReLU((H + SH)W₁ + S(SH ⊙ H)W₂) row-normalised (eq. 16; no dropout). Each array may be
     a memory map: no whole-graph activation is held in memory."""
@@ -263,8 +292,15 @@ def propagate_layer(model: GradNet, s_hat: sp.csr_matrix, h: np.ndarray, layer: 
         out[a:b] = torch.nn.functional.normalize(act, dim=1).numpy()
 
 
-def embed_all(model: GradNet, s_hat: sp.csr_matrix, x: np.ndarray, z: sp.csr_matrix, out: np.ndarray,
-              scratch: Callable[[tuple], np.ndarray], block: int = 65536) -> None:
+def embed_all(
+    model: GradNet,
+    s_hat: sp.csr_matrix,
+    x: np.ndarray,
+    z: sp.csr_matrix,
+    out: np.ndarray,
+    scratch: Callable[[tuple], np.ndarray],
+    block: int = 65536,
+) -> None:
     """:func:`embed_nodes` of every node into ``out`` (n × output width), layer by layer over row blocks;
     ``scratch(shape)`` gives the float32 arrays of the intermediate activations (memory maps at scale)."""
     n = len(x)
@@ -273,14 +309,14 @@ def embed_all(model: GradNet, s_hat: sp.csr_matrix, x: np.ndarray, z: sp.csr_mat
         h[a:b] = features(x, z, np.arange(a, b))
     col = 0
     if model.p.concat:
-        out[:, :h.shape[1]] = h
+        out[:, : h.shape[1]] = h
         col = h.shape[1]
     for layer, width in enumerate(model.p.dims, 1):
         sh, prod = scratch((n, h.shape[1])), scratch((n, h.shape[1]))
         nxt = scratch((n, width)) if layer < len(model.p.dims) or model.p.concat else out
         propagate_layer(model, s_hat, h, layer, sh, prod, nxt, block)
         if model.p.concat:
-            out[:, col:col + width] = nxt
+            out[:, col : col + width] = nxt
             col += width
         del sh, prod
         h = nxt

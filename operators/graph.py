@@ -11,6 +11,7 @@ i.e. a CSR matrix with a constant row length, which is how it is stored and memo
 
 The diagonal is always zero (an item is never its own neighbour in W).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,23 +19,28 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
 
 
-def knn_to_sparse(ids: np.ndarray, sims: np.ndarray, n: int, k: int | None = None,
-                  gamma: float = 3.0) -> sp.csr_matrix:
+def knn_to_sparse(ids: np.ndarray, sims: np.ndarray, n: int, k: int | None = None, gamma: float = 3.0) -> sp.csr_matrix:
     """A = [s]₊^γ restricted to the first ``k`` neighbours: row i holds i's neighbours (no self-loops)."""
     k = ids.shape[1] if k is None else min(k, ids.shape[1])
     ids, sims = np.asarray(ids[:, :k]), np.asarray(sims[:, :k])
     vals = np.maximum(sims, 0).astype(np.float64) ** gamma
     keep = (ids >= 0) & (ids != np.arange(len(ids))[:, None]) & (vals > 0)
     indptr = np.r_[0, np.cumsum(keep.sum(axis=1))].astype(np.int64)  # rows arrive in order: CSR directly
-    indptr = np.r_[indptr, np.full(n - len(ids), indptr[-1])]         # items without lists: empty rows
+    indptr = np.r_[indptr, np.full(n - len(ids), indptr[-1])]  # items without lists: empty rows
     a = sp.csr_matrix((vals[keep], ids[keep].astype(np.int32 if n < 2**31 else np.int64), indptr), shape=(n, n))
     a.sort_indices()
     a.sum_duplicates()
     return a
 
 
-def affinity(ids: np.ndarray, sims: np.ndarray, n: int | None = None, k: int | None = None, gamma: float = 3.0,
-             mode: str = "mutual") -> sp.csr_matrix:
+def affinity(
+    ids: np.ndarray,
+    sims: np.ndarray,
+    n: int | None = None,
+    k: int | None = None,
+    gamma: float = 3.0,
+    mode: str = "mutual",
+) -> sp.csr_matrix:
     """Symmetric affinity W from kNN lists: ``mutual`` (min of both directions) or ``union`` (A + Aᵀ)."""
     n = len(ids) if n is None else n
     a = knn_to_sparse(ids, sims, n, k, gamma)

@@ -26,6 +26,7 @@ the weights of the best σ (:class:`EarlyStop`): the loss's own aim (neighbours 
 measured on the edges the method trusts, which stops improving when training starts to tear the graph's
 neighbourhoods apart.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,25 +48,25 @@ from operators.constraints import (
 
 @dataclass
 class GssParams:
-    k: AtLeast2 = 5                  # database graph: top-k of each item, itself included (EXT gen_graph: k = 5 ROxf/RPar)
-    kq: Count = 5                 # a query attaches to its top-k_q database items (EXT: 5 ROxf, 15 RPar)
-    layers: Count = 2             # EXT num_layers
-    layer_decay: NonNegFinite = 0.3    # EXT layer_decay
-    init_std: NonNegFinite = 1e-5      # ε: off-diagonal std of the initial W (EXT init_weights)
-    alpha: PosFinite = 1.0          # α_gss
-    beta: NonNegFinite = 0.0           # > 0: fixed β; 0: automatic, the beta_percentile of the initial similarities
+    k: AtLeast2 = 5  # database graph: top-k of each item, itself included (EXT gen_graph: k = 5 ROxf/RPar)
+    kq: Count = 5  # a query attaches to its top-k_q database items (EXT: 5 ROxf, 15 RPar)
+    layers: Count = 2  # EXT num_layers
+    layer_decay: NonNegFinite = 0.3  # EXT layer_decay
+    init_std: NonNegFinite = 1e-5  # ε: off-diagonal std of the initial W (EXT init_weights)
+    alpha: PosFinite = 1.0  # α_gss
+    beta: NonNegFinite = 0.0  # > 0: fixed β; 0: automatic, the beta_percentile of the initial similarities
     beta_percentile: Percentile = 98.0
     beta_pairs: Count = 1_000_000  # pairs sampled for the automatic β (never an N × N matrix)
-    lr: PosFinite = 1e-4            # Adam
+    lr: PosFinite = 1e-4  # Adam
     weight_decay: NonNegFinite = 1e-5  # λ of λ Σ‖W‖²/2 (EXT regularizer_scale, tf l2_regularizer)
-    steps: NonNegInt = 200            # Adam steps at most (EXT: 200 full-batch epochs; INSTRE 500)
+    steps: NonNegInt = 200  # Adam steps at most (EXT: 200 full-batch epochs; INSTRE 500)
     stop: Literal["separation", "steps"] = "separation"  # label-free early stopping on the graph's separation
-                                # (:func:`separation`), or all ``steps`` (the reference instead keeps the
-                                # epoch of best *test* mAP, which a user does not have)
-    eval_every: Count = 10        # steps between separation measurements
-    patience: Count = 5           # measurements without a better separation before training stops
-    eval_nodes: Count = 1024      # nodes whose graph edges and pairs measure the separation
-    batch: Count = 2048           # nodes a step; the whole graph (the reference's full batch) when n ≤ batch
+    # (:func:`separation`), or all ``steps`` (the reference instead keeps the
+    # epoch of best *test* mAP, which a user does not have)
+    eval_every: Count = 10  # steps between separation measurements
+    patience: Count = 5  # measurements without a better separation before training stops
+    eval_nodes: Count = 1024  # nodes whose graph edges and pairs measure the separation
+    batch: Count = 2048  # nodes a step; the whole graph (the reference's full batch) when n ≤ batch
     seed: Seed = 0
 
 
@@ -76,14 +77,15 @@ def gss_adjacency(nn: np.ndarray, x: np.ndarray, k: int, block: int = 65536) -> 
     """A: item i linked to the first k − 1 items of its kNN list ``nn`` (self excluded, −1 padding) and back,
     weights the cosine x_iᵀx_j of the (ℓ2-normalised) descriptors (EXT gen_graph)."""
     n = len(nn)
-    nn = np.asarray(nn[:, :max(0, k - 1)], np.int64)
+    nn = np.asarray(nn[:, : max(0, k - 1)], np.int64)
     rows = np.repeat(np.arange(n), nn.shape[1]).reshape(nn.shape)
     ok = (nn >= 0) & (nn != rows)
     r, c = rows[ok], nn[ok]
     w = np.empty(len(r), np.float32)
     for s in range(0, len(r), block):  # row-block dot products: never more than ``block`` gathered pairs
-        w[s:s + block] = np.einsum("ij,ij->i", np.asarray(x[r[s:s + block]], np.float32),
-                                   np.asarray(x[c[s:s + block]], np.float32))
+        w[s : s + block] = np.einsum(
+            "ij,ij->i", np.asarray(x[r[s : s + block]], np.float32), np.asarray(x[c[s : s + block]], np.float32)
+        )
     a = sp.csr_matrix((w, (r, c)), shape=(n, n))
     a.sum_duplicates()
     return a.maximum(a.T).tocsr()
@@ -119,6 +121,7 @@ def degrees(a: sp.csr_matrix) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 def _torch():
     import torch
+
     return torch
 
 
@@ -135,8 +138,9 @@ class ResidualGCN:
                 w = rng.standard_normal((dim, dim)) * p.init_std
                 np.fill_diagonal(w, 1.0)
                 weights[f"w{layer}"], weights[f"b{layer}"] = w.astype(np.float32), np.zeros(dim, np.float32)
-        self.params = {k: torch.tensor(np.asarray(v, np.float32), device=device, requires_grad=True)
-                       for k, v in weights.items()}
+        self.params = {
+            k: torch.tensor(np.asarray(v, np.float32), device=device, requires_grad=True) for k, v in weights.items()
+        }
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.params.items()}
@@ -165,11 +169,14 @@ def to_torch_sparse(m: sp.csr_matrix, device: str = "cpu"):
     torch = _torch()
     m = sp.coo_matrix(m, dtype=np.float32)
     index = torch.from_numpy(np.vstack([m.row, m.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(index, torch.from_numpy(m.data), size=m.shape, device=device,
-                                   check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(
+        index, torch.from_numpy(m.data), size=m.shape, device=device, check_invariants=False
+    ).coalesce()
 
 
-def receptive_field(a_hat: sp.csr_matrix, nodes: np.ndarray, layers: int) -> tuple[list[np.ndarray], list[sp.csr_matrix]]:
+def receptive_field(
+    a_hat: sp.csr_matrix, nodes: np.ndarray, layers: int
+) -> tuple[list[np.ndarray], list[sp.csr_matrix]]:
     """Row sets T_L = ``nodes`` ⊂ T_{L-1} ⊂ … ⊂ T_0 (each a prefix of the next: T_{l-1} = T_l, then the new
     neighbours of T_l) and the blocks Â[T_l, T_{l-1}], so an L-layer GCN computes x_L on ``nodes`` exactly."""
     sets = [np.asarray(nodes, np.int64)]
@@ -178,7 +185,7 @@ def receptive_field(a_hat: sp.csr_matrix, nodes: np.ndarray, layers: int) -> tup
         nb = np.unique(a_hat[cur].indices)
         sets.append(np.r_[cur, nb[~np.isin(nb, cur)]])
     sets = sets[::-1]  # T_0 … T_L
-    blocks = [sp.csr_matrix(a_hat[sets[l + 1]][:, sets[l]]) for l in range(layers)]
+    blocks = [sp.csr_matrix(a_hat[sets[layer + 1]][:, sets[layer]]) for layer in range(layers)]
     return sets, blocks
 
 
@@ -212,7 +219,11 @@ def automatic_beta(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, p: G
     if p.beta > 0:
         return float(p.beta)
     rng = np.random.default_rng((p.seed, 2**32 - 1))  # a stream no step uses
-    nodes = np.arange(n) if n * n <= p.beta_pairs else np.sort(rng.choice(n, min(n, int(np.sqrt(p.beta_pairs))), replace=False))
+    nodes = (
+        np.arange(n)
+        if n * n <= p.beta_pairs
+        else np.sort(rng.choice(n, min(n, int(np.sqrt(p.beta_pairs))), replace=False))
+    )
     h = embed_nodes(model, a_hat, x, nodes)
     return float(np.percentile((h @ h.T).ravel(), p.beta_percentile))
 
@@ -227,8 +238,16 @@ def embed_nodes(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, nodes: 
         return normalized_rows(h).cpu().numpy()
 
 
-def train_steps(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, beta: float, start: int, stop: int,
-                optimizer=None, log: Callable[[int, float], None] | None = None):
+def train_steps(
+    model: ResidualGCN,
+    a_hat: sp.csr_matrix,
+    x: np.ndarray,
+    beta: float,
+    start: int,
+    stop: int,
+    optimizer=None,
+    log: Callable[[int, float], None] | None = None,
+):
     """Adam steps ``start``..``stop`` − 1 of the GSS loss on sampled batches; returns the optimizer (its
     state is part of a checkpoint)."""
     torch = _torch()
@@ -270,6 +289,7 @@ def separation(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, sample: 
 class EarlyStop:
     """The best separation so far, its step and weights, and the measurements made since (label-free early
     stopping); ``curve`` keeps every (step, σ). Saves and loads itself with a checkpoint."""
+
     best: float = -np.inf
     best_step: int = -1
     since: int = 0
@@ -294,12 +314,22 @@ class EarlyStop:
 
     @classmethod
     def load(cls, info: dict, arrays: dict[str, np.ndarray]) -> "EarlyStop":
-        weights = {k[len("best."):]: v for k, v in arrays.items() if k.startswith("best.")} or None
+        weights = {k[len("best.") :]: v for k, v in arrays.items() if k.startswith("best.")} or None
         return cls(info["best"], info["best_step"], info["since"], info["curve"], weights)
 
 
-def train_until(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, beta: float, start: int, stop: int,
-                optimizer, log, tracker: EarlyStop, sample: np.ndarray):
+def train_until(
+    model: ResidualGCN,
+    a_hat: sp.csr_matrix,
+    x: np.ndarray,
+    beta: float,
+    start: int,
+    stop: int,
+    optimizer,
+    log,
+    tracker: EarlyStop,
+    sample: np.ndarray,
+):
     """:func:`train_steps` from ``start`` to ``stop``, σ measured before the first step and after every
     ``eval_every``-th (with ``stop="separation"``); returns early once ``tracker`` is done."""
     p = model.p
@@ -317,8 +347,9 @@ def train_until(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, beta: f
     return optimizer
 
 
-def keep_best(model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, sample: np.ndarray, tracker: EarlyStop,
-              step: int) -> int:
+def keep_best(
+    model: ResidualGCN, a_hat: sp.csr_matrix, x: np.ndarray, sample: np.ndarray, tracker: EarlyStop, step: int
+) -> int:
     """After training to ``step``: leave in ``model`` the weights of the best σ among the measured ones and the
     final ones (measured here unless they were; not recorded, so a longer run resumes the same tracker).
     Returns the step whose weights are kept."""
@@ -357,7 +388,7 @@ def training_arrays(model, optimizer) -> dict[str, np.ndarray]:
 
 
 def checkpoint_weights(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+    return {k[len("param.") :]: v for k, v in arrays.items() if k.startswith("param.")}
 
 
 def restore_optimizer(model, arrays: dict[str, np.ndarray], lr: float):
@@ -366,7 +397,7 @@ def restore_optimizer(model, arrays: dict[str, np.ndarray], lr: float):
     optimizer = torch.optim.Adam(list(model.params.values()), lr=lr)
     for name, t in model.params.items():
         prefix = f"adam.{name}."
-        state = {k[len(prefix):]: torch.tensor(v, device=t.device) for k, v in arrays.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: torch.tensor(v, device=t.device) for k, v in arrays.items() if k.startswith(prefix)}
         if state:
             optimizer.state[t] = state
     return optimizer
@@ -380,8 +411,16 @@ def row_blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
         yield s, min(n, s + block)
 
 
-def propagate(model: ResidualGCN, a_hat: sp.csr_matrix, x_in: np.ndarray, layer: int, pre_prev: np.ndarray | None,
-              pre_out: np.ndarray, x_out: np.ndarray, block: int = 16384) -> None:
+def propagate(
+    model: ResidualGCN,
+    a_hat: sp.csr_matrix,
+    x_in: np.ndarray,
+    layer: int,
+    pre_prev: np.ndarray | None,
+    pre_out: np.ndarray,
+    x_out: np.ndarray,
+    block: int = 16384,
+) -> None:
     """Layer ``layer`` over every database row, in row blocks: ``pre_out`` = Â x_in W + b and ``x_out`` its
     activation (+ the residual ``pre_prev``); arrays may be memory-mapped, none is held whole."""
     torch = _torch()
@@ -391,7 +430,11 @@ def propagate(model: ResidualGCN, a_hat: sp.csr_matrix, x_in: np.ndarray, layer:
         with torch.no_grad():
             pre = torch.from_numpy(np.asarray(ax, np.float32)) @ w + b
             act = torch.nn.functional.elu(pre)
-            out = act if pre_prev is None else torch.from_numpy(np.asarray(pre_prev[s:e], np.float32)) + model.p.layer_decay * act
+            out = (
+                act
+                if pre_prev is None
+                else torch.from_numpy(np.asarray(pre_prev[s:e], np.float32)) + model.p.layer_decay * act
+            )
         pre_out[s:e], x_out[s:e] = pre.numpy(), out.numpy()
 
 
@@ -402,8 +445,14 @@ def normalize_into(x: np.ndarray, out: np.ndarray, block: int = 65536) -> None:
         out[s:e] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def embed_queries(model: ResidualGCN, xq: np.ndarray, neighbours: np.ndarray, weights: np.ndarray,
-                  degree: np.ndarray, states: list[np.ndarray]) -> np.ndarray:
+def embed_queries(
+    model: ResidualGCN,
+    xq: np.ndarray,
+    neighbours: np.ndarray,
+    weights: np.ndarray,
+    degree: np.ndarray,
+    states: list[np.ndarray],
+) -> np.ndarray:
     """ĥ of queries attached to their ``neighbours`` (database rows, −1 padding) with edge ``weights``.
 
     ``states[l]`` is the database's input to layer l + 1 (states[0] = the descriptors x_0, then x_1 …

@@ -7,6 +7,7 @@ all scales are merged, ranked by w, and the n = 1000 strongest kept (L9374-9382)
 not L2-normalised before quantisation. Whitening is linear, so it is applied after the top-n
 selection (same result, less work).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ def select_local(fmap: torch.Tensor, n: int, smoothing: int = 3) -> tuple[torch.
     return fmap.flatten(1)[:, top].T, flat[top], pos
 
 
-def merge_scales(per_scale: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], n: int,
-                 stride: int, base_factor: float) -> dict:
+def merge_scales(
+    per_scale: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], n: int, stride: int, base_factor: float
+) -> dict:
     """Merge (desc, strength, pos, scale) of all scales and keep the ``n`` strongest.
 
     Positions become pixel centres of the original image: x = (col + 0.5) · stride / (scale · base_factor).
@@ -41,5 +43,9 @@ def merge_scales(per_scale: list[tuple[np.ndarray, np.ndarray, np.ndarray, float
     scale = np.concatenate([np.full(len(p[1]), p[3], np.float32) for p in per_scale])
     order = np.argsort(-strength, kind="stable")[:n]
     xy = (pos[order][:, ::-1] + 0.5) * stride / (scale[order, None] * base_factor)
-    return {"local_desc": desc[order], "local_strength": strength[order], "local_xy": xy.astype(np.float32),
-            "local_scale": scale[order]}
+    return {
+        "local_desc": desc[order],
+        "local_strength": strength[order],
+        "local_xy": xy.astype(np.float32),
+        "local_scale": scale[order],
+    }

@@ -20,6 +20,7 @@ pass 2 recomputes the matches of a range, keeps those of consistent pairs and co
 (:func:`compress_words`). Matches are never all held at once: a range's matches are computed by a
 compiled kernel in blocks of words.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from operators.constraints import Count, Similarity
 
 @dataclass
 class IasmkParams:
-    tau_l: Similarity = 0.375      # local consistency: similarity ≥ τ_l (0.375 ⇔ Hamming ≤ 40 of 128)
-    tau_g: Count = 10           # global consistency: matches an image pair must share
+    tau_l: Similarity = 0.375  # local consistency: similarity ≥ τ_l (0.375 ⇔ Hamming ≤ 40 of 128)
+    tau_g: Count = 10  # global consistency: matches an image pair must share
 
 
 def max_hamming(tau_l: float, dim: int) -> int:
@@ -72,11 +73,12 @@ def _matches(offsets, codes, w_lo, w_hi, max_h, out_a, out_b):
     return n
 
 
-def word_matches(ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int,
-                 capacity: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+def word_matches(
+    ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int, capacity: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray]:
     """Posting positions (a, b), a < b, of every locally consistent match in words [w_lo, w_hi)."""
-    codes = np.ascontiguousarray(ivf.codes[ivf.offsets[w_lo]:ivf.offsets[w_hi]]).view(np.uint64)
-    local = np.asarray(ivf.offsets[w_lo:w_hi + 1], np.int64) - ivf.offsets[w_lo]
+    codes = np.ascontiguousarray(ivf.codes[ivf.offsets[w_lo] : ivf.offsets[w_hi]]).view(np.uint64)
+    local = np.asarray(ivf.offsets[w_lo : w_hi + 1], np.int64) - ivf.offsets[w_lo]
     a, b = np.empty(capacity, np.int64), np.empty(capacity, np.int64)
     n = _matches(local, codes, 0, w_hi - w_lo, max_h, a, b)
     if n > capacity:  # rare: more matches than the buffer holds; once more with room for all
@@ -92,8 +94,9 @@ def pair_keys(ivf: InvertedFile, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(ia, ib) * len(ivf.images) + np.maximum(ia, ib)
 
 
-def image_pair_counts(ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int,
-                      block_words: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def image_pair_counts(
+    ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int, block_words: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1: (image-pair keys, match counts) over words [w_lo, w_hi), summed over blocks of words."""
     keys, counts = [], []
     for s in range(w_lo, w_hi, block_words):
@@ -115,15 +118,16 @@ def sum_counts(keys: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.nda
 class CompressedWords:
     """The compressed postings of a range of words, in word order (entries of one word contiguous)."""
 
-    words: np.ndarray         # (E,) word of each entry
-    codes: np.ndarray         # (E, B) uint8: the vector's own code, or the component's majority vote
-    indptr: np.ndarray        # (E + 1,) entry e stands for members[indptr[e]:indptr[e+1]]
-    members: np.ndarray       # (M,) uint32 dense image indices (into the inverted file's ``images``)
+    words: np.ndarray  # (E,) word of each entry
+    codes: np.ndarray  # (E, B) uint8: the vector's own code, or the component's majority vote
+    indptr: np.ndarray  # (E + 1,) entry e stands for members[indptr[e]:indptr[e+1]]
+    members: np.ndarray  # (M,) uint32 dense image indices (into the inverted file's ``images``)
     component_sizes: np.ndarray  # (C,) vectors in each component (size ≥ 2)
 
 
-def compress_words(ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int, consistent: np.ndarray,
-                   block_words: int = 256) -> CompressedWords:
+def compress_words(
+    ivf: InvertedFile, w_lo: int, w_hi: int, max_h: int, consistent: np.ndarray, block_words: int = 256
+) -> CompressedWords:
     """Pass 2: components of the matches between consistent image pairs (sorted ``consistent`` keys),
     one majority-vote entry per component, every other vector kept as it is."""
     base, end = int(ivf.offsets[w_lo]), int(ivf.offsets[w_hi])
@@ -147,34 +151,44 @@ def _compress(ivf: InvertedFile, base: int, end: int, label: np.ndarray) -> Comp
     by_label = np.argsort(label, kind="stable")
     heads = by_label[np.r_[0, np.flatnonzero(np.diff(label[by_label])) + 1]] if n else np.zeros(0, np.int64)
     rep_of_label = np.empty(int(label.max()) + 1 if n else 0, np.int64)
-    rep_of_label[label[heads]] = heads                       # a component's first posting
+    rep_of_label[label[heads]] = heads  # a component's first posting
     rep = rep_of_label[label]
-    order = np.argsort(rep, kind="stable")                   # components in posting order, members in order
+    order = np.argsort(rep, kind="stable")  # components in posting order, members in order
     first = np.r_[0, np.flatnonzero(np.diff(rep[order])) + 1] if n else np.zeros(0, np.int64)
     sizes = np.diff(np.r_[first, n]).astype(np.int64)
     codes = np.asarray(ivf.codes[base:end])
     voted = codes[order[first]].copy()
     multi = np.flatnonzero(sizes > 1)
-    if len(multi):                                           # majority vote, ties → +1 (eq. 25)
+    if len(multi):  # majority vote, ties → +1 (eq. 25)
         in_multi = np.repeat(sizes > 1, sizes)
         bits = np.unpackbits(codes[order[in_multi]], axis=1)
         starts = np.r_[0, np.cumsum(sizes[multi])[:-1]]
         ones = np.add.reduceat(bits, starts, axis=0, dtype=np.int32)
         voted[multi] = np.packbits(2 * ones >= sizes[multi, None], axis=1)
     word_of = np.searchsorted(np.asarray(ivf.offsets), base + order[first], side="right") - 1
-    return CompressedWords(words=word_of.astype(np.int64), codes=voted,
-                           indptr=np.r_[0, np.cumsum(sizes)].astype(np.int64),
-                           members=np.asarray(ivf.entry_image[base:end])[order].astype(np.uint32),
-                           component_sizes=sizes[multi])
+    return CompressedWords(
+        words=word_of.astype(np.int64),
+        codes=voted,
+        indptr=np.r_[0, np.cumsum(sizes)].astype(np.int64),
+        members=np.asarray(ivf.entry_image[base:end])[order].astype(np.uint32),
+        component_sizes=sizes[multi],
+    )
 
 
-def compressed_inverted_file(parts: list[CompressedWords], k: int, images: np.ndarray,
-                             image_entries: np.ndarray) -> InvertedFile:
+def compressed_inverted_file(
+    parts: list[CompressedWords], k: int, images: np.ndarray, image_entries: np.ndarray
+) -> InvertedFile:
     """The parts of consecutive word ranges (in order) as one inverted file whose entries stand for
     several images (``entry_indptr``); ``image_entries`` keeps each image's own word count (its norm)."""
     words = np.concatenate([p.words for p in parts])
     offsets = np.r_[0, np.cumsum(np.bincount(words, minlength=k))].astype(np.int64)
     sizes = np.concatenate([np.diff(p.indptr) for p in parts])
-    return InvertedFile(offsets, np.concatenate([p.members for p in parts]), np.concatenate([p.codes for p in parts]),
-                        np.asarray(images), np.asarray(image_entries), True,
-                        entry_indptr=np.r_[0, np.cumsum(sizes)].astype(np.int64))
+    return InvertedFile(
+        offsets,
+        np.concatenate([p.members for p in parts]),
+        np.concatenate([p.codes for p in parts]),
+        np.asarray(images),
+        np.asarray(image_entries),
+        True,
+        entry_indptr=np.r_[0, np.cumsum(sizes)].astype(np.int64),
+    )

@@ -1,4 +1,5 @@
 """Image decoding, resizing and cropping (numpy/OpenCV, RGB uint8 HxWx3)."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,11 @@ MAX_PIXELS = 1 << 27  # 134M pixels: far above any photograph, far below what wo
 # HDR, ...) and bytes Pillow does not recognise - are refused before OpenCV sees them.
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "PPM")
 _HEADER_READERS = {  # Pillow's image classes: constructing one reads the header only (pixels load lazily)
-    "JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile, "TIFF": TiffImagePlugin.TiffImageFile,
-    "BMP": BmpImagePlugin.BmpImageFile, "PPM": PpmImagePlugin.PpmImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "PNG": PngImagePlugin.PngImageFile,
+    "TIFF": TiffImagePlugin.TiffImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile,
+    "PPM": PpmImagePlugin.PpmImageFile,
 }
 
 
@@ -117,8 +121,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if w * h > max_pixels:
         raise ImageDecodeError(f"declared size {w}x{h} ({fmt}) exceeds {max_pixels} pixels (not decoded)")
     if tile and tile[0] * tile[1] > max_pixels:
-        raise ImageDecodeError(f"declared tile size {tile[0]}x{tile[1]} of a {w}x{h} {fmt} exceeds {max_pixels} "
-                               "pixels (not decoded)")
+        raise ImageDecodeError(
+            f"declared tile size {tile[0]}x{tile[1]} of a {w}x{h} {fmt} exceeds {max_pixels} pixels (not decoded)"
+        )
     if w <= 0 or h <= 0:
         raise ImageDecodeError(f"declared size {w}x{h} ({fmt}) is empty")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)

@@ -4,6 +4,7 @@ Same pattern as faiss ``contrib/exhaustive_search.knn_ground_truth``: each datab
 searched with faiss (GPU when faiss has GPUs), and a ``faiss.ResultHeap`` keeps only the top-k per
 query — memory O(queries × k), never queries × database.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,9 @@ def _block_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def knn_blocks(xq: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
-               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn_blocks(
+    xq: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` database items per query by inner product.
 
     ``blocks`` yields ``(ids, vectors)`` pairs (int64 ids, float32 rows). ``exclude[i]`` is an id
@@ -62,8 +64,9 @@ def drop_ids(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, k: int) -
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def drop_groups(scores: np.ndarray, ids: np.ndarray, group: np.ndarray, query_group: np.ndarray, k: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def drop_groups(
+    scores: np.ndarray, ids: np.ndarray, group: np.ndarray, query_group: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Remove from row i every item of ``query_group[i]`` (``group[id]`` is an item's group, e.g. the
     image a region belongs to), order kept, truncated to ``k`` columns padded with (−inf, −1)."""
     hit = (ids < 0) | (group[np.maximum(ids, 0)] == query_group[:, None])
@@ -73,8 +76,9 @@ def drop_groups(scores: np.ndarray, ids: np.ndarray, group: np.ndarray, query_gr
     return np.where(gone, -np.inf, scores).astype(np.float32), np.where(gone, -1, ids)
 
 
-def build_ivf(x: np.ndarray, nlist: int = 0, train_per_list: int = 39, block: int = 65536, seed: int = 0,
-              niter: int = 10) -> faiss.Index:
+def build_ivf(
+    x: np.ndarray, nlist: int = 0, train_per_list: int = 39, block: int = 65536, seed: int = 0, niter: int = 10
+) -> faiss.Index:
     """An IVF-Flat inner-product index over the rows of ``x`` (trained on a sample, added in blocks).
 
     ``nlist`` 0 picks 4·√n lists. Approximate: used for kNN graphs above a size threshold, searched
@@ -89,12 +93,13 @@ def build_ivf(x: np.ndarray, nlist: int = 0, train_per_list: int = 39, block: in
     index.cp.niter = niter
     index.train(np.ascontiguousarray(x[pick], dtype=np.float32))
     for s in range(0, n, block):
-        index.add(np.ascontiguousarray(x[s:s + block], dtype=np.float32))
+        index.add(np.ascontiguousarray(x[s : s + block], dtype=np.float32))
     return index
 
 
-def search_ivf(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int,
-               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search_ivf(
+    index: faiss.Index, xq: np.ndarray, k: int, nprobe: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of an IVF index (as :func:`knn_blocks`: scores, ids, best first, ``exclude`` dropped)."""
     index.nprobe = nprobe
     extra = 0 if exclude is None else 1

@@ -8,6 +8,7 @@ Revisited setups (Revisiting Oxford & Paris, seed 002 L27744-27752): Easy: posit
 Medium: positives E∪H, ignore U; Hard: positives H, ignore E∪U. ``junk`` in the gnd files holds U.
 A query with no positives in a setup is left out of that setup's mean.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,9 @@ def precision_at(ranks: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def evaluate(rankings: list[np.ndarray], positives: list[np.ndarray], ignore: list[np.ndarray],
-             ks: tuple[int, ...] = (1, 5, 10)) -> dict:
+def evaluate(
+    rankings: list[np.ndarray], positives: list[np.ndarray], ignore: list[np.ndarray], ks: tuple[int, ...] = (1, 5, 10)
+) -> dict:
     """mAP and mP@k over queries with at least one positive; per-query APs in ``ap``."""
     aps, prs = [], []
     for ranking, pos, ign in zip(rankings, positives, ignore):
@@ -61,14 +63,20 @@ def evaluate(rankings: list[np.ndarray], positives: list[np.ndarray], ignore: li
         prs.append(precision_at(ranks, ks))
     valid = [a for a in aps if not np.isnan(a)]
     pr = np.mean(prs, axis=0) if prs else np.zeros(len(ks))
-    return {"mAP": float(np.mean(valid)) if valid else float("nan"), "queries": len(valid),
-            **{f"mP@{k}": float(v) for k, v in zip(ks, pr)}, "ap": aps}
+    return {
+        "mAP": float(np.mean(valid)) if valid else float("nan"),
+        "queries": len(valid),
+        **{f"mP@{k}": float(v) for k, v in zip(ks, pr)},
+        "ap": aps,
+    }
 
 
 def revisited_setups(gnd: list[dict]) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
     """Positives and ignored ids per query for the easy / medium / hard setups."""
+
     def arr(g, *keys):
         return np.concatenate([np.asarray(g.get(k, []), dtype=np.int64).ravel() for k in keys])
+
     return {
         "easy": ([arr(g, "easy") for g in gnd], [arr(g, "junk", "hard") for g in gnd]),
         "medium": ([arr(g, "easy", "hard") for g in gnd], [arr(g, "junk") for g in gnd]),

@@ -18,6 +18,7 @@ i-ASMK* pairs (``jobs.mine``, when discovery has run): images sharing components
 (:func:`shared_components`, :func:`component_positives`); an anchor's kNN-graph neighbours sharing
 none are its negatives (:func:`graph_negatives`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ from operators.graph import components
 
 @dataclass
 class MiningParams:
-    anchors: Count = 1500         # N_a (retrieval: 1,500 of 1M images, mom_1M.m)
-    k_pos: Count = 50             # k_p: manifold / Euclidean neighbourhood for positives (T:25482)
-    k_neg: Count = 10000          # k_n: Euclidean / manifold neighbourhood for negatives (retrieval)
-    cap: Count = 50               # pool size per anchor (T:25482-25487)
-    alpha: OpenUnit = 0.99         # diffusion α (T:25472-25481)
-    tol: Tolerance = 1e-10          # CG relative residual  [ext: mom posmine.m/negmine.m, dfs(L, e, 1e-10, 20)]
-    maxiter: Count = 20           # CG iterations: the reference stops at 20 (ranks, not values, are used)
+    anchors: Count = 1500  # N_a (retrieval: 1,500 of 1M images, mom_1M.m)
+    k_pos: Count = 50  # k_p: manifold / Euclidean neighbourhood for positives (T:25482)
+    k_neg: Count = 10000  # k_n: Euclidean / manifold neighbourhood for negatives (retrieval)
+    cap: Count = 50  # pool size per anchor (T:25482-25487)
+    alpha: OpenUnit = 0.99  # diffusion α (T:25472-25481)
+    tol: Tolerance = 1e-10  # CG relative residual  [ext: mom posmine.m/negmine.m, dfs(L, e, 1e-10, 20)]
+    maxiter: Count = 20  # CG iterations: the reference stops at 20 (ranks, not values, are used)
 
 
 def effective_sizes(p: MiningParams, n: int) -> tuple[int, int, int]:
@@ -50,8 +51,15 @@ def effective_sizes(p: MiningParams, n: int) -> tuple[int, int, int]:
     return anchors, min(p.k_pos, cap), min(p.k_neg, cap)
 
 
-def pools(manifold_ids: np.ndarray, manifold_scores: np.ndarray, euclid_ids: np.ndarray, euclid_scores: np.ndarray,
-          k_pos: int, k_neg: int, cap: int) -> tuple[list[tuple], list[tuple]]:
+def pools(
+    manifold_ids: np.ndarray,
+    manifold_scores: np.ndarray,
+    euclid_ids: np.ndarray,
+    euclid_scores: np.ndarray,
+    k_pos: int,
+    k_neg: int,
+    cap: int,
+) -> tuple[list[tuple], list[tuple]]:
     """Positive and negative pools of each anchor (one row each).
 
     ``manifold_ids/scores`` (m, ≥ k_n): the anchor's manifold neighbours best first (−1 or score ≤ 0:
@@ -72,8 +80,9 @@ def pools(manifold_ids: np.ndarray, manifold_scores: np.ndarray, euclid_ids: np.
     return positives, negatives
 
 
-def mode_anchors(w: sp.spmatrix, n_anchors: int, where: str = "largest", min_component: int = 3
-                 ) -> tuple[np.ndarray, dict]:
+def mode_anchors(
+    w: sp.spmatrix, n_anchors: int, where: str = "largest", min_component: int = 3
+) -> tuple[np.ndarray, dict]:
     """The ``n_anchors`` modes of π with the largest π (node rows) of the affinity graph ``w``, on its largest
     component (``where="largest"``) or on any component of at least ``min_component`` nodes (``"all"``)."""
     _, label = components(w)
@@ -81,8 +90,13 @@ def mode_anchors(w: sp.spmatrix, n_anchors: int, where: str = "largest", min_com
     eligible = (label == size.argmax()) if where == "largest" else (size[label] >= min_component)
     found = modes(w, stationary(w))
     chosen = found[eligible[found]][:n_anchors]
-    return chosen, {"nodes": w.shape[0], "lcc": int(size.max()), "components": len(size), "modes": len(found),
-                    "eligible_modes": int(eligible[found].sum())}
+    return chosen, {
+        "nodes": w.shape[0],
+        "lcc": int(size.max()),
+        "components": len(size),
+        "modes": len(found),
+        "eligible_modes": int(eligible[found].sum()),
+    }
 
 
 def shared_components(indptr: np.ndarray, members: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +106,7 @@ def shared_components(indptr: np.ndarray, members: np.ndarray, n_img: int) -> tu
     keys = []
     for size in np.unique(sizes[sizes > 1]):
         starts = indptr[:-1][sizes == size]
-        m = np.sort(members[starts[:, None] + np.arange(size)[None, :]], axis=1)   # (components, size)
+        m = np.sort(members[starts[:, None] + np.arange(size)[None, :]], axis=1)  # (components, size)
         i, j = np.triu_indices(size, 1)
         keys.append((m[:, i] * n_img + m[:, j]).ravel())
     if not keys:
@@ -100,13 +114,14 @@ def shared_components(indptr: np.ndarray, members: np.ndarray, n_img: int) -> tu
     return np.unique(np.concatenate(keys), return_counts=True)
 
 
-def component_positives(key: np.ndarray, shared: np.ndarray, n_img: int, cap: int
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def component_positives(
+    key: np.ndarray, shared: np.ndarray, n_img: int, cap: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positive pairs (anchor, other, components shared) from :func:`shared_components`' keys and counts:
     each image pair in both directions, at most ``cap`` per anchor, those sharing most first (ties: smaller
     other), anchors in increasing order."""
     a, b = key // n_img, key % n_img
-    a, b, shared = np.r_[a, b], np.r_[b, a], np.r_[shared, shared]      # both directions, then cap per anchor
+    a, b, shared = np.r_[a, b], np.r_[b, a], np.r_[shared, shared]  # both directions, then cap per anchor
     order = np.lexsort((b, -shared, a))
     a, b, shared = a[order], b[order], shared[order]
     keep = np.r_[0, np.flatnonzero(np.diff(a)) + 1]
@@ -114,8 +129,9 @@ def component_positives(key: np.ndarray, shared: np.ndarray, n_img: int, cap: in
     return a[rank < cap], b[rank < cap], shared[rank < cap]
 
 
-def graph_negatives(anchors: np.ndarray, ids: np.ndarray, knn_ids: np.ndarray, knn_sims: np.ndarray, positive: set,
-                    cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def graph_negatives(
+    anchors: np.ndarray, ids: np.ndarray, knn_ids: np.ndarray, knn_sims: np.ndarray, positive: set, cap: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each anchor's kNN-graph neighbours (global similarity, best first) that share no component with it:
     (anchor ids, other ids, similarities), at most ``cap`` per anchor.
 

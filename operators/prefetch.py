@@ -7,6 +7,7 @@ on memory latency, not bandwidth. Asking for the row of the nonzero a few positi
 product took 0.33 s looking 16 nonzeros ahead against 0.46 s with no look-ahead (one-off comparisons
 on the benchmark's graph; ``benchmarks/diffusion_scale.py`` prints the kernel's time against scipy's).
 """
+
 from __future__ import annotations
 
 import llvmlite
@@ -16,7 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 AHEAD = 16  # nonzeros between a prefetch and its use (8 to 32 measured within 15% of each other)
-LINE = 64   # bytes per cache line
+LINE = 64  # bytes per cache line
 
 _NAME = "llvm.prefetch.p0" if getattr(llvmlite, "opaque_pointers_enabled", True) else "llvm.prefetch.p0i8"
 

@@ -6,6 +6,7 @@ i-th result weighted by (f̄(q)ᵀf̄(i))^α, then ℓ2-normalised and issued ag
 1 = (f̄(q)ᵀf̄(q))^α, as in AQE's average of the query and its results (standard practice [ext]);
 negative similarities get weight 0 for α > 0.
 """
+
 from __future__ import annotations
 
 import numpy as np

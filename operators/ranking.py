@@ -4,6 +4,7 @@ Row ``j`` belongs to query ``qids[j]``; ``ids[j]`` lists database ids best first
 their scores. Short rankings are padded with id −1 and score −inf at the end, so every stage works
 on whole (m, k) arrays instead of walking queries one by one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ PAD_ID = -1
 
 @dataclass
 class Ranking:
-    qids: np.ndarray      # (m,) int64
-    ids: np.ndarray       # (m, k) int64, padded with −1
-    scores: np.ndarray    # (m, k) float32, padded with −inf
+    qids: np.ndarray  # (m,) int64
+    ids: np.ndarray  # (m, k) int64, padded with −1
+    scores: np.ndarray  # (m, k) float32, padded with −inf
 
     def __post_init__(self) -> None:
         self.qids = np.asarray(self.qids, np.int64)
@@ -39,8 +40,9 @@ class Ranking:
         if k <= self.depth:
             return Ranking(self.qids, self.ids[:, :k], self.scores[:, :k])
         pad = ((0, 0), (0, k - self.depth))
-        return Ranking(self.qids, np.pad(self.ids, pad, constant_values=PAD_ID),
-                       np.pad(self.scores, pad, constant_values=-np.inf))
+        return Ranking(
+            self.qids, np.pad(self.ids, pad, constant_values=PAD_ID), np.pad(self.scores, pad, constant_values=-np.inf)
+        )
 
     def align(self, qids: np.ndarray) -> "Ranking":
         """Rows for ``qids`` in that order; a query this ranking does not hold gets an empty row."""
@@ -59,11 +61,13 @@ class Ranking:
             return cls.empty(np.zeros(0, np.int64))
         k = max(p.depth for p in parts)
         parts = [p.top(k) for p in parts]
-        return cls(np.concatenate([p.qids for p in parts]), np.concatenate([p.ids for p in parts]),
-                   np.concatenate([p.scores for p in parts]))
+        return cls(
+            np.concatenate([p.qids for p in parts]),
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+        )
 
     def lists(self) -> tuple[list[list[int]], list[list[float]]]:
         """Per query, its ids and scores with the padding removed."""
         keep = (self.ids >= 0) & np.isfinite(self.scores)
-        return ([r[m].tolist() for r, m in zip(self.ids, keep)],
-                [r[m].tolist() for r, m in zip(self.scores, keep)])
+        return ([r[m].tolist() for r, m in zip(self.ids, keep)], [r[m].tolist() for r, m in zip(self.scores, keep)])

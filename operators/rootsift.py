@@ -4,6 +4,7 @@ RootSIFT (ASMK IJCV L7495-7500): SIFT → component-wise sqrt after L1 normalisa
 L2-normalised by construction (Arandjelović & Zisserman). SIFT's DoG scale space is multi-scale
 by nature; features are ranked by detector response and the ``n`` strongest kept.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -40,8 +41,12 @@ class RootSift:
         kps, desc = self.sift.detectAndCompute(gray, None)
         if desc is None or not kps:
             z = np.zeros
-            return {"local_desc": z((0, 128), np.float32), "local_xy": z((0, 2), np.float32),
-                    "local_scale": z(0, np.float32), "local_strength": z(0, np.float32)}
+            return {
+                "local_desc": z((0, 128), np.float32),
+                "local_xy": z((0, 2), np.float32),
+                "local_scale": z(0, np.float32),
+                "local_strength": z(0, np.float32),
+            }
         resp = np.array([k.response for k in kps], np.float32)
         order = np.argsort(-resp, kind="stable")[: self.n]
         xy = np.array([k.pt for k in kps], np.float32)[order] / factor

@@ -19,6 +19,7 @@ One image's activation map A (C, H, W) ≥ 0 at one scale:
 
 Where the seed is silent the choices are ours and documented in :class:`SaliencyParams`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,19 +31,19 @@ from operators.constraints import Count, OpenUnit, PosFinite, Probability
 
 @dataclass
 class SaliencyParams:
-    fs_rho: PosFinite = 7.0          # FS detection exponent ρ (T:23946-23951)
-    os_rho: PosFinite = 2.0          # OS detection exponent ρ (T:23981-23988)
-    sigma: PosFinite = 2.5           # EGM scale σ, both maps (T:23951-23955, T:23988)
-    tau: Probability = 0.01            # mask threshold τ (journal, T:23919-23922), relative to the map's maximum
-    theta: PosFinite = 3.0           # θ = Θ of eq. 16 (journal, T:23926-23927)
-    gem_p: PosFinite = 3.0           # GeM exponent of region descriptors (the index's p)
-    egm_iters: Count = 30          # EGM iterations at most (stops earlier when no component is purged)
-    max_regions: Count = 10        # strongest EGM regions kept per image and scale (ours: bounds the region graph)
-    patch: Count = 3               # a: patch side in map cells (ours; not stated in the seed)
-    patch_neighbours: Count = 10   # |N_p| (ours; not stated)
-    k: Count = 10                  # region graph: mutual kNN (ours; not stated)
-    beta: PosFinite = 3.0            # s = [vᵀu]₊^β (ours: the image graphs' γ)
-    alpha: OpenUnit = 0.99          # Katz: L_α g = 1 (the diffusion α)
+    fs_rho: PosFinite = 7.0  # FS detection exponent ρ (T:23946-23951)
+    os_rho: PosFinite = 2.0  # OS detection exponent ρ (T:23981-23988)
+    sigma: PosFinite = 2.5  # EGM scale σ, both maps (T:23951-23955, T:23988)
+    tau: Probability = 0.01  # mask threshold τ (journal, T:23919-23922), relative to the map's maximum
+    theta: PosFinite = 3.0  # θ = Θ of eq. 16 (journal, T:23926-23927)
+    gem_p: PosFinite = 3.0  # GeM exponent of region descriptors (the index's p)
+    egm_iters: Count = 30  # EGM iterations at most (stops earlier when no component is purged)
+    max_regions: Count = 10  # strongest EGM regions kept per image and scale (ours: bounds the region graph)
+    patch: Count = 3  # a: patch side in map cells (ours; not stated in the seed)
+    patch_neighbours: Count = 10  # |N_p| (ours; not stated)
+    k: Count = 10  # region graph: mutual kNN (ours; not stated)
+    beta: PosFinite = 3.0  # s = [vᵀu]₊^β (ours: the image graphs' γ)
+    alpha: OpenUnit = 0.99  # Katz: L_α g = 1 (the diffusion α)
 
 
 def feature_saliency(a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -66,8 +67,9 @@ def _overlap(mu: np.ndarray, var: np.ndarray) -> np.ndarray:
     return _gauss((d2[..., 0], d2[..., 1]), v[..., 0], v[..., 1])
 
 
-def egm(s: np.ndarray, sigma: float, rho: float, tau: float, iters: int = 30,
-        max_regions: int | None = None) -> np.ndarray:
+def egm(
+    s: np.ndarray, sigma: float, rho: float, tau: float, iters: int = 30, max_regions: int | None = None
+) -> np.ndarray:
     """Rectangular regions (m, 4) as [y0, x0, y1, x1) map cells, strongest first, by the expanding
     Gaussian mixture of a saliency map ``s`` (H, W) (T:23445-23549).
 
@@ -109,7 +111,7 @@ def egm(s: np.ndarray, sigma: float, rho: float, tau: float, iters: int = 30,
 def _purge(mu: np.ndarray, var: np.ndarray, pi: np.ndarray) -> np.ndarray:
     """Indices of the components the P-step keeps, in descending π."""
     order = np.argsort(-pi, kind="stable")
-    inner = _overlap(mu[order], var[order]) * pi[order][None, :]   # ⟨q_k, q_j⟩ / π_k
+    inner = _overlap(mu[order], var[order]) * pi[order][None, :]  # ⟨q_k, q_j⟩ / π_k
     kept: list[int] = []
     for r in range(len(order)):
         if not kept or inner[r, kept].sum() <= inner[r, r]:
@@ -132,7 +134,7 @@ def region_gem(a: np.ndarray, boxes: np.ndarray, p: float = 3.0, eps: float = 1e
     sat = sat.cumsum(1).cumsum(2)
     y0, x0, y1, x1 = boxes.T
     total = sat[:, y1, x1] - sat[:, y0, x1] - sat[:, y1, x0] + sat[:, y0, x0]
-    z = np.maximum(total / ((y1 - y0) * (x1 - x0)), eps ** p) ** (1.0 / p)  # differences can round below 0
+    z = np.maximum(total / ((y1 - y0) * (x1 - x0)), eps**p) ** (1.0 / p)  # differences can round below 0
     return l2n(z.T.astype(np.float32))
 
 
@@ -150,14 +152,15 @@ def patch_max(a: np.ndarray, side: int) -> np.ndarray:
     return l2n(win.max(axis=(-2, -1)).reshape(c, h * w).T.astype(np.float32))
 
 
-def object_saliency(fhat: np.ndarray, sims: np.ndarray, neighbours: np.ndarray, f: np.ndarray, g: np.ndarray,
-                    beta: float, theta: float) -> np.ndarray:
+def object_saliency(
+    fhat: np.ndarray, sims: np.ndarray, neighbours: np.ndarray, f: np.ndarray, g: np.ndarray, beta: float, theta: float
+) -> np.ndarray:
     """S (H, W) of eq. 16 from each position's nearest regions: ``sims``/``neighbours`` (H·W, n), −1 where
     none; ``f``, ``g`` the regions' feature saliency and centrality."""
     valid = neighbours >= 0
     nb = np.where(valid, neighbours, 0)
     terms = np.maximum(sims, 0) ** beta * f[nb] ** theta * g[nb]
-    return fhat ** theta * np.where(valid, terms, 0).sum(1).reshape(fhat.shape)
+    return fhat**theta * np.where(valid, terms, 0).sum(1).reshape(fhat.shape)
 
 
 def l2n(x: np.ndarray) -> np.ndarray:

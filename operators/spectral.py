@@ -18,6 +18,7 @@ polynomial of S in place of the power ([ext] Zhou & Saad 2007, "Chebyshev-filter
 iteration"): it damps the whole unwanted interval [−1, λ_cut] at once, where (S + I)/2 barely
 separates λ_r from λ_{r+p} near 1. This is what reaches r = 400 at a million nodes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,9 +46,17 @@ def g_filter(lam: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     return (1 - alpha) * alpha * lam / (1 - alpha * lam)
 
 
-def eigenpairs(s: sp.spmatrix, r: int, method: str = "lanczos", oversample: int = 50, iters: int = 10,
-               seed: int = 0, dtype: type = np.float64, tol: float = 0.0,
-               degree: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def eigenpairs(
+    s: sp.spmatrix,
+    r: int,
+    method: str = "lanczos",
+    oversample: int = 50,
+    iters: int = 10,
+    seed: int = 0,
+    dtype: type = np.float64,
+    tol: float = 0.0,
+    degree: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``r`` algebraically largest eigenpairs (λ descending, U (n, r) orthonormal) of symmetric S.
 
     ``dtype`` float32 halves the memory of the block methods (n × (r + p) blocks) at large n;
@@ -61,8 +70,9 @@ def eigenpairs(s: sp.spmatrix, r: int, method: str = "lanczos", oversample: int 
         lam, u = np.linalg.eigh(np.asarray(s.todense(), np.float64))
     elif method == "lanczos":
         s64 = sp.csr_matrix(s, dtype=np.float64)
-        op = spla.LinearOperator((n, n), matvec=lambda v: shifted_product(s64, v.reshape(n, -1), -1.0) - v.reshape(n, -1),
-                                 dtype=np.float64)  # S v by the parallel kernel: (I + S) v − v
+        op = spla.LinearOperator(
+            (n, n), matvec=lambda v: shifted_product(s64, v.reshape(n, -1), -1.0) - v.reshape(n, -1), dtype=np.float64
+        )  # S v by the parallel kernel: (I + S) v − v
         lam, u = spla.eigsh(op, k=r, which="LA", tol=tol, v0=np.random.default_rng(seed).standard_normal(n))
     elif method == "simultaneous":
         lam, u = _simultaneous_iteration(sp.csr_matrix(s, dtype=dtype), r, oversample, iters, seed)
@@ -89,8 +99,16 @@ def _simultaneous_iteration(s: sp.csr_matrix, r: int, p: int, q: int, seed: int)
     return 2 * mu - 1, qm @ v.astype(qm.dtype)  # eigenvalues of S = 2μ − 1
 
 
-def chebyshev_iteration(s: sp.csr_matrix, r: int, p: int = 50, max_iters: int = 20, degree: int = 16,
-                        tol: float = 1e-3, seed: int = 0, lower: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+def chebyshev_iteration(
+    s: sp.csr_matrix,
+    r: int,
+    p: int = 50,
+    max_iters: int = 20,
+    degree: int = 16,
+    tol: float = 1e-3,
+    seed: int = 0,
+    lower: float = -1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-r eigenpairs of symmetric S (spectrum in [``lower``, 1]) by Chebyshev-filtered subspace iteration.
 
     Each outer iteration replaces the block Q (n × (r + p)) by T_d(t(S)) Q / T_d(t(1)), with
@@ -112,13 +130,21 @@ def chebyshev_iteration(s: sp.csr_matrix, r: int, p: int = 50, max_iters: int = 
         t = time.time()
         q = _orthonormal(chebyshev_filter(s, q, degree, cut=float(mu[-1]), lower=lower))
         mu, res = _rayleigh_ritz(s, q)
-        log.info("chebyshev iteration %d: λ_1 %.6f, λ_r %.6f, cut %.6f, max residual of the top r %.1e (%.1f s)",
-                 it + 1, mu[0], mu[r - 1], mu[-1], res[:r].max(), time.time() - t)
+        log.info(
+            "chebyshev iteration %d: λ_1 %.6f, λ_r %.6f, cut %.6f, max residual of the top r %.1e (%.1f s)",
+            it + 1,
+            mu[0],
+            mu[r - 1],
+            mu[-1],
+            res[:r].max(),
+            time.time() - t,
+        )
     return mu[:r].astype(np.float64), q[:, :r]
 
 
-def chebyshev_filter(s: sp.csr_matrix, x: np.ndarray, degree: int, cut: float, lower: float = -1.0,
-                     top: float = 1.0) -> np.ndarray:
+def chebyshev_filter(
+    s: sp.csr_matrix, x: np.ndarray, degree: int, cut: float, lower: float = -1.0, top: float = 1.0
+) -> np.ndarray:
     """T_d(t(S)) X / T_d(t(top)) by the scaled three-term recurrence, overwriting X.
 
     With σ_j = T_{j−1}(τ)/T_j(τ), τ = t(top): Y_{j+1} = σ_{j+1}(2 t(S) Y_j − σ_j Y_{j−1}), σ_{j+1} = 1/(2τ − σ_j),
@@ -128,7 +154,7 @@ def chebyshev_filter(s: sp.csr_matrix, x: np.ndarray, degree: int, cut: float, l
     tau = (top - c) / e
     sigma = 1 / tau
     prev, cur = x, np.zeros_like(x)
-    combine_product(s, prev, sigma / e, -sigma * c / e, 0.0, cur)        # Y_1 = σ_1 t(S) Y_0
+    combine_product(s, prev, sigma / e, -sigma * c / e, 0.0, cur)  # Y_1 = σ_1 t(S) Y_0
     for _ in range(1, degree):
         nxt = 1 / (2 * tau - sigma)
         combine_product(s, cur, 2 * nxt / e, -2 * nxt * c / e, -nxt * sigma, prev)  # into Y_{j−1}'s buffer
@@ -159,14 +185,14 @@ def _cholesky_qr_pass(b: np.ndarray, max_departure: float = np.inf, rows: int = 
     """b ← b R⁻¹ in place, RᵀR = bᵀb (float64 Gram over row chunks); LinAlgError if that is unsafe."""
     g = np.zeros((b.shape[1], b.shape[1]))
     for a in range(0, b.shape[0], rows):
-        c = b[a:a + rows].astype(np.float64)
+        c = b[a : a + rows].astype(np.float64)
         g += c.T @ c
     if not np.all(np.isfinite(g)) or np.abs(g - np.eye(len(g))).max() > max_departure:
         raise np.linalg.LinAlgError("block too far from orthonormal for Cholesky QR")
     r = np.linalg.cholesky(g).T  # upper triangular, raises LinAlgError unless g is positive definite
     r_inv = scipy.linalg.solve_triangular(r, np.eye(len(r)), check_finite=False).astype(b.dtype)
     for a in range(0, b.shape[0], rows):
-        b[a:a + rows] = b[a:a + rows] @ r_inv
+        b[a : a + rows] = b[a : a + rows] @ r_inv
 
 
 def _rayleigh_ritz(s: sp.csr_matrix, q: np.ndarray, rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
@@ -178,9 +204,9 @@ def _rayleigh_ritz(s: sp.csr_matrix, q: np.ndarray, rows: int = 1 << 16) -> tupl
     mu, v = mu[::-1], np.ascontiguousarray(v[:, ::-1]).astype(q.dtype)
     res2 = np.zeros(len(mu))
     for a in range(0, q.shape[0], rows):
-        qv = q[a:a + rows] @ v
-        res2 += (((sq[a:a + rows] @ v) - qv * mu.astype(q.dtype)) ** 2).sum(axis=0, dtype=np.float64)
-        q[a:a + rows] = qv
+        qv = q[a : a + rows] @ v
+        res2 += (((sq[a : a + rows] @ v) - qv * mu.astype(q.dtype)) ** 2).sum(axis=0, dtype=np.float64)
+        q[a : a + rows] = qv
     return mu, np.sqrt(res2)
 
 
@@ -222,8 +248,15 @@ def fsr_weighted(x: np.ndarray, u: np.ndarray | sp.csr_matrix, q_sims: np.ndarra
     return x
 
 
-def hybrid(s: sp.spmatrix, u: np.ndarray | sp.csr_matrix, lam: np.ndarray, y: np.ndarray, alpha: float = ALPHA,
-           iters: int = 5, tol: float = 0.0) -> np.ndarray:
+def hybrid(
+    s: sp.spmatrix,
+    u: np.ndarray | sp.csr_matrix,
+    lam: np.ndarray,
+    y: np.ndarray,
+    alpha: float = ALPHA,
+    iters: int = 5,
+    tol: float = 0.0,
+) -> np.ndarray:
     """x = U g(Λ) Uᵀ y + x_t, x_t by ``iters`` CG iterations on L_α(S − UΛUᵀ) x_t = y (T:20158-20207).
 
     U dense, or CSR for SHybrid (its products then cost O(nnz(U)) by compiled kernels). Per CG

@@ -5,6 +5,7 @@ d = 128; GeM/PCAw for global descriptors, L2804-2875, Table 2 L3273-3303). With 
 (λ_i, e_i) of the sample covariance, row i of P is λ_i^{-s/2} e_iᵀ; s = 1 is plain whitening and
 s < 1 the shrinkage variant of the HOW code [ext: ``pcawhitenlearn_shrinkage``].
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,15 @@ def learn_pca_whitening(x: np.ndarray, dim: int, shrinkage: float = 1.0, eps: fl
     return Whitening(mean.astype(np.float32), proj.astype(np.float32))
 
 
-def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray | None, dim: int, reg: float = 0.0,
-             mean: np.ndarray | None = None, cov: np.ndarray | None = None) -> Whitening:
+def learn_lw(
+    x: np.ndarray,
+    positives: np.ndarray,
+    negatives: np.ndarray | None,
+    dim: int,
+    reg: float = 0.0,
+    mean: np.ndarray | None = None,
+    cov: np.ndarray | None = None,
+) -> Whitening:
     """Learned whitening Lw from matching and non-matching pairs (GeM paper L2804-2875, spec repr. §6).
 
     C_S = mean over positive pairs of (f_i − f_j)(f_i − f_j)ᵀ, C_D the same over negative pairs;
@@ -84,7 +92,7 @@ def learn_lw(x: np.ndarray, positives: np.ndarray, negatives: np.ndarray | None,
     val, vec = np.linalg.eigh(cs)
     inv_sqrt = (vec / np.sqrt(np.maximum(val, 1e-12))) @ vec.T
     val2, vec2 = np.linalg.eigh(inv_sqrt @ cd @ inv_sqrt)
-    top = np.argsort(val2)[::-1][:min(dim, d_in)]
+    top = np.argsort(val2)[::-1][: min(dim, d_in)]
     proj = vec2[:, top].T @ inv_sqrt
     mu = x.mean(axis=0) if mean is None else np.asarray(mean, np.float64)
     return Whitening(mu.astype(np.float32), proj.astype(np.float32))

@@ -4,6 +4,7 @@ embedded Ray (jobs reuse the Ray that is up), each search's output in its own lo
 
     python scripts/demo.py COLLECTION OUT [index options…]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,22 @@ def demo(collection: str, out: str, index_args: list[str]) -> None:
             for rerank in RERANKS:
                 res = f"{out}/search/{crop}-{method}-{rerank}"
                 print(f"== {crop} queries, {method} + {rerank} ==", file=sys.stderr, flush=True)
-                args = ["--index", f"{out}/index", "--queries", collection, "--out", res, "--topk", "1000",
-                        "--method", method, "--rerank", rerank, "--set", "rerank_params.qe_n=2"]
+                args = [
+                    "--index",
+                    f"{out}/index",
+                    "--queries",
+                    collection,
+                    "--out",
+                    res,
+                    "--topk",
+                    "1000",
+                    "--method",
+                    method,
+                    "--rerank",
+                    rerank,
+                    "--set",
+                    "rerank_params.qe_n=2",
+                ]
                 if os.path.exists(f"{res}.log"):
                     os.remove(f"{res}.log")
                 logged(f"{res}.log", search, args + ([] if crop == "whole" else ["--center-crop", crop]))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up ./.venv (if needed) and runs the test suite, then lists the 15 slowest tests.
+# Sets up ./.venv (if needed), lints (ruff check + ruff format --check, settings in pyproject.toml),
+# runs the test suite and lists the 15 slowest tests; fails when either the lint or a test fails.
 #   ./scripts/test.sh            every test (what CI runs)
 #   ./scripts/test.sh --quick    the quick tier, -m "not slow": no Ray, no subprocess, no moto (< 2 min)
 # Any other argument goes to pytest as it is (a file, -k EXPR, -x, --durations=0, ...).
@@ -11,4 +12,10 @@ args=()
 for a in "$@"; do
   if [ "$a" = --quick ]; then args+=(-m "not slow"); else args+=("$a"); fi
 done
-exec .venv/bin/python -m pytest -q --durations=15 ${args[@]+"${args[@]}"}
+lint=0
+.venv/bin/ruff check --quiet . && .venv/bin/ruff format --check --quiet . || lint=$?
+[ "$lint" = 0 ] || echo "lint failed: run .venv/bin/ruff format . && .venv/bin/ruff check --fix . and fix what is left" >&2
+tests=0
+.venv/bin/python -m pytest -q --durations=15 ${args[@]+"${args[@]}"} || tests=$?
+[ "$tests" != 0 ] && exit "$tests"
+exit "$lint"

@@ -15,6 +15,7 @@ Every stage record has one shape: ``{"job": …, "settings": {…}, "done_at": �
 ``settings`` are the settings of that stage alone (the extraction config for ``extract``, the
 ``codebook`` section for ``codebook``…). A root written by another schema version is refused on open.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,10 @@ class ArtifactRoot:
             except ValueError as e:
                 raise ArtifactError(f"{uri} is not a readable index record ({e}); rebuild the root") from None
         if meta.get("schema_version") != SCHEMA_VERSION:
-            raise ArtifactError(f"{self.uri} was made by schema version {meta.get('schema_version')}, this code reads "
-                                f"{SCHEMA_VERSION}: rebuild it into a new --out")
+            raise ArtifactError(
+                f"{self.uri} was made by schema version {meta.get('schema_version')}, this code reads "
+                f"{SCHEMA_VERSION}: rebuild it into a new --out"
+            )
         stages = meta.setdefault("stages", {})
         for name, record in self._stage_files().items():
             if record.get("done_at", 0) >= stages.get(name, {}).get("done_at", 0):
@@ -63,8 +66,11 @@ class ArtifactRoot:
 
     def _stage_files(self) -> dict[str, dict]:
         """The records of ``stages/<stage>.json``, by stage name."""
-        return {name[:-5]: sfs.read_json(self.path("stages", name), self.options)
-                for name in sfs.listdir(self.path("stages"), self.options) if name.endswith(".json")}
+        return {
+            name[:-5]: sfs.read_json(self.path("stages", name), self.options)
+            for name in sfs.listdir(self.path("stages"), self.options)
+            if name.endswith(".json")
+        }
 
     def stages(self) -> dict[str, dict]:
         """Every stage record (see module doc), by stage name."""
@@ -167,6 +173,7 @@ class ArtifactRoot:
                 fs, path = sfs.filesystem(target, self.options)
                 fs.put(tmp, path)
                 os.remove(tmp)
+
         return arr, commit
 
     def load_array(self, rel: str, mmap: bool = True) -> np.ndarray:

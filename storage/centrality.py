@@ -1,9 +1,10 @@
 """Graph centrality of the index's kNN graph: ``ROOT/centrality/`` (:mod:`operators.centrality`).
 
-    stationary.npy, pagerank.npy, katz.npy   (n,) float64, row i ↔ image ``global/ids.npy[i]``
-    modes.npy                                image ids of the modes of π, best first
-    meta.json                                parameters, counts, the graph it was computed on
+stationary.npy, pagerank.npy, katz.npy   (n,) float64, row i ↔ image ``global/ids.npy[i]``
+modes.npy                                image ids of the modes of π, best first
+meta.json                                parameters, counts, the graph it was computed on
 """
+
 from __future__ import annotations
 
 import numpy as np

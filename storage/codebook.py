@@ -1,5 +1,6 @@
 """The visual codebook: ``ROOT/codebook/centroids.npy`` (k, d) float32 and ``meta.json``
 (k, d, the codebook config that made it, the sample size or the source root it was copied from)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,12 +22,22 @@ def codebook_meta(root: ArtifactRoot) -> dict | None:
 
 def load_codebook(root: ArtifactRoot) -> np.ndarray:
     if not root.exists("codebook/centroids.npy"):
-        raise ArtifactError(f"{root.uri} has no codebook: run the codebook stage "
-                            f"(retrieval index … --out {root.uri} --set stages=[codebook])")
+        raise ArtifactError(
+            f"{root.uri} has no codebook: run the codebook stage "
+            f"(retrieval index … --out {root.uri} --set stages=[codebook])"
+        )
     return np.asarray(root.load_array("codebook/centroids.npy", mmap=False), np.float32)
 
 
 def write_codebook(root: ArtifactRoot, centroids: np.ndarray, config: dict, **info) -> None:
     root.write_array("codebook/centroids.npy", np.ascontiguousarray(centroids, np.float32))
-    root.write_json("codebook/meta.json", {"k": len(centroids), "dim": int(centroids.shape[1]), "config": config,
-                                           "sha1": codebook_hash(centroids), **info})
+    root.write_json(
+        "codebook/meta.json",
+        {
+            "k": len(centroids),
+            "dim": int(centroids.shape[1]),
+            "config": config,
+            "sha1": codebook_hash(centroids),
+            **info,
+        },
+    )

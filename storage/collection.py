@@ -6,14 +6,15 @@ A collection is normalised to one table, :data:`COLLECTION_COLUMNS`:
   else ``id_offset + row order`` (folders are listed in sorted order). Jobs record the table once
   under the index root (``images.parquet``, with each image's shard) and reuse it on reruns, so ids
   never change; images added to the collection later get new ids (``jobs.extract.prepare_images``).
-- ``file``: absolute path or URI of the image (relative folders and manifests are resolved); ``name``: the key it is known by (manifest path
-  as written, path relative to the folder, or the revisited image name).
+- ``file``: absolute path or URI of the image (relative folders and manifests are resolved);
+  ``name``: the key it is known by (manifest path as written, path relative to the folder, or the revisited image name).
 - ``group``: instance label (same group = same object), may be null.
 - ``x0, y0, x1, y1``: query crop box in pixels of the original image, NaN when absent.
 
 Revisited ground truth (``gnd_roxford5k.pkl``: ``imlist``, ``qimlist``, ``gnd[i].bbx``) is read with
 the images expected in ``<pkl folder>/jpg/<name>.jpg`` (the revisitop layout).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,13 @@ BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 COLLECTION_COLUMNS = ["image_id", "file", "name", "group", *BOX_COLUMNS]
 
 
-def load_collection(uri: str, role: str = "database", options: sfs.StorageOptions | None = None,
-                    id_offset: int = 0, allow_outside: bool = False) -> pd.DataFrame:
+def load_collection(
+    uri: str,
+    role: str = "database",
+    options: sfs.StorageOptions | None = None,
+    id_offset: int = 0,
+    allow_outside: bool = False,
+) -> pd.DataFrame:
     """Read a collection as a :data:`COLLECTION_COLUMNS` table.
 
     ``role`` matters only for revisited ``.pkl`` ground truth: ``"database"`` reads ``imlist``,
@@ -84,8 +90,11 @@ def _from_folder(uri: str, options: sfs.StorageOptions | None) -> pd.DataFrame:
 def _from_manifest(uri: str, options: sfs.StorageOptions | None, allow_outside: bool = False) -> pd.DataFrame:
     data = sfs.read_bytes(uri, options)
     try:
-        df = (pd.read_parquet(io.BytesIO(data)) if uri.lower().endswith((".parquet", ".pq"))
-              else pd.read_csv(io.BytesIO(data)))
+        df = (
+            pd.read_parquet(io.BytesIO(data))
+            if uri.lower().endswith((".parquet", ".pq"))
+            else pd.read_csv(io.BytesIO(data))
+        )
     except Exception as e:  # noqa: BLE001 - empty or malformed manifest
         raise CollectionError(f"manifest {uri!r} cannot be read: {type(e).__name__}: {e}") from e
     if "file" not in df:
@@ -93,15 +102,19 @@ def _from_manifest(uri: str, options: sfs.StorageOptions | None, allow_outside: 
     empty = df["file"].isna() | (df["file"].astype(str).str.strip() == "")
     if empty.any():
         rows = (np.flatnonzero(empty.to_numpy()) + 1).tolist()
-        raise CollectionError(f"manifest {uri!r}: {int(empty.sum())} row(s) with an empty 'file' (data rows {rows[:5]})")
+        raise CollectionError(
+            f"manifest {uri!r}: {int(empty.sum())} row(s) with an empty 'file' (data rows {rows[:5]})"
+        )
     base = uri.rsplit("/", 1)[0] if sfs.protocol(uri) != "file" else os.path.dirname(os.path.abspath(uri))
     df = df.copy()
     df["name"] = df["file"].astype(str)
     df["file"] = [f if sfs.is_absolute(f) else sfs.join(base, f) for f in df["name"]]
     outside = [f for f in df["name"] if not sfs.is_absolute(f) and _escapes(f)]
     if outside and not allow_outside:
-        raise CollectionError(f"manifest {uri!r}: {len(outside)} relative path(s) lead outside its folder (e.g. "
-                              f"{outside[:3]}); give them as absolute paths or set allow_outside_root=true")
+        raise CollectionError(
+            f"manifest {uri!r}: {len(outside)} relative path(s) lead outside its folder (e.g. "
+            f"{outside[:3]}); give them as absolute paths or set allow_outside_root=true"
+        )
     return df
 
 
@@ -154,8 +167,9 @@ def read_image(file: str, options: sfs.StorageOptions | None = None) -> np.ndarr
     return decode_image(read_image_bytes(file, options))
 
 
-def write_collection(out: str, images: Iterable[tuple[str, str, np.ndarray]],
-                     options: sfs.StorageOptions | None = None) -> str:
+def write_collection(
+    out: str, images: Iterable[tuple[str, str, np.ndarray]], options: sfs.StorageOptions | None = None
+) -> str:
     """Write ``(name, group, RGB image)`` items as ``out/images/<name>.jpg`` and then the manifest
     ``out/images.csv`` (``file, group``, files relative to it); returns the manifest's URI."""
     from operators.images import encode_jpeg
@@ -202,8 +216,12 @@ def read_revisited(uri: str, options: sfs.StorageOptions | None = None) -> dict:
     missing = {"imlist", "qimlist", "gnd"} - set(gnd)
     if missing:
         raise GroundTruthError(f"{uri!r} is not revisited ground truth: missing keys {sorted(missing)}")
-    if not all(isinstance(gnd[k], (list, tuple)) for k in ("imlist", "qimlist", "gnd")) or not all(
-            isinstance(g, dict) for g in gnd["gnd"]) or len(gnd["gnd"]) != len(gnd["qimlist"]):
-        raise GroundTruthError(f"{uri!r} is not revisited ground truth: imlist, qimlist and gnd must be lists, "
-                               "gnd one dict per query")
+    if (
+        not all(isinstance(gnd[k], (list, tuple)) for k in ("imlist", "qimlist", "gnd"))
+        or not all(isinstance(g, dict) for g in gnd["gnd"])
+        or len(gnd["gnd"]) != len(gnd["qimlist"])
+    ):
+        raise GroundTruthError(
+            f"{uri!r} is not revisited ground truth: imlist, qimlist and gnd must be lists, gnd one dict per query"
+        )
     return gnd

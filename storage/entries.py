@@ -4,6 +4,7 @@ commit record says about them, reading them per image, and writing distractor sh
 Commit-record keys: ``entries_codebook_sha1`` (the codebook the words belong to) and ``synthetic`` (a shard
 of :mod:`jobs.distractors`). Columns: ``asmk_words``, ``asmk_codes`` (:mod:`storage.schemas`).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -27,8 +28,11 @@ def entries_record(codebook_sha1: str) -> dict:
 
 def entry_codebooks(root: ArtifactRoot, synthetic: bool = True) -> set[str]:
     """The codebooks (sha1) of the entries the root's committed shards hold (``synthetic=False``: real images only)."""
-    return {r[CODEBOOK_KEY] for r in root.shards().committed().values()
-            if r.get(CODEBOOK_KEY) and (synthetic or not r.get("synthetic"))}
+    return {
+        r[CODEBOOK_KEY]
+        for r in root.shards().committed().values()
+        if r.get(CODEBOOK_KEY) and (synthetic or not r.get("synthetic"))
+    }
 
 
 def donor_images(root: ArtifactRoot, codebook_sha1: str) -> Iterator[tuple[np.ndarray, list, list | None]]:
@@ -59,29 +63,41 @@ def append_synthetic(root: ArtifactRoot, tag: str, n: int, shard_size: int) -> t
         mine = recorded[recorded["file"].astype(str).str.startswith(files[0][:-8])]
         if len(mine):
             if len(mine) != n:
-                raise SettingsMismatch(f"{root.uri} holds {len(mine)} images of {tag}, not {n}; use a new --out "
-                                       "(or another seed)")
+                raise SettingsMismatch(
+                    f"{root.uri} holds {len(mine)} images of {tag}, not {n}; use a new --out (or another seed)"
+                )
             return recorded, int(mine["image_id"].min())
     empty = recorded is None or recorded.empty
     first_id = 0 if empty else int(recorded["image_id"].max()) + 1
     first_shard = 0 if empty else int(recorded["shard"].max()) + 1
-    rows = pd.DataFrame({"image_id": first_id + np.arange(n, dtype=np.int64), "file": files,
-                         "name": [f.split(":", 1)[1] for f in files], "group": None,
-                         **{c: np.full(n, np.nan, np.float32) for c in BOX_COLUMNS},
-                         "shard": first_shard + np.arange(n) // max(1, shard_size)})
-    table = rows if recorded is None else pd.concat([recorded, rows[[c for c in recorded.columns if c in rows]]],
-                                                    ignore_index=True)
+    rows = pd.DataFrame(
+        {
+            "image_id": first_id + np.arange(n, dtype=np.int64),
+            "file": files,
+            "name": [f.split(":", 1)[1] for f in files],
+            "group": None,
+            **{c: np.full(n, np.nan, np.float32) for c in BOX_COLUMNS},
+            "shard": first_shard + np.arange(n) // max(1, shard_size),
+        }
+    )
+    table = (
+        rows
+        if recorded is None
+        else pd.concat([recorded, rows[[c for c in recorded.columns if c in rows]]], ignore_index=True)
+    )
     root.write_images(table)
     return table, first_id
 
 
-def write_synthetic_shard(root: ArtifactRoot, shard: int, rows: list[dict], global_dim: int, local_dim: int,
-                          record: dict, seconds: float) -> None:
+def write_synthetic_shard(
+    root: ArtifactRoot, shard: int, rows: list[dict], global_dim: int, local_dim: int, record: dict, seconds: float
+) -> None:
     """Commit one shard of synthetic images (rows: image_id, global, asmk_words, asmk_codes); ``record`` goes into
     the file's metadata and its commit record, ``seconds`` into the commit record only (the file stays a pure
     function of its content)."""
     schema = feature_schema(global_dim, local_dim, {"synthetic": record}, entries=True)
-    root.shards().write(shard, feature_table(rows, schema),
-                        {"ok": len(rows), "errors": 0, "synthetic": True, "seconds": seconds, **record})
-
-
+    root.shards().write(
+        shard,
+        feature_table(rows, schema),
+        {"ok": len(rows), "errors": 0, "synthetic": True, "seconds": seconds, **record},
+    )

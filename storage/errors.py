@@ -13,6 +13,7 @@ circle. Anything else that escapes a job is a bug and keeps its traceback.
     MachineError           what the machine did, not the user (Ray cannot start, storage unreachable):
                            one line, exit 1
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Every artifact lives under a root URI. ``StorageOptions`` carries what s3fs need
 credentials); it is a plain dict so it travels to Ray workers inside job configs. The endpoint
 can also come from the environment (``S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,11 +43,11 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
     """The fsspec file system for ``uri`` and the path inside it (no ``s3://``; local absolute)."""
     proto = protocol(uri)
     if proto == "file":
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
         return fsspec.filesystem("file"), os.path.abspath(path)
     if proto == "s3":
         fs = fsspec.filesystem("s3", **s3_options(options))
-        return fs, uri[len("s3://"):]
+        return fs, uri[len("s3://") :]
     return fsspec.filesystem(proto, **(options or {})), uri.split("://", 1)[1]
 
 
@@ -61,7 +62,7 @@ def canonical(uri: str) -> str:
     """One spelling per location: local paths absolute and normalised (``file://`` dropped), URIs as given."""
     if protocol(uri) != "file":
         return uri
-    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 def is_inside(uri: str, root: str) -> bool:
@@ -141,7 +142,7 @@ def sweep_temporaries(uri: str) -> int:
     for name in os.listdir(path):
         if not name.startswith(f".tmp-{host}-"):
             continue
-        pid = name[len(f".tmp-{host}-"):].split("-", 1)[0]
+        pid = name[len(f".tmp-{host}-") :].split("-", 1)[0]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(path, name))
@@ -207,7 +208,9 @@ def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str |
         return filesystem(uri)[1]
     fs, path = filesystem(uri, options)
     info = fs.info(path)
-    key = hashlib.sha1(f"{uri}|{info.get('size')}|{info.get('ETag', info.get('LastModified', ''))}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        f"{uri}|{info.get('size')}|{info.get('ETag', info.get('LastModified', ''))}".encode()
+    ).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "retrieval-cache")
     os.makedirs(cache_dir, exist_ok=True)
     local = os.path.join(cache_dir, f"{key}-{posixpath.basename(path)}")
@@ -237,11 +240,14 @@ def storage_failure(e: BaseException) -> tuple[int, str] | None:
     for err in _chain(e):
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
-            return 2, (f"storage: {first} (give credentials through the environment, e.g. AWS_ACCESS_KEY_ID / "
-                       "AWS_SECRET_ACCESS_KEY, or --set storage.key=… --set storage.secret=…)")
+            return 2, (
+                f"storage: {first} (give credentials through the environment, e.g. AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY, or --set storage.key=… --set storage.secret=…)"
+            )
         if isinstance(err, PermissionError):
             return 2, f"storage refused access: {first}"
-        if isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError,
-                            ConnectionRefusedError)):
+        if isinstance(
+            err, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError, ConnectionRefusedError)
+        ):
             return 1, f"storage cannot be reached: {first}"
     return None

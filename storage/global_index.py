@@ -5,6 +5,7 @@ Written once per ``global`` stage by streaming shards into a memory-mapped file
 (:func:`global_writer`); read memory-mapped by search and graph tasks (:func:`open_global`).
 :class:`GlobalLookup` fetches rows by image id across several roots (partitions).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -25,13 +26,14 @@ class GlobalMeta:
 
 @dataclass
 class GlobalDescriptors:
-    ids: np.ndarray        # (n,) int64, memory-mapped
-    vectors: np.ndarray    # (n, D) float32, memory-mapped
+    ids: np.ndarray  # (n,) int64, memory-mapped
+    vectors: np.ndarray  # (n, D) float32, memory-mapped
     meta: GlobalMeta
 
 
-def global_writer(root: ArtifactRoot, n: int, dim: int, name: str = "global"
-                  ) -> tuple[np.ndarray, np.ndarray, Callable[[GlobalMeta], None]]:
+def global_writer(
+    root: ArtifactRoot, n: int, dim: int, name: str = "global"
+) -> tuple[np.ndarray, np.ndarray, Callable[[GlobalMeta], None]]:
     """Writable ``vectors`` (memory-mapped) and ``ids`` arrays for ``n`` rows, and a ``commit(meta)``
     that publishes vectors, ids and meta together. ``name``: the folder; other vector sets in this
     layout (the object-saliency descriptors and regions of :mod:`storage.objects`) name their own."""
@@ -42,6 +44,7 @@ def global_writer(root: ArtifactRoot, n: int, dim: int, name: str = "global"
         commit_vectors()
         root.write_array(f"{name}/ids.npy", ids)
         root.write_json(f"{name}/meta.json", asdict(meta))
+
     return vectors, ids, commit
 
 
@@ -52,8 +55,11 @@ def has_global(root: ArtifactRoot, name: str = "global") -> bool:
 def global_ids(root: ArtifactRoot, name: str = "global") -> np.ndarray:
     """Image id of each row (memory-mapped); an :class:`ArtifactError` when the stage has not run."""
     if not has_global(root, name):
-        hint = ("run retrieval index --collection … --out " + root.uri if name == "global" else
-                "run retrieval discover --index " + root.uri + " --set stages=[objects]")
+        hint = (
+            "run retrieval index --collection … --out " + root.uri
+            if name == "global"
+            else "run retrieval discover --index " + root.uri + " --set stages=[objects]"
+        )
         raise ArtifactError(f"{root.uri} has no {name} descriptors: {hint}")
     return root.load_array(f"{name}/ids.npy")
 
@@ -64,21 +70,26 @@ def check_consistent(root: ArtifactRoot, image_ids: np.ndarray | None, name: str
     g = open_global(root, name)
     problem = None
     if g.ids.ndim != 1 or g.vectors.ndim != 2 or len(g.ids) != len(g.vectors) or g.meta.count != len(g.ids):
-        problem = (f"{len(g.ids)} ids, {len(g.vectors)} vectors and a count of {g.meta.count} do not agree")
+        problem = f"{len(g.ids)} ids, {len(g.vectors)} vectors and a count of {g.meta.count} do not agree"
     elif len(np.unique(g.ids)) != len(g.ids):
         problem = "an image id appears in more than one row"
     elif image_ids is not None and not np.isin(g.ids, image_ids).all():
         problem = f"{int((~np.isin(g.ids, image_ids)).sum())} row(s) name no image of images.parquet"
     if problem:
-        raise ArtifactError(f"{root.uri}/{name} is inconsistent ({problem}): the root was changed after it was "
-                            "built; rebuild it (retrieval index … --out a new root)")
+        raise ArtifactError(
+            f"{root.uri}/{name} is inconsistent ({problem}): the root was changed after it was "
+            "built; rebuild it (retrieval index … --out a new root)"
+        )
 
 
 def open_global(root: ArtifactRoot, name: str = "global") -> GlobalDescriptors:
     ids = global_ids(root, name)
     vectors = root.load_array(f"{name}/vectors.npy")
-    meta = root.read_json(f"{name}/meta.json") if root.exists(f"{name}/meta.json") else {
-        "count": len(ids), "dim": vectors.shape[1], "whitened": False}
+    meta = (
+        root.read_json(f"{name}/meta.json")
+        if root.exists(f"{name}/meta.json")
+        else {"count": len(ids), "dim": vectors.shape[1], "whitened": False}
+    )
     return GlobalDescriptors(ids, vectors, GlobalMeta(**meta))
 
 
@@ -109,6 +120,8 @@ class GlobalLookup:
             out[hit] = np.asarray(vec[order[pos[hit]]])
             found |= hit
         if not found.all():
-            raise ArtifactError(f"{int((~found).sum())} image id(s) have no global descriptor in the index "
-                                f"(not indexed, or their extraction failed), e.g. {ids[~found][:5].tolist()}")
+            raise ArtifactError(
+                f"{int((~found).sum())} image id(s) have no global descriptor in the index "
+                f"(not indexed, or their extraction failed), e.g. {ids[~found][:5].tolist()}"
+            )
         return out

@@ -10,6 +10,7 @@
 Nodes are the rows of the global matrix (:mod:`storage.global_index`). Everything large is
 memory-mapped by readers, so re-ranking tasks on a node share the page cache.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -30,6 +31,7 @@ def knn_writer(root: ArtifactRoot, n: int, k: int) -> tuple[np.ndarray, np.ndarr
     def commit() -> None:
         commit_i()
         commit_s()
+
     return ids, sims, commit
 
 
@@ -41,9 +43,12 @@ def load_knn(root: ArtifactRoot) -> tuple[np.ndarray, np.ndarray]:
 def write_csr(root: ArtifactRoot, prefix: str, m: sp.csr_matrix, **more_values: np.ndarray) -> None:
     """``prefix``indptr (int64), indices (int32), data (float32) ``.npy`` artifacts of a CSR matrix, plus
     other value arrays on the same structure (``name=array``)."""
-    for name, arr in (("indptr", m.indptr.astype(np.int64)), ("indices", m.indices.astype(np.int32)),
-                      ("data", m.data.astype(np.float32)),
-                      *((k, v.astype(np.float32)) for k, v in more_values.items())):
+    for name, arr in (
+        ("indptr", m.indptr.astype(np.int64)),
+        ("indices", m.indices.astype(np.int32)),
+        ("data", m.data.astype(np.float32)),
+        *((k, v.astype(np.float32)) for k, v in more_values.items()),
+    ):
         root.write_array(f"{prefix}{name}.npy", arr)
 
 
@@ -51,8 +56,11 @@ def load_csr(root: ArtifactRoot, prefix: str, n_cols: int | None = None, values:
     """A CSR matrix from :func:`write_csr` artifacts, index and value arrays memory-mapped (no copy)."""
     indptr = np.asarray(root.load_array(f"{prefix}indptr.npy"))
     shape = (len(indptr) - 1, len(indptr) - 1 if n_cols is None else n_cols)
-    return sp.csr_matrix((root.load_array(f"{prefix}{values}.npy"), root.load_array(f"{prefix}indices.npy"), indptr),
-                         shape=shape, copy=False)
+    return sp.csr_matrix(
+        (root.load_array(f"{prefix}{values}.npy"), root.load_array(f"{prefix}indices.npy"), indptr),
+        shape=shape,
+        copy=False,
+    )
 
 
 def write_affinity(root: ArtifactRoot, w: sp.csr_matrix, order: np.ndarray) -> None:
@@ -106,11 +114,14 @@ def graph_problem(root: ArtifactRoot, spectral: bool = False) -> str | None:
         return f"{root.uri} has no kNN graph: run retrieval graph --index {root.uri}"
     meta = spectral_meta(root) if spectral else None
     if not root.exists("graph/ordered_data.npy") or (meta is not None and meta.get("rows") != "locality order"):
-        return (f"the graph artifacts of {root.uri} predate the solver layout (W, S, U in the locality order); "
-                f"rebuild them: retrieval graph --index {root.uri}")
+        return (
+            f"the graph artifacts of {root.uri} predate the solver layout (W, S, U in the locality order); "
+            f"rebuild them: retrieval graph --index {root.uri}"
+        )
     if spectral and meta is None:
-        return (f"{root.uri} has no eigenpairs (spectral stage): "
-                f"retrieval graph --index {root.uri} --set stages=[spectral]")
+        return (
+            f"{root.uri} has no eigenpairs (spectral stage): retrieval graph --index {root.uri} --set stages=[spectral]"
+        )
     return None
 
 

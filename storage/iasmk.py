@@ -10,6 +10,7 @@ Entry e of word c (``offsets[c] <= e < offsets[c+1]``) stands for the images
 component, all of a component's images otherwise. Parts cover consecutive word ranges, so the
 merge appends them in order, streaming into memory-mapped arrays.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,9 @@ def load_pair_counts(root: ArtifactRoot, part: int) -> tuple[np.ndarray, np.ndar
 
 def write_compressed_part(root: ArtifactRoot, part: int, cw: CompressedWords, record: dict) -> dict:
     buf = io.BytesIO()
-    np.savez(buf, words=cw.words, codes=cw.codes, indptr=cw.indptr, members=cw.members,
-             component_sizes=cw.component_sizes)
+    np.savez(
+        buf, words=cw.words, codes=cw.codes, indptr=cw.indptr, members=cw.members, component_sizes=cw.component_sizes
+    )
     return compressed_parts(root).write_blob(part, buf.getvalue(), record)
 
 
@@ -54,8 +56,9 @@ def load_compressed_part(root: ArtifactRoot, part: int) -> CompressedWords:
     return CompressedWords(z["words"], z["codes"], z["indptr"], z["members"], z["component_sizes"])
 
 
-def merge_compressed(root: ArtifactRoot, parts: list[int], k: int, images: np.ndarray, image_entries: np.ndarray,
-                     width: int) -> dict:
+def merge_compressed(
+    root: ArtifactRoot, parts: list[int], k: int, images: np.ndarray, image_entries: np.ndarray, width: int
+) -> dict:
     """Append the parts (consecutive word ranges, in order) into the compressed inverted file; returns
     its entry and member counts and every part's component sizes (read once, here)."""
     records = compressed_parts(root).committed()
@@ -71,8 +74,8 @@ def merge_compressed(root: ArtifactRoot, parts: list[int], k: int, images: np.nd
         cw = load_compressed_part(root, p)
         component_sizes.append(cw.component_sizes)
         ne, nm = len(cw.words), len(cw.members)
-        codes[e:e + ne], members[m:m + nm] = cw.codes, cw.members
-        sizes[e:e + ne] = np.diff(cw.indptr)
+        codes[e : e + ne], members[m : m + nm] = cw.codes, cw.members
+        sizes[e : e + ne] = np.diff(cw.indptr)
         counts += np.bincount(cw.words, minlength=k)
         e, m = e + ne, m + nm
     commit_m(), commit_c()
@@ -80,8 +83,11 @@ def merge_compressed(root: ArtifactRoot, parts: list[int], k: int, images: np.nd
     root.write_array("iasmk/entry_indptr.npy", np.r_[0, np.cumsum(sizes)].astype(np.int64))
     root.write_array("iasmk/images.npy", np.asarray(images, np.int64))
     root.write_array("iasmk/image_entries.npy", np.asarray(image_entries, np.int64))
-    return {"entries": n_entries, "members": n_members,
-            "component_sizes": np.concatenate(component_sizes or [np.zeros(0, np.int64)])}
+    return {
+        "entries": n_entries,
+        "members": n_members,
+        "component_sizes": np.concatenate(component_sizes or [np.zeros(0, np.int64)]),
+    }
 
 
 def write_iasmk_meta(root: ArtifactRoot, meta: dict) -> None:
@@ -101,6 +107,8 @@ def iasmk_meta(root: ArtifactRoot) -> dict:
 def open_compressed(root: ArtifactRoot) -> tuple[InvertedFile, dict]:
     """The compressed inverted file (arrays memory-mapped) and its meta."""
     meta = iasmk_meta(root)
-    arrays = {a: root.load_array(f"iasmk/{a}.npy")
-              for a in ("offsets", "entry_image", "codes", "images", "image_entries", "entry_indptr")}
+    arrays = {
+        a: root.load_array(f"iasmk/{a}.npy")
+        for a in ("offsets", "entry_image", "codes", "images", "image_entries", "entry_indptr")
+    }
     return InvertedFile(**arrays, binary=True), meta

@@ -9,6 +9,7 @@ places every partial's postings of word c after those of the partials before it,
 into memory-mapped output arrays, one partial in memory at a time, so partials merge in any order
 and image ids need not be consecutive. Readers memory-map the arrays (local, or cached from S3).
 """
+
 from __future__ import annotations
 
 import io
@@ -53,6 +54,7 @@ def entries_partial(root: ArtifactRoot, shard: int, k: int) -> dict[str, np.ndar
 def merge_partials(root: ArtifactRoot, shards: list[int], k: int, from_entries: set[int] = frozenset()) -> dict:
     """Merge committed partials into the word-partitioned layout (see module doc); the shards in
     ``from_entries`` contribute their entry columns instead (:func:`entries_partial`: no partial file)."""
+
     def part(s: int) -> dict[str, np.ndarray]:
         return entries_partial(root, s, k) if s in from_entries else load_partial(root, s)
 
@@ -88,7 +90,11 @@ def merge_partials(root: ArtifactRoot, shards: list[int], k: int, from_entries: 
     root.write_array("asmk/offsets.npy", offsets)
     root.write_array("asmk/images.npy", images)
     root.write_array("asmk/image_entries.npy", image_entries)
-    return {"entries": n, "images": len(images), "bytes_per_entry": 4 + (width or 16) * np.dtype(dtype or np.uint8).itemsize}
+    return {
+        "entries": n,
+        "images": len(images),
+        "bytes_per_entry": 4 + (width or 16) * np.dtype(dtype or np.uint8).itemsize,
+    }
 
 
 def write_meta(root: ArtifactRoot, meta: dict) -> None:
@@ -101,8 +107,10 @@ def has_inverted_file(root: ArtifactRoot) -> bool:
 
 def inverted_file_meta(root: ArtifactRoot) -> dict:
     if not root.exists("asmk/meta.json"):
-        raise ArtifactError(f"{root.uri} has no ASMK inverted file: run the asmk stage "
-                            f"(retrieval index … --out {root.uri} --set stages=[codebook,asmk])")
+        raise ArtifactError(
+            f"{root.uri} has no ASMK inverted file: run the asmk stage "
+            f"(retrieval index … --out {root.uri} --set stages=[codebook,asmk])"
+        )
     return root.read_json("asmk/meta.json")
 
 

@@ -13,6 +13,7 @@
 
 A graph rebuild removes every ``meta.json`` and checkpoint (:func:`invalidate_learned`), as it does the eigenpairs.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,9 @@ def _from_npz(data: bytes) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def write_checkpoint(root: ArtifactRoot, method: str, step: int, settings: dict, arrays: dict[str, np.ndarray],
-                     **info) -> None:
+def write_checkpoint(
+    root: ArtifactRoot, method: str, step: int, settings: dict, arrays: dict[str, np.ndarray], **info
+) -> None:
     """Weights and optimizer arrays after ``step`` steps; the json (written last) makes it visible."""
     root.write_bytes(f"{method}/checkpoint.npz", _npz(arrays))
     root.write_json(f"{method}/checkpoint.json", {"step": int(step), "settings": settings, **info})
@@ -81,8 +83,9 @@ def scratch_array(shape: tuple) -> np.ndarray:
     return np.memmap(tempfile.TemporaryFile(), dtype=np.float32, mode="w+", shape=shape)
 
 
-def write_model(root: ArtifactRoot, method: str, weights: dict[str, np.ndarray], meta: dict,
-                **arrays: np.ndarray) -> None:
+def write_model(
+    root: ArtifactRoot, method: str, weights: dict[str, np.ndarray], meta: dict, **arrays: np.ndarray
+) -> None:
     """The trained weights and the model's small arrays (GSS: ``degree``; GRAD-Net: ``anchors``), then the meta
     (valid from here on); the embeddings and states are committed before."""
     root.write_bytes(f"{method}/weights.npz", _npz(weights))
@@ -97,16 +100,17 @@ class LearnedModel:
 
     meta: dict
     weights: dict[str, np.ndarray]
-    embeddings: np.ndarray                       # (n, D) ℓ2-normalised, rows = graph nodes
-    degree: np.ndarray | None = None             # GSS: row sums of A + I
+    embeddings: np.ndarray  # (n, D) ℓ2-normalised, rows = graph nodes
+    degree: np.ndarray | None = None  # GSS: row sums of A + I
     states: list[np.ndarray] = field(default_factory=list)  # GSS: x_1 … x_{L-1}
-    anchors: np.ndarray | None = None            # GRAD-Net: the k-means anchors
+    anchors: np.ndarray | None = None  # GRAD-Net: the k-means anchors
 
 
 def load_model(root: ArtifactRoot, method: str) -> LearnedModel:
     meta = root.read_json(f"{method}/meta.json")
-    model = LearnedModel(meta, _from_npz(root.read_bytes(f"{method}/weights.npz")),
-                         root.load_array(f"{method}/embeddings.npy"))
+    model = LearnedModel(
+        meta, _from_npz(root.read_bytes(f"{method}/weights.npz")), root.load_array(f"{method}/embeddings.npy")
+    )
     if method == "gss":
         model.degree = np.asarray(root.load_array("gss/degree.npy"))
         model.states = [root.load_array(f"gss/state_{layer}.npy") for layer in range(1, meta["params"]["layers"])]

@@ -10,6 +10,7 @@
   rows of ``ROOT/global``; ``jobs.search --method os`` ranks them.
 - ``meta.json``: parameters and counts.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,9 @@ def write_regions(root: ArtifactRoot, table: pd.DataFrame, vectors: np.ndarray) 
 
 def open_regions(root: ArtifactRoot) -> tuple[pd.DataFrame, GlobalDescriptors]:
     if not has_global(root, REGIONS):
-        raise ArtifactError(f"{root.uri} has no object regions: run retrieval discover --index {root.uri} "
-                            "--set stages=[objects]")
+        raise ArtifactError(
+            f"{root.uri} has no object regions: run retrieval discover --index {root.uri} --set stages=[objects]"
+        )
     return pd.read_parquet(io.BytesIO(root.read_bytes("objects/regions.parquet"))), open_global(root, REGIONS)
 
 
@@ -78,9 +80,17 @@ def merge_regions(root: ArtifactRoot, parts: list[int]) -> int:
     loaded = [load_part(root, "region_parts", i) for i in parts]
     cat = {k: np.concatenate([x[k] for x in loaded]) for k in loaded[0]}
     boxes = cat["boxes"].reshape(-1, 4).astype(np.int64)
-    table = pd.DataFrame({"image_id": cat["image_id"].astype(np.int64), "scale": cat["scale"].astype(np.float32),
-                          "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
-                          "fs": cat["fs"].astype(np.float32)})
+    table = pd.DataFrame(
+        {
+            "image_id": cat["image_id"].astype(np.int64),
+            "scale": cat["scale"].astype(np.float32),
+            "y0": boxes[:, 0],
+            "x0": boxes[:, 1],
+            "y1": boxes[:, 2],
+            "x1": boxes[:, 3],
+            "fs": cat["fs"].astype(np.float32),
+        }
+    )
     write_regions(root, table, cat["vectors"].astype(np.float32))
     return len(table)
 

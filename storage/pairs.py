@@ -6,6 +6,7 @@ Columns (:data:`PAIRS_SCHEMA`): ``anchor_id``, ``other_id`` (the index's image i
 shared components for i-ASMK* positives), ``source`` (``manifold`` or ``iasmk``), and both images'
 files, ready for a training loader.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,18 +17,35 @@ from storage import fs as sfs
 from storage.errors import ArtifactError
 from storage.shards import ShardSet
 
-PAIRS_SCHEMA = pa.schema([("anchor_id", pa.int64()), ("other_id", pa.int64()), ("label", pa.int8()),
-                          ("score", pa.float32()), ("source", pa.string()), ("anchor_file", pa.string()),
-                          ("other_file", pa.string())])
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("anchor_id", pa.int64()),
+        ("other_id", pa.int64()),
+        ("label", pa.int8()),
+        ("score", pa.float32()),
+        ("source", pa.string()),
+        ("anchor_file", pa.string()),
+        ("other_file", pa.string()),
+    ]
+)
 
 
-def pair_table(anchors: np.ndarray, others: np.ndarray, label: int, scores: np.ndarray, source: str,
-               files: pd.Series) -> pa.Table:
+def pair_table(
+    anchors: np.ndarray, others: np.ndarray, label: int, scores: np.ndarray, source: str, files: pd.Series
+) -> pa.Table:
     """Rows of one kind of pair; ``files`` maps image id → file."""
-    return pa.table({"anchor_id": anchors.astype(np.int64), "other_id": others.astype(np.int64),
-                     "label": np.full(len(anchors), label, np.int8), "score": np.asarray(scores, np.float32),
-                     "source": [source] * len(anchors), "anchor_file": files.loc[anchors].to_numpy(str),
-                     "other_file": files.loc[others].to_numpy(str)}, schema=PAIRS_SCHEMA)
+    return pa.table(
+        {
+            "anchor_id": anchors.astype(np.int64),
+            "other_id": others.astype(np.int64),
+            "label": np.full(len(anchors), label, np.int8),
+            "score": np.asarray(scores, np.float32),
+            "source": [source] * len(anchors),
+            "anchor_file": files.loc[anchors].to_numpy(str),
+            "other_file": files.loc[others].to_numpy(str),
+        },
+        schema=PAIRS_SCHEMA,
+    )
 
 
 def pair_parts(out: str, options: dict | None = None) -> ShardSet:

@@ -8,6 +8,7 @@ the role, the centre crop and whether database features are reused. A second sea
 queries against the same index therefore describes nothing; any change makes a new entry.
 Entries live under the index root by default, or under another folder (a read-only index).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,14 +22,20 @@ from storage.artifacts import ArtifactRoot
 FOLDER = "query-cache"
 
 
-def query_cache_key(index: ArtifactRoot, settings: dict, queries: pd.DataFrame, whitening: bytes | None,
-                    database_size: int) -> str:
+def query_cache_key(
+    index: ArtifactRoot, settings: dict, queries: pd.DataFrame, whitening: bytes | None, database_size: int
+) -> str:
     """16 hex digits of the SHA-1 of what makes the cached shards (see module doc)."""
     table = queries[["image_id", "file", "x0", "y0", "x1", "y1"]].astype({"file": str})
     table = table.assign(file=table["file"].map(sfs.canonical))
     digest = hashlib.sha1()
-    digest.update(json.dumps({"index": sfs.canonical(index.uri), "settings": settings, "database": database_size},
-                             sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(
+            {"index": sfs.canonical(index.uri), "settings": settings, "database": database_size},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
     digest.update(hashlib.sha1(whitening or b"").digest())
     return digest.hexdigest()[:16]

@@ -8,6 +8,7 @@ secret) but credentials written into a URL (``https://user:pass@host``) do not.
 
 :func:`strict` makes the same objects strict JSON: NaN and ±infinity (not JSON) become ``null``.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ import re
 from typing import Any
 
 REDACTED = "***"
-SENSITIVE = re.compile(r"(^|[_\-.])(key|secret|token|password|passwd|credentials?|session|signature)(_?id)?$",
-                       re.IGNORECASE)
+SENSITIVE = re.compile(
+    r"(^|[_\-.])(key|secret|token|password|passwd|credentials?|session|signature)(_?id)?$", re.IGNORECASE
+)
 URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
 
 

@@ -1,6 +1,7 @@
 """Search and re-ranking results: ``RES/results.parquet`` (one row per query,
 :data:`storage.schemas.RESULTS_SCHEMA`) or committed ``RES/parts/`` (offline re-ranking, resumable),
 and ``RES/run.json`` (the config that made them: method, re-ranking, parameters, index)."""
+
 from __future__ import annotations
 
 import io
@@ -23,10 +24,15 @@ def results_table(queries: pd.DataFrame, ranked: Ranking) -> pa.Table:
     queries = queries.sort_values("image_id")
     source = queries["source"] if "source" in queries else queries["image_id"]
     ids, scores = ranked.align(source.to_numpy(np.int64)).lists()
-    return pa.table({"query_id": pa.array(queries["image_id"], pa.int64()),
-                     "query_name": pa.array(queries["name"].astype(str), pa.string()),
-                     "ids": pa.array(ids, pa.list_(pa.int64())), "scores": pa.array(scores, pa.list_(pa.float32()))},
-                    schema=RESULTS_SCHEMA)
+    return pa.table(
+        {
+            "query_id": pa.array(queries["image_id"], pa.int64()),
+            "query_name": pa.array(queries["name"].astype(str), pa.string()),
+            "ids": pa.array(ids, pa.list_(pa.int64())),
+            "scores": pa.array(scores, pa.list_(pa.float32())),
+        },
+        schema=RESULTS_SCHEMA,
+    )
 
 
 def write_results(out: str, table: pa.Table, run: dict, options: dict | None = None) -> str:
@@ -51,7 +57,9 @@ def result_parts(out: str, options: dict | None = None) -> ShardSet:
 def read_run(res: str, options: dict | None = None) -> dict:
     uri = sfs.join(res, "run.json")
     if not sfs.exists(uri, options):
-        raise ArtifactError(f"{res} holds no results (no run.json): give a folder written by jobs.search or jobs.rerank")
+        raise ArtifactError(
+            f"{res} holds no results (no run.json): give a folder written by jobs.search or jobs.rerank"
+        )
     return sfs.read_json(uri, options)
 
 

@@ -36,6 +36,7 @@ protocol (0-5), and nothing else. It is total: whatever the bytes, it returns da
   stand for, anything that is not data (a stand-in returned as a value) is refused, and containers
   may nest at most :data:`MAX_DEPTH` deep.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -150,8 +151,10 @@ def _dtype(spec: object, align: object = False, copy: object = True) -> _Dtype:
     """``numpy.dtype(spec, align, copy)`` for bool, int, uint, float, complex, ``S`` and ``U`` specs only."""
     match = _SPEC.match(spec) if isinstance(spec, str) else None
     if match is None or not isinstance(align, int) or not isinstance(copy, int):
-        raise _refuse(f"dtype {_short(spec)}: only bool, integer, float, complex, bytes and unicode dtypes are data "
-                      "(object, structured, void and datetime dtypes are not)")
+        raise _refuse(
+            f"dtype {_short(spec)}: only bool, integer, float, complex, bytes and unicode dtypes are data "
+            "(object, structured, void and datetime dtypes are not)"
+        )
     return _Dtype(_plain_dtype(match[1], int(match[2]), spec))
 
 
@@ -182,8 +185,7 @@ def _as_dtype(dtype: object) -> np.dtype:
 
 def _shape(shape: object) -> tuple[int, ...]:
     """``shape`` if it is a tuple of at most :data:`MAX_DIMS` non-negative ints with at most MAX_ELEMENTS."""
-    if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS
-            and all(type(n) is int and n >= 0 for n in shape)):
+    if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS and all(type(n) is int and n >= 0 for n in shape)):
         raise _refuse(f"array shape {_short(shape)} is not a tuple of at most {MAX_DIMS} non-negative ints")
     size = 1
     for n in shape:
@@ -262,6 +264,7 @@ def _latin1(text: object, encoding: object = None) -> bytes:
 
 def _builtin(kind: type, arg_type: type | None = None) -> Callable[..., Any]:
     """``kind()``, or ``kind(x)`` with ``x`` an ``arg_type`` (how protocols 0-3 store sets and bytearrays)."""
+
     def make(*args: object) -> Any:
         if len(args) > (arg_type is not None) or not all(type(a) is arg_type for a in args):
             raise _refuse(f"{kind.__name__} built from {_short(args)}")
@@ -270,6 +273,7 @@ def _builtin(kind: type, arg_type: type | None = None) -> Callable[..., Any]:
         elif args:
             _charge_hashing(args[0])
         return kind(*args)
+
     return make
 
 
@@ -321,13 +325,52 @@ ALLOWED_GLOBALS = frozenset(_RESOLVE)
 # ---------------------------------------------------------------------------------------------------
 # The opcode stream, checked before it runs
 
-_LEAF = frozenset({  # opcodes pushing one value that is not a tuple
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
-    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE", "NEWFALSE", "UNICODE",
-    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET",
-    "GLOBAL"})
-_REFUSED_OPS = frozenset({"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
-                          "NEXT_BUFFER", "READONLY_BUFFER"})
+_LEAF = frozenset(
+    {  # opcodes pushing one value that is not a tuple
+        "INT",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG",
+        "LONG1",
+        "LONG4",
+        "STRING",
+        "BINSTRING",
+        "SHORT_BINSTRING",
+        "BINBYTES",
+        "SHORT_BINBYTES",
+        "BINBYTES8",
+        "BYTEARRAY8",
+        "NONE",
+        "NEWTRUE",
+        "NEWFALSE",
+        "UNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+        "FLOAT",
+        "BINFLOAT",
+        "EMPTY_LIST",
+        "EMPTY_DICT",
+        "EMPTY_SET",
+        "GLOBAL",
+    }
+)
+_REFUSED_OPS = frozenset(
+    {
+        "INST",
+        "OBJ",
+        "NEWOBJ",
+        "NEWOBJ_EX",
+        "EXT1",
+        "EXT2",
+        "EXT4",
+        "PERSID",
+        "BINPERSID",
+        "NEXT_BUFFER",
+        "READONLY_BUFFER",
+    }
+)
 _TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 _MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
@@ -335,8 +378,17 @@ _Shape = tuple[int, int]  # a value's (tuple nesting depth, nodes hashing it vis
 _ONE: _Shape = (0, 1)  # anything but a tuple: hashing it visits one node
 _KEYS, _ALL, _NONE = slice(None, None, 2), slice(None), slice(0)
 # which of the values an opcode pops it hashes (dict keys, set members)
-_HASHED = {"LIST": _NONE, "APPENDS": _NONE, "APPEND": _NONE, "BUILD": _NONE, "DICT": _KEYS, "SETITEMS": _KEYS,
-           "SETITEM": _KEYS, "FROZENSET": _ALL, "ADDITEMS": _ALL}
+_HASHED = {
+    "LIST": _NONE,
+    "APPENDS": _NONE,
+    "APPEND": _NONE,
+    "BUILD": _NONE,
+    "DICT": _KEYS,
+    "SETITEMS": _KEYS,
+    "SETITEM": _KEYS,
+    "FROZENSET": _ALL,
+    "ADDITEMS": _ALL,
+}
 
 
 def _budget(length: int) -> int:
@@ -525,7 +577,7 @@ class _Brief(reprlib.Repr):
     """``reprlib`` that also shortens bytes before rendering them (a message never renders a whole file)."""
 
     def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
-        return repr(value[:self.maxstring]) + ("..." if len(value) > self.maxstring else "")
+        return repr(value[: self.maxstring]) + ("..." if len(value) > self.maxstring else "")
 
     repr_bytearray = repr_bytes
 
@@ -543,8 +595,8 @@ def _short(value: object) -> str:
 
 def _line(text: str, limit: int) -> str:
     """``text`` on one line of at most ``limit`` characters."""
-    text = " ".join(text[:limit + 1].split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    text = " ".join(text[: limit + 1].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ Feature shards (``features/part-NNNNN.parquet``), one row per image:
 | ``global`` | fixed_size_list<float32, D> | L2-normalised multi-scale GeM descriptor |
 | ``local_desc`` | list<fixed_size_list<float16, d>> | local descriptors, strongest first |
 | ``local_xy`` | list<fixed_size_list<float32, 2>> | feature centre in pixels of the (cropped) original image |
-| ``local_scale`` | list<float32> | HOW: image scale factor of the feature's pyramid level; RootSIFT: keypoint size in original pixels |
+| ``local_scale`` | list<float32> | HOW: scale factor of the feature's pyramid level; RootSIFT: keypoint size (pixels) |
 | ``local_strength`` | list<float32> | HOW: L2 norm of the activation; RootSIFT: detector response |
-| ``asmk_words`` | list<int32> | only when extracted with ASMK* entries (``local_store`` entries or both): the image's visual words, ascending |
+| ``asmk_words`` | list<int32> | with ASMK* entries (``local_store`` entries or both): the image's words, ascending |
 | ``asmk_codes`` | list<fixed_size_list<uint8, d/8>> | the packed signs of each word's aggregated residual Σ(x − q(x)) |
 
 With ``local_store=entries`` the per-feature columns (``local_desc``, ``local_xy``, ``local_scale``,
@@ -23,6 +23,7 @@ a shard's commit record then holds ``entries_codebook_sha1``, the codebook its w
 
 Key-value metadata of each file: ``schema_version``, ``extractor`` (JSON of the config that made it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,10 @@ def feature_schema(global_dim: int, local_dim: int, metadata: dict | None = None
         pa.field("local_strength", pa.list_(pa.float32())),
     ]
     if entries:
-        fields += [pa.field("asmk_words", pa.list_(pa.int32())),
-                   pa.field("asmk_codes", pa.list_(pa.list_(pa.uint8(), local_dim // 8)))]
+        fields += [
+            pa.field("asmk_words", pa.list_(pa.int32())),
+            pa.field("asmk_codes", pa.list_(pa.list_(pa.uint8(), local_dim // 8))),
+        ]
     meta = {"schema_version": str(SCHEMA_VERSION)}
     if metadata:
         meta.update({k: v if isinstance(v, str) else sfs.dumps(v) for k, v in metadata.items()})
@@ -71,7 +74,11 @@ def _flat(values: list[np.ndarray], dtype: pa.DataType = pa.float32()) -> pa.Arr
     lengths = np.array([len(v) for v in values], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     np_dtype = dtype.to_pandas_dtype()
-    flat = np.concatenate([np.asarray(v, dtype=np_dtype).ravel() for v in values]) if len(values) else np.zeros(0, np_dtype)
+    flat = (
+        np.concatenate([np.asarray(v, dtype=np_dtype).ravel() for v in values])
+        if len(values)
+        else np.zeros(0, np_dtype)
+    )
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
 
 
@@ -81,8 +88,16 @@ def feature_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     ldim = schema.field("local_desc").type.value_type.list_size
     n = len(rows)
     get = lambda k, d: [r.get(k, d) for r in rows]  # noqa: E731
-    glob = np.stack([np.asarray(r["global"], np.float32) if r.get("global") is not None else np.zeros(gdim, np.float32)
-                     for r in rows]) if n else np.zeros((0, gdim), np.float32)
+    glob = (
+        np.stack(
+            [
+                np.asarray(r["global"], np.float32) if r.get("global") is not None else np.zeros(gdim, np.float32)
+                for r in rows
+            ]
+        )
+        if n
+        else np.zeros((0, gdim), np.float32)
+    )
     empty_d, empty_xy, empty_1 = np.zeros((0, ldim)), np.zeros((0, 2)), np.zeros(0)
     cols = {
         "image_id": pa.array(get("image_id", None), pa.int64()),
@@ -115,7 +130,7 @@ def local_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     col = table.column("local_desc").combine_chunks()
     d = col.type.value_type.list_size
     offsets = col.offsets.to_numpy()
-    desc = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, d)[offsets[0]:offsets[-1]]
+    desc = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, d)[offsets[0] : offsets[-1]]
     counts = np.diff(offsets)
     ids = np.repeat(table.column("image_id").to_numpy(), counts)
     return desc, ids, counts
@@ -126,18 +141,21 @@ def entry_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     words = table.column("asmk_words").combine_chunks()
     codes = table.column("asmk_codes").combine_chunks()
     offsets = words.offsets.to_numpy()
-    w = words.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.int64)
+    w = words.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64)
     width = codes.type.value_type.list_size
     c_off = codes.offsets.to_numpy()
-    c = codes.values.values.to_numpy(zero_copy_only=False).reshape(-1, width)[c_off[0]:c_off[-1]]
+    c = codes.values.values.to_numpy(zero_copy_only=False).reshape(-1, width)[c_off[0] : c_off[-1]]
     ids = np.repeat(table.column("image_id").to_numpy(), np.diff(offsets))
     return ids, w, np.ascontiguousarray(c, np.uint8)
 
 
-RESULTS_SCHEMA = pa.schema([
-    pa.field("query_id", pa.int64(), nullable=False),
-    pa.field("query_name", pa.string()),
-    pa.field("ids", pa.list_(pa.int64())),
-    pa.field("scores", pa.list_(pa.float32())),
-], metadata={"schema_version": str(SCHEMA_VERSION)})
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.int64(), nullable=False),
+        pa.field("query_name", pa.string()),
+        pa.field("ids", pa.list_(pa.int64())),
+        pa.field("scores", pa.list_(pa.float32())),
+    ],
+    metadata={"schema_version": str(SCHEMA_VERSION)},
+)
 """Search results, one row per query: database ``ids`` ranked best first with their ``scores``."""

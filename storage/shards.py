@@ -9,6 +9,7 @@ Readers list ``_commits/`` and read only committed shards, so a shard whose writ
 invisible and is simply redone on the next run (``pending`` gives the work left). Each worker
 writes its own commit record, so no shared manifest file is ever rewritten concurrently.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,7 +76,13 @@ class ShardSet:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         sfs.write_bytes(self.path(index), buf.getvalue(), self.options)
-        rec = {"shard": index, "rows": table.num_rows, "bytes": buf.tell(), "committed_at": time.time(), **(record or {})}
+        rec = {
+            "shard": index,
+            "rows": table.num_rows,
+            "bytes": buf.tell(),
+            "committed_at": time.time(),
+            **(record or {}),
+        }
         sfs.write_json(self.commit_path(index), rec, self.options)
         return rec
 

@@ -7,6 +7,7 @@
 A graph rebuild removes ``meta.json`` (:func:`invalidate_spectral`): eigenpairs of an old graph
 are never used with a new one.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -59,7 +60,9 @@ def load_sparse_u(root: ArtifactRoot, keep: float) -> sp.csr_matrix | None:
     return load_csr(root, "spectral/sparse_", n_cols=info["shape"][1])
 
 
-def load_spectral(root: ArtifactRoot, sparse_keep: float = 1.0) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray, np.ndarray]:
+def load_spectral(
+    root: ArtifactRoot, sparse_keep: float = 1.0
+) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray, np.ndarray]:
     """U (SHybrid's stored sparse U when made with ``sparse_keep`` < 1), λ and the LCC positions."""
     u = load_u(root)
     if sparse_keep < 1:

@@ -1,5 +1,6 @@
 """Job summaries (``summary-<job>.json``: counts, timings, peak memory) and the failed-images list
 (``failed-images.csv``: image id, file, reason), written next to the artifacts a job made."""
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@
 optional PCA-whitening of global descriptors (its presence whitens queries, so a raw rebuild
 removes it).
 """
+
 from __future__ import annotations
 
 from typing import Literal

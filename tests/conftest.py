@@ -1,4 +1,5 @@
 """Shared fixtures: one Ray instance per test session, a moto S3 server, small real data."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Small, fast describer settings for tests (the defaults are the papers').
-FAST = ["--set", "describe.global_max_side=256", "--set", "describe.max_side=512",
-        "--set", "describe.sift_n=300", "--set", "shard_size=4", "--set", "batch_size=4"]
+FAST = [
+    "--set",
+    "describe.global_max_side=256",
+    "--set",
+    "describe.max_side=512",
+    "--set",
+    "describe.sift_n=300",
+    "--set",
+    "shard_size=4",
+    "--set",
+    "batch_size=4",
+]
 
 
 def free_port() -> int:
@@ -35,8 +46,14 @@ def free_port() -> int:
 def ray_session():
     import ray
 
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
-             ignore_reinit_error=True, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=300 * 2**20,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -104,8 +121,9 @@ def s3_server():
     """A real S3 API: moto_server on 127.0.0.1, with a bucket ``test-bucket``."""
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -143,8 +161,24 @@ def pytest_collection_modifyitems(config, items):
 # wherever it is called from (ray.init, moto_server, a job's CLI); ray.init/get/put/wait are also patched
 # (a Ray another test started is joined without starting a process). Cheap system probes that libraries
 # run (ldconfig, uname, ...) and the trivial commands of the code-execution tests (touch, true) pass.
-CHEAP_COMMANDS = {"true", "touch", "uname", "ldconfig", "ldconfig.real", "gcc", "cc", "c++", "g++", "ld", "objdump",
-                  "lscpu", "getconf", "sysctl", "lsb_release", "nvidia-smi"}
+CHEAP_COMMANDS = {
+    "true",
+    "touch",
+    "uname",
+    "ldconfig",
+    "ldconfig.real",
+    "gcc",
+    "cc",
+    "c++",
+    "g++",
+    "ld",
+    "objdump",
+    "lscpu",
+    "getconf",
+    "sysctl",
+    "lsb_release",
+    "nvidia-smi",
+}
 SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.exec", "os.system"}
 # one state and one audit hook per process, also when this module is imported again as ``tests.conftest``
 _GUARD: dict = sys.__dict__.setdefault("_test_tier_guard", {"on": False, "seen": [], "hooked": False})
@@ -163,8 +197,9 @@ def _command(event: str, args: tuple) -> str:
             argv = args[1]
             argv = [argv] if isinstance(argv, (str, bytes, os.PathLike)) else list(argv)
             argv = [os.fsdecode(a) for a in argv]
-            return " ".join(argv[2:3] if len(argv) > 2 and argv[1] == "-c" and Path(argv[0]).name in ("sh", "bash")
-                            else argv)
+            return " ".join(
+                argv[2:3] if len(argv) > 2 and argv[1] == "-c" and Path(argv[0]).name in ("sh", "bash") else argv
+            )
         if event in ("os.posix_spawn", "os.exec"):  # (path, argv, env)
             return " ".join(os.fsdecode(a) for a in args[1])
         if event == "os.spawn":  # (mode, path, args, env)
@@ -209,8 +244,10 @@ def _no_ray_no_process():
         for name in ("init", "get", "put", "wait"):
             real = getattr(ray, name, None)
             if real is not None:
+
                 def refuse(*a, _name=name, **k):
                     _violation(f"Ray (ray.{_name})")
+
                 patched[name] = real
                 setattr(ray, name, refuse)
     _GUARD["on"] = True

@@ -4,6 +4,7 @@ Random data with clustered descriptors, and real RootSIFT descriptors of instanc
 and non-binary, with and without IDF, with and without query multiple assignment. Scores must
 agree to 1e-5 and the rankings of all matched images must be identical.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,16 +14,27 @@ from operators.asmk import AsmkParams, aggregate, build_inverted_file, idf_weigh
 from operators.codebook import Quantizer
 
 asmk_method = pytest.importorskip("asmk.asmk_method")
-from asmk import codebook as cdb_pkg, index as idx_pkg  # noqa: E402
+from asmk import codebook as cdb_pkg  # noqa: E402
+from asmk import index as idx_pkg  # noqa: E402
 
 
 def reference(centroids, xb, ib, xq, iq, p: AsmkParams):
     cdb = cdb_pkg.Codebook(idx_pkg.initialize_index(None), size=len(centroids))
     cdb.index(np.ascontiguousarray(centroids))
-    params = {"build_ivf": {"kernel": {"binary": p.binary}, "ivf": {"use_idf": p.use_idf},
-                            "quantize": {"multiple_assignment": p.db_ma}, "aggregate": {}},
-              "query_ivf": {"quantize": {"multiple_assignment": p.query_ma}, "aggregate": {}, "search": {"topk": None},
-                            "similarity": {"similarity_threshold": p.tau, "alpha": p.alpha}}}
+    params = {
+        "build_ivf": {
+            "kernel": {"binary": p.binary},
+            "ivf": {"use_idf": p.use_idf},
+            "quantize": {"multiple_assignment": p.db_ma},
+            "aggregate": {},
+        },
+        "query_ivf": {
+            "quantize": {"multiple_assignment": p.query_ma},
+            "aggregate": {},
+            "search": {"topk": None},
+            "similarity": {"similarity_threshold": p.tau, "alpha": p.alpha},
+        },
+    }
     method = asmk_method.ASMKMethod(params, {}, codebook=cdb).build_ivf(xb, ib.copy())
     _, qids, ranks, scores = method.query_ivf(xq, iq)
     return qids, ranks, scores
@@ -110,7 +122,9 @@ def real_rootsift(instance_mini):
     return centroids, xb, ib, np.concatenate(xq).astype(np.float32), np.concatenate(iq)
 
 
-@pytest.mark.parametrize("binary,use_idf,query_ma", [(True, False, 5), (False, False, 5), (True, True, 1), (False, True, 3)])
+@pytest.mark.parametrize(
+    "binary,use_idf,query_ma", [(True, False, 5), (False, False, 5), (True, True, 1), (False, True, 3)]
+)
 def test_real_rootsift(real_rootsift, binary, use_idf, query_ma):
     compare(*real_rootsift, AsmkParams(binary=binary, use_idf=use_idf, query_ma=query_ma))
 

@@ -1,4 +1,5 @@
 """Backbones: shipped EfficientNet-Lite0 weights, torchvision/cirtorch-format ResNet checkpoints."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from operators.backbones import EfficientNetLite0, ResNet, build_backbone, load_resnet, to_tensor
-from operators.describe import DescriptorConfig, Describer, ImageTooSmall
+from operators.describe import Describer, DescriptorConfig, ImageTooSmall
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,14 @@ def test_resnet_checkpoint_formats(tmp_path, fmt):
     state["fc.weight"] = torch.zeros(1000, 2048)  # classifier head present in torchvision files
     if fmt == "cirtorch":
         idx = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
-        state = {"state_dict": {f"features.{idx[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
-                                for k, v in state.items() if k.split(".")[0] in idx} | {"pool.p": torch.tensor([3.0])}}
+        state = {
+            "state_dict": {
+                f"features.{idx[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
+                for k, v in state.items()
+                if k.split(".")[0] in idx
+            }
+            | {"pool.p": torch.tensor([3.0])}
+        }
     elif fmt == "dataparallel":
         state = {"model": {f"module.{k}": v for k, v in state.items()}}
     path = tmp_path / "ckpt.pth"
@@ -64,8 +71,17 @@ def test_describer_batches_equal_single(lite0):
     rng = np.random.default_rng(0)
     imgs = [(rng.random((120, 160, 3)) * 255).astype(np.uint8) for _ in range(3)]
     imgs.append((rng.random((90, 160, 3)) * 255).astype(np.uint8))
-    d = Describer(DescriptorConfig(local="how", local_layer="block10", local_n=50, max_side=160, global_max_side=160,
-                                   local_scales=[1.0, 0.5], forward_batch=8))
+    d = Describer(
+        DescriptorConfig(
+            local="how",
+            local_layer="block10",
+            local_n=50,
+            max_side=160,
+            global_max_side=160,
+            local_scales=[1.0, 0.5],
+            forward_batch=8,
+        )
+    )
     batch = d(imgs)
     for img, row in zip(imgs, batch):
         one = d([img])[0]
@@ -78,13 +94,23 @@ def test_describer_batches_equal_single(lite0):
 def test_describer_skips_scales_below_the_network_input(lite0):
     """A scale whose image is under the network's stride (32 px) is skipped; no scale left is an error."""
     rng = np.random.default_rng(1)
-    d = Describer(DescriptorConfig(local="how", local_layer="block10", local_n=20, max_side=160, global_max_side=160,
-                                   local_scales=[1.0, 0.25], global_scales=[1.0, 0.25]))
+    d = Describer(
+        DescriptorConfig(
+            local="how",
+            local_layer="block10",
+            local_n=20,
+            max_side=160,
+            global_max_side=160,
+            local_scales=[1.0, 0.25],
+            global_scales=[1.0, 0.25],
+        )
+    )
     thumb = (rng.random((96, 96, 3)) * 255).astype(np.uint8)
     row = d([thumb])[0]
     assert set(np.unique(row["local_scale"]).tolist()) == {1.0}  # 0.25 → 24 px: skipped
-    assert np.allclose(row["global"], d.__class__(dataclasses.replace(d.cfg, global_scales=[1.0]))([thumb])[0]["global"],
-                       atol=1e-5)
+    assert np.allclose(
+        row["global"], d.__class__(dataclasses.replace(d.cfg, global_scales=[1.0]))([thumb])[0]["global"], atol=1e-5
+    )
     with pytest.raises(ImageTooSmall, match="image 7x5 is too small"):
         d([np.zeros((5, 7, 3), np.uint8)])
     with pytest.raises(ImageTooSmall):

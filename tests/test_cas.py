@@ -1,14 +1,27 @@
 """CAS: the iterative diffusion against direct solves, its divergence and paths by hand, a toy manifold."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import scipy.linalg as sla
 from scipy.sparse.csgraph import floyd_warshall
-
-from operators.cas import (CasParams, affinity, bidirectional_diffusion, candidates, cas_distances, cas_query_distances,
-                           confident, js_divergence, normalized_distances, path_distances, ranking, sym_normalize)
 from test_diffusion import clustered, curves
+
+from operators.cas import (
+    CasParams,
+    affinity,
+    bidirectional_diffusion,
+    candidates,
+    cas_distances,
+    cas_query_distances,
+    confident,
+    js_divergence,
+    normalized_distances,
+    path_distances,
+    ranking,
+    sym_normalize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +29,7 @@ def problem():
     x = clustered(n=40, d=8, clusters=4, seed=5)
     d = normalized_distances(x)
     rank = ranking(d)
-    sim = np.exp(-d / 0.3 ** 2)
+    sim = np.exp(-d / 0.3**2)
     conf = confident(rank, 6)
     return x, d, rank, sim, conf, affinity(sim, rank, conf, 6, 2.0)
 
@@ -40,6 +53,7 @@ def loop_candidates(rank: np.ndarray, k2: int) -> np.ndarray:
         top = np.zeros((m, m))
         top[np.repeat(np.arange(m), min(k, m)), rank[:, :k].ravel()] = 1
         return top * top.T
+
     base, half = mutual(k2 + 1), mutual(k2 // 2 + 1)
     out, rows = base.copy(), np.arange(m)
     for t in range(min(k2 + 1, m)):
@@ -147,7 +161,7 @@ def test_one_query_over_its_whole_database_equals_the_dense_all_pairs_reference(
     p = CasParams(local=False, k2=20, k3=25, k5=30, paths=30)
     d = normalized_distances(x)
     rank = ranking(d)
-    sim = np.exp(-d / p.sigma ** 2)
+    sim = np.exp(-d / p.sigma**2)
     conf, cand = confident(rank, p.k1), candidates(rank, p.k2)
     f = bidirectional_diffusion(affinity(sim, rank, conf, p.k1, p.confident_weight), p.mu, p.iters) * cand
     feat = propagate(smooth(f, cand, conf, sim, rank, p.k3, p.beta), rank, conf, p.k4, p.k5, p.kappa)

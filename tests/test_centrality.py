@@ -1,4 +1,5 @@
 """Centrality against dense eigenvectors, power iteration and direct solves on small graphs."""
+
 from __future__ import annotations
 
 import numpy as np

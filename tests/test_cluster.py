@@ -2,6 +2,7 @@
 
 One local head (token authentication, as ray_config.yaml starts heads) serves the module's submissions; the
 multi-node runs are compared with the session's one-node ``six_index`` (tests/conftest.py)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ BIN = Path(sys.executable).parent
 
 
 def _env() -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}"
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -41,23 +43,49 @@ def test_ray_config_is_a_valid_cluster_launcher_config():
 def _start_head(log: Path, env: dict) -> tuple[subprocess.Popen, int]:
     """A local head on free ports (its dashboard on loopback); returns the process and the dashboard port."""
     port, dash = free_port(), free_port()
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--include-dashboard=true", "--disable-usage-stats",
-                             f"--dashboard-agent-listen-port={free_port()}",  # 52365 may be another Ray's
-                             f"--temp-dir={tempfile.mkdtemp(prefix='r', dir='/tmp')}"],  # short: socket paths
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",  # 52365 may be another Ray's
+            f"--temp-dir={tempfile.mkdtemp(prefix='r', dir='/tmp')}",
+        ],  # short: socket paths
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        start_new_session=True,
+    )
     return head, dash
 
 
-def _submit(dash: int, env: dict, entrypoint: list[str], working_dir: Path | None = None) -> subprocess.CompletedProcess:
+def _submit(
+    dash: int, env: dict, entrypoint: list[str], working_dir: Path | None = None
+) -> subprocess.CompletedProcess:
     """``ray job submit`` (retried while the head's job agent is still coming up)."""
-    cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-           *(["--working-dir", str(working_dir)] if working_dir else []), "--", *entrypoint]
+    cmd = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        f"http://127.0.0.1:{dash}",
+        *(["--working-dir", str(working_dir)] if working_dir else []),
+        "--",
+        *entrypoint,
+    ]
     for _ in range(60):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        if not any(s in proc.stderr for s in ("No available agent to submit job", "Connection refused",
-                                              "Failed to connect")):
+        if not any(
+            s in proc.stderr for s in ("No available agent to submit job", "Connection refused", "Failed to connect")
+        ):
             break
         time.sleep(2)
     return proc
@@ -112,10 +140,14 @@ def cluster_runs(six, tmp_path_factory) -> dict:
     # the pool starts dispatching shards once all its actors are up (Ray Data's default starts with the first one
     # ready, which may then take every one-image shard before the other node's actor has imported torch)
     env = dict(_env(), RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="300")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=700)
-    counts = {line.split()[1]: json.loads(line.split(None, 2)[2]) for line in proc.stdout.splitlines()
-              if line.startswith("SUMMARY ")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=700
+    )
+    counts = {
+        line.split()[1]: json.loads(line.split(None, 2)[2])
+        for line in proc.stdout.splitlines()
+        if line.startswith("SUMMARY ")
+    }
     return {"roots": roots, "counts": counts, "output": proc.stdout[-3000:] + proc.stderr[-3000:]}
 
 
@@ -143,17 +175,23 @@ def artifact_bytes(root: Path) -> dict[str, bytes]:
         record = json.loads(f.read_text())
         record.pop("seconds", None), record.pop("cpus", None)  # how long a stage took, on how many threads
         return json.dumps(record, sort_keys=True).encode()
-    return {str(f.relative_to(root)): content(f) for f in sorted(root.rglob("*")) if f.is_file()
-            and not set(f.relative_to(root).parts) & set(skip) and f.name != "index.json"
-            and not f.name.startswith("summary-")}
+
+    return {
+        str(f.relative_to(root)): content(f)
+        for f in sorted(root.rglob("*"))
+        if f.is_file()
+        and not set(f.relative_to(root).parts) & set(skip)
+        and f.name != "index.json"
+        and not f.name.startswith("summary-")
+    }
 
 
 def test_plan_actors_sizes_to_the_cluster():
     from cluster.ray_env import RayConfig, plan_actors
 
     gib = 2**30
-    assert plan_actors(RayConfig(), {"CPU": 2, "memory": 20 * gib}).actors == 2      # 0.5-CPU actors, one CPU spare
-    assert plan_actors(RayConfig(), {"CPU": 16, "memory": 8 * gib}).actors == 2      # memory-bound
+    assert plan_actors(RayConfig(), {"CPU": 2, "memory": 20 * gib}).actors == 2  # 0.5-CPU actors, one CPU spare
+    assert plan_actors(RayConfig(), {"CPU": 16, "memory": 8 * gib}).actors == 2  # memory-bound
     gpu = plan_actors(RayConfig(), {"CPU": 16, "GPU": 4, "memory": 64 * gib})
     assert (gpu.actors, gpu.num_gpus) == (4, 1.0)
     pinned = plan_actors(RayConfig(actor_resources={"extract": 1}), {"CPU": 8, "extract": 3, "memory": 64 * gib})
@@ -181,8 +219,9 @@ def test_worker_nodes_lost_mid_extraction_and_mid_asmk_cost_nothing(cluster_runs
     ids = [i for t in shards.iter_tables(["image_id"]) for i in t.column("image_id").to_pylist()]
     assert sorted(ids) == list(range(6))  # no image missing, none twice
     # the one-node run's artifacts of the same stages (those stages write nothing else)
-    assert artifact_bytes(out) == {k: v for k, v in artifact_bytes(six_index).items()
-                                   if k.split("/", 1)[0] not in ("graph", "spectral")}
+    assert artifact_bytes(out) == {
+        k: v for k, v in artifact_bytes(six_index).items() if k.split("/", 1)[0] not in ("graph", "spectral")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +256,23 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_ray_job_submit_against_local_head(head, six, tmp_path):
     out = tmp_path / "index"
-    proc = _submit(head["dash"], head["env"], ["python", "-m", "jobs.index", "--collection", str(six), "--out", str(out),
-                                               *FAST, "--set", "describe.local=none"], REPO)
+    proc = _submit(
+        head["dash"],
+        head["env"],
+        [
+            "python",
+            "-m",
+            "jobs.index",
+            "--collection",
+            str(six),
+            "--out",
+            str(out),
+            *FAST,
+            "--set",
+            "describe.local=none",
+        ],
+        REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + head["log"].read_text()[-2000:]
     assert "succeeded" in proc.stdout
     assert ArtifactRoot(str(out)).load_array("global/vectors.npy").shape == (6, 1280)
@@ -231,8 +285,10 @@ def test_a_head_with_token_authentication_refuses_submissions_without_the_token(
     probe = ["python", "-c", "print('ran on the cluster')"]
     allowed = _submit(head["dash"], server, probe)
     assert allowed.returncode == 0 and "succeeded" in allowed.stdout, allowed.stderr[-3000:]
-    for name, client in (("no token", dict(_env(), HOME=str(head["home"]))),
-                         ("a wrong token", dict(server, RAY_AUTH_TOKEN=secrets.token_hex(16)))):
+    for name, client in (
+        ("no token", dict(_env(), HOME=str(head["home"]))),
+        ("a wrong token", dict(server, RAY_AUTH_TOKEN=secrets.token_hex(16))),
+    ):
         refused = _submit(head["dash"], client, probe)
         assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, (name, refused.stderr[-2000:])
         assert "succeeded" not in refused.stdout

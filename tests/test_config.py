@@ -1,4 +1,5 @@
 """Typed configs: precedence, validation of types / choices / sections / required fields, --print-config."""
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,8 @@ import pytest
 from jobs.config import from_dict, parse, set_dotted, to_dict
 from jobs.extract import FLAGS
 from jobs.index import IndexConfig
-from jobs.search import FLAGS as SEARCH_FLAGS, SearchConfig
+from jobs.search import FLAGS as SEARCH_FLAGS
+from jobs.search import SearchConfig
 from storage.errors import ConfigError, InputError
 
 SEARCH = ["--index", "i", "--queries", "q", "--out", "o"]
@@ -23,26 +25,32 @@ SEARCH = ["--index", "i", "--queries", "q", "--out", "o"]
 def test_precedence_yaml_flags_set(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("collection: from-yaml\nout: o\nshard_size: 7\ndescribe:\n  local: how\n  gem_p: 2.0\n")
-    cfg = parse(IndexConfig, ["--config", str(y), "--collection", "from-flag", "--set", "describe.gem_p=4",
-                              "--set", "stages=[extract]"], FLAGS)
+    cfg = parse(
+        IndexConfig,
+        ["--config", str(y), "--collection", "from-flag", "--set", "describe.gem_p=4", "--set", "stages=[extract]"],
+        FLAGS,
+    )
     assert cfg.collection == "from-flag" and cfg.shard_size == 7
     assert cfg.describe.local == "how" and cfg.describe.gem_p == 4 and cfg.stages == ["extract"]
     assert cfg.describe.max_side == 1024, "defaults kept"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "rerank_params.kqq=3"], r"unknown config key\(s\) \[.rerank_params.kqq.\]"),
-    (["--set", "topk=abc"], r"topk: Input should be a valid integer"),
-    (["--topk", "abc"], r"topk: Input should be a valid integer"),
-    (["--set", "ray=5"], r"ray: Input should be a dictionary or an instance of RayConfig"),
-    (["--set", "asmk.params.binary=maybe"], r"asmk.params.binary: Input should be a valid boolean"),
-    (["--method", "fuzed"], r"method: Input should be 'global', 'asmk', 'fused', 'iasmk', 'fused-iasmk' or 'os'"),
-    (["--rerank", "diffusion"], r"rerank: Input should be 'none', 'aqe'"),
-    (["--set", "rerank_params.dtype=float16"], r"rerank_params.dtype: Input should be 'float32' or 'float64'"),
-    (["--set", "topk.x=3"], r"topk: Input should be a valid integer"),
-    (["--set", "topk"], r"--set expects KEY=VALUE"),
-    (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "rerank_params.kqq=3"], r"unknown config key\(s\) \[.rerank_params.kqq.\]"),
+        (["--set", "topk=abc"], r"topk: Input should be a valid integer"),
+        (["--topk", "abc"], r"topk: Input should be a valid integer"),
+        (["--set", "ray=5"], r"ray: Input should be a dictionary or an instance of RayConfig"),
+        (["--set", "asmk.params.binary=maybe"], r"asmk.params.binary: Input should be a valid boolean"),
+        (["--method", "fuzed"], r"method: Input should be 'global', 'asmk', 'fused', 'iasmk', 'fused-iasmk' or 'os'"),
+        (["--rerank", "diffusion"], r"rerank: Input should be 'none', 'aqe'"),
+        (["--set", "rerank_params.dtype=float16"], r"rerank_params.dtype: Input should be 'float32' or 'float64'"),
+        (["--set", "topk.x=3"], r"topk: Input should be a valid integer"),
+        (["--set", "topk"], r"--set expects KEY=VALUE"),
+        (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
+    ],
+)
 def test_search_config_mistakes_are_one_line_config_errors(args, message):
     with pytest.raises(ConfigError, match=message) as e:
         parse(SearchConfig, [*SEARCH, *args], SEARCH_FLAGS)
@@ -59,8 +67,23 @@ def test_required_fields_and_choices_of_nested_operator_configs():
 
 
 def test_optional_nested_config_and_flag_types():
-    cfg = parse(SearchConfig, [*SEARCH, "--set", "asmk.params.tau=-0.1", "--set", "asmk.params.query_ma=3",
-                               "--center-crop", "0.4", "--distractors", "a,b", "--topk", "7"], SEARCH_FLAGS)
+    cfg = parse(
+        SearchConfig,
+        [
+            *SEARCH,
+            "--set",
+            "asmk.params.tau=-0.1",
+            "--set",
+            "asmk.params.query_ma=3",
+            "--center-crop",
+            "0.4",
+            "--distractors",
+            "a,b",
+            "--topk",
+            "7",
+        ],
+        SEARCH_FLAGS,
+    )
     assert cfg.asmk.params.tau == -0.1 and cfg.asmk.params.query_ma == 3 and cfg.asmk.params.binary
     assert cfg.center_crop == 0.4 and cfg.distractors == ["a", "b"] and cfg.topk == 7
     assert parse(SearchConfig, SEARCH, SEARCH_FLAGS).asmk is None
@@ -112,23 +135,29 @@ def test_extraction_digest_of_existing_roots_is_stable_and_ignores_execution_set
 INDEX = ["--collection", "c", "--out", "o"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--topk", "0"], r"^topk: Input should be greater than or equal to 1 \(got 0\)$"),
-    (["--topk", "-1"], r"^topk: Input should be greater than or equal to 1 \(got -1\)$"),
-    (["--topk", "1000000000000"], r"^topk: Input should be less than or equal to \d+ \(got 1000000000000\)$"),
-    (["--center-crop", "0"], r"^center_crop: Input should be greater than 0 \(got 0\)$"),
-    (["--center-crop", "1.5"], r"^center_crop: Input should be less than or equal to 1 \(got 1.5\)$"),
-    (["--center-crop", "nan"], r"^center_crop: Input should be a finite number"),
-    (["--center-crop", "inf"], r"^center_crop: Input should be a finite number"),
-    (["--center-crop", "-0.5"], r"^center_crop: Input should be greater than 0 \(got -0.5\)$"),
-    (["--set", "center_crop=.nan"], r"^center_crop: Input should be a finite number \(got nan\)$"),
-    (["--set", "center_crop=-.inf"], r"^center_crop: Input should be a finite number \(got -inf\)$"),
-    (["--set", "fusion_beta=.inf"], r"^fusion_beta: Input should be a finite number"),
-    (["--set", "rerank_params.alpha=1"], r"^rerank_params.alpha: Input should be less than 1"),
-    (["--set", "rerank_params.sparse_keep=0"], r"^rerank_params.sparse_keep: Input should be greater than 0"),
-    (["--set", "asmk.params.tau=1.5"], r"^asmk.params.tau: Input should be less than or equal to 1"),
-    (["--set", "ray.actor_resources={extract: .nan}"], r"^ray.actor_resources.extract: Input should be a finite number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topk", "0"], r"^topk: Input should be greater than or equal to 1 \(got 0\)$"),
+        (["--topk", "-1"], r"^topk: Input should be greater than or equal to 1 \(got -1\)$"),
+        (["--topk", "1000000000000"], r"^topk: Input should be less than or equal to \d+ \(got 1000000000000\)$"),
+        (["--center-crop", "0"], r"^center_crop: Input should be greater than 0 \(got 0\)$"),
+        (["--center-crop", "1.5"], r"^center_crop: Input should be less than or equal to 1 \(got 1.5\)$"),
+        (["--center-crop", "nan"], r"^center_crop: Input should be a finite number"),
+        (["--center-crop", "inf"], r"^center_crop: Input should be a finite number"),
+        (["--center-crop", "-0.5"], r"^center_crop: Input should be greater than 0 \(got -0.5\)$"),
+        (["--set", "center_crop=.nan"], r"^center_crop: Input should be a finite number \(got nan\)$"),
+        (["--set", "center_crop=-.inf"], r"^center_crop: Input should be a finite number \(got -inf\)$"),
+        (["--set", "fusion_beta=.inf"], r"^fusion_beta: Input should be a finite number"),
+        (["--set", "rerank_params.alpha=1"], r"^rerank_params.alpha: Input should be less than 1"),
+        (["--set", "rerank_params.sparse_keep=0"], r"^rerank_params.sparse_keep: Input should be greater than 0"),
+        (["--set", "asmk.params.tau=1.5"], r"^asmk.params.tau: Input should be less than or equal to 1"),
+        (
+            ["--set", "ray.actor_resources={extract: .nan}"],
+            r"^ray.actor_resources.extract: Input should be a finite number",
+        ),
+    ],
+)
 def test_search_out_of_range_values_are_one_line_config_errors(args, message):
     with pytest.raises(ConfigError, match=message) as e:
         parse(SearchConfig, [*SEARCH, *args], SEARCH_FLAGS)
@@ -145,21 +174,27 @@ def test_center_crop_in_the_unit_interval_is_accepted(crop, expected):
 def test_center_crop_out_of_range_is_refused_by_from_dict(crop):
     from jobs.extract import ExtractConfig
 
-    for cls, data in ((SearchConfig, {"index": "i", "queries": "q", "out": "o"}), (ExtractConfig, {"collection": "c", "out": "o"})):
+    for cls, data in (
+        (SearchConfig, {"index": "i", "queries": "q", "out": "o"}),
+        (ExtractConfig, {"collection": "c", "out": "o"}),
+    ):
         with pytest.raises(ConfigError, match=r"^center_crop: "):
             from_dict(cls, {**data, "center_crop": crop})
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("codebook.k", -5, r"^codebook.k: Input should be greater than or equal to 2 \(got -5\)$"),
-    ("batch_size", 0, r"^batch_size: Input should be greater than or equal to 1 \(got 0\)$"),
-    ("shard_size", 0, r"^shard_size: Input should be greater than or equal to 1 \(got 0\)$"),
-    ("graph.k", 0, r"^graph.k: Input should be greater than or equal to 1 \(got 0\)$"),
-    ("describe.local_smoothing", 2, r"^describe.local_smoothing: Value error, must be odd"),
-    ("describe.global_scales", [], r"^describe.global_scales: List should have at least 1 item"),
-    ("describe.local_scales", [1.0, 0.0], r"^describe.local_scales.1: Input should be greater than 0"),
-    ("spectral.sparse_keep", 1.01, r"^spectral.sparse_keep: Input should be less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("codebook.k", -5, r"^codebook.k: Input should be greater than or equal to 2 \(got -5\)$"),
+        ("batch_size", 0, r"^batch_size: Input should be greater than or equal to 1 \(got 0\)$"),
+        ("shard_size", 0, r"^shard_size: Input should be greater than or equal to 1 \(got 0\)$"),
+        ("graph.k", 0, r"^graph.k: Input should be greater than or equal to 1 \(got 0\)$"),
+        ("describe.local_smoothing", 2, r"^describe.local_smoothing: Value error, must be odd"),
+        ("describe.global_scales", [], r"^describe.global_scales: List should have at least 1 item"),
+        ("describe.local_scales", [1.0, 0.0], r"^describe.local_scales.1: Input should be greater than 0"),
+        ("spectral.sparse_keep", 1.01, r"^spectral.sparse_keep: Input should be less than or equal to 1"),
+    ],
+)
 def test_index_out_of_range_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         parse(IndexConfig, [*INDEX, "--set", f"{key}={value}"], FLAGS)
@@ -170,7 +205,8 @@ def test_index_out_of_range_values_are_refused(key, value, message):
 
 
 def test_graph_job_k_zero_is_refused():
-    from jobs.graph import FLAGS as GRAPH_FLAGS, GraphJobConfig
+    from jobs.graph import FLAGS as GRAPH_FLAGS
+    from jobs.graph import GraphJobConfig
 
     with pytest.raises(ConfigError, match=r"^graph.k: Input should be greater than or equal to 1 \(got 0\)$"):
         parse(GraphJobConfig, ["--index", "i", "--set", "graph.k=0"], GRAPH_FLAGS)
@@ -239,9 +275,11 @@ def required_values(cls: type) -> dict:
     """Plausible values of the required fields of a job config (its defaults fill the rest)."""
     hints = typing.get_type_hints(cls)
     plain = {str: "x", int: 1}
-    return {f.name: ["x"] if typing.get_origin(hints[f.name]) is list else plain[hints[f.name]]
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return {
+        f.name: ["x"] if typing.get_origin(hints[f.name]) is list else plain[hints[f.name]]
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
 
 
 def numbers(typ) -> list[tuple[type, typing.Callable]]:
@@ -294,7 +332,9 @@ def test_every_number_of_every_job_config_is_range_checked():
                     bad.append(0)
                 problems += [f"{job}: {key}={v!r} accepted" for v in bad if refused(cls, base, key, wrap(v)) is None]
                 if kind is int and key.split(".")[-1] in ZERO_ALLOWED and refused(cls, base, key, wrap(0)) is not None:
-                    problems.append(f"{job}: {key}=0 refused although ZERO_ALLOWED says {ZERO_ALLOWED[key.split('.')[-1]]!r}")
+                    problems.append(
+                        f"{job}: {key}=0 refused although ZERO_ALLOWED says {ZERO_ALLOWED[key.split('.')[-1]]!r}"
+                    )
     assert checked > 200, checked  # the walk reached the nested sections
     assert not problems, "\n".join(problems)
 
@@ -310,8 +350,14 @@ def test_the_walk_reaches_every_config_dataclass():
     for package in (jobs, operators, cluster):
         for info in pkgutil.iter_modules(package.__path__):
             module = importlib.import_module(f"{package.__name__}.{info.name}")
-            defined |= {c for name, c in vars(module).items() if isinstance(c, type) and dataclasses.is_dataclass(c)
-                        and c.__module__ == module.__name__ and name.endswith(("Config", "Params"))}
+            defined |= {
+                c
+                for name, c in vars(module).items()
+                if isinstance(c, type)
+                and dataclasses.is_dataclass(c)
+                and c.__module__ == module.__name__
+                and name.endswith(("Config", "Params"))
+            }
     reached = set(job_configs().values())
     for cls in list(reached):
         list(config_leaves(cls, seen=reached))

@@ -1,4 +1,5 @@
 """Graphs, diffusion, FSR, hybrid and αQE against hand-computed graphs, direct solves and closed forms."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,18 @@ from operators.diffusion import cg, combine_product, seeds, temporal, top_k, tru
 from operators.graph import affinity, components, largest_component, normalize
 from operators.knn import knn_blocks
 from operators.qe import expand
-from operators.spectral import (chebyshev_filter, eigenpairs, fsr, fsr_embeddings, fsr_weighted, h_filter, hybrid, project,
-                                reconstruct, sparsify)
+from operators.spectral import (
+    chebyshev_filter,
+    eigenpairs,
+    fsr,
+    fsr_embeddings,
+    fsr_weighted,
+    h_filter,
+    hybrid,
+    project,
+    reconstruct,
+    sparsify,
+)
 
 
 def clustered(n: int = 240, d: int = 16, clusters: int = 12, seed: int = 0) -> np.ndarray:
@@ -42,7 +53,7 @@ def test_affinity_mutual_union_gamma_and_normalisation_by_hand():
     # mutual pairs: (0,1) both ways 0.9; (0,2) both ways 0.5; (1,3) both ways 0.4; 2→1 but not 1→2; 3→0 not 0→3
     expect = np.zeros((4, 4))
     for i, j, s in [(0, 1, 0.9), (0, 2, 0.5), (1, 3, 0.4)]:
-        expect[i, j] = expect[j, i] = s ** 3
+        expect[i, j] = expect[j, i] = s**3
     np.testing.assert_allclose(w, expect)
     u = affinity(ids, sims, gamma=1.0, mode="union").toarray()
     assert u[2, 1] == pytest.approx(0.3) and u[1, 2] == pytest.approx(0.3)  # one direction only: A + Aᵀ
@@ -81,7 +92,7 @@ def test_batched_cg_follows_scipy_cg_iterate_by_iterate(graph):
 def test_cg_stops_per_column():
     a = sp.diags(np.linspace(1, 2, 50)).tocsr()
     b = np.zeros((50, 2))
-    b[0, 0] = 1.0        # converges in one iteration (an eigenvector)
+    b[0, 0] = 1.0  # converges in one iteration (an eigenvector)
     b[:, 1] = 1.0
     x, iters = cg(lambda p: a @ p, b, tol=1e-10, maxiter=100)
     assert iters[0] == 1 and iters[1] > 1
@@ -104,9 +115,9 @@ def test_truncated_on_whole_database_equals_full_and_renormalises_subgraph(graph
     for j in range(3):
         nodes = short[j][short[j] >= 0]
         sub = normalize(w[nodes][:, nodes])
-        ref = spla.spsolve(sp.csc_matrix(sp.identity(len(nodes)) - 0.99 * sub), 0.01 * ys[j, :len(nodes)])
-        np.testing.assert_allclose(got[j, :len(nodes)], ref, atol=1e-8)
-        assert np.all(got[j, len(nodes):] == 0)
+        ref = spla.spsolve(sp.csc_matrix(sp.identity(len(nodes)) - 0.99 * sub), 0.01 * ys[j, : len(nodes)])
+        np.testing.assert_allclose(got[j, : len(nodes)], ref, atol=1e-8)
+        assert np.all(got[j, len(nodes) :] == 0)
 
 
 def test_full_rank_fsr_equals_closed_form(graph):
@@ -138,7 +149,9 @@ def test_lanczos_and_simultaneous_iteration_find_the_top_eigenpairs(graph):
         resid = np.linalg.norm(s.astype(dtype) @ u_c - u_c * lam_c.astype(dtype), axis=0)
         assert resid.max() <= tol * 1.01
         np.testing.assert_allclose(lam_c, exact, atol=10 * tol)
-        np.testing.assert_allclose(u_c.T @ u_c, np.eye(20), atol=100 * np.finfo(dtype).eps ** 0.5 if dtype == np.float32 else 1e-10)
+        np.testing.assert_allclose(
+            u_c.T @ u_c, np.eye(20), atol=100 * np.finfo(dtype).eps ** 0.5 if dtype == np.float32 else 1e-10
+        )
 
 
 def test_chebyshev_filter_and_fused_product(graph):
@@ -155,8 +168,10 @@ def test_chebyshev_filter_and_fused_product(graph):
     lam, v = np.linalg.eigh(s.toarray())
     x = rng.normal(size=(n, 2))
     cut, deg = 0.5, 7
+
     def t_d(x):  # T_d(t(x)), t mapping [−1, cut] onto [−1, 1]
         return np.polynomial.chebyshev.chebval((2 * x - cut + 1) / (cut + 1), [0] * deg + [1])
+
     cheb = t_d(lam) / t_d(1.0)
     np.testing.assert_allclose(chebyshev_filter(s, x.copy(), deg, cut), v @ (cheb[:, None] * (v.T @ x)), atol=1e-10)
 
@@ -186,6 +201,7 @@ def test_hybrid_converges_to_the_exact_solution(graph):
     temporal_err = np.abs(temporal(s, y, tol=0.0, maxiter=5) - exact).max()
     assert errs[2] < temporal_err
 
+
 def test_shybrid_is_basis_independent_and_approaches_hybrid_as_more_of_u_is_kept():
     """SHybrid: a sparsified U is no longer an exact eigenbasis, so the split is an approximation
     (T:20425-20431). Tested on a connected graph (the spectral stage decomposes the largest
@@ -206,13 +222,18 @@ def test_shybrid_is_basis_independent_and_approaches_hybrid_as_more_of_u_is_kept
     lam, u = eigenpairs(s, 30, method="lanczos")
     lam_d, u_d = eigenpairs(s, 30, method="dense")
     assert np.all(-np.diff(lam) > 1e-5)  # simple eigenvalues: the basis is unique up to signs
-    np.testing.assert_allclose(hybrid(s, sparsify(u, 0.3), lam, y, iters=5),
-                               hybrid(s, sparsify(u_d, 0.3), lam_d, y, iters=5), atol=1e-8)
+    np.testing.assert_allclose(
+        hybrid(s, sparsify(u, 0.3), lam, y, iters=5), hybrid(s, sparsify(u_d, 0.3), lam_d, y, iters=5), atol=1e-8
+    )
     us = sparsify(u, keep=0.3)
     assert np.count_nonzero(us) <= 0.31 * us.size
-    np.testing.assert_allclose(hybrid(s, sp.csr_matrix(us), lam, y, iters=5), hybrid(s, us, lam, y, iters=5), atol=1e-12)
+    np.testing.assert_allclose(
+        hybrid(s, sp.csr_matrix(us), lam, y, iters=5), hybrid(s, us, lam, y, iters=5), atol=1e-12
+    )
     scale = np.abs(exact).max()
-    errs = [np.abs(hybrid(s, sparsify(u, keep), lam, y, iters=400) - exact).max() / scale for keep in (0.1, 0.3, 0.7, 1.0)]
+    errs = [
+        np.abs(hybrid(s, sparsify(u, keep), lam, y, iters=400) - exact).max() / scale for keep in (0.1, 0.3, 0.7, 1.0)
+    ]
     assert all(b < a for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-8
     # 5 iterations with 30% of U beat 5 iterations of temporal CG (measured: 0.155 vs 0.256)
@@ -277,10 +298,12 @@ def test_diffusion_helps_on_manifolds_and_truncation_keeps_the_initial_tail():
 
     p = RerankParams(shortlist=100)
     base = m_ap(init_r)
-    got = {m: m_ap(rerank(m, g, init_r, init_s, queries, n - 1, p)[0]) for m in ("dfs", "truncated-dfs", "fsr", "hybrid")}
+    got = {
+        m: m_ap(rerank(m, g, init_r, init_s, queries, n - 1, p)[0]) for m in ("dfs", "truncated-dfs", "fsr", "hybrid")
+    }
     got["shybrid"] = m_ap(rerank("hybrid", g, init_r, init_s, queries, n - 1, RerankParams(sparse_keep=0.05))[0])
     assert min(got["dfs"], got["fsr"], got["hybrid"], got["shybrid"]) > base + 0.3, (base, got)  # 0.49 → 1.0 measured
-    assert got["truncated-dfs"] > base + 0.01, (base, got)                        # limited by its shortlist
+    assert got["truncated-dfs"] > base + 0.01, (base, got)  # limited by its shortlist
     # truncated: the items beyond the shortlist keep their initial order
     r, _ = rerank("truncated-dfs", g, init_r, init_s, queries, n - 1, p)
     for j in range(len(queries)):

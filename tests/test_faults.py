@@ -9,6 +9,7 @@ codebook, graph and spectral stages, which commit as one piece, start over.
 The uninterrupted reference index is the session's ``six_index`` (tests/conftest.py, the same SMALL command),
 built once: the resumed roots are compared with it, and the re-ranking faults start from copies of it.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def run(args: list[str], log: Path, kill_when=None, timeout: float = 300) -> boo
     """Run ``python ARGS``; with ``kill_when`` (a predicate over its stderr so far), SIGKILL its whole process
     group as soon as the predicate holds. Returns whether it was killed (False: it ended first)."""
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if kill_when is not None and kill_when(log.read_text(errors="replace")):
@@ -129,8 +131,20 @@ def test_a_killed_reranker_training_resumes_from_its_checkpoint_and_ends_identic
     shutil.copytree(six_index, ref)
     shutil.copytree(six_index, out)
     # 100 steps: killed at its first checkpoint (step 25), 75 steps (~3 s) before its end
-    train = ["-m", "jobs.train_reranker", "--method", "gss", "--steps", "100", "--set", "gss.k=4",
-             "--set", "checkpoint_every=25", "--set", "gss.patience=1000"]  # σ tracked (and resumed), no early stop
+    train = [
+        "-m",
+        "jobs.train_reranker",
+        "--method",
+        "gss",
+        "--steps",
+        "100",
+        "--set",
+        "gss.k=4",
+        "--set",
+        "checkpoint_every=25",
+        "--set",
+        "gss.patience=1000",
+    ]  # σ tracked (and resumed), no early stop
     run_here([*train, "--index", str(ref)])
     assert run([*train, "--index", str(out)], tmp_path / "1.log", lambda _: (out / "gss" / "checkpoint.json").exists())
     assert not (out / "gss" / "meta.json").exists()

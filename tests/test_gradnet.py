@@ -1,15 +1,30 @@
-"""GRAD-Net: the diffusion layer against its dense formula, exact receptive fields, codes on the simplex, a toy manifold."""
+"""GRAD-Net: the diffusion layer against its dense formula, exact receptive fields, codes on the simplex,
+a toy manifold."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from test_diffusion import clustered, curves
 
-from operators.gradnet import (GradNet, GradNetParams, code_matrix, embed_all, embed_nodes, features, mutual_adjacency,
-                               project_simplex, qfe, sextets, sparse_codes, sym_normalize, train_steps)
+from operators.gradnet import (
+    GradNet,
+    GradNetParams,
+    code_matrix,
+    embed_all,
+    embed_nodes,
+    features,
+    mutual_adjacency,
+    project_simplex,
+    qfe,
+    sextets,
+    sparse_codes,
+    sym_normalize,
+    train_steps,
+)
 from operators.gss import receptive_field, to_torch_sparse
 from operators.knn import knn_blocks
-from test_diffusion import clustered, curves
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +70,7 @@ def test_streamed_inference_over_row_blocks_equals_the_receptive_field_forward(s
     def scratch(shape: tuple) -> np.ndarray:
         allocated.append(shape)
         return np.full(shape, np.nan, np.float32)  # nothing may be read before it is written
+
     out = np.full(want.shape, np.nan, np.float32)
     embed_all(model, s, x, z, out, scratch, block=7)  # blocks that cut across every neighbourhood
     np.testing.assert_allclose(out, want, atol=2e-6)
@@ -71,17 +87,24 @@ def test_sparse_codes_lie_on_the_simplex_and_beat_any_single_anchor():
     assert np.linalg.norm(x - z[0] @ u[near[0]]) < 0.05
     near, z = sparse_codes(x[None], u, 4)  # four nearest: the constrained optimum (against a generic solver)
     from scipy.optimize import minimize
+
     uc = u[near[0]]
-    ref = minimize(lambda w: ((x - w @ uc) ** 2).sum(), np.full(4, 0.25), method="SLSQP", bounds=[(0, 1)] * 4,
-                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}], options={"ftol": 1e-14})
+    ref = minimize(
+        lambda w: ((x - w @ uc) ** 2).sum(),
+        np.full(4, 0.25),
+        method="SLSQP",
+        bounds=[(0, 1)] * 4,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        options={"ftol": 1e-14},
+    )
     assert ((x - z[0] @ uc) ** 2).sum() <= ref.fun + 1e-8 and np.isclose(z.sum(), 1) and np.all(z >= 0)
 
 
 def test_sextets_take_neighbours_and_non_neighbours(small):
     _, a, *_ = small
     six = sextets(a, 200, np.random.default_rng(1))
-    for i, j, k, l, u, v in six:
-        assert a[i, j] != 0 and a[k, l] != 0 and a[i, u] == 0 and a[k, v] == 0 and u != i and v != k
+    for i, j, k, m, u, v in six:
+        assert a[i, j] != 0 and a[k, m] != 0 and a[i, u] == 0 and a[k, v] == 0 and u != i and v != k
 
 
 def test_gradnet_beats_plain_knn_on_a_toy_manifold_and_qfe_follows_the_database():
@@ -104,8 +127,18 @@ def test_gradnet_beats_plain_knn_on_a_toy_manifold_and_qfe_follows_the_database(
 
     def m_ap(v: np.ndarray, queries: np.ndarray, qv: np.ndarray) -> float:
         _, rows = knn_blocks(qv, [(ids, v)], n - 1, exclude=queries)
-        return float(np.mean([average_precision(*positive_ranks(
-            rows[j], np.flatnonzero((labels == labels[q]) & (ids != q)), np.zeros(0, np.int64))) for j, q in enumerate(queries)]))
+        return float(
+            np.mean(
+                [
+                    average_precision(
+                        *positive_ranks(
+                            rows[j], np.flatnonzero((labels == labels[q]) & (ids != q)), np.zeros(0, np.int64)
+                        )
+                    )
+                    for j, q in enumerate(queries)
+                ]
+            )
+        )
 
     queries = ids[::5]
     base, got = m_ap(x, queries, x[queries]), m_ap(h, queries, h[queries])

@@ -1,4 +1,5 @@
 """GSS against a dense re-statement of the reference (layer6ai-labs/GSS: dense N×N graph, full-batch loss)."""
+
 from __future__ import annotations
 
 import json
@@ -6,13 +7,32 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from operators.gss import (EarlyStop, GssParams, ResidualGCN, automatic_beta, checkpoint_weights, degrees, embed_nodes,
-                           embed_queries, gss_adjacency, gss_loss, normalize_into, normalize_with_self, propagate,
-                           receptive_field, restore_optimizer, separation, separation_sample, to_torch_sparse,
-                           train_steps, train_until, training_arrays)
-from operators.knn import knn_blocks
 from test_diffusion import clustered, curves
+
+from operators.gss import (
+    EarlyStop,
+    GssParams,
+    ResidualGCN,
+    automatic_beta,
+    checkpoint_weights,
+    degrees,
+    embed_nodes,
+    embed_queries,
+    gss_adjacency,
+    gss_loss,
+    normalize_into,
+    normalize_with_self,
+    propagate,
+    receptive_field,
+    restore_optimizer,
+    separation,
+    separation_sample,
+    to_torch_sparse,
+    train_steps,
+    train_until,
+    training_arrays,
+)
+from operators.knn import knn_blocks
 
 
 def dense_reference_graph(q: np.ndarray, x: np.ndarray, kq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +54,7 @@ def dense_reference_graph(q: np.ndarray, x: np.ndarray, kq: int, k: int) -> tupl
         a = a + np.eye(len(a))
         d = a.sum(1) ** -0.5
         return d[:, None] * a * d[None, :]
+
     return pre(all_adj), pre(x_adj)
 
 
@@ -78,12 +99,12 @@ def test_database_and_query_embeddings_equal_the_dense_transductive_reference(sm
         pre = pre_out
     h = np.empty((n, d), np.float32)
     normalize_into(states[-1], h)
-    np.testing.assert_allclose(h, ref[len(q):], atol=2e-5)
-    np.testing.assert_allclose(embed_nodes(model, a_hat, x, np.array([3, 40, 7])), ref[len(q):][[3, 40, 7]], atol=2e-5)
+    np.testing.assert_allclose(h, ref[len(q) :], atol=2e-5)
+    np.testing.assert_allclose(embed_nodes(model, a_hat, x, np.array([3, 40, 7])), ref[len(q) :][[3, 40, 7]], atol=2e-5)
     # queries: attached by their top-k_q, inductively (the database's states unchanged)
     sims, top = knn_blocks(q, [(np.arange(n), x)], p.kq)
     hq = embed_queries(model, q, top, sims, degrees(a), states[:-1])
-    np.testing.assert_allclose(hq, ref[:len(q)], atol=2e-5)
+    np.testing.assert_allclose(hq, ref[: len(q)], atol=2e-5)
 
 
 def test_a_database_item_attached_as_a_query_by_its_own_edges_gets_its_embedding(small):
@@ -105,7 +126,7 @@ def test_a_database_item_attached_as_a_query_by_its_own_edges_gets_its_embedding
     wt = np.zeros((len(items), width))
     for j, i in enumerate(items):
         row = a[i]
-        nb[j, :row.nnz], wt[j, :row.nnz] = row.indices, row.data
+        nb[j, : row.nnz], wt[j, : row.nnz] = row.indices, row.data
     got = embed_queries(model, x[items], nb, wt, degrees(a), states)
     np.testing.assert_allclose(got, embed_nodes(model, a_hat, x, items), atol=1e-5)
 
@@ -121,11 +142,14 @@ def test_loss_and_gradient_equal_the_dense_full_batch_reference(small):
     h = dense_forward(torch.tensor(a_hat.toarray(), dtype=torch.float64), torch.tensor(x, dtype=torch.float64), w64, p)
     assert beta == pytest.approx(np.percentile((h @ h.T).detach().numpy(), 98), abs=1e-5)
     ref = (-0.5 * p.alpha * (torch.relu(h @ h.T) - beta) ** 2).mean() + p.weight_decay * sum(
-        (w64[f"w{i}"] ** 2).sum() / 2 for i in (1, 2))
+        (w64[f"w{i}"] ** 2).sum() / 2 for i in (1, 2)
+    )
     ref.backward()
     # ours: the sparse receptive-field path, one full batch
     sets, blocks = receptive_field(a_hat, np.arange(len(x)), p.layers)
-    hs = torch.nn.functional.normalize(model.forward([to_torch_sparse(b) for b in blocks], torch.from_numpy(x[sets[0]])), dim=1)
+    hs = torch.nn.functional.normalize(
+        model.forward([to_torch_sparse(b) for b in blocks], torch.from_numpy(x[sets[0]])), dim=1
+    )
     loss = gss_loss(hs, beta, p.alpha) + p.weight_decay * model.regularizer()
     loss.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)

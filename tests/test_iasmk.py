@@ -1,13 +1,13 @@
 """i-ASMK*: components on hand-built codes, thresholds at their edges, and search of the compressed
 inverted file against brute-force scoring of its component vectors."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from operators.asmk import Aggregated, AsmkParams, build_inverted_file, search, selectivity
-from operators.iasmk import (compress_words, compressed_inverted_file, image_pair_counts, max_hamming,
-                             word_matches)
+from operators.iasmk import compress_words, compressed_inverted_file, image_pair_counts, max_hamming, word_matches
 
 K, D = 12, 128
 
@@ -45,8 +45,10 @@ def toy_index(rng: np.random.Generator):
 def compress(ivf, tau_g: int = 10, split: int = 6):
     keys, counts = image_pair_counts(ivf, 0, K, max_hamming(0.375, D))
     consistent = np.sort(keys[counts >= tau_g])
-    parts = [compress_words(ivf, 0, split, 40, consistent, block_words=4),
-             compress_words(ivf, split, K, 40, consistent, block_words=4)]
+    parts = [
+        compress_words(ivf, 0, split, 40, consistent, block_words=4),
+        compress_words(ivf, split, K, 40, consistent, block_words=4),
+    ]
     return compressed_inverted_file(parts, K, ivf.images, ivf.image_entries), parts, (keys, counts)
 
 
@@ -54,10 +56,10 @@ def test_thresholds_and_components_on_hand_built_codes():
     assert max_hamming(0.375, 128) == 40 and max_hamming(0.25, 128) == 48 and max_hamming(0.5, 128) == 32
     ivf, codes = toy_index(np.random.default_rng(0))
     a, b = word_matches(ivf, 10, 11, 40)
-    assert len(a) == 0                                   # Hamming 41: out
+    assert len(a) == 0  # Hamming 41: out
     a, b = word_matches(ivf, 0, 1, 40)
     pairs = {tuple(sorted(ivf.images[ivf.entry_image[[x, y]]])) for x, y in zip(a, b)}
-    assert {(0, 1), (0, 4), (2, 3)} <= pairs             # Hamming 40: in
+    assert {(0, 1), (0, 4), (2, 3)} <= pairs  # Hamming 40: in
     keys, counts = image_pair_counts(ivf, 0, K, 40)
     n = len(ivf.images)
     count = dict(zip(keys.tolist(), counts.tolist()))
@@ -68,8 +70,10 @@ def test_thresholds_and_components_on_hand_built_codes():
     assert sorted(sizes.tolist()) == [3] * 10 and civf.offsets[-1] == ivf.offsets[-1] - 20
     for w in range(10):
         lo, hi = civf.offsets[w], civf.offsets[w + 1]
-        groups = sorted(tuple(sorted(civf.images[civf.entry_image[civf.entry_indptr[e]:civf.entry_indptr[e + 1]]]))
-                        for e in range(lo, hi))
+        groups = sorted(
+            tuple(sorted(civf.images[civf.entry_image[civf.entry_indptr[e] : civf.entry_indptr[e + 1]]]))
+            for e in range(lo, hi)
+        )
         assert groups == [(0, 1, 4), (2,), (3,)]
         e = next(e for e in range(lo, hi) if civf.entry_indptr[e + 1] - civf.entry_indptr[e] == 3)
         votes = sum(np.unpackbits(codes[(i, w)]).astype(int) for i in (0, 1, 4))
@@ -84,7 +88,7 @@ def test_majority_vote_ties_go_to_plus_one():
     civf, _, _ = compress(ivf, tau_g=9)
     w = 0
     for e in range(civf.offsets[w], civf.offsets[w + 1]):
-        members = civf.images[civf.entry_image[civf.entry_indptr[e]:civf.entry_indptr[e + 1]]].tolist()
+        members = civf.images[civf.entry_image[civf.entry_indptr[e] : civf.entry_indptr[e + 1]]].tolist()
         if sorted(members) == [2, 3]:  # two vectors: every disagreement is a tie → bit set (+1)
             assert np.array_equal(civf.codes[e], codes[(2, w)] | codes[(3, w)])
             return
@@ -102,7 +106,7 @@ def brute_force(civf, query: Aggregated, params: AsmkParams) -> dict[int, np.nda
             for e in range(civf.offsets[word], civf.offsets[word + 1]):
                 h = int(np.unpackbits(code ^ civf.codes[e]).sum())
                 sim = selectivity(np.array([1 - 2 * h / D]), params.alpha, params.tau)[0]
-                for m in civf.entry_image[civf.entry_indptr[e]:civf.entry_indptr[e + 1]]:
+                for m in civf.entry_image[civf.entry_indptr[e] : civf.entry_indptr[e + 1]]:
                     s[m] += sim
         out[int(q)] = s / np.sqrt(civf.image_entries) / np.sqrt(sel.sum())
     return out
@@ -125,7 +129,7 @@ def test_compressed_search_equals_brute_force(tau):
         got = dict(zip(i[i >= 0].tolist(), s[i >= 0].tolist()))
         for img, val in got.items():
             assert val == pytest.approx(ref[np.searchsorted(civf.images, img)], abs=1e-12)
-        assert sorted(got.values(), reverse=True) == pytest.approx(sorted(ref, reverse=True)[:len(got)], abs=1e-12)
+        assert sorted(got.values(), reverse=True) == pytest.approx(sorted(ref, reverse=True)[: len(got)], abs=1e-12)
 
 
 def test_without_components_the_compressed_index_scores_as_asmk():

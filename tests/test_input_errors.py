@@ -1,4 +1,5 @@
 """User mistakes end in one line on stderr and exit 2 (no traceback); ground-truth pickles run nothing."""
+
 from __future__ import annotations
 
 import collections
@@ -10,12 +11,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, REVISITED
 
 from storage.collection import load_collection, read_revisited
 from storage.errors import CollectionError, GroundTruthError, InputError
 from storage.safe_pickle import loads_data
-
-from conftest import REPO, REVISITED
 
 
 class Evil:
@@ -56,8 +56,10 @@ def test_plain_data_and_numpy_arrays_load():
 
 CLI_MISTAKES = [
     (["-m", "jobs.cli", "nosuchjob"], "unknown job 'nosuchjob'"),
-    (["-m", "jobs.cli", "search", "--index", "i", "--queries", "q", "--out", "o", "--topk", "abc"],
-     "topk: Input should be a valid integer"),
+    (
+        ["-m", "jobs.cli", "search", "--index", "i", "--queries", "q", "--out", "o", "--topk", "abc"],
+        "topk: Input should be a valid integer",
+    ),
     (["-m", "jobs.search", "--index", "i", "--out", "o"], "queries: Field required"),
     (["-m", "jobs.index", "--collection", "c", "--out", "o", "--set", "ray=5"], "ray: Input should be"),
     (["-m", "jobs.graph", "--index", "i", "--source", "sift"], "graph.source: Input should be 'global' or 'asmk'"),
@@ -70,8 +72,12 @@ CLI_MISTAKES = [
 @pytest.fixture(scope="module")
 def cli_mistakes() -> dict:
     """Every case's command, all started at once (each is an interpreter importing the jobs: seconds of CPU)."""
-    procs = {tuple(args): subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True) for args, _ in CLI_MISTAKES}
+    procs = {
+        tuple(args): subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args, _ in CLI_MISTAKES
+    }
     done = {}
     for args, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
@@ -92,6 +98,7 @@ def test_command_line_mistakes_print_one_line_and_exit_2(cli_mistakes, args, mes
 @pytest.mark.slow
 def test_input_error_raised_inside_a_ray_task_is_one_line(ray_session, capsys):
     from conftest import ray_shutdowns_recorded
+
     from jobs.config import run_cli
     from storage.errors import ArtifactError
 
@@ -109,9 +116,11 @@ def test_input_error_raised_inside_a_ray_task_is_one_line(ray_session, capsys):
 def test_manifest_paths_leading_out_of_its_folder_are_refused_unless_allowed(tmp_path):
 
     (tmp_path / "coll").mkdir()
-    pd.DataFrame({"file": ["a.jpg", "sub/../b.jpg", "../../etc/passwd"]}).to_csv(tmp_path / "coll" / "m.csv", index=False)
+    pd.DataFrame({"file": ["a.jpg", "sub/../b.jpg", "../../etc/passwd"]}).to_csv(
+        tmp_path / "coll" / "m.csv", index=False
+    )
     with pytest.raises(CollectionError, match=r"1 relative path\(s\) lead outside its folder.*etc/passwd"):
         load_collection(str(tmp_path / "coll" / "m.csv"))
     assert len(load_collection(str(tmp_path / "coll" / "m.csv"), allow_outside=True)) == 3  # sub/../b.jpg stays in
     pd.DataFrame({"file": [str(tmp_path / "elsewhere.jpg")]}).to_csv(tmp_path / "coll" / "abs.csv", index=False)
-    assert len(load_collection(str(tmp_path / "coll" / "abs.csv"))) == 1   # an absolute path is explicit
+    assert len(load_collection(str(tmp_path / "coll" / "abs.csv"))) == 1  # an absolute path is explicit

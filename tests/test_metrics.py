@@ -1,4 +1,5 @@
 """The evaluator on hand-made rankings and on the real revisited ROxford ground truth."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,8 @@ import pandas as pd
 import pytest
 
 from jobs import evaluate as evaluate_job
-from operators.ranking import Ranking
 from operators.metrics import average_precision, evaluate, positive_ranks, precision_at, revisited_setups
+from operators.ranking import Ranking
 from storage import fs as sfs
 from storage.results import results_table
 from tests.conftest import REVISITED
@@ -66,7 +67,9 @@ def test_revisited_perfect_reversed_and_junk_moves(roxford):
             for q in range(nq):
                 g = roxford["gnd"][q]
                 n_rest = len(roxford["imlist"]) - len(g["easy"]) - len(g["hard"]) - len(g["junk"])
-                n_pos = {"easy": len(g["easy"]), "medium": len(g["easy"]) + len(g["hard"]), "hard": len(g["hard"])}[setup]
+                n_pos = {"easy": len(g["easy"]), "medium": len(g["easy"]) + len(g["hard"]), "hard": len(g["hard"])}[
+                    setup
+                ]
                 if n_pos:
                     aps.append(_ap_offset(n_pos, n_rest))
             assert m["mAP"] == pytest.approx(np.mean(aps), rel=1e-9)
@@ -80,20 +83,37 @@ def test_junk_position_never_matters(roxford):
     rest = np.setdiff1d(np.arange(len(roxford["imlist"])), np.concatenate([e, h, u]))
     # interleave: E, then half the rest, then H, then the rest; junk moved to three places
     base = [e, rest[:100], h, rest[100:]]
-    variants = [np.concatenate([u] + base), np.concatenate(base + [u]), np.concatenate([e, u, rest[:100], h, rest[100:]])]
+    variants = [
+        np.concatenate([u] + base),
+        np.concatenate(base + [u]),
+        np.concatenate([e, u, rest[:100], h, rest[100:]]),
+    ]
     pos, ign = setups["medium"]
     maps = [evaluate([v], pos[:1], ign[:1])["mAP"] for v in variants]
     assert maps[0] == pytest.approx(maps[1]) == pytest.approx(maps[2])
-    assert maps[0] == pytest.approx(np.mean([(j / r if r else 1) / 2 + (j + 1) / (r + 1) / 2 for j, r in enumerate(
-        list(range(len(e))) + list(range(len(e) + 100, len(e) + 100 + len(h))))]) * 1.0, rel=1e-9)
+    assert maps[0] == pytest.approx(
+        np.mean(
+            [
+                (j / r if r else 1) / 2 + (j + 1) / (r + 1) / 2
+                for j, r in enumerate(list(range(len(e))) + list(range(len(e) + 100, len(e) + 100 + len(h))))
+            ]
+        )
+        * 1.0,
+        rel=1e-9,
+    )
 
 
 def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
     """jobs.evaluate end to end: results + index image table -> metrics.json per protocol."""
     index = tmp_path / "index"
     index.mkdir()
-    pd.DataFrame({"image_id": np.arange(len(roxford["imlist"])) + 1000, "name": roxford["imlist"],
-                  "file": [f"/x/{n}.jpg" for n in roxford["imlist"]]}).to_parquet(index / "images.parquet")
+    pd.DataFrame(
+        {
+            "image_id": np.arange(len(roxford["imlist"])) + 1000,
+            "name": roxford["imlist"],
+            "file": [f"/x/{n}.jpg" for n in roxford["imlist"]],
+        }
+    ).to_parquet(index / "images.parquet")
     rankings = [_ranking(roxford, q, "EHUR") + 1000 for q in range(len(roxford["qimlist"]))]
     rankings[0] = _ranking(roxford, 0, "RUHE")[:300] + 1000  # truncated: its positives are cut off
     rankings[0] = np.pad(rankings[0], (0, len(rankings[1]) - 300), constant_values=-1)
@@ -102,6 +122,7 @@ def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
     res = tmp_path / "res"
     buf = io.BytesIO()
     import pyarrow.parquet as pq
+
     pq.write_table(table, buf)
     sfs.write_bytes(str(res / "results.parquet"), buf.getvalue())
     sfs.write_json(str(res / "run.json"), {"config": {"index": str(index)}})
@@ -112,8 +133,16 @@ def test_evaluate_job_on_revisited_pkl(roxford, tmp_path):
     # query 0 keeps only 300 non-positives (padding dropped) -> AP 0; the others are perfect
     for setup in ("easy", "medium", "hard"):
         n = metrics[setup]["queries"]
-        has0 = len({"easy": roxford["gnd"][0]["easy"], "medium": roxford["gnd"][0]["easy"] + roxford["gnd"][0]["hard"],
-                     "hard": roxford["gnd"][0]["hard"]}[setup]) > 0
+        has0 = (
+            len(
+                {
+                    "easy": roxford["gnd"][0]["easy"],
+                    "medium": roxford["gnd"][0]["easy"] + roxford["gnd"][0]["hard"],
+                    "hard": roxford["gnd"][0]["hard"],
+                }[setup]
+            )
+            > 0
+        )
         assert metrics[setup]["mAP"] == pytest.approx((n - has0) / n)
 
 
@@ -145,10 +174,10 @@ def test_group_ground_truth_matches_folder_names_in_full():
     names = ["a/0001.jpg", "a/0002.jpg", "b/0001.jpg", "b/0002.jpg", "b/0003.jpg"]
     database = pd.DataFrame({"image_id": np.arange(5) + 100, "name": names})
     gt = pd.DataFrame({"name": names, "group": ["a", "a", "b", "b", "b"]})
-    (pos, ign), = evaluate_job.group_ground_truth(gt, database, names).values()
+    ((pos, ign),) = evaluate_job.group_ground_truth(gt, database, names).values()
     assert [sorted(p.tolist()) for p in pos] == [[101], [100], [103, 104], [102, 104], [102, 103]]
     # a query manifest elsewhere names the same images by another path: stems decide (unique here)
     flat = pd.DataFrame({"image_id": [7, 8], "name": ["x/q1.jpg", "x/q2.jpg"]})
     gt2 = pd.DataFrame({"name": ["q1.jpg", "q2.jpg"], "group": ["g", "g"]})
-    (pos, _), = evaluate_job.group_ground_truth(gt2, flat, ["../queries/q1.png"]).values()
+    ((pos, _),) = evaluate_job.group_ground_truth(gt2, flat, ["../queries/q1.png"]).values()
     assert pos[0].tolist() == [8]

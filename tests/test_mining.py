@@ -1,5 +1,6 @@
 """Mining on manifolds on two interleaved spirals, where the answer is known: positives lie along
 the anchor's own spiral, negatives on the other one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,16 +34,16 @@ def test_pools_follow_the_manifold_on_two_spirals():
     f = temporal(normalize(w), np.eye(n)[:, anchors], alpha=0.99, tol=1e-8, maxiter=500)
     k_pos, k_neg, cap = 40, 40, 50
     m_scores, m_rows = top_k(f, k_neg, exclude=anchors)
-    e_rows = order[anchors][:, :k_neg]                              # Euclidean neighbours, self excluded
+    e_rows = order[anchors][:, :k_neg]  # Euclidean neighbours, self excluded
     e_scores = -np.take_along_axis(d2[anchors], e_rows, 1)
     positives, negatives = pools(m_rows, m_scores, e_rows, e_scores, k_pos, k_neg, cap)
     same = [label[r] == label[a] for a, (r, _) in zip(anchors, positives)]
     across = [label[r] != label[a] for a, (r, _) in zip(anchors, negatives)]
     n_pos, n_neg = sum(len(s) for s in same), sum(len(s) for s in across)
     assert n_pos > 0 and n_neg > 0
-    assert np.concatenate(same).mean() > 0.95          # along the anchor's own spiral
-    assert np.concatenate(across).mean() > 0.9         # near in the plane, on the other spiral
-    for a, (r, s) in zip(anchors, positives):           # set differences and order
+    assert np.concatenate(same).mean() > 0.95  # along the anchor's own spiral
+    assert np.concatenate(across).mean() > 0.9  # near in the plane, on the other spiral
+    for a, (r, s) in zip(anchors, positives):  # set differences and order
         assert not set(r.tolist()) & set(e_rows[list(anchors).index(a)][:k_pos].tolist())
         assert np.all(np.diff(s) <= 0) and a not in r
     # plain Euclidean neighbours at the same rank depth are far less pure across the spirals' gaps
@@ -52,12 +53,12 @@ def test_pools_follow_the_manifold_on_two_spirals():
 
 def test_pool_set_differences_by_hand():
     m_ids = np.array([[5, 6, 7, 8, -1]])
-    m_s = np.array([[0.9, 0.5, 0.4, 0.0, 0.0]])     # 8 not reached (f = 0)
+    m_s = np.array([[0.9, 0.5, 0.4, 0.0, 0.0]])  # 8 not reached (f = 0)
     e_ids = np.array([[6, 9, 10, 8, 5]])
     e_s = np.array([[0.99, 0.98, 0.7, 0.6, 0.5]])
-    (pos, neg), = zip(*pools(m_ids, m_s, e_ids, e_s, k_pos=3, k_neg=4, cap=50))
-    assert pos[0].tolist() == [5, 7]                  # manifold top-3 {5,6,7} minus Euclidean top-3 {6,9,10}
-    assert neg[0].tolist() == [9, 10, 8]              # Euclidean top-4 minus manifold top-4 (reached: 5,6,7)
+    ((pos, neg),) = zip(*pools(m_ids, m_s, e_ids, e_s, k_pos=3, k_neg=4, cap=50))
+    assert pos[0].tolist() == [5, 7]  # manifold top-3 {5,6,7} minus Euclidean top-3 {6,9,10}
+    assert neg[0].tolist() == [9, 10, 8]  # Euclidean top-4 minus manifold top-4 (reached: 5,6,7)
     assert effective_sizes(MiningParams(), 1_000_000) == (1500, 50, 10000)
     assert effective_sizes(MiningParams(), 186) == (16, 46, 46)
 
@@ -76,7 +77,7 @@ def test_shared_components_counts_every_image_pair_of_every_component():
 def test_component_positives_both_directions_capped_per_anchor():
     from operators.mining import component_positives
 
-    n = 10   # pairs (0,1) share 3, (0,2) 1, (1,2) 2, (3,4) 1
+    n = 10  # pairs (0,1) share 3, (0,2) 1, (1,2) 2, (3,4) 1
     key, shared = np.array([0 * n + 1, 0 * n + 2, 1 * n + 2, 3 * n + 4]), np.array([3, 1, 2, 1])
     a, b, s = component_positives(key, shared, n, cap=1)
     assert list(zip(a.tolist(), b.tolist(), s.tolist())) == [(0, 1, 3), (1, 0, 3), (2, 1, 2), (3, 4, 1), (4, 3, 1)]
@@ -87,7 +88,7 @@ def test_component_positives_both_directions_capped_per_anchor():
 def test_graph_negatives_skip_positives_padding_and_unknown_anchors():
     from operators.mining import graph_negatives
 
-    ids = np.array([10, 11, 12, 13])                 # image id of each graph row
+    ids = np.array([10, 11, 12, 13])  # image id of each graph row
     knn_ids = np.array([[1, 2, 3], [0, -1, -1], [3, 0, 1], [2, 1, 0]])
     knn_sims = np.array([[0.9, 0.8, 0.7], [0.9, 0, 0], [0.6, 0.5, 0.4], [0.6, 0.3, 0.2]])
     a, o, s = graph_negatives(np.array([10, 11, 99]), ids, knn_ids, knn_sims, {(10, 12)}, cap=1)

@@ -1,4 +1,5 @@
 """Unit tests of the pure operators on small arrays."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_multiscale_gem_is_normalised_generalized_mean():
     a, b = torch.rand(1, 8), torch.rand(1, 8)
     out = multiscale_gem([a, b], p=3.0)
     an, bn = a / a.norm(), b / b.norm()
-    ref = ((an ** 3 + bn ** 3) / 2) ** (1 / 3)
+    ref = ((an**3 + bn**3) / 2) ** (1 / 3)
     assert torch.allclose(out, ref / ref.norm(), atol=1e-6)
 
 
@@ -48,7 +49,7 @@ def test_rootsift_is_hellinger_map():
     d = np.abs(np.random.default_rng(1).normal(size=(10, 128))).astype(np.float32)
     r = rootsift(d)
     assert np.allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-4)
-    assert np.allclose(r ** 2, d / d.sum(1, keepdims=True), atol=1e-5)
+    assert np.allclose(r**2, d / d.sum(1, keepdims=True), atol=1e-5)
 
 
 def test_rootsift_extractor_on_texture():
@@ -79,13 +80,17 @@ def test_images_crop_resize_decode():
 
 def test_select_local_and_merge_positions():
     fmap = torch.zeros(3, 4, 5)
-    fmap[:, 1, 2] = torch.tensor([3.0, 0.0, 4.0])   # strength 5 at (row 1, col 2)
-    fmap[:, 3, 0] = torch.tensor([0.0, 1.0, 0.0])   # strength 1 at (row 3, col 0)
+    fmap[:, 1, 2] = torch.tensor([3.0, 0.0, 4.0])  # strength 5 at (row 1, col 2)
+    fmap[:, 3, 0] = torch.tensor([0.0, 1.0, 0.0])  # strength 1 at (row 3, col 0)
     d, w, p = select_local(fmap, n=2, smoothing=1)
     assert w.tolist() == [5.0, 1.0] and p.tolist() == [[1, 2], [3, 0]]
     assert torch.equal(d[0], fmap[:, 1, 2])
-    merged = merge_scales([(d.numpy(), w.numpy(), p.numpy(), 0.5), (d.numpy() * 0, w.numpy() * 2, p.numpy(), 1.0)],
-                          n=3, stride=32, base_factor=0.5)
+    merged = merge_scales(
+        [(d.numpy(), w.numpy(), p.numpy(), 0.5), (d.numpy() * 0, w.numpy() * 2, p.numpy(), 1.0)],
+        n=3,
+        stride=32,
+        base_factor=0.5,
+    )
     assert merged["local_strength"].tolist() == [10.0, 5.0, 2.0]
     assert merged["local_scale"].tolist() == [1.0, 0.5, 1.0]
     # scale 1 of a half-size base: x = (col + 0.5) * 32 / (1.0 * 0.5)
@@ -99,7 +104,7 @@ def test_knn_blocks_matches_brute_force(block):
     xb = rng.normal(size=(230, 16)).astype(np.float32)
     xq = rng.normal(size=(9, 16)).astype(np.float32)
     ids = np.arange(230, dtype=np.int64) * 10 + 5  # non-consecutive ids
-    blocks = ((ids[s:s + block], xb[s:s + block]) for s in range(0, 230, block))
+    blocks = ((ids[s : s + block], xb[s : s + block]) for s in range(0, 230, block))
     scores, got = knn_blocks(xq, blocks, k=12)
     sims = xq @ xb.T
     ref = np.argsort(-sims, axis=1)[:, :12]
@@ -159,11 +164,11 @@ def test_fusion_matches_the_formula_per_query(mode):
 
     rng = np.random.default_rng(0)
     m, c = 5, 12
-    ids = rng.permutation(100)[:m * c].reshape(m, c)
-    ids[:, -2:] = -1                                           # padding
+    ids = rng.permutation(100)[: m * c].reshape(m, c)
+    ids[:, -2:] = -1  # padding
     asmk = rng.random((m, c)) * 3
-    asmk[rng.random((m, c)) < 0.4] = -np.inf                    # outside the ASMK shortlist
-    glob = rng.random((m, c)) * 2 - 0.5                         # negative similarities count as 0 in score mode
+    asmk[rng.random((m, c)) < 0.4] = -np.inf  # outside the ASMK shortlist
+    glob = rng.random((m, c)) * 2 - 0.5  # negative similarities count as 0 in score mode
     got_ids, got_s = fuse(ids, asmk, glob, beta=0.7, k=8, mode=mode)
     for q in range(m):
         want_ids, want_s = _fuse_by_hand(ids[q], asmk[q], glob[q], 0.7, mode)
@@ -195,8 +200,9 @@ def test_expand_ranked_gathers_the_top_results_and_masks_padding():
     top = np.array([[0, 3, 7], [5, -1, -1]])
     got = expand_ranked(q, top, x[top[top >= 0]], alpha=3.0)
     # by hand: padded ranks take weight 0, i.e. only the results that exist enter
-    want = np.stack([expand(q[j:j + 1], x[t[t >= 0]][None], (x[t[t >= 0]] @ q[j])[None], 3.0, 3)[0]
-                     for j, t in enumerate(top)])
+    want = np.stack(
+        [expand(q[j : j + 1], x[t[t >= 0]][None], (x[t[t >= 0]] @ q[j])[None], 3.0, 3)[0] for j, t in enumerate(top)]
+    )
     assert got.dtype == np.float32 and np.allclose(got, want, atol=1e-6)
 
 
@@ -237,7 +243,7 @@ def test_hnsw_assignment_agrees_with_the_exact_words():
     rng = np.random.default_rng(0)
     latent = rng.standard_normal((4096, 8)).astype(np.float32)
     lift = rng.standard_normal((8, 32)).astype(np.float32)
-    centroids = np.tanh(latent @ lift)                                 # words on a low-dimensional manifold
+    centroids = np.tanh(latent @ lift)  # words on a low-dimensional manifold
     x = centroids[rng.integers(0, len(centroids), 2000)] + 0.05 * rng.standard_normal((2000, 32)).astype(np.float32)
     exact = Quantizer(centroids)(x, 5)
     approx = Quantizer(centroids, AssignConfig("hnsw"))(x, 5)
@@ -252,8 +258,12 @@ def test_synthetic_distractors_mix_donors_and_are_deterministic():
     rng = np.random.default_rng(0)
     counts = rng.integers(50, 200, 6)
     words = np.concatenate([np.sort(rng.choice(500, c, replace=False)) for c in counts]).astype(np.int32)
-    pool = DonorPool(rng.random((6, 32)).astype(np.float32), np.r_[0, np.cumsum(counts)], words,
-                     rng.integers(0, 256, (counts.sum(), 16), dtype=np.uint8))
+    pool = DonorPool(
+        rng.random((6, 32)).astype(np.float32),
+        np.r_[0, np.cumsum(counts)],
+        words,
+        rng.integers(0, 256, (counts.sum(), 16), dtype=np.uint8),
+    )
     codes = rng.integers(0, 256, (1000, 16), dtype=np.uint8)
     flipped = np.unpackbits(codes ^ flip_bits(codes, 0.1, rng), axis=1).sum(1)
     assert 10 <= flipped.mean() <= 13 and flipped.max() <= 13  # 13 positions drawn per row, a few repeat

@@ -1,23 +1,24 @@
 """End-to-end jobs on a subset of instance-mini: index -> search -> evaluate, errors, resume, S3."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import numpy as np
-import scipy.sparse as sp
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from jobs import evaluate as evaluate_job
 from jobs import index as index_job
 from jobs import search as search_job
+from storage import fs as sfs
+from storage.artifacts import ArtifactRoot
 from storage.errors import SettingsMismatch
 from storage.graph import graph_problem
 from storage.results import read_results, read_run
 from storage.whitening import read_whitening
-from storage import fs as sfs
-from storage.artifacts import ArtifactRoot
 from tests.conftest import FAST
 
 pytestmark = pytest.mark.slow  # every test runs jobs on Ray (the session's, or its own)
@@ -29,7 +30,9 @@ def collection(mini_subset, tmp_path_factory):
     d = tmp_path_factory.mktemp("coll")
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     df = pd.read_csv(mini_subset)
-    df = pd.concat([df, pd.DataFrame({"file": [str(d / "corrupt.jpg"), str(d / "missing.jpg")], "group": [None, None]})])
+    df = pd.concat(
+        [df, pd.DataFrame({"file": [str(d / "corrupt.jpg"), str(d / "missing.jpg")], "group": [None, None]})]
+    )
     df.to_csv(d / "collection.csv", index=False)
     return d / "collection.csv"
 
@@ -123,8 +126,9 @@ def test_collection_grows_with_stable_ids(ray_session, mini_subset, tmp_path):
     ids_v1 = ArtifactRoot(str(out)).images().set_index("file")["image_id"]
     pd.concat([later, first]).to_csv(tmp_path / "v2.csv", index=False)  # new images listed first
     # a smaller shard size cuts only the new images; an autoscaling pool of 1…2 actors extracts them
-    summary = index_job.main(["--collection", str(tmp_path / "v2.csv"), *args, "--set", "shard_size=2",
-                              "--set", "ray.max_actors=2"])
+    summary = index_job.main(
+        ["--collection", str(tmp_path / "v2.csv"), *args, "--set", "shard_size=2", "--set", "ray.max_actors=2"]
+    )
     assert summary["counts"]["shards_skipped"] == 2 and summary["counts"]["shards_written"] == 2
     assert summary["actors"]["min_actors"] == 1 and summary["actors"]["actors"] == 2
     root = ArtifactRoot(str(out))
@@ -144,15 +148,39 @@ def test_global_whitening_applies_to_database_and_queries(built_index, collectio
     root = ArtifactRoot(str(out))
     raw = root.load_array("global/vectors.npy", mmap=False).copy()
     try:
-        summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST,
-                                  "--set", "stages=[global]", "--global-whiten-dim", "8",
-                                  "--set", "global_whiten_images=10"])
+        summary = index_job.main(
+            [
+                "--collection",
+                str(collection),
+                "--out",
+                str(out),
+                *FAST,
+                "--set",
+                "stages=[global]",
+                "--global-whiten-dim",
+                "8",
+                "--set",
+                "global_whiten_images=10",
+            ]
+        )
         assert summary["counts"]["global_whitening_sample"] == 10
         white = read_whitening(root, "global")
         assert white.dim == 8 and root.load_array("global/vectors.npy").shape == (14, 8)
         res = tmp_path / "res"
-        search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "13",
-                         "--set", "reuse_database_features=false"])
+        search_job.main(
+            [
+                "--index",
+                str(out),
+                "--queries",
+                str(mini_subset),
+                "--out",
+                str(res),
+                "--topk",
+                "13",
+                "--set",
+                "reuse_database_features=false",
+            ]
+        )
         results = pd.read_parquet(res / "results.parquet").set_index("query_id")
         vectors = dict(zip(root.load_array("global/ids.npy").tolist(), root.load_array("global/vectors.npy")))
         q = 0  # a fresh query extraction, whitened: its own image's whitened vector scores ~1
@@ -163,9 +191,21 @@ def test_global_whitening_applies_to_database_and_queries(built_index, collectio
         for c in (other / "features" / "_commits").glob("part-*.json"):
             if int(c.stem[5:]) > 1:
                 c.unlink()
-        summary = index_job.main(["--collection", str(collection), "--out", str(out), *FAST,
-                                  "--set", "stages=[global]", "--global-whiten-dim", "4",
-                                  "--set", f"global_whiten_source={other}"])
+        summary = index_job.main(
+            [
+                "--collection",
+                str(collection),
+                "--out",
+                str(out),
+                *FAST,
+                "--set",
+                "stages=[global]",
+                "--global-whiten-dim",
+                "4",
+                "--set",
+                f"global_whiten_source={other}",
+            ]
+        )
         assert summary["counts"]["global_whitening_sample"] == 8 and read_whitening(root, "global").dim == 4
     finally:
         index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]"])
@@ -179,12 +219,20 @@ def test_query_manifest_boxes_crop_the_queries(built_index, mini_subset, tmp_pat
     q = q.assign(x0=[10, 20, 30], y0=[5, 6, 7], x1=[200, 210, 220], y1=[150, 160, 170])
     q.to_csv(tmp_path / "queries.csv", index=False)
     res = tmp_path / "res"
-    summary = search_job.main(["--index", str(out), "--queries", str(tmp_path / "queries.csv"), "--out", str(res),
-                               "--topk", "5"])
+    summary = search_job.main(
+        ["--index", str(out), "--queries", str(tmp_path / "queries.csv"), "--out", str(res), "--topk", "5"]
+    )
     assert summary["counts"].get("queries_reusing_database_features", 0) == 0  # cropped: described anew
-    meta = ArtifactRoot(read_run(str(res))["queries_root"]).shards().read_all(["image_id", "x0", "y0", "x1", "y1"]).to_pandas()
-    assert meta.sort_values("image_id")[["x0", "y0", "x1", "y1"]].to_numpy().tolist() == \
-        q[["x0", "y0", "x1", "y1"]].to_numpy().astype(float).tolist()
+    meta = (
+        ArtifactRoot(read_run(str(res))["queries_root"])
+        .shards()
+        .read_all(["image_id", "x0", "y0", "x1", "y1"])
+        .to_pandas()
+    )
+    assert (
+        meta.sort_values("image_id")[["x0", "y0", "x1", "y1"]].to_numpy().tolist()
+        == q[["x0", "y0", "x1", "y1"]].to_numpy().astype(float).tolist()
+    )
     assert len(pd.read_parquet(res / "results.parquet")) == 3
 
 
@@ -194,8 +242,9 @@ def test_queries_whose_database_image_failed_get_empty_rankings(built_index, col
     files = pd.read_csv(collection)["file"].tolist()
     pd.DataFrame({"file": [files[14], files[15], files[0]]}).to_csv(tmp_path / "q.csv", index=False)
     res = tmp_path / "res"
-    summary = search_job.main(["--index", str(out), "--queries", str(tmp_path / "q.csv"), "--out", str(res),
-                               "--topk", "5"])
+    summary = search_job.main(
+        ["--index", str(out), "--queries", str(tmp_path / "q.csv"), "--out", str(res), "--topk", "5"]
+    )
     assert summary["counts"]["queries_reusing_database_features"] == 1
     results = pd.read_parquet(res / "results.parquet").set_index("query_id")
     assert len(results.ids[0]) == 0 and len(results.ids[1]) == 0
@@ -211,10 +260,27 @@ def test_local_whitening_sample_replaces_images_it_cannot_describe(ray_session, 
         cv2.imwrite(str(tmp_path / f"tiny{i}.png"), np.full((5 + i, 7, 3), 40 * i, np.uint8))
         files.insert(0, str(tmp_path / f"tiny{i}.png"))
     pd.DataFrame({"file": files}).to_csv(tmp_path / "c.csv", index=False)
-    summary = index_job.main(["--collection", str(tmp_path / "c.csv"), "--out", str(tmp_path / "idx"), *FAST,
-                              "--set", "stages=[extract,global]", "--set", "describe.local=how",
-                              "--set", "describe.local_scales=[1.0]", "--set", "describe.local_n=20",
-                              "--set", "local_whiten_images=2", "--set", "local_whiten_dim=8"])
+    summary = index_job.main(
+        [
+            "--collection",
+            str(tmp_path / "c.csv"),
+            "--out",
+            str(tmp_path / "idx"),
+            *FAST,
+            "--set",
+            "stages=[extract,global]",
+            "--set",
+            "describe.local=how",
+            "--set",
+            "describe.local_scales=[1.0]",
+            "--set",
+            "describe.local_n=20",
+            "--set",
+            "local_whiten_images=2",
+            "--set",
+            "local_whiten_dim=8",
+        ]
+    )
     assert summary["counts"]["images_ok"] == 2 and summary["counts"]["images_error"] == 6
     assert read_whitening(ArtifactRoot(str(tmp_path / "idx")), "local").dim == 8
     errors = ArtifactRoot(str(tmp_path / "idx")).shards().read_all(["status", "error"]).to_pandas()
@@ -242,7 +308,12 @@ def test_search_and_evaluate_whole_and_cropped(built_index, mini_subset, tmp_pat
         assert f"{100 * metrics['mAP']:.2f}" in page
         assert page.count("border-color:#2e9e44") + page.count("border-color:#d0342c") == 12 * 10
         maps.append(100 * metrics["mAP"])
-    qmeta = ArtifactRoot(read_run(str(tmp_path / "res-0.4"))["queries_root"]).shards().read_all(["x0", "x1", "width"]).to_pandas()
+    qmeta = (
+        ArtifactRoot(read_run(str(tmp_path / "res-0.4"))["queries_root"])
+        .shards()
+        .read_all(["x0", "x1", "width"])
+        .to_pandas()
+    )
     assert np.allclose(qmeta.x0, qmeta.width * 0.3, atol=1) and np.allclose(qmeta.x1, qmeta.width * 0.7, atol=1)
     # the comparison page of both: one row each, in the given order, with the evaluated mAP
     from jobs import report as report_job
@@ -262,8 +333,22 @@ def test_reused_database_features_equal_fresh_extraction(built_index, mini_subse
     runs = {}
     for reuse in (True, False):
         res = tmp_path / f"res-{reuse}"
-        s = search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "5",
-                             "--method", method, "--set", f"reuse_database_features={str(reuse).lower()}"])
+        s = search_job.main(
+            [
+                "--index",
+                str(out),
+                "--queries",
+                str(mini_subset),
+                "--out",
+                str(res),
+                "--topk",
+                "5",
+                "--method",
+                method,
+                "--set",
+                f"reuse_database_features={str(reuse).lower()}",
+            ]
+        )
         assert s["counts"].get("queries_reusing_database_features", 0) == (14 if reuse else 0)
         runs[reuse] = pd.read_parquet(res / "results.parquet")
     a, b = runs[True], runs[False]
@@ -300,12 +385,26 @@ def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
     gone = pd.concat([df, pd.DataFrame({"file": ["gone.jpg"], "group": [None]})])  # listed, never uploaded
     fs.pipe(f"{bucket}/images/database.csv", gone.to_csv(index=False).encode())
     opts = ["--set", f"storage={json.dumps(s3_server['options'])}"]
-    summary = index_job.main(["--collection", f"s3://{bucket}/images/database.csv", "--out", f"s3://{bucket}/idx",
-                              *FAST, *opts])
+    summary = index_job.main(
+        ["--collection", f"s3://{bucket}/images/database.csv", "--out", f"s3://{bucket}/idx", *FAST, *opts]
+    )
     assert summary["counts"]["images_ok"] == 6 and summary["counts"]["images_error"] == 1
-    assert [f["file"].endswith("gone.jpg") and "FileNotFoundError" in f["error"] for f in summary["failed_images"]] == [True]
-    search_job.main(["--index", f"s3://{bucket}/idx", "--queries", f"s3://{bucket}/images/manifest.csv",
-                     "--out", f"s3://{bucket}/res", "--topk", "3", *opts])
+    assert [f["file"].endswith("gone.jpg") and "FileNotFoundError" in f["error"] for f in summary["failed_images"]] == [
+        True
+    ]
+    search_job.main(
+        [
+            "--index",
+            f"s3://{bucket}/idx",
+            "--queries",
+            f"s3://{bucket}/images/manifest.csv",
+            "--out",
+            f"s3://{bucket}/res",
+            "--topk",
+            "3",
+            *opts,
+        ]
+    )
     metrics = evaluate_job.main(["--results", f"s3://{bucket}/res", "--ground-truth", str(mini_subset), *opts])
     assert metrics["queries"] == 6 and 0 < metrics["mAP"] <= 1
     assert fs.exists(f"{bucket}/res/metrics.json") and fs.exists(f"{bucket}/idx/global/vectors.npy")
@@ -314,10 +413,27 @@ def test_index_and_search_on_s3(ray_session, mini_subset, s3_server, tmp_path):
 def test_how_local_features_with_learned_whitening(ray_session, mini_subset, tmp_path):
     """Deep local features from the stride-16 block: whitening learned on a sample, then applied."""
     out = tmp_path / "how"
-    summary = index_job.main(["--collection", str(mini_subset), "--out", str(out), *FAST,
-                              "--set", "describe.local=how", "--set", "describe.local_layer=block10",
-                              "--set", "describe.local_scales=[1.0,0.5]", "--set", "describe.local_n=40",
-                              "--set", "local_whiten_images=6", "--set", "local_whiten_dim=16"])
+    summary = index_job.main(
+        [
+            "--collection",
+            str(mini_subset),
+            "--out",
+            str(out),
+            *FAST,
+            "--set",
+            "describe.local=how",
+            "--set",
+            "describe.local_layer=block10",
+            "--set",
+            "describe.local_scales=[1.0,0.5]",
+            "--set",
+            "describe.local_n=40",
+            "--set",
+            "local_whiten_images=6",
+            "--set",
+            "local_whiten_dim=16",
+        ]
+    )
     assert summary["counts"]["images_ok"] == 14
     root = ArtifactRoot(str(out))
     white = read_whitening(root, "local")
@@ -335,9 +451,9 @@ def test_asmk_stage_merge_equals_single_build(built_index):
     """The merged inverted file equals one built in one process from all descriptors."""
     import pyarrow.compute as pc
 
-    from storage.inverted_file import open_inverted_file
     from operators.asmk import aggregate, build_inverted_file
     from operators.codebook import Quantizer
+    from storage.inverted_file import open_inverted_file
     from storage.schemas import local_arrays
 
     out, summary = built_index
@@ -357,8 +473,21 @@ def test_asmk_stage_merge_equals_single_build(built_index):
     # HNSW assignment searching as many candidates as there are words finds the exact words: the same index
     collection = root.images()  # the stage reads the committed shards only
     try:
-        s = index_job.main(["--collection", str(out / "unused.csv"), "--out", str(out), *FAST, "--set", "stages=[asmk]",
-                            "--set", "asmk.assign.method=hnsw", "--set", f"asmk.assign.ef_search={len(centroids)}"])
+        s = index_job.main(
+            [
+                "--collection",
+                str(out / "unused.csv"),
+                "--out",
+                str(out),
+                *FAST,
+                "--set",
+                "stages=[asmk]",
+                "--set",
+                "asmk.assign.method=hnsw",
+                "--set",
+                f"asmk.assign.ef_search={len(centroids)}",
+            ]
+        )
         assert s["counts"]["asmk_partials_built"] == len(root.shards().committed())
         hnsw, _ = open_inverted_file(root)
         assert np.array_equal(hnsw.entry_image, ref.entry_image) and np.array_equal(hnsw.codes, ref.codes)
@@ -373,8 +502,22 @@ def test_asmk_and_fused_search(built_index, mini_subset, tmp_path):
     maps = {}
     for method in ("global", "asmk", "fused"):
         res = tmp_path / method
-        search_job.main(["--index", str(out), "--queries", str(mini_subset), "--out", str(res), "--topk", "20",
-                         "--method", method, "--center-crop", "0.6"])
+        search_job.main(
+            [
+                "--index",
+                str(out),
+                "--queries",
+                str(mini_subset),
+                "--out",
+                str(res),
+                "--topk",
+                "20",
+                "--method",
+                method,
+                "--center-crop",
+                "0.6",
+            ]
+        )
         results = pd.read_parquet(res / "results.parquet")
         assert len(results) == 14
         for qid, ids, scores in zip(results.query_id, results.ids, results.scores):
@@ -389,8 +532,19 @@ def test_distractor_index_searched_together(built_index, mini_subset, tmp_path):
     df = pd.read_csv(mini_subset).tail(4)
     df.to_csv(tmp_path / "distr.csv", index=False)
     distr = tmp_path / "distr"
-    index_job.main(["--collection", str(tmp_path / "distr.csv"), "--out", str(distr), *FAST,
-                    "--set", "id_offset=1000", "--set", f"codebook.source={out}"])
+    index_job.main(
+        [
+            "--collection",
+            str(tmp_path / "distr.csv"),
+            "--out",
+            str(distr),
+            *FAST,
+            "--set",
+            "id_offset=1000",
+            "--set",
+            f"codebook.source={out}",
+        ]
+    )
     both, single = tmp_path / "both", tmp_path / "single"
     q = ["--queries", str(mini_subset), "--topk", "30", "--method", "asmk", "--center-crop", "0.6"]
     search_job.main(["--index", str(out), "--out", str(single), *q])
@@ -406,8 +560,8 @@ def test_distractor_index_searched_together(built_index, mini_subset, tmp_path):
 
 def test_graph_and_spectral_stages(built_index):
     """The index's default graph stage: exact kNN of the global vectors, mutual affinity, eigenpairs on the LCC."""
-    from storage.graph import load_affinity, load_graph
     from operators.graph import affinity, largest_component, normalize
+    from storage.graph import load_affinity, load_graph
 
     out, summary = built_index
     root = ArtifactRoot(str(out))
@@ -436,6 +590,7 @@ def test_graph_and_spectral_stages(built_index):
     np.testing.assert_array_equal(g.position[order], np.arange(14))
     assert np.array_equal(np.flatnonzero(g.decomposed), np.sort(position[lcc]))
     from operators.spectral import sparsify
+
     shybrid = load_graph(root, sparse_keep=0.01).u  # SHybrid's U, stored by the stage (spectral.sparse_keep)
     assert sp.issparse(shybrid)
     np.testing.assert_array_equal(shybrid.toarray(), sparsify(np.asarray(g.u), 0.01))
@@ -453,8 +608,22 @@ def test_asmk_graph_is_symmetric_ranked_and_excludes_self(built_index, tmp_path)
     root = ArtifactRoot(str(out))
     exact = np.asarray(root.load_array("graph/knn_ids.npy"))
     # the IVF path (above ivf_threshold) probing every list is exact too
-    s = graph_job.main(["--index", str(out), "--rank", "0", "--set", "graph.ivf_threshold=5", "--set", "graph.nlist=2",
-                        "--set", "graph.nprobe=2", "--set", "graph.block=6"])
+    s = graph_job.main(
+        [
+            "--index",
+            str(out),
+            "--rank",
+            "0",
+            "--set",
+            "graph.ivf_threshold=5",
+            "--set",
+            "graph.nlist=2",
+            "--set",
+            "graph.nprobe=2",
+            "--set",
+            "graph.block=6",
+        ]
+    )
     assert s["graph_knn"] == "ivf"
     np.testing.assert_array_equal(root.load_array("graph/knn_ids.npy"), exact)
     assert not (out / "spectral" / "meta.json").exists()  # the old eigenpairs went with the old graph
@@ -481,8 +650,10 @@ def test_search_rerank_methods(built_index, mini_subset, tmp_path):
     search_job.main([*q, "--out", str(tmp_path / "none")])
     initial = pd.read_parquet(tmp_path / "none" / "results.parquet")
     maps = {}
-    for name, rr, extra in (*((m, m, []) for m in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid", "cas")),
-                            ("fsrw", "fsr", ["--set", "rerank_params.fsrw=true"])):
+    for name, rr, extra in (
+        *((m, m, []) for m in ("alpha-qe", "aqe", "dfs", "truncated-dfs", "fsr", "hybrid", "cas")),
+        ("fsrw", "fsr", ["--set", "rerank_params.fsrw=true"]),
+    ):
         res = tmp_path / name
         search_job.main([*q, "--out", str(res), "--rerank", rr, "--set", "rerank_params.shortlist=5", *extra])
         results = pd.read_parquet(res / "results.parquet")
@@ -498,14 +669,26 @@ def test_search_rerank_methods(built_index, mini_subset, tmp_path):
 
 def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_path):
     from jobs import rerank as rerank_job
-    from storage.graph import load_affinity
     from operators.diffusion import temporal, top_k
     from operators.graph import normalize
+    from storage.graph import load_affinity
 
     out, _ = built_index
     res = tmp_path / "offline"
-    args = ["--index", str(out), "--out", str(res), "--method", "dfs", "--top", "6", "--set", "items_per_task=5",
-            "--set", "params.dtype=float64"]
+    args = [
+        "--index",
+        str(out),
+        "--out",
+        str(res),
+        "--method",
+        "dfs",
+        "--top",
+        "6",
+        "--set",
+        "items_per_task=5",
+        "--set",
+        "params.dtype=float64",
+    ]
     s1 = rerank_job.main(args)
     assert s1["counts"]["parts_total"] == 3 and s1["counts"]["rows_written"] == 14
     sfs.remove(sfs.join(str(res), "parts", "_commits", "part-00001.json"))
@@ -518,7 +701,7 @@ def test_offline_rerank_resumes_and_matches_direct_diffusion(built_index, tmp_pa
     _, idx = top_k(f, 6, exclude=np.arange(14))
     for i in range(14):
         reached = [j for j in idx[i] if f[j, i] > 0]
-        assert lists[int(ids[i])][:len(reached)] == ids[reached].tolist()
+        assert lists[int(ids[i])][: len(reached)] == ids[reached].tolist()
 
 
 def test_codebook_is_reused_unless_its_config_changes(built_index, collection, tmp_path):
@@ -533,15 +716,39 @@ def test_codebook_is_reused_unless_its_config_changes(built_index, collection, t
     other = tmp_path / "other"
     shutil.copytree(out / "features", other / "features")
     shutil.copy(out / "images.parquet", other / "images.parquet")
-    copied = index_job.main(["--collection", str(collection), "--out", str(other), *FAST,
-                             "--set", "stages=[codebook]", "--set", f"codebook.source={out}"])
+    copied = index_job.main(
+        [
+            "--collection",
+            str(collection),
+            "--out",
+            str(other),
+            *FAST,
+            "--set",
+            "stages=[codebook]",
+            "--set",
+            f"codebook.source={out}",
+        ]
+    )
     assert "codebook_reused" not in copied["counts"]
     assert np.array_equal(load_codebook(ArtifactRoot(str(other))), before)
     assert codebook_meta(ArtifactRoot(str(other)))["source"] == str(out)
     # another seed: trained anew (a different codebook), then its config is the recorded one
-    seeded = index_job.main(["--collection", str(collection), "--out", str(other), *FAST,
-                             "--set", "stages=[codebook]", "--set", "codebook.seed=7"])
-    assert "codebook_reused" not in seeded["counts"] and not np.array_equal(load_codebook(ArtifactRoot(str(other))), before)
+    seeded = index_job.main(
+        [
+            "--collection",
+            str(collection),
+            "--out",
+            str(other),
+            *FAST,
+            "--set",
+            "stages=[codebook]",
+            "--set",
+            "codebook.seed=7",
+        ]
+    )
+    assert "codebook_reused" not in seeded["counts"] and not np.array_equal(
+        load_codebook(ArtifactRoot(str(other))), before
+    )
 
 
 def _exit_line(capsys, main) -> tuple[int, str]:
@@ -575,10 +782,18 @@ def test_user_mistakes_inside_jobs_exit_2_with_one_line(built_index, mini_subset
     (old / "index.json").write_text(json.dumps({"schema_version": 1, "stages": {}}))
     cases = [
         (lambda: search_job.main(["--index", str(tmp_path / "nothing"), *base]), "is not an index (no images.parquet)"),
-        (lambda: search_job.main(["--index", str(out), "--queries", str(tmp_path / "none"), "--out", str(tmp_path / "r")]),
-         "none"),
-        (lambda: search_job.main(["--index", str(out), *base, "--method", "asmk", "--set", "asmk.params.binary=false"]),
-         "asmk.params.binary must match the index"),
+        (
+            lambda: search_job.main(
+                ["--index", str(out), "--queries", str(tmp_path / "none"), "--out", str(tmp_path / "r")]
+            ),
+            "none",
+        ),
+        (
+            lambda: search_job.main(
+                ["--index", str(out), *base, "--method", "asmk", "--set", "asmk.params.binary=false"]
+            ),
+            "asmk.params.binary must match the index",
+        ),
         (lambda: search_job.main(["--index", str(old), *base]), "schema version 1"),
         (lambda: evaluate_job.main(["--results", str(res), "--ground-truth", str(nogroup)]), "has no 'group' column"),
         (lambda: report_job.main(["--results", str(res), "--out", str(tmp_path / "cmp")]), "has no metrics.json"),
@@ -632,8 +847,9 @@ def test_mine_writes_pairs_a_page_and_resumes(built_index, collection, tmp_path)
     out, _ = built_index
     discover_job.main(["--index", str(out), "--tau-g", "3", "--set", "stages=[iasmk]"])
     pairs = tmp_path / "pairs"
-    s = mine_job.main(["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2",
-                       "--set", "iasmk_min_shared=1"])
+    s = mine_job.main(
+        ["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2", "--set", "iasmk_min_shared=1"]
+    )
     table = pd.concat([pd.read_parquet(p) for p in sorted((pairs / "parts").glob("part-*.parquet"))])
     assert {"anchor_id", "other_id", "label", "score", "source"} <= set(table.columns)
     ids = set(global_ids(ArtifactRoot(str(out))).tolist())
@@ -644,14 +860,28 @@ def test_mine_writes_pairs_a_page_and_resumes(built_index, collection, tmp_path)
     assert s["counts"]["pairs"] == len(table) and s["counts"]["anchors"] >= 1
     assert (pairs / "pairs.html").read_text().count('class="q"') >= 1
     assert json.loads((pairs / "summary-mine.json").read_text())["counts"]["pairs"] == len(table)
-    again = mine_job.main(["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2",
-                           "--set", "iasmk_min_shared=1"])
+    again = mine_job.main(
+        ["--index", str(out), "--out", str(pairs), "--set", "anchors_per_task=2", "--set", "iasmk_min_shared=1"]
+    )
     assert again["counts"]["parts_skipped"] >= 1 and again["counts"]["pairs"] == len(table)
     # the closed loop's last step: Lw learned from the pairs re-indexes the global descriptors
     root = ArtifactRoot(str(out))
     try:
-        s = index_job.main(["--collection", str(collection), "--out", str(out), *FAST, "--set", "stages=[global]",
-                            "--set", f"global_whiten_pairs={pairs}", "--global-whiten-dim", "4"])
+        s = index_job.main(
+            [
+                "--collection",
+                str(collection),
+                "--out",
+                str(out),
+                *FAST,
+                "--set",
+                "stages=[global]",
+                "--set",
+                f"global_whiten_pairs={pairs}",
+                "--global-whiten-dim",
+                "4",
+            ]
+        )
         assert s["counts"]["lw_positive_pairs"] == int((table.label == 1).sum())
         assert read_whitening(root, "global").dim == 4 and root.load_array("global/vectors.npy").shape == (14, 4)
         assert np.allclose(np.linalg.norm(root.load_array("global/vectors.npy"), axis=1), 1, atol=1e-5)
@@ -661,13 +891,14 @@ def test_mine_writes_pairs_a_page_and_resumes(built_index, collection, tmp_path)
 
 
 def test_object_discovery_stage_and_os_search(built_index, mini_subset, tmp_path):
+    import torch
+
     from jobs import discover as discover_job
     from jobs.objects import _describer, os_boxes, region_search
     from operators.gem import multiscale_gem
     from operators.saliency import SaliencyParams, l2n, region_gem
     from storage.global_index import open_global
     from storage.objects import load_katz, open_regions
-    import torch
 
     out, _ = built_index
     root = ArtifactRoot(str(out))
@@ -687,22 +918,53 @@ def test_object_discovery_stage_and_os_search(built_index, mini_subset, tmp_path
     file = root.images().set_index("image_id").loc[int(g.ids[row]), "file"]
     from operators.images import decode_image
     from storage.collection import read_image_bytes
+
     maps = describer.global_maps([decode_image(read_image_bytes(file))])[0]
     p, search = SaliencyParams(), region_search(regions.vectors, None, 0)
     fs, katz_g, owner = table.fs.to_numpy(np.float32), load_katz(root), np.asarray(regions.ids)
-    per_scale = [l2n(region_gem(a, os_boxes(a, int(g.ids[row]), search, owner, fs, katz_g, white, p, 3 * p.max_regions),
-                                p.gem_p).sum(0)) for a in maps]
+    per_scale = [
+        l2n(
+            region_gem(
+                a, os_boxes(a, int(g.ids[row]), search, owner, fs, katz_g, white, p, 3 * p.max_regions), p.gem_p
+            ).sum(0)
+        )
+        for a in maps
+    ]
     v = l2n(multiscale_gem([torch.from_numpy(x)[None] for x in per_scale])[0].numpy())
     assert np.allclose(v, os_vec.vectors[row], atol=1e-5)
     again = discover_job.main(["--index", str(out), "--set", "stages=[objects]", "--set", "objects.images_per_task=5"])
     assert again["counts"]["region_parts_skipped"] == 3 and again["counts"]["os_parts_skipped"] == 3
     # the IVF path (many regions) probing every list is the exact search
     exact = np.array(os_vec.vectors)
-    discover_job.main(["--index", str(out), "--set", "stages=[objects]", "--set", "objects.knn.ivf_threshold=10",
-                       "--set", "objects.knn.nlist=4", "--set", "objects.knn.nprobe=4"])
+    discover_job.main(
+        [
+            "--index",
+            str(out),
+            "--set",
+            "stages=[objects]",
+            "--set",
+            "objects.knn.ivf_threshold=10",
+            "--set",
+            "objects.knn.nlist=4",
+            "--set",
+            "objects.knn.nprobe=4",
+        ]
+    )
     assert np.allclose(open_global(root, "objects/global").vectors, exact, atol=1e-5)
-    search_job.main(["--index", str(out), "--queries", str(mini_subset), "--topk", "13", "--out", str(tmp_path / "os"),
-                     "--method", "os"])
+    search_job.main(
+        [
+            "--index",
+            str(out),
+            "--queries",
+            str(mini_subset),
+            "--topk",
+            "13",
+            "--out",
+            str(tmp_path / "os"),
+            "--method",
+            "os",
+        ]
+    )
     results = pd.read_parquet(tmp_path / "os" / "results.parquet")
     assert len(results) == 14 and all(len(ids) == 13 for ids in results.ids)
 
@@ -717,19 +979,35 @@ def test_unusual_images_are_described_and_a_bomb_is_an_error_row(ray_session, mi
     photo = cv2.imread(pd.read_csv(mini_subset)["file"].iloc[0])
     photo = cv2.resize(photo, (256, 192), interpolation=cv2.INTER_AREA)
     q100 = [cv2.IMWRITE_JPEG_QUALITY, 100]
-    files = {"upright.jpg": cv2.imencode(".jpg", photo, q100)[1].tobytes(),
-             "exif.jpg": with_exif_orientation(cv2.imencode(".jpg", np.ascontiguousarray(np.rot90(photo)), q100)[1]
-                                               .tobytes(), 6),
-             "grey.png": cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY))[1].tobytes(),
-             "deep.png": cv2.imencode(".png", photo.astype(np.uint16) * 257)[1].tobytes(),
-             "alpha.png": cv2.imencode(".png", np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)]))[1].tobytes(),
-             "bomb.png": bomb_png(60_000, 60_000), "bomb.webp": WEBP_BOMB, "bomb.tif": patched_tiff(12000, 12000),
-             "bomb-fill.jpg": patched_jpeg(12000, 12000, fill=True)}
+    files = {
+        "upright.jpg": cv2.imencode(".jpg", photo, q100)[1].tobytes(),
+        "exif.jpg": with_exif_orientation(
+            cv2.imencode(".jpg", np.ascontiguousarray(np.rot90(photo)), q100)[1].tobytes(), 6
+        ),
+        "grey.png": cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY))[1].tobytes(),
+        "deep.png": cv2.imencode(".png", photo.astype(np.uint16) * 257)[1].tobytes(),
+        "alpha.png": cv2.imencode(".png", np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)]))[1].tobytes(),
+        "bomb.png": bomb_png(60_000, 60_000),
+        "bomb.webp": WEBP_BOMB,
+        "bomb.tif": patched_tiff(12000, 12000),
+        "bomb-fill.jpg": patched_jpeg(12000, 12000, fill=True),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     pd.DataFrame({"file": [str(tmp_path / n) for n in files]}).to_csv(tmp_path / "c.csv", index=False)
-    summary = index_job.main(["--collection", str(tmp_path / "c.csv"), "--out", str(tmp_path / "idx"), *FAST,
-                              "--set", "stages=[extract,global]", "--set", "describe.local=none"])
+    summary = index_job.main(
+        [
+            "--collection",
+            str(tmp_path / "c.csv"),
+            "--out",
+            str(tmp_path / "idx"),
+            *FAST,
+            "--set",
+            "stages=[extract,global]",
+            "--set",
+            "describe.local=none",
+        ]
+    )
     assert summary["counts"]["images_ok"] == 5 and summary["counts"]["images_error"] == 4
     root = ArtifactRoot(str(tmp_path / "idx"))
     table = root.shards().read_all(["image_id", "status", "error"]).to_pandas().set_index("image_id")
@@ -737,9 +1015,9 @@ def test_unusual_images_are_described_and_a_bomb_is_an_error_row(ray_session, mi
     for i in (6, 7, 8):  # WebP, TIFF, a JPEG with a fill byte before its frame header: refused from the header
         assert table.status[i] == "error" and "declared size 12000x12000" in table.error[i], table.error[i]
     g = dict(zip(root.load_array("global/ids.npy").tolist(), root.load_array("global/vectors.npy")))
-    assert float(g[0] @ g[1]) > 0.99                        # EXIF-rotated = upright
-    assert float(g[0] @ g[3]) > 0.999 and float(g[0] @ g[4]) > 0.999   # 16-bit and alpha: the same colours
-    assert float(g[0] @ g[2]) > 0.9                         # grey: the same scene without its colours
+    assert float(g[0] @ g[1]) > 0.99  # EXIF-rotated = upright
+    assert float(g[0] @ g[3]) > 0.999 and float(g[0] @ g[4]) > 0.999  # 16-bit and alpha: the same colours
+    assert float(g[0] @ g[2]) > 0.9  # grey: the same scene without its colours
 
 
 def test_entries_instead_of_descriptors_give_the_same_inverted_file(built_index, collection, mini_subset, tmp_path):
@@ -748,15 +1026,41 @@ def test_entries_instead_of_descriptors_give_the_same_inverted_file(built_index,
     descriptor-built ones."""
     out, _ = built_index
     entries = tmp_path / "entries"
-    s = index_job.main(["--collection", str(collection), "--out", str(entries), *FAST, "--set", "local_store=entries",
-                        "--set", f"codebook.source={out}", "--set", "stages=[extract,global,codebook,asmk]"])
+    s = index_job.main(
+        [
+            "--collection",
+            str(collection),
+            "--out",
+            str(entries),
+            *FAST,
+            "--set",
+            "local_store=entries",
+            "--set",
+            f"codebook.source={out}",
+            "--set",
+            "stages=[extract,global,codebook,asmk]",
+        ]
+    )
     assert s["counts"]["asmk_shards_of_entries"] == len(ArtifactRoot(str(entries)).shards().indices())
     assert s["counts"].get("asmk_partials_built", 0) == 0
     for name in ("offsets", "entry_image", "codes", "images", "image_entries"):
         a, b = (np.load(r / "asmk" / f"{name}.npy") for r in (out, entries))
         assert a.dtype == b.dtype and np.array_equal(a, b), name
-    again = index_job.main(["--collection", str(collection), "--out", str(entries), *FAST, "--set", "local_store=entries",
-                            "--set", f"codebook.source={out}", "--set", "stages=[asmk]"])
+    again = index_job.main(
+        [
+            "--collection",
+            str(collection),
+            "--out",
+            str(entries),
+            *FAST,
+            "--set",
+            "local_store=entries",
+            "--set",
+            f"codebook.source={out}",
+            "--set",
+            "stages=[asmk]",
+        ]
+    )
     assert again["counts"]["asmk_merge_skipped"] == 1  # unchanged shards: the inverted file is not merged again
     t = ArtifactRoot(str(entries)).shards().read_all(["local_desc", "asmk_words", "asmk_codes"])
     assert sum(len(v) for v in t.column("local_desc").to_pylist()) == 0
@@ -770,8 +1074,9 @@ def test_entries_instead_of_descriptors_give_the_same_inverted_file(built_index,
     assert [list(x) for x in a.ids] == [list(x) for x in b.ids]
     assert np.allclose(np.concatenate(list(a.scores)), np.concatenate(list(b.scores)), atol=1e-6)
     with pytest.raises(Exception, match="codebook.source"):
-        index_job.main(["--collection", str(collection), "--out", str(tmp_path / "none"), *FAST,
-                        "--set", "local_store=entries"])
+        index_job.main(
+            ["--collection", str(collection), "--out", str(tmp_path / "none"), *FAST, "--set", "local_store=entries"]
+        )
 
 
 def test_synthetic_distractors_join_an_entries_index_deterministically(built_index, collection, mini_subset, tmp_path):
@@ -782,8 +1087,21 @@ def test_synthetic_distractors_join_an_entries_index_deterministically(built_ind
     out, _ = built_index
     roots = [tmp_path / "a", tmp_path / "b"]
     args = ["--donors", str(out), "--n", "30", "--set", "shard_size=8"]
-    index_job.main(["--collection", str(collection), "--out", str(roots[0]), *FAST, "--set", "local_store=entries",
-                    "--set", f"codebook.source={out}", "--set", "stages=[extract]"])
+    index_job.main(
+        [
+            "--collection",
+            str(collection),
+            "--out",
+            str(roots[0]),
+            *FAST,
+            "--set",
+            "local_store=entries",
+            "--set",
+            f"codebook.source={out}",
+            "--set",
+            "stages=[extract]",
+        ]
+    )
     shutil.copytree(roots[0], roots[1])  # the same real images in both roots; each gets its own distractors run
     for r in roots:
         s = distractors_job.main([*args, "--out", str(r)])
@@ -800,14 +1118,39 @@ def test_synthetic_distractors_join_an_entries_index_deterministically(built_ind
     with pytest.raises(SettingsMismatch):
         distractors_job.main(["--donors", str(out), "--n", "31", "--out", str(roots[0])])
     # a rerun of the real collection's extraction keeps the distractors; the stages index both
-    s = index_job.main(["--collection", str(collection), "--out", str(roots[0]), *FAST, "--set", "local_store=entries",
-                        "--set", f"codebook.source={out}", "--set", "stages=[extract,global,codebook,asmk]"])
+    s = index_job.main(
+        [
+            "--collection",
+            str(collection),
+            "--out",
+            str(roots[0]),
+            *FAST,
+            "--set",
+            "local_store=entries",
+            "--set",
+            f"codebook.source={out}",
+            "--set",
+            "stages=[extract,global,codebook,asmk]",
+        ]
+    )
     assert s["counts"]["shards_skipped"] == s["counts"]["shards_total"]
     ivf = np.load(roots[0] / "asmk" / "images.npy")
     assert set(synth["image_id"]) <= set(ivf.tolist()) and s["counts"]["global_vectors"] == 14 + 30
     res = tmp_path / "res"
-    search_job.main(["--index", str(roots[0]), "--queries", str(mini_subset), "--out", str(res), "--topk", "44",
-                     "--method", "fused"])
+    search_job.main(
+        [
+            "--index",
+            str(roots[0]),
+            "--queries",
+            str(mini_subset),
+            "--out",
+            str(res),
+            "--topk",
+            "44",
+            "--method",
+            "fused",
+        ]
+    )
     ranked = read_results(str(res))[0].to_pandas()
     assert any(i in set(synth["image_id"]) for ids in ranked.ids for i in ids)
 
@@ -850,6 +1193,7 @@ def test_gss_trains_resumes_from_its_checkpoint_and_reranks(built_index, mini_su
     assert evaluate_job.main(["--results", str(res), "--ground-truth", str(mini_subset)])["mAP"] > 0.3
     # a rebuilt graph invalidates the model; search then says which command makes it
     from jobs import graph as graph_job
+
     graph_job.main(["--index", str(out), "--rank", "0", "--k", "6"])
     with pytest.raises(Exception, match="train_reranker"):
         search_job.main([*q, "--out", str(tmp_path / "again"), "--rerank", "gss"])
@@ -861,8 +1205,22 @@ def test_gradnet_trains_and_reranks_by_query_feature_expansion(built_index, mini
 
     out = tmp_path / "copy"
     shutil.copytree(built_index[0], out)
-    args = ["--index", str(out), "--method", "gradnet", "--set", "gradnet.k=5", "--set", "gradnet.anchors=6",
-            "--set", "gradnet.dims=[32,16]", "--set", "checkpoint_every=3", "--set", "gradnet.max_steps=5"]
+    args = [
+        "--index",
+        str(out),
+        "--method",
+        "gradnet",
+        "--set",
+        "gradnet.k=5",
+        "--set",
+        "gradnet.anchors=6",
+        "--set",
+        "gradnet.dims=[32,16]",
+        "--set",
+        "checkpoint_every=3",
+        "--set",
+        "gradnet.max_steps=5",
+    ]
     first = train_reranker.main([*args, "--set", "gradnet.epochs=1"])["gradnet"]  # 1 epoch of 14 sextets: one batch
     assert first["steps"] == 1 and first["nodes"] == 14
     again = train_reranker.main(args)["gradnet"]  # 300 epochs capped at 5 batches: continues from step 1
@@ -920,8 +1278,10 @@ def test_a_root_whose_artifacts_disagree_is_refused(built_index, mini_subset, tm
     shutil.copytree(out, root)
     ids = np.load(root / "global" / "ids.npy")
     np.save(root / "global" / "ids.npy", -ids - 1)
-    code, line = _exit_line(capsys, lambda: search_job.main(["--index", str(root), "--queries", str(mini_subset),
-                                                              "--out", str(tmp_path / "r")]))
+    code, line = _exit_line(
+        capsys,
+        lambda: search_job.main(["--index", str(root), "--queries", str(mini_subset), "--out", str(tmp_path / "r")]),
+    )
     assert code == 2 and "is inconsistent" in line and f"{len(ids)} row(s) name no image" in line, line
 
 
@@ -931,8 +1291,9 @@ def test_identical_queries_are_described_once(built_index, mini_subset, tmp_path
     q["x0"], q["y0"], q["x1"], q["y1"] = 5.0, 5.0, 300.0, 200.0
     q = pd.concat([q, q.iloc[[0] * 300]], ignore_index=True)
     q.to_csv(tmp_path / "q.csv", index=False)
-    s = search_job.main(["--index", str(out), "--queries", str(tmp_path / "q.csv"), "--out", str(tmp_path / "r"),
-                         "--topk", "5"])
+    s = search_job.main(
+        ["--index", str(out), "--queries", str(tmp_path / "q.csv"), "--out", str(tmp_path / "r"), "--topk", "5"]
+    )
     assert s["counts"]["queries"] == 302 and s["counts"]["queries_repeated"] == 300
     assert s["counts"]["images_ok"] == 2 and s["counts"]["queries_described"] == 2
     table, _ = read_results(str(tmp_path / "r"))
@@ -947,22 +1308,49 @@ def test_every_failure_of_the_queries_is_one_line(built_index, mini_subset, s3_s
     from tests.conftest import REPO, free_port
 
     out, _ = built_index
-    pd.DataFrame({"file": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]}).to_csv(tmp_path / "gone.csv", index=False)
-    code, line = _exit_line(capsys, lambda: search_job.main(["--index", str(out), "--queries", str(tmp_path / "gone.csv"),
-                                                              "--out", str(tmp_path / "r")]))
+    pd.DataFrame({"file": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]}).to_csv(
+        tmp_path / "gone.csv", index=False
+    )
+    code, line = _exit_line(
+        capsys,
+        lambda: search_job.main(
+            ["--index", str(out), "--queries", str(tmp_path / "gone.csv"), "--out", str(tmp_path / "r")]
+        ),
+    )
     assert code == 2 and "none of the 2 queries could be described" in line and "a.jpg" in line, line
     fs, _ = sfs.filesystem("s3://x", s3_server["options"])
     fs.pipe(f"{s3_server['bucket']}/q/manifest.csv", pd.read_csv(mini_subset).head(2).to_csv(index=False).encode())
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(RAY_AUTH_MODE="disabled", AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-               AWS_EC2_METADATA_DISABLED="true")
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        AWS_CONFIG_FILE="/nonexistent",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     base = [sys.executable, "-m", "jobs.search", "--index", str(out), "--queries", f"s3://{s3_server['bucket']}/q/"]
     cases = [
         (["--set", f"storage={{client_kwargs: {{endpoint_url: '{s3_server['endpoint']}'}}}}"], 2, "credentials"),
-        (["--set", f"storage={{key: k, secret: s, client_kwargs: {{endpoint_url: 'http://127.0.0.1:{free_port()}'}},"
-                   " config_kwargs: {retries: {max_attempts: 1}}}"], 1, "storage cannot be reached")]
-    runs = [subprocess.Popen(base + ["--out", str(tmp_path / f"r{i}"), *extra], cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i, (extra, _, _) in enumerate(cases)]
+        (
+            [
+                "--set",
+                f"storage={{key: k, secret: s, client_kwargs: {{endpoint_url: 'http://127.0.0.1:{free_port()}'}},"
+                " config_kwargs: {retries: {max_attempts: 1}}}",
+            ],
+            1,
+            "storage cannot be reached",
+        ),
+    ]
+    runs = [
+        subprocess.Popen(
+            base + ["--out", str(tmp_path / f"r{i}"), *extra],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i, (extra, _, _) in enumerate(cases)
+    ]
     for run, (_, want, text) in zip(runs, cases):  # both at once: each is an interpreter and a Ray starting
         _, stderr = run.communicate(timeout=300)
         errors = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]

@@ -1,4 +1,5 @@
 """cluster.runner on the session's Ray: order, callbacks, timing, bounded submission, errors and cancelling."""
+
 from __future__ import annotations
 
 import itertools
@@ -43,8 +44,9 @@ def fail_or_sleep(i: int) -> int:
 
 def test_results_in_submission_order_callbacks_as_finished_and_task_seconds(ray_session):
     seen: list[int] = []
-    run = run_tasks(nap, [(0, 1.0), (1, 0.2), (2, 0.0)], options={"num_cpus": 1}, desc="naps", unit="nap",
-                    on_result=seen.append)
+    run = run_tasks(
+        nap, [(0, 1.0), (1, 0.2), (2, 0.0)], options={"num_cpus": 1}, desc="naps", unit="nap", on_result=seen.append
+    )
     assert run.results == [0, 1, 2]
     assert sorted(seen) == [0, 1, 2] and seen[-1] == 0  # the slowest one finishes last
     assert run.seconds[0] == pytest.approx(1.0, abs=0.3) and run.seconds[2] < 0.2

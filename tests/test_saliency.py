@@ -1,11 +1,12 @@
 """Object discovery operators (spec search §9a) against their written-out definitions."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from operators.knn import drop_groups
-from operators.saliency import (egm, feature_saliency, object_saliency, patch_max, region_gem, region_mean)
+from operators.saliency import egm, feature_saliency, object_saliency, patch_max, region_gem, region_mean
 
 
 def sparse_map(seed: int = 0, c: int = 16, h: int = 6, w: int = 8) -> np.ndarray:
@@ -17,9 +18,9 @@ def test_feature_saliency_is_the_idf_weighted_channel_sum_normalised_as_crow():
     a = sparse_map()
     c, h, w = a.shape
     frac = np.array([(a[j] > 0).sum() / (h * w) for j in range(c)])
-    b = np.log((frac + 1e-6).sum() / (frac + 1e-6))                   # eq. 1
-    f = sum(b[j] * a[j] for j in range(c))                              # eq. 2
-    f = np.sqrt(f / np.sqrt((f ** 2).sum()))                            # CroW: ℓ2, power 1/2
+    b = np.log((frac + 1e-6).sum() / (frac + 1e-6))  # eq. 1
+    f = sum(b[j] * a[j] for j in range(c))  # eq. 2
+    f = np.sqrt(f / np.sqrt((f**2).sum()))  # CroW: ℓ2, power 1/2
     assert np.allclose(feature_saliency(a), f / f.max(), atol=1e-6)
     dense = np.ones((3, 4, 4), np.float32)
     dense[0] = 0
@@ -28,7 +29,7 @@ def test_feature_saliency_is_the_idf_weighted_channel_sum_normalised_as_crow():
 
 
 def blobs(centres, shape=(24, 32), spread=4.0):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     return sum(h * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * spread)) for y, x, h in centres)
 
 
@@ -72,7 +73,7 @@ def test_patch_max_is_the_normalised_max_over_each_centred_patch():
     u = patch_max(a, 3)
     for y in range(h):
         for x in range(w):
-            m = a[:, max(0, y - 1):y + 2, max(0, x - 1):x + 2].max(axis=(1, 2))
+            m = a[:, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].max(axis=(1, 2))
             assert np.allclose(u[y * w + x], m / max(np.linalg.norm(m), 1e-12), atol=1e-6)
 
 
@@ -84,7 +85,9 @@ def test_object_saliency_is_eq16():
     f, g = rng.random(5), rng.random(5)
     s = object_saliency(fhat, sims, nb, f, g, beta=3.0, theta=3.0)
     for p in range(6):
-        want = fhat.flat[p] ** 3 * sum(max(0, sims[p, j]) ** 3 * f[i] ** 3 * g[i] for j, i in enumerate(nb[p]) if i >= 0)
+        want = fhat.flat[p] ** 3 * sum(
+            max(0, sims[p, j]) ** 3 * f[i] ** 3 * g[i] for j, i in enumerate(nb[p]) if i >= 0
+        )
         assert np.isclose(s.flat[p], want)
 
 

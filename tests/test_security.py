@@ -4,11 +4,11 @@ secrets, strict JSON, one-line failures, interruptions and the temporaries they 
 The quick tests start no Ray and no subprocess; the ``slow`` ones run real jobs in subprocesses and
 send them signals. (Root-level cases on a built index live in ``test_pipeline.py``.)
 """
+
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -21,7 +21,6 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-
 from conftest import FAST, REPO
 
 SECRET = "Sup3rSecretValue"
@@ -61,7 +60,7 @@ def test_a_root_never_points_a_job_at_a_file_outside_it(tmp_path):
         recorded_describer(root, None)
     with pytest.raises(SettingsMismatch):
         recorded_describer(root, str(tmp_path / "other.pth"))
-    assert recorded_describer(root, outside)["checkpoint"] == outside   # named by the user's own command
+    assert recorded_describer(root, outside)["checkpoint"] == outside  # named by the user's own command
     root.record_stage("extract", "index", {"describe": {"backbone": "resnet50", "checkpoint": inside}})
     assert recorded_describer(root, None)["checkpoint"] == inside
 
@@ -72,9 +71,19 @@ def test_a_root_never_points_a_job_at_a_file_outside_it(tmp_path):
 def test_records_are_strict_json_with_every_credential_redacted(tmp_path):
     from storage import fs as sfs
 
-    record = {"config": {"storage": {"key": "AKIA" + SECRET, "secret": SECRET, "client_kwargs": {
-        "endpoint_url": f"http://user:{SECRET}@127.0.0.1:9000", "aws_session_token": SECRET}},
-        "password": SECRET, "center_crop": float("nan"), "image_id": 3, "gamma": [float("inf"), 1.5]}}
+    record = {
+        "config": {
+            "storage": {
+                "key": "AKIA" + SECRET,
+                "secret": SECRET,
+                "client_kwargs": {"endpoint_url": f"http://user:{SECRET}@127.0.0.1:9000", "aws_session_token": SECRET},
+            },
+            "password": SECRET,
+            "center_crop": float("nan"),
+            "image_id": 3,
+            "gamma": [float("inf"), 1.5],
+        }
+    }
     sfs.write_json(str(tmp_path / "run.json"), record)
     text = (tmp_path / "run.json").read_text()
     assert SECRET not in text and "NaN" not in text and "Infinity" not in text
@@ -88,8 +97,19 @@ def test_print_config_redacts_credentials(capsys):
     from jobs import search as search_job
 
     with pytest.raises(SystemExit):
-        search_job.main(["--index", "i", "--queries", "q", "--out", "o", "--print-config",
-                         "--set", f"storage={{key: k{SECRET}, secret: {SECRET}}}"])
+        search_job.main(
+            [
+                "--index",
+                "i",
+                "--queries",
+                "q",
+                "--out",
+                "o",
+                "--print-config",
+                "--set",
+                f"storage={{key: k{SECRET}, secret: {SECRET}}}",
+            ]
+        )
     assert SECRET not in capsys.readouterr().out
 
 
@@ -112,6 +132,7 @@ def _run_cli(capsys, fn) -> tuple[int, list[str]]:
 def _raise(e: BaseException):
     def fn():
         raise e
+
     return fn
 
 
@@ -131,11 +152,14 @@ def test_storage_and_ray_failures_are_one_line_with_their_exit_code(capsys):
         except NoCredentialsError as e:
             raise ValueError("cannot reshape array of size 0") from e
 
-    cases = [(_raise(NoCredentialsError()), 2, "Unable to locate credentials"), (nested, 2, "Unable to locate credentials"),
-             (_raise(EndpointConnectionError(endpoint_url="http://127.0.0.1:1")), 1, "storage cannot be reached"),
-             (ray_fails, 1, "the embedded Ray could not start: RuntimeError: Failed to start the GCS server"),
-             (_raise(KeyboardInterrupt()), 130, "interrupted (SIGINT)"),
-             (_raise(Interrupted(signal.SIGTERM)), 143, "interrupted (SIGTERM)")]
+    cases = [
+        (_raise(NoCredentialsError()), 2, "Unable to locate credentials"),
+        (nested, 2, "Unable to locate credentials"),
+        (_raise(EndpointConnectionError(endpoint_url="http://127.0.0.1:1")), 1, "storage cannot be reached"),
+        (ray_fails, 1, "the embedded Ray could not start: RuntimeError: Failed to start the GCS server"),
+        (_raise(KeyboardInterrupt()), 130, "interrupted (SIGINT)"),
+        (_raise(Interrupted(signal.SIGTERM)), 143, "interrupted (SIGTERM)"),
+    ]
     for fn, code, text in cases:
         got, lines = _run_cli(capsys, fn)
         assert got == code and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], lines
@@ -157,6 +181,7 @@ def test_an_interrupted_write_leaves_no_temporary_and_a_rerun_sweeps_a_killed_on
 
     def interrupted(*_):
         raise KeyboardInterrupt
+
     with monkeypatch.context() as m:
         m.setattr(os, "replace", interrupted)
         with pytest.raises(KeyboardInterrupt):
@@ -167,8 +192,11 @@ def test_an_interrupted_write_leaves_no_temporary_and_a_rerun_sweeps_a_killed_on
     parts = ShardSet(str(tmp_path / "parts"))
     (tmp_path / "parts" / COMMITS).mkdir(parents=True)
     host = socket.gethostname()
-    killed = [tmp_path / "parts" / f".tmp-{host}-{dead.pid}-abc", tmp_path / "parts" / COMMITS / f".tmp-{host}-{dead.pid}-d"]
-    live = tmp_path / "parts" / f"{sfs.temp_prefix()}live"   # a running writer's (this process) is kept
+    killed = [
+        tmp_path / "parts" / f".tmp-{host}-{dead.pid}-abc",
+        tmp_path / "parts" / COMMITS / f".tmp-{host}-{dead.pid}-d",
+    ]
+    live = tmp_path / "parts" / f"{sfs.temp_prefix()}live"  # a running writer's (this process) is kept
     for f in (*killed, live):
         f.write_bytes(b"half")
     assert parts.pending([0, 1]) == [0, 1]
@@ -182,9 +210,16 @@ def test_identical_queries_point_at_their_first():
     from storage.collection import first_of_same
 
     nan = float("nan")
-    q = pd.DataFrame({"image_id": [5, 6, 7, 8, 9], "file": ["a.jpg", "a.jpg", "./a.jpg", "a.jpg", "b.jpg"],
-                      "x0": [nan, nan, nan, 1.0, nan], "y0": [nan, nan, nan, 1.0, nan],
-                      "x1": [nan, nan, nan, 9.0, nan], "y1": [nan, nan, nan, 9.0, nan]})
+    q = pd.DataFrame(
+        {
+            "image_id": [5, 6, 7, 8, 9],
+            "file": ["a.jpg", "a.jpg", "./a.jpg", "a.jpg", "b.jpg"],
+            "x0": [nan, nan, nan, 1.0, nan],
+            "y0": [nan, nan, nan, 1.0, nan],
+            "x1": [nan, nan, nan, 9.0, nan],
+            "y1": [nan, nan, nan, 9.0, nan],
+        }
+    )
     assert first_of_same(q).tolist() == [5, 5, 5, 8, 9]
 
 
@@ -199,7 +234,7 @@ def test_a_root_whose_ids_disagree_with_its_images_is_refused(tmp_path):
     ids[:] = [0, 1, 2]
     commit(GlobalMeta(3, 4, False))
     check_consistent(root, np.arange(5))
-    root.write_array("global/ids.npy", -np.arange(3))   # negated, as a tampered root
+    root.write_array("global/ids.npy", -np.arange(3))  # negated, as a tampered root
     with pytest.raises(ArtifactError, match="2 row.s. name no image"):
         check_consistent(root, np.arange(5))
     root.write_array("global/ids.npy", np.array([0, 0, 1]))
@@ -237,19 +272,26 @@ def _non_loopback_ipv4() -> str | None:
 
 def _clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "AWS_", "RAY_ADDRESS"))}
-    return {**env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}   # what a careless environment has
+    return {**env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}  # what a careless environment has
 
 
 @pytest.mark.slow
 def test_embedded_ray_listens_on_loopback_only_with_a_fresh_token_and_dies_with_its_job():
-    proc = subprocess.Popen([sys.executable, "-c", EMBEDDED], cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDED],
+        cwd=REPO,
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "READY"
         time.sleep(2)
         ray_procs = _ray_processes(proc.pid)
-        listening = [(p.name(), c.laddr) for p in ray_procs for c in p.net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = [
+            (p.name(), c.laddr) for p in ray_procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN
+        ]
         names = {n for n, _ in listening}
         assert {"gcs_server", "raylet"} <= names and any("Agent" in n for n in names), listening
         assert all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, a in listening), listening
@@ -274,23 +316,34 @@ def test_embedded_ray_listens_on_loopback_only_with_a_fresh_token_and_dies_with_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_job_ends_with_one_line_leaves_no_ray_and_resumes(six, tmp_path, sig):
     out = tmp_path / "idx"  # six images: two shards (4 + 2), the second one left for the rerun
-    cmd = [sys.executable, "-m", "jobs.index", "--collection", str(six), "--out", str(out), *FAST,
-           "--set", "stages=[extract,global]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.index",
+        "--collection",
+        str(six),
+        "--out",
+        str(out),
+        *FAST,
+        "--set",
+        "stages=[extract,global]",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:
         lines.append(line)
-        if "shards:" in line:   # extraction is under way
+        if "shards:" in line:  # extraction is under way
             break
     ray_procs = _ray_processes(proc.pid)
     assert ray_procs
     proc.send_signal(sig)
     err = "".join(lines) + proc.stderr.read()
     assert proc.wait(60) == 128 + sig, err
-    tail = err[err.rindex("[index] extract …"):]
+    tail = err[err.rindex("[index] extract …") :]
     assert "Traceback" not in err and "done" not in tail.split("\n", 1)[1], tail
-    assert err.strip().splitlines()[-1] == (f"error: interrupted ({signal.Signals(sig).name}); run the same command "
-                                            "again to resume")
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted ({signal.Signals(sig).name}); run the same command again to resume"
+    )
     gone, alive = psutil.wait_procs(ray_procs, timeout=30)
     assert not alive, [p.name() for p in alive]
     if sig == signal.SIGTERM:  # the rerun resumes and leaves no temporary behind

@@ -1,4 +1,5 @@
 """Storage against a local folder and a real S3 API (moto_server)."""
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,19 @@ def _rows(n: int, gdim=4, ldim=3):
     rows = []
     for i in range(n):
         k = i + 1
-        rows.append({"image_id": 100 + i, "status": "ok", "width": 10, "height": 20,
-                     "global": rng.normal(size=gdim), "local_desc": rng.normal(size=(k, ldim)),
-                     "local_xy": rng.normal(size=(k, 2)), "local_scale": np.ones(k), "local_strength": np.arange(k)[::-1]})
+        rows.append(
+            {
+                "image_id": 100 + i,
+                "status": "ok",
+                "width": 10,
+                "height": 20,
+                "global": rng.normal(size=gdim),
+                "local_desc": rng.normal(size=(k, ldim)),
+                "local_xy": rng.normal(size=(k, 2)),
+                "local_scale": np.ones(k),
+                "local_strength": np.arange(k)[::-1],
+            }
+        )
     rows.append({"image_id": 999, "status": "error", "error": "cannot decode image"})
     return rows
 
@@ -81,8 +92,16 @@ def test_collection_formats(tmp_path, instance_mini):
     df = load_collection(str(tmp_path / "imgs"), id_offset=10)
     assert df["name"].tolist() == ["a.png", "b.jpg", "sub/c.jpeg"] and df["image_id"].tolist() == [10, 11, 12]
     # manifest: relative paths resolve against the manifest folder, boxes and groups kept
-    pd.DataFrame({"file": ["b.jpg", "/abs/x.jpg"], "group": ["g", None], "x0": [1, None], "y0": [2, None],
-                  "x1": [3, None], "y1": [4, None]}).to_csv(tmp_path / "imgs" / "m.csv", index=False)
+    pd.DataFrame(
+        {
+            "file": ["b.jpg", "/abs/x.jpg"],
+            "group": ["g", None],
+            "x0": [1, None],
+            "y0": [2, None],
+            "x1": [3, None],
+            "y1": [4, None],
+        }
+    ).to_csv(tmp_path / "imgs" / "m.csv", index=False)
     m = load_collection(str(tmp_path / "imgs" / "m.csv"))
     assert m["file"].tolist() == [str(tmp_path / "imgs" / "b.jpg"), "/abs/x.jpg"]
     assert m["group"].tolist() == ["g", None] and m.loc[0, ["x0", "y1"]].tolist() == [1.0, 4.0]
@@ -118,12 +137,17 @@ def test_collection_from_s3_prefix(s3_server, instance_mini):
     for name in ("one.jpg", "two.jpg"):
         fs.put(str(next((instance_mini / "images").glob("sceaux*"))), f"{s3_server['bucket']}/coll/{name}")
     df = load_collection(f"s3://{s3_server['bucket']}/coll", options=s3_server["options"])
-    assert df["file"].tolist() == [f"s3://{s3_server['bucket']}/coll/one.jpg", f"s3://{s3_server['bucket']}/coll/two.jpg"]
+    assert df["file"].tolist() == [
+        f"s3://{s3_server['bucket']}/coll/one.jpg",
+        f"s3://{s3_server['bucket']}/coll/two.jpg",
+    ]
 
 
 def test_bad_manifests_are_clear_errors(tmp_path):
     (tmp_path / "empty.csv").write_bytes(b"")
-    pd.DataFrame({"file": ["a.jpg", None, "b.jpg"], "group": ["x", "y", "z"]}).to_csv(tmp_path / "hole.csv", index=False)
+    pd.DataFrame({"file": ["a.jpg", None, "b.jpg"], "group": ["x", "y", "z"]}).to_csv(
+        tmp_path / "hole.csv", index=False
+    )
     pd.DataFrame({"file": ["a.jpg", "b.jpg", "a.jpg"]}).to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(CollectionError, match="cannot be read"):
         load_collection(str(tmp_path / "empty.csv"))
@@ -147,6 +171,7 @@ def test_reading_a_non_regular_file_fails_instead_of_blocking(tmp_path):
             sfs.read_bytes(str(tmp_path / name))
         except OSError as e:
             errors.append(e)
+
     for name in ("pipe.jpg", "dir.jpg"):
         t = threading.Thread(target=read, args=(name,), daemon=True)  # a blocked open must not hang the tests
         t.start()
@@ -169,7 +194,7 @@ def test_concurrent_stage_records_are_never_lost(tmp_path):
     records = ArtifactRoot(root.uri).stages()
     assert set(records) == {"extract", *stages} and all(records[s]["settings"] == {"name": s} for s in stages)
     assert root.stage_settings("extract") == {"a": 1}
-    root.record_stage("extract", "index", {"a": 2})   # a rerun replaces its stage's record
+    root.record_stage("extract", "index", {"a": 2})  # a rerun replaces its stage's record
     assert ArtifactRoot(root.uri).stage_settings("extract") == {"a": 2}
 
 
@@ -180,7 +205,7 @@ def test_an_interrupted_s3_upload_leaves_no_object(s3_server, monkeypatch):
 
     from storage import fs as sfs
 
-    monkeypatch.setattr(sfs, "S3_PART", 5 * 2**20)           # S3's smallest part: 12 MB take three parts
+    monkeypatch.setattr(sfs, "S3_PART", 5 * 2**20)  # S3's smallest part: 12 MB take three parts
     uri = f"s3://{s3_server['bucket']}/partial/vectors.npy"
     real, parts = s3fs.S3FileSystem._call_s3, []
 
@@ -190,6 +215,7 @@ def test_an_interrupted_s3_upload_leaves_no_object(s3_server, monkeypatch):
             if len(parts) == 2:
                 raise ConnectionError("the network went away")
         return await real(self, method, *args, **kwargs)
+
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", failing)
     with pytest.raises(ConnectionError):
         sfs.write_bytes(uri, b"x" * (12 * 2**20), s3_server["options"])

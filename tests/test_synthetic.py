@@ -1,4 +1,5 @@
 """The demo's fallback collection (used when ../shared/data is absent) is a valid grouped manifest."""
+
 from __future__ import annotations
 
 from jobs.synthetic import generate
