@@ -9,7 +9,9 @@ Each task times itself (:func:`timed`): its own service seconds, not its wait in
 ``on_result`` sees every result as its task finishes (completion order: accumulate counts, write rows
 into an array); ``advance`` sizes its step of the bar (``total`` then counts items, not tasks). Results come
 back in submission order, or not at all with ``keep=False`` (large results ``on_result`` consumed).
-``max_in_flight`` bounds the tasks submitted at once; the rest are submitted as those finish.
+``max_in_flight`` bounds the tasks submitted at once; the rest are submitted as those finish. While no
+task finishes the bar is redrawn every ``heartbeat_s`` seconds (elapsed time, tasks running), so a long
+single task (k-means over a whole node) is never a silent step.
 
 Exceptions propagate unchanged: a task's error arrives as Ray's ``RayTaskError``, which is also an
 instance of the task's own error class (an :class:`storage.errors.InputError` stays one for
@@ -64,6 +66,7 @@ def run_tasks(
     on_result: Callable[[R], Any] | None = None,
     keep: bool = True,
     max_in_flight: int | None = None,
+    heartbeat_s: float = 30.0,
 ) -> TaskRun[R]:
     """Run ``fn(*a)`` for every ``a`` in ``args`` as Ray tasks and wait for all of them (see the module doc)."""
     remote = ray.remote(**options)(timed(fn)) if options else ray.remote(timed(fn))
@@ -84,7 +87,10 @@ def run_tasks(
             total=len(args) if total is None else total, desc=desc, unit=unit, file=sys.stderr, disable=desc is None
         ) as bar:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=heartbeat_s)
+                if not done:
+                    bar.set_postfix_str(f"{len(pending)} running", refresh=False)
+                    bar.refresh()
                 for ref in done:
                     i = pending.pop(ref)
                     result, seconds[i] = ray.get(ref)

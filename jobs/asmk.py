@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.runner import run_tasks
+from jobs.config import from_dict
 from jobs.summary import JobSummary
 from operators.asmk import AsmkParams, build_index, idf_weights, search
 from operators.codebook import AssignConfig, Quantizer
@@ -50,13 +51,14 @@ def partial_task(root_uri: str, options: dict, shard: int, binary: bool, db_ma: 
     """Quantise, aggregate and commit one shard's partial inverted file (runs in a Ray task)."""
     import pyarrow.compute as pc
 
+    cfg = from_dict(AssignConfig, assign)  # refused before any reading
     root = ArtifactRoot(root_uri, options)
     centroids = load_codebook(root)
     table = root.shards().read_shard(shard, ["image_id", "status", "local_desc"])
     table = table.filter(pc.equal(table.column("status"), "ok"))
     desc, ids, _ = local_arrays(table)
     desc = desc.astype(np.float32)
-    ivf = build_index(desc, ids, Quantizer(centroids, AssignConfig(**assign))(desc, db_ma), centroids, binary)
+    ivf = build_index(desc, ids, Quantizer(centroids, cfg)(desc, db_ma), centroids, binary)
     return write_partial(
         root,
         shard,
@@ -164,7 +166,7 @@ def search_task(
     """
     from operators.asmk import Aggregated
 
-    p = AsmkParams(**params)
+    p = from_dict(AsmkParams, params)
     opener = open_compressed if layout == "iasmk" else open_inverted_file
     ivfs = [opener(ArtifactRoot(u, o))[0] for u, o in roots]
     weight = None

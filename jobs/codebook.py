@@ -76,6 +76,8 @@ def build_codebook(cfg: CodebookConfig, root: ArtifactRoot, summary: JobSummary,
             train_codebook,
             [(x, k, cfg.niter, cfg.seed, None, int(cpus))],  # gpu: None (auto)
             options={"num_cpus": cpus, "num_gpus": gpus},
+            desc=f"codebook k-means (k={k}, {len(x):,} descriptors)",
+            unit="codebook",
         ).results
         info = {"sample": len(x), "k_requested": cfg.k, "cpus": cpus}
     write_codebook(root, centroids, dataclasses.asdict(cfg), **info)

@@ -27,58 +27,14 @@ import typing
 from typing import Any, Callable, Literal, TypeVar
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
 
 from storage.errors import ConfigError, InputError, MachineError
 from storage.fs import read_yaml
 from storage.redaction import redact
+from storage.validation import check_keys, dataclass_in, from_dict  # noqa: F401 - re-exported to jobs
 
 T = TypeVar("T")
 Flag = tuple[str, str]  # (dotted config key, help)
-
-
-def _dataclass_in(typ: Any) -> type | None:
-    """The dataclass inside ``typ`` (itself, or the member of ``X | None``), else None."""
-    if dataclasses.is_dataclass(typ):
-        return typ
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):
-        return next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), None)
-    return None
-
-
-def check_keys(cls: type, data: dict, where: str = "") -> None:
-    """Unknown keys (at any depth of nested dataclass sections) are a :class:`ConfigError`."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {[where + k for k in unknown]}; known under "
-            f"{where.rstrip('.') or 'the top level'}: {names}"
-        )
-    for key, value in data.items():
-        sub = _dataclass_in(hints[key])
-        if sub is not None and isinstance(value, dict):
-            check_keys(sub, value, f"{where}{key}.")
-
-
-def _explain(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
-        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
-        parts.append(f"{loc or 'config'}: {err['msg']}{got}")
-    more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
-    return "; ".join(parts) + more
-
-
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Validate a nested dict into dataclass ``cls`` (types, choices, required fields, unknown keys)."""
-    check_keys(cls, data)
-    try:
-        return TypeAdapter(cls).validate_python(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -89,7 +45,7 @@ def choices(cls: type, key: str) -> list[str] | None:
     """The ``Literal`` choices of the (dotted) field ``key`` of ``cls``, if it has them."""
     typ: Any = cls
     for part in key.split("."):
-        typ = typing.get_type_hints(_dataclass_in(typ))[part]
+        typ = typing.get_type_hints(dataclass_in(typ))[part]
     args = (
         [a for a in typing.get_args(typ) if a is not type(None)]
         if typing.get_origin(typ) in (typing.Union, types.UnionType)
@@ -118,7 +74,7 @@ def flag_value(cls: type, key: str, raw: str) -> Any:
     lists, else parsed as YAML (``10`` → 10, ``0.4`` → 0.4) and left to validation."""
     typ: Any = cls
     for part in key.split("."):
-        typ = typing.get_type_hints(_dataclass_in(typ))[part]
+        typ = typing.get_type_hints(dataclass_in(typ))[part]
     args = (
         set(typing.get_args(typ)) - {type(None)} if typing.get_origin(typ) in (typing.Union, types.UnionType) else {typ}
     )
@@ -183,7 +139,7 @@ def plain(doc: str) -> str:
 def example_key(cls: type) -> str:
     """``section.key=default`` of the first nested section of ``cls``: a ``--set`` example that the job takes."""
     for f in dataclasses.fields(cls):
-        sub = _dataclass_in(typing.get_type_hints(cls)[f.name])
+        sub = dataclass_in(typing.get_type_hints(cls)[f.name])
         default = default_of(cls, f.name)
         if sub is not None and default is not None and default is not dataclasses.MISSING:
             inner = next(

@@ -32,7 +32,7 @@ import ray
 
 from cluster.ray_env import RayConfig, connect
 from cluster.runner import run_tasks
-from jobs.config import parse, run_cli, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.objects import ObjectsConfig, build_objects
 from jobs.summary import JobSummary
 from operators.centrality import katz, modes, pagerank, stationary
@@ -235,7 +235,7 @@ def iasmk_stats(ivf, counts: np.ndarray, consistent: np.ndarray, sizes: np.ndarr
 
 def centrality_task(uri: str, options: dict, cfg: dict) -> dict:
     """π, PageRank, Katz and the modes of the index's graph, written to ``ROOT/centrality`` (a Ray task)."""
-    c = CentralityConfig(**cfg)
+    c = from_dict(CentralityConfig, cfg)
     root = ArtifactRoot(uri, options)
     w = load_affinity(root)
     scores = {

@@ -29,7 +29,7 @@ import ray
 
 from cluster.ray_env import RayConfig, connect
 from cluster.runner import run_tasks
-from jobs.config import parse, run_cli, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.asmk import image_entries
 from operators.codebook import AssignConfig, Quantizer
@@ -89,7 +89,7 @@ def shard_task(
     record: dict,
 ) -> int:
     """Write the shards ``(shard, first image id, count)`` of distractors (a Ray task); returns images written."""
-    p = DistractorParams(**params)
+    p = from_dict(DistractorParams, params)
     root, written = ArtifactRoot(root_uri, options), 0
     for shard, first, count in jobs:
         t0, rng = time.time(), np.random.default_rng([seed, shard])

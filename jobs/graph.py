@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from cluster.ray_env import RayConfig, connect, largest_node_cpus
 from cluster.runner import run_tasks
-from jobs.config import parse, run_cli, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators import graph as G
 from operators.constraints import Count, Fraction, NonNegInt, PosFinite, Tolerance
@@ -125,10 +125,10 @@ def asmk_knn_task(
     """Top-k neighbours of items ``start:stop`` by ASMK: their own inverted-file entries as queries."""
     from operators.asmk import AsmkParams, idf_weights, image_postings, search
 
+    p = from_dict(AsmkParams, params)  # the inverted file's stored params, refused before any reading
     root = ArtifactRoot(uri, options)
     node_ids = np.asarray(global_ids(root))
     ivf, _ = open_inverted_file(root)
-    p = AsmkParams(**params)
     want = node_ids[start:stop]
     dense = np.clip(np.searchsorted(ivf.images, want), 0, len(ivf.images) - 1)
     dense = dense[ivf.images[dense] == want]

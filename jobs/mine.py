@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from cluster.ray_env import RayConfig, connect
 from cluster.runner import run_tasks
-from jobs.config import parse, run_cli, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.constraints import Count
 from operators.diffusion import temporal, top_k
@@ -78,7 +78,7 @@ def manifold_task(
     record: dict,
 ) -> dict:
     """Positives and negatives of one block of anchors (node rows), committed as part ``part``."""
-    p = MiningParams(**params)
+    p = from_dict(MiningParams, params)
     k_pos, k_neg = sizes
     root = ArtifactRoot(uri, options)
     graph = load_graph(root, spectral=False)

@@ -15,7 +15,8 @@
    in the rows of ``ROOT/global`` (``jobs.search --method os`` ranks it; queries keep their plain GeM,
    as the seed's queries keep theirs, T:23912-23913).
 
-Artifacts: :mod:`storage.objects`. Parameters: :class:`operators.saliency.SaliencyParams`.
+Artifacts: :mod:`storage.objects`. Per-image regions: :mod:`operators.objects`. Parameters:
+:class:`operators.saliency.SaliencyParams`.
 """
 
 from __future__ import annotations
@@ -28,29 +29,17 @@ import ray
 
 from cluster.runner import run_tasks
 from jobs.config import from_dict
-from jobs.extract import recorded_describer
 from jobs.graph import GraphConfig, gather_knn, ivf_index, vector_knn
 from jobs.summary import JobSummary
 from operators.centrality import katz
 from operators.constraints import Count
-from operators.describe import Describer, DescriptorConfig
-from operators.gem import multiscale_gem
-from operators.global_index import iter_blocks
 from operators.graph import affinity
-from operators.knn import drop_groups, knn_blocks, search_ivf
-from operators.saliency import (
-    SaliencyParams,
-    egm,
-    feature_saliency,
-    l2n,
-    object_saliency,
-    patch_max,
-    region_gem,
-    region_mean,
-)
-from operators.whitening import Whitening
+from operators.knn import drop_groups
+from operators.objects import combine_scales, fs_regions, os_boxes, region_search, whiten
+from operators.saliency import SaliencyParams, l2n, region_gem
 from storage.artifacts import ArtifactRoot
 from storage.collection import read_image
+from storage.extraction import global_describer, recorded_describer
 from storage.global_index import open_global
 from storage.objects import (
     REGIONS,
@@ -63,7 +52,6 @@ from storage.objects import (
     write_objects_meta,
     write_part,
 )
-from storage.whitening import read_whitening
 
 FS_PARAMS = ("fs_rho", "sigma", "tau", "egm_iters", "max_regions", "gem_p")  # the parameters pass 1 reads
 
@@ -79,28 +67,6 @@ class ObjectsConfig:
 # ------------------------------------------------------------------------------------------
 # Per image (inside the tasks)
 # ------------------------------------------------------------------------------------------
-def _describer(root: ArtifactRoot) -> tuple[Describer, Whitening | None]:
-    built = root.stage_settings("extract")["describe"]
-    cfg = from_dict(DescriptorConfig, {**built, "local": "none"})
-    return Describer(cfg), read_whitening(root, "global")
-
-
-def _whiten(x: np.ndarray, white: Whitening | None) -> np.ndarray:
-    return white(x) if white is not None else l2n(x)
-
-
-def _boxes_or_whole(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """EGM's boxes, or the whole map when the map held nothing above the mask."""
-    return boxes if len(boxes) else np.array([[0, 0, shape[0], shape[1]]], np.int64)
-
-
-def fs_regions(a: np.ndarray, p: SaliencyParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """FS.egm on one activation map (C, H, W): boxes, their feature saliency and ν(GeM) descriptors."""
-    fhat = feature_saliency(a)
-    boxes = _boxes_or_whole(egm(fhat, p.sigma, p.fs_rho, p.tau, p.egm_iters, p.max_regions), fhat.shape)
-    return boxes, region_mean(fhat, boxes), region_gem(a, boxes, p.gem_p)
-
-
 def _images(root: ArtifactRoot, files: list[str]) -> tuple[list[int], list[np.ndarray], list[str]]:
     """Decoded images (their positions in ``files``) and one error line per file that failed."""
     ok, images, errors = [], [], []
@@ -117,8 +83,8 @@ def regions_task(
     uri: str, options: dict, part: int, image_ids: np.ndarray, files: list[str], params: dict, record: dict
 ) -> dict:
     """Pass 1 for a block of images: every FS.egm region (image, scale, box, f, descriptor), committed."""
-    root, p = ArtifactRoot(uri, options), SaliencyParams(**params)
-    describer, white = _describer(root)
+    root, p = ArtifactRoot(uri, options), from_dict(SaliencyParams, params)
+    describer, white = global_describer(root)
     cols: dict[str, list] = {k: [] for k in ("image_id", "scale", "boxes", "fs", "vectors")}
     ok, images, errors = _images(root, files)
     for i, maps in zip(ok, describer.global_maps(images) if images else []):
@@ -129,7 +95,7 @@ def regions_task(
                 ("scale", np.full(len(boxes), scale)),
                 ("boxes", boxes),
                 ("fs", fs),
-                ("vectors", _whiten(z, white)),
+                ("vectors", whiten(z, white)),
             ):
                 cols[k].append(v)
     arrays = {k: np.concatenate(v) if v else np.zeros((0, 4) if k == "boxes" else 0) for k, v in cols.items()}
@@ -148,8 +114,8 @@ def os_task(
     nprobe: int = 32,
 ) -> dict:
     """Pass 2 for a block of images: OS maps, OS.egm regions and the saliency-based descriptors, committed."""
-    root, p = ArtifactRoot(uri, options), SaliencyParams(**params)
-    describer, white = _describer(root)
+    root, p = ArtifactRoot(uri, options), from_dict(SaliencyParams, params)
+    describer, white = global_describer(root)
     table, regions = open_regions(root)
     f, g = table["fs"].to_numpy(np.float32), load_katz(root)
     region_image = np.asarray(regions.ids)
@@ -163,50 +129,13 @@ def os_task(
             boxes = os_boxes(a, image_ids[i], search, region_image, f, g, white, p, extra)
             per_scale.append(l2n(region_gem(a, boxes, p.gem_p).sum(0)))
             counts.append(len(boxes))
-        v = multiscale_gem([_torch(x) for x in per_scale], describer.cfg.gem_p)[0].numpy()
-        out_ids.append(image_ids[i]), out_vec.append(_whiten(v[None], white)[0])
+        v = combine_scales(per_scale, describer.cfg.gem_p)
+        out_ids.append(image_ids[i]), out_vec.append(whiten(v[None], white)[0])
     arrays = {
         "image_id": np.asarray(out_ids, np.int64),
         "vectors": np.stack(out_vec) if out_vec else np.zeros((0, regions.vectors.shape[1]), np.float32),
     }
     return write_part(root, "os_parts", part, arrays, {**record, "errors": errors, "found": int(sum(counts))})
-
-
-def region_search(vectors: np.ndarray, index_bytes: bytes | None, nprobe: int):
-    """``search(u, k) -> (sims, region rows)`` over every region: exact blocks, or the faiss IVF index the
-    driver built when the regions are many (``objects.knn.ivf_threshold``)."""
-    if index_bytes is None:
-        return lambda u, k: knn_blocks(u, iter_blocks(np.arange(len(vectors)), vectors), k)
-    import faiss
-
-    index = faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
-    return lambda u, k: search_ivf(index, u, k, nprobe)
-
-
-def os_boxes(
-    a: np.ndarray,
-    image_id: int,
-    search,
-    region_image: np.ndarray,
-    f: np.ndarray,
-    g: np.ndarray,
-    white: Whitening | None,
-    p: SaliencyParams,
-    extra: int,
-) -> np.ndarray:
-    """OS.egm regions of one activation map: S from each patch's nearest regions of other images (eq. 16)."""
-    fhat = feature_saliency(a)
-    u = _whiten(patch_max(a, p.patch), white)
-    sims, nb = search(u, p.patch_neighbours + extra)
-    sims, nb = drop_groups(sims, nb, region_image, np.full(len(u), image_id), p.patch_neighbours)
-    s = object_saliency(fhat, sims, nb, f, g, p.beta, p.theta)
-    return _boxes_or_whole(egm(s, p.sigma, p.os_rho, p.tau, p.egm_iters, p.max_regions), fhat.shape)
-
-
-def _torch(x: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.asarray(x, np.float32))[None]
 
 
 # ------------------------------------------------------------------------------------------

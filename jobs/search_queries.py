@@ -11,23 +11,15 @@ import numpy as np
 import pandas as pd
 
 from jobs.config import from_dict, to_dict
-from jobs.extract import (
-    ExtractConfig,
-    check_settings,
-    extraction_settings,
-    failed_images,
-    prepare_images,
-    recorded_describer,
-    recorded_settings,
-    run_extraction,
-)
+from jobs.extract import ExtractConfig, recorded_settings, run_extraction
 from jobs.search_context import SearchContext, query_globals, vector_set
 from jobs.search_rerank import rerank_problem
 from jobs.summary import JobSummary
-from operators.describe import DescriptorConfig
+from operators.descriptor_config import DescriptorConfig
 from storage.artifacts import ArtifactRoot
 from storage.collection import first_of_same, load_collection, self_ids
 from storage.errors import ArtifactError, CollectionError, ConfigError
+from storage.extraction import check_settings, extraction_settings, failed_images, prepare_images, recorded_describer
 from storage.global_index import GlobalLookup, check_consistent, global_ids
 from storage.iasmk import iasmk_meta
 from storage.inverted_file import inverted_file_meta
@@ -105,6 +97,7 @@ def describe_queries(
     A query that is an uncropped database image is not described: its database features are reused
     (``reuse`` column). Queries already in the cache entry are not described again.
     """
+
     qcfg = query_extract_config(cfg, root, "")
     fresh = load_collection(cfg.queries, cfg.role, cfg.storage, allow_outside=cfg.allow_outside_root)
     whitening = read_whitening(root, "local")
@@ -122,7 +115,7 @@ def describe_queries(
             root,
             {**extraction_settings(to_dict(qcfg)), "role": cfg.role, "reuse": reusable},
             fresh,
-            whitening.to_bytes() if whitening else None,
+            whitening.state() if whitening else None,
             len(db_ids),
         )
         qroot = query_cache_root(root, key, None if cfg.query_cache == "index" else cfg.query_cache)

@@ -16,8 +16,8 @@ from jobs.asmk import AsmkConfig
 from jobs.asmk import search_task as asmk_search_task
 from jobs.config import from_dict
 from jobs.search_context import SearchContext, query_locals, vector_set
-from operators.asmk import AsmkParams, aggregate
-from operators.codebook import AssignConfig, Quantizer
+from operators.asmk import aggregate
+from operators.codebook import Quantizer
 from operators.fusion import fuse, union_candidates
 from operators.global_index import iter_blocks
 from operators.knn import knn_blocks
@@ -79,12 +79,10 @@ def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
 
 def asmk_config(cfg: SearchConfig, root: ArtifactRoot) -> AsmkConfig:
     """The search's ASMK settings: ``cfg.asmk`` when given, else the index's own (assignment included)."""
-    built = root.stage_settings("asmk")
-    chosen = cfg.asmk or from_dict(
-        AsmkConfig,
-        {**built, "params": AsmkParams(**built["params"]), "assign": AssignConfig(**built.get("assign", {}))},
-    )
-    if chosen.params.binary != built["params"]["binary"]:
+    # the index's stored record, validated (an index built before ``assign`` existed: its default)
+    built = from_dict(AsmkConfig, root.stage_settings("asmk"))
+    chosen = cfg.asmk or built
+    if chosen.params.binary != built.params.binary:
         raise ConfigError("asmk.params.binary must match the index (it decides what the inverted file stores)")
     return chosen
 

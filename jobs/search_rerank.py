@@ -11,6 +11,7 @@ import numpy as np
 import ray
 
 from cluster.ray_env import task_cpus
+from jobs.config import from_dict
 from jobs.search_context import SearchContext
 from jobs.search_rankings import gather, global_search, timed
 from operators.cas import CasParams
@@ -27,6 +28,8 @@ from storage.graph import graph_problem, load_graph
 
 if typing.TYPE_CHECKING:
     from jobs.search import SearchConfig
+
+T = typing.TypeVar("T")
 
 
 def initial_depth(cfg: SearchConfig, n_database: int) -> int:
@@ -72,9 +75,20 @@ def diffusion_task(
     params: dict,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Diffusion re-ranking of one block of queries on the index's graph (a Ray task)."""
-    p = RerankParams(**params)
+    p = from_dict(RerankParams, params)
     graph = load_graph(ArtifactRoot(uri, options), spectral=method in ("fsr", "hybrid"), sparse_keep=p.sparse_keep)
     return rerank(method, graph, rows, sims, own, topk, p)
+
+
+def model_params(cls: type[T], method: str, meta: dict) -> T:
+    """The parameters the stored ``method`` model was trained with (its ``meta.json``), validated: a file
+    from storage, refused with a one-line :class:`ConfigError` (unknown key, NaN, out of range)."""
+    if not isinstance(meta.get("params"), dict):
+        raise ConfigError(f"the stored {method} model's meta.json has no params")
+    try:
+        return from_dict(cls, meta["params"])
+    except ConfigError as e:
+        raise ConfigError(f"the stored {method} model's params: {e}") from None
 
 
 def gss_task(
@@ -96,7 +110,7 @@ def gss_task(
 
     root = ArtifactRoot(uri, options)
     m = load_model(root, "gss")
-    p = GssParams(**m.meta["params"])
+    p = model_params(GssParams, "gss", m.meta)
     x = open_global(root).vectors
     top = rows[:, : p.kq]
     hq = embed_queries(
@@ -130,7 +144,7 @@ def gradnet_task(
 
     root = ArtifactRoot(uri, options)
     m = load_model(root, "gradnet")
-    p, emb, x = GradNetParams(**m.meta["params"]), m.embeddings, open_global(root).vectors
+    p, emb, x = model_params(GradNetParams, "gradnet", m.meta), m.embeddings, open_global(root).vectors
     top = rows[:, : p.k]
     hq = qfe(top, neighbour_cosines(xq, top, x), emb)
     for _ in range(p.qfe_rounds - 1):
@@ -157,8 +171,8 @@ def cas_task(
 
     from operators.cas import rerank_shortlist
 
+    p = from_dict(CasParams, params)
     numba.set_num_threads(min(numba.config.NUMBA_NUM_THREADS, task_cpus()))  # the JS kernel: the task's CPUs only
-    p = CasParams(**params)
     x = open_global(ArtifactRoot(uri, options)).vectors
     out_r = np.full((len(rows), topk), -1, np.int64)
     out_s = np.full((len(rows), topk), -np.inf)

@@ -29,7 +29,7 @@ import ray
 
 from cluster.ray_env import RayConfig, connect, largest_node_cpus
 from cluster.runner import run_tasks
-from jobs.config import parse, run_cli, to_dict
+from jobs.config import from_dict, parse, run_cli, to_dict
 from jobs.summary import JobSummary, peak_rss_mb
 from operators import gradnet as GN
 from operators import gss as GSS
@@ -107,7 +107,7 @@ def train_loop(
 
 def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int, threads: int) -> dict:
     """Train GSS on the root's graph and write its model, states and embeddings (a Ray task)."""
-    p = GSS.GssParams(**params)
+    p = from_dict(GSS.GssParams, params)
     root, device, x, nn = task_setup(uri, options, threads, p.k - 1, "gss")
     t0 = time.time()
     a = GSS.gss_adjacency(nn, x, p.k)
@@ -162,7 +162,7 @@ def train_gss_task(uri: str, options: dict, params: dict, every: int, block: int
 
 def train_gradnet_task(uri: str, options: dict, params: dict, every: int, block: int, threads: int) -> dict:
     """Train GRAD-Net on the root's graph and write its model and embeddings (a Ray task)."""
-    p = GN.GradNetParams(**params)
+    p = from_dict(GN.GradNetParams, params)
     root, device, x, nn = task_setup(uri, options, threads, p.k, "gradnet")
     n = len(x)
     t0 = time.time()

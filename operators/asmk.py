@@ -27,6 +27,7 @@ import numba
 import numpy as np
 
 from operators.constraints import Count, PosFinite, Similarity
+from operators.state import State
 
 
 @dataclass
@@ -267,6 +268,26 @@ class InvertedFile:
 
     def bytes_per_entry(self) -> float:
         return self.entry_image.itemsize + self.codes.shape[1] * self.codes.itemsize
+
+    ARRAYS = ("offsets", "entry_image", "codes", "images", "image_entries")
+
+    def state(self) -> State:
+        arrays = {a: getattr(self, a) for a in self.ARRAYS}
+        if self.entry_indptr is not None:
+            arrays["entry_indptr"] = self.entry_indptr
+        return State(arrays, {"binary": self.binary})
+
+    @classmethod
+    def from_state(cls, state: State) -> "InvertedFile":
+        """Rebuilt from :meth:`state` (arrays kept as given: memory-mapped ones stay so)."""
+        offsets, entry_image, codes, images, image_entries = state.require(*cls.ARRAYS, what="an inverted file")
+        indptr = state.arrays.get("entry_indptr")
+        postings = len(entry_image) if indptr is None else len(indptr) - 1
+        if offsets.ndim != 1 or len(offsets) < 2 or codes.ndim != 2 or len(codes) != postings:
+            raise ValueError(f"an inverted file's offsets {offsets.shape} and codes {codes.shape} disagree")
+        if len(images) != len(image_entries):
+            raise ValueError(f"an inverted file holds {len(images)} images but {len(image_entries)} entry counts")
+        return cls(offsets, entry_image, codes, images, image_entries, bool(state.params.get("binary", True)), indptr)
 
 
 def build_inverted_file(agg: Aggregated, k: int, binary: bool = True) -> InvertedFile:

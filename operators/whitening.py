@@ -8,10 +8,11 @@ s < 1 the shrinkage variant of the HOW code [ext: ``pcawhitenlearn_shrinkage``].
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
+
+from operators.state import State
 
 
 @dataclass
@@ -30,15 +31,15 @@ class Whitening:
             y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
         return y.astype(np.float32)
 
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, mean=self.mean, proj=self.proj)
-        return buf.getvalue()
+    def state(self) -> State:
+        return State({"mean": self.mean, "proj": self.proj})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Whitening":
-        z = np.load(io.BytesIO(data))
-        return cls(z["mean"].astype(np.float32), z["proj"].astype(np.float32))
+    def from_state(cls, state: State) -> "Whitening":
+        mean, proj = state.require("mean", "proj", what="a whitening")
+        if mean.ndim != 1 or proj.ndim != 2 or proj.shape[1] != mean.shape[0]:
+            raise ValueError(f"a whitening needs mean (D,) and proj (d, D), got {mean.shape} and {proj.shape}")
+        return cls(np.asarray(mean, np.float32), np.asarray(proj, np.float32))
 
 
 def learn_pca_whitening(x: np.ndarray, dim: int, shrinkage: float = 1.0, eps: float = 1e-9) -> Whitening:

@@ -177,5 +177,10 @@ class ArtifactRoot:
         return arr, commit
 
     def load_array(self, rel: str, mmap: bool = True) -> np.ndarray:
-        """A (memory-mapped) ``.npy`` artifact; remote ones are cached locally first."""
-        return np.load(sfs.local_copy(self.existing(rel), self.options), mmap_mode="r" if mmap else None)
+        """A (memory-mapped) ``.npy`` artifact; remote ones are cached locally first. Never unpickles:
+        an array of Python objects is an ArtifactError."""
+        path = sfs.local_copy(self.existing(rel), self.options)
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except ValueError as e:
+            raise ArtifactError(f"{self.path(rel)} is not a plain array: {e}") from None

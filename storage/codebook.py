@@ -9,6 +9,7 @@ import numpy as np
 
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
+from storage.state import read_arrays, write_arrays
 
 
 def codebook_hash(centroids: np.ndarray) -> str:
@@ -26,11 +27,11 @@ def load_codebook(root: ArtifactRoot) -> np.ndarray:
             f"{root.uri} has no codebook: run the codebook stage "
             f"(retrieval index … --out {root.uri} --set stages=[codebook])"
         )
-    return np.asarray(root.load_array("codebook/centroids.npy", mmap=False), np.float32)
+    return np.asarray(read_arrays(root, "codebook", ["centroids"], mmap=False)["centroids"], np.float32)
 
 
 def write_codebook(root: ArtifactRoot, centroids: np.ndarray, config: dict, **info) -> None:
-    root.write_array("codebook/centroids.npy", np.ascontiguousarray(centroids, np.float32))
+    write_arrays(root, "codebook", {"centroids": np.ascontiguousarray(centroids, np.float32)})
     root.write_json(
         "codebook/meta.json",
         {

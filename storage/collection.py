@@ -5,7 +5,7 @@ A collection is normalised to one table, :data:`COLLECTION_COLUMNS`:
 - ``image_id`` (int64): stable integer id. Taken from the manifest's ``image_id`` column when present,
   else ``id_offset + row order`` (folders are listed in sorted order). Jobs record the table once
   under the index root (``images.parquet``, with each image's shard) and reuse it on reruns, so ids
-  never change; images added to the collection later get new ids (``jobs.extract.prepare_images``).
+  never change; images added to the collection later get new ids (``storage.extraction.prepare_images``).
 - ``file``: absolute path or URI of the image (relative folders and manifests are resolved);
   ``name``: the key it is known by (manifest path as written, path relative to the folder, or the revisited image name).
 - ``group``: instance label (same group = same object), may be null.

@@ -13,15 +13,15 @@ merge appends them in order, streaming into memory-mapped arrays.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from operators.asmk import InvertedFile
 from operators.iasmk import CompressedWords
+from operators.state import State
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.shards import ShardSet, shard_name
+from storage.state import pack, read_arrays, unpack, write_arrays
 
 
 def pair_count_parts(root: ArtifactRoot) -> ShardSet:
@@ -33,26 +33,23 @@ def compressed_parts(root: ArtifactRoot) -> ShardSet:
 
 
 def write_pair_counts(root: ArtifactRoot, part: int, keys: np.ndarray, counts: np.ndarray, record: dict) -> dict:
-    buf = io.BytesIO()
-    np.savez(buf, keys=keys, counts=counts)
-    return pair_count_parts(root).write_blob(part, buf.getvalue(), record)
+    return pair_count_parts(root).write_blob(part, pack({"keys": keys, "counts": counts}), record)
 
 
 def load_pair_counts(root: ArtifactRoot, part: int) -> tuple[np.ndarray, np.ndarray]:
-    z = np.load(io.BytesIO(root.read_bytes(f"iasmk/pair_counts/{shard_name(part)}.npz")))
+    rel = f"iasmk/pair_counts/{shard_name(part)}.npz"
+    z = unpack(root.read_bytes(rel), rel)
     return z["keys"], z["counts"]
 
 
 def write_compressed_part(root: ArtifactRoot, part: int, cw: CompressedWords, record: dict) -> dict:
-    buf = io.BytesIO()
-    np.savez(
-        buf, words=cw.words, codes=cw.codes, indptr=cw.indptr, members=cw.members, component_sizes=cw.component_sizes
-    )
-    return compressed_parts(root).write_blob(part, buf.getvalue(), record)
+    arrays = {a: getattr(cw, a) for a in ("words", "codes", "indptr", "members", "component_sizes")}
+    return compressed_parts(root).write_blob(part, pack(arrays), record)
 
 
 def load_compressed_part(root: ArtifactRoot, part: int) -> CompressedWords:
-    z = np.load(io.BytesIO(root.read_bytes(f"iasmk/parts/{shard_name(part)}.npz")))
+    rel = f"iasmk/parts/{shard_name(part)}.npz"
+    z = unpack(root.read_bytes(rel), rel)
     return CompressedWords(z["words"], z["codes"], z["indptr"], z["members"], z["component_sizes"])
 
 
@@ -79,10 +76,16 @@ def merge_compressed(
         counts += np.bincount(cw.words, minlength=k)
         e, m = e + ne, m + nm
     commit_m(), commit_c()
-    root.write_array("iasmk/offsets.npy", np.r_[0, np.cumsum(counts)].astype(np.int64))
-    root.write_array("iasmk/entry_indptr.npy", np.r_[0, np.cumsum(sizes)].astype(np.int64))
-    root.write_array("iasmk/images.npy", np.asarray(images, np.int64))
-    root.write_array("iasmk/image_entries.npy", np.asarray(image_entries, np.int64))
+    write_arrays(
+        root,
+        "iasmk",
+        {
+            "offsets": np.r_[0, np.cumsum(counts)].astype(np.int64),
+            "entry_indptr": np.r_[0, np.cumsum(sizes)].astype(np.int64),
+            "images": np.asarray(images, np.int64),
+            "image_entries": np.asarray(image_entries, np.int64),
+        },
+    )
     return {
         "entries": n_entries,
         "members": n_members,
@@ -107,8 +110,5 @@ def iasmk_meta(root: ArtifactRoot) -> dict:
 def open_compressed(root: ArtifactRoot) -> tuple[InvertedFile, dict]:
     """The compressed inverted file (arrays memory-mapped) and its meta."""
     meta = iasmk_meta(root)
-    arrays = {
-        a: root.load_array(f"iasmk/{a}.npy")
-        for a in ("offsets", "entry_image", "codes", "images", "image_entries", "entry_indptr")
-    }
-    return InvertedFile(**arrays, binary=True), meta
+    arrays = read_arrays(root, "iasmk", (*InvertedFile.ARRAYS, "entry_indptr"))
+    return InvertedFile.from_state(State(arrays, {"binary": True})), meta

@@ -12,17 +12,17 @@ and image ids need not be consecutive. Readers memory-map the arrays (local, or 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from operators.asmk import Aggregated, InvertedFile, build_inverted_file
+from operators.state import State
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.schemas import entry_arrays
 from storage.shards import ShardSet, shard_name
+from storage.state import pack, read_arrays, unpack, write_arrays
 
-ARRAYS = ("offsets", "entry_image", "codes", "images", "image_entries")
+ARRAYS = InvertedFile.ARRAYS
 
 
 def partials(root: ArtifactRoot) -> ShardSet:
@@ -31,14 +31,12 @@ def partials(root: ArtifactRoot) -> ShardSet:
 
 def write_partial(root: ArtifactRoot, shard: int, ivf: InvertedFile, record: dict) -> dict:
     """Commit one shard's partial inverted file (with its commit ``record``)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{a: getattr(ivf, a) for a in ARRAYS})
-    return partials(root).write_blob(shard, buf.getvalue(), record)
+    return partials(root).write_blob(shard, pack({a: getattr(ivf, a) for a in ARRAYS}), record)
 
 
 def load_partial(root: ArtifactRoot, shard: int) -> dict[str, np.ndarray]:
-    z = np.load(io.BytesIO(root.read_bytes(f"asmk/partials/{shard_name(shard)}.npz")))
-    return {a: z[a] for a in ARRAYS}
+    rel = f"asmk/partials/{shard_name(shard)}.npz"
+    return unpack(root.read_bytes(rel), rel)
 
 
 def entries_partial(root: ArtifactRoot, shard: int, k: int) -> dict[str, np.ndarray]:
@@ -87,9 +85,7 @@ def merge_partials(root: ArtifactRoot, shards: list[int], k: int, from_entries: 
         image_entries[gidx] += p["image_entries"]
         cursor += pc
     commit_e(), commit_c()
-    root.write_array("asmk/offsets.npy", offsets)
-    root.write_array("asmk/images.npy", images)
-    root.write_array("asmk/image_entries.npy", image_entries)
+    write_arrays(root, "asmk", {"offsets": offsets, "images": images, "image_entries": image_entries})
     return {
         "entries": n,
         "images": len(images),
@@ -117,5 +113,5 @@ def inverted_file_meta(root: ArtifactRoot) -> dict:
 def open_inverted_file(root: ArtifactRoot) -> tuple[InvertedFile, dict]:
     """The merged inverted file (arrays memory-mapped) and its meta."""
     meta = inverted_file_meta(root)
-    arrays = {a: root.load_array(f"asmk/{a}.npy") for a in ARRAYS}
-    return InvertedFile(**arrays, binary=meta["params"]["binary"]), meta
+    arrays = read_arrays(root, "asmk", ARRAYS)
+    return InvertedFile.from_state(State(arrays, {"binary": meta["params"]["binary"]})), meta

@@ -1,14 +1,15 @@
 """Trained re-rankers of an index root (``jobs.train_reranker``): GSS (:mod:`operators.gss`) and GRAD-Net
 (:mod:`operators.gradnet`), each in its own folder ``ROOT/<method>/``:
 
-    weights.npz        the model's tensors (float32; read with allow_pickle=False)
+    weights/           the model's tensors, one state folder (:mod:`storage.state`: ``<name>.npy`` + ``state.json``)
     embeddings.npy     (n, D) float32, ℓ2-normalised, rows = graph nodes (= rows of the global matrix): what
                        search ranks by
     state_<l>.npy      GSS: (n, D) the database's input to layer l + 1, so a query attaches without recomputing
                        the database; degree.npy (n,) row sums of A + I
     anchors.npy        GRAD-Net: the k-means anchors of the sparse codes
                        (intermediate activations live in anonymous temporary files: :func:`scratch_array`)
-    checkpoint.npz + checkpoint.json   weights and optimizer state after some steps (a killed job resumes)
+    checkpoint/        a state folder: weights and optimizer arrays after some steps, params {step, settings, …}
+                       (a killed job resumes)
     meta.json          parameters, β, steps, timings — written last: it marks the model valid
 
 A graph rebuild removes every ``meta.json`` and checkpoint (:func:`invalidate_learned`), as it does the eigenpairs.
@@ -16,13 +17,14 @@ A graph rebuild removes every ``meta.json`` and checkpoint (:func:`invalidate_le
 
 from __future__ import annotations
 
-import io
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from operators.state import State
+from storage import state as st
 from storage.artifacts import ArtifactRoot
 
 METHODS = ("gss", "gradnet")
@@ -35,36 +37,24 @@ def learned_meta(root: ArtifactRoot, method: str) -> dict | None:
 def invalidate_learned(root: ArtifactRoot) -> None:
     for method in METHODS:
         root.remove(f"{method}/meta.json")
-        root.remove(f"{method}/checkpoint.json")
-
-
-def _npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _from_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        root.remove(f"{method}/checkpoint/{st.MANIFEST}")
 
 
 def write_checkpoint(
     root: ArtifactRoot, method: str, step: int, settings: dict, arrays: dict[str, np.ndarray], **info
 ) -> None:
-    """Weights and optimizer arrays after ``step`` steps; the json (written last) makes it visible."""
-    root.write_bytes(f"{method}/checkpoint.npz", _npz(arrays))
-    root.write_json(f"{method}/checkpoint.json", {"step": int(step), "settings": settings, **info})
+    """Weights and optimizer arrays after ``step`` steps; the manifest (written last) makes it visible."""
+    st.write_state(root, f"{method}/checkpoint", State(arrays, {"step": int(step), "settings": settings, **info}))
 
 
 def load_checkpoint(root: ArtifactRoot, method: str, settings: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(info with its ``step``, arrays) of a checkpoint made with the same ``settings``; None when there is none."""
-    if not root.exists(f"{method}/checkpoint.json"):
+    if not st.has_state(root, f"{method}/checkpoint"):
         return None
-    info = root.read_json(f"{method}/checkpoint.json")
-    if info.get("settings") != settings:
+    state = st.read_state(root, f"{method}/checkpoint", mmap=False)
+    if state.params.get("settings") != settings:
         return None
-    return info, _from_npz(root.read_bytes(f"{method}/checkpoint.npz"))
+    return dict(state.params), dict(state.arrays)
 
 
 def embeddings_writer(root: ArtifactRoot, method: str, shape: tuple) -> tuple[np.ndarray, Callable[[], None]]:
@@ -88,9 +78,8 @@ def write_model(
 ) -> None:
     """The trained weights and the model's small arrays (GSS: ``degree``; GRAD-Net: ``anchors``), then the meta
     (valid from here on); the embeddings and states are committed before."""
-    root.write_bytes(f"{method}/weights.npz", _npz(weights))
-    for name, arr in arrays.items():
-        root.write_array(f"{method}/{name}.npy", arr)
+    st.write_state(root, f"{method}/weights", State(weights))
+    st.write_arrays(root, method, arrays)
     root.write_json(f"{method}/meta.json", meta)
 
 
@@ -106,11 +95,16 @@ class LearnedModel:
     anchors: np.ndarray | None = None  # GRAD-Net: the k-means anchors
 
 
+def _weights(root: ArtifactRoot, method: str) -> dict[str, np.ndarray]:
+    """The trained tensors (``weights/``; roots trained before the state protocol hold ``weights.npz``)."""
+    if st.has_state(root, f"{method}/weights"):
+        return dict(st.read_state(root, f"{method}/weights", mmap=False).arrays)
+    return st.unpack(root.read_bytes(f"{method}/weights.npz"), f"{method}/weights.npz")
+
+
 def load_model(root: ArtifactRoot, method: str) -> LearnedModel:
     meta = root.read_json(f"{method}/meta.json")
-    model = LearnedModel(
-        meta, _from_npz(root.read_bytes(f"{method}/weights.npz")), root.load_array(f"{method}/embeddings.npy")
-    )
+    model = LearnedModel(meta, _weights(root, method), root.load_array(f"{method}/embeddings.npy"))
     if method == "gss":
         model.degree = np.asarray(root.load_array("gss/degree.npy"))
         model.states = [root.load_array(f"gss/state_{layer}.npy") for layer in range(1, meta["params"]["layers"])]

@@ -23,6 +23,7 @@ from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
 from storage.global_index import GlobalDescriptors, GlobalMeta, global_writer, has_global, open_global
 from storage.shards import ShardSet, shard_name
+from storage.state import pack, unpack
 
 REGIONS, OBJECTS = "objects/regions", "objects/global"
 REGION_COLUMNS = ["image_id", "scale", "y0", "x0", "y1", "x1", "fs"]
@@ -34,14 +35,12 @@ def object_parts(root: ArtifactRoot, kind: str) -> ShardSet:
 
 
 def write_part(root: ArtifactRoot, kind: str, part: int, arrays: dict[str, np.ndarray], record: dict) -> dict:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return object_parts(root, kind).write_blob(part, buf.getvalue(), record)
+    return object_parts(root, kind).write_blob(part, pack(arrays), record)
 
 
 def load_part(root: ArtifactRoot, kind: str, part: int) -> dict[str, np.ndarray]:
-    z = np.load(io.BytesIO(root.read_bytes(f"objects/{kind}/{shard_name(part)}.npz")))
-    return {k: z[k] for k in z.files}
+    rel = f"objects/{kind}/{shard_name(part)}.npz"
+    return unpack(root.read_bytes(rel), rel)
 
 
 def write_regions(root: ArtifactRoot, table: pd.DataFrame, vectors: np.ndarray) -> None:

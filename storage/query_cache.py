@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pandas as pd
 
+from operators.state import State
 from storage import fs as sfs
 from storage.artifacts import ArtifactRoot
 
@@ -23,7 +25,7 @@ FOLDER = "query-cache"
 
 
 def query_cache_key(
-    index: ArtifactRoot, settings: dict, queries: pd.DataFrame, whitening: bytes | None, database_size: int
+    index: ArtifactRoot, settings: dict, queries: pd.DataFrame, whitening: State | None, database_size: int
 ) -> str:
     """16 hex digits of the SHA-1 of what makes the cached shards (see module doc)."""
     table = queries[["image_id", "file", "x0", "y0", "x1", "y1"]].astype({"file": str})
@@ -37,7 +39,8 @@ def query_cache_key(
         ).encode()
     )
     digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
-    digest.update(hashlib.sha1(whitening or b"").digest())
+    for name, arr in sorted((whitening.arrays if whitening else {}).items()):  # the local whitening's state
+        digest.update(name.encode() + np.ascontiguousarray(arr).tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -121,7 +121,7 @@ def test_bad_yaml_file_is_a_config_error(tmp_path):
 def test_extraction_digest_of_existing_roots_is_stable_and_ignores_execution_settings():
     """Roots built before keep resuming: the digest of the default and the HOW extraction settings is the one
     their shards record (pinned), and device, batching and cuDNN (how, not what, is computed) leave it alone."""
-    from jobs.extract import settings_digest
+    from storage.extraction import settings_digest
 
     assert settings_digest({}) == "71191749d2e7c0d2"
     assert settings_digest({"describe": {"local": "how"}}) == "349d4d9971dfc90f"
@@ -362,3 +362,67 @@ def test_the_walk_reaches_every_config_dataclass():
     for cls in list(reached):
         list(config_leaves(cls, seen=reached))
     assert defined - reached == set(), sorted(c.__qualname__ for c in defined - reached)
+
+
+# -- configs rebuilt from dicts (Ray task arguments, stored JSON) are validated again --------------------------------
+def _task_calls():
+    from jobs import asmk, discover, distractors, graph, mine, search_rerank, train_reranker
+
+    return {
+        "asmk.partial_task": lambda p: asmk.partial_task("unused", {}, 0, True, 1, p),
+        "asmk.search_task": lambda p: asmk.search_task([], None, None, None, p, 1, {}, 1),
+        "graph.asmk_knn_task": lambda p: graph.asmk_knn_task("unused", {}, 0, 1, 1, p, 1),
+        "search_rerank.diffusion_task": lambda p: search_rerank.diffusion_task("u", {}, "dfs", *[None] * 4, 1, p),
+        "search_rerank.cas_task": lambda p: search_rerank.cas_task("unused", {}, "cas", *[None] * 4, 1, p),
+        "distractors.shard_task": lambda p: distractors.shard_task("unused", {}, None, p, 0, 8, [], {}),
+        "discover.centrality_task": lambda p: discover.centrality_task("unused", {}, p),
+        "mine.manifold_task": lambda p: mine.manifold_task("unused", {}, "unused", 0, None, (1, 1), p, {}),
+        "train_reranker.train_gss_task": lambda p: train_reranker.train_gss_task("unused", {}, p, 1, 1, 1),
+        "train_reranker.train_gradnet_task": lambda p: train_reranker.train_gradnet_task("unused", {}, p, 1, 1, 1),
+    }
+
+
+@pytest.mark.parametrize("task", sorted(_task_calls()))
+def test_ray_task_bodies_refuse_params_with_an_unknown_key(task):
+    """A task's params dict is validated before the task reads anything: one-line ConfigError, not a TypeError."""
+    with pytest.raises(ConfigError, match="unknown config key") as e:
+        _task_calls()[task]({"old_knob": 1})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"lr": math.nan}, "lr"), ({"kq": -1}, "kq"), ({"old_knob": 1}, "unknown config key")],
+)
+def test_a_stored_learned_models_params_are_refused_in_one_line(change, message):
+    from jobs.search_rerank import model_params
+    from operators.gss import GssParams
+
+    stored = dataclasses.asdict(GssParams())
+    assert model_params(GssParams, "gss", {"params": stored}) == GssParams()
+    with pytest.raises(ConfigError, match=message) as e:
+        model_params(GssParams, "gss", {"params": {**stored, **change}})
+    assert "\n" not in str(e.value) and "stored gss model" in str(e.value)
+    with pytest.raises(ConfigError, match="no params"):
+        model_params(GssParams, "gss", {})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("params.alpha", math.nan, "alpha"), ("assign.ef_search", -1, "ef_search"), ("params.old", 1, "unknown")],
+)
+def test_the_index_stored_asmk_settings_are_validated_by_search(key, value, message):
+    from jobs.asmk import AsmkConfig
+    from jobs.search_rankings import asmk_config
+
+    def root(settings):
+        return types.SimpleNamespace(stage_settings=lambda stage: settings)
+
+    search, stored = types.SimpleNamespace(asmk=None), to_dict(AsmkConfig())
+    assert asmk_config(search, root(stored)) == AsmkConfig()
+    before_assign = {k: v for k, v in stored.items() if k != "assign"}  # an index built before `assign` existed
+    assert asmk_config(search, root(before_assign)) == AsmkConfig()
+    bad = copy.deepcopy(stored)
+    set_dotted(bad, key, value)
+    with pytest.raises(ConfigError, match=message):
+        asmk_config(search, root(bad))

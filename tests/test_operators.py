@@ -40,7 +40,7 @@ def test_whitening_decorrelates_and_roundtrips():
     y = w(x, normalize=False)
     assert y.shape == (2000, 8)
     assert np.allclose(np.cov(y.T, bias=True), np.eye(8), atol=1e-3)
-    w2 = Whitening.from_bytes(w.to_bytes())
+    w2 = Whitening.from_state(w.state())
     assert np.allclose(w2(x[:5]), w(x[:5]))
     assert np.allclose(np.linalg.norm(w(x[:5]), axis=1), 1.0, atol=1e-5)
 

@@ -894,9 +894,10 @@ def test_object_discovery_stage_and_os_search(built_index, mini_subset, tmp_path
     import torch
 
     from jobs import discover as discover_job
-    from jobs.objects import _describer, os_boxes, region_search
     from operators.gem import multiscale_gem
+    from operators.objects import os_boxes, region_search
     from operators.saliency import SaliencyParams, l2n, region_gem
+    from storage.extraction import global_describer as _describer
     from storage.global_index import open_global
     from storage.objects import load_katz, open_regions
 

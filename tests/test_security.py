@@ -49,9 +49,9 @@ def test_a_checkpoint_that_needs_unpickling_is_refused_and_nothing_runs(tmp_path
 
 
 def test_a_root_never_points_a_job_at_a_file_outside_it(tmp_path):
-    from jobs.extract import recorded_describer
     from storage.artifacts import ArtifactRoot
     from storage.errors import SettingsMismatch
+    from storage.extraction import recorded_describer
 
     root = ArtifactRoot(str(tmp_path / "root"))
     outside, inside = str(tmp_path / "weights.pth"), str(tmp_path / "root" / "weights.pth")

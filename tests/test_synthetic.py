@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from jobs.synthetic import generate
 from operators.images import decode_image
 from storage.collection import load_collection
+from storage.synthetic_collection import generate
 
 
 def test_generated_collection(tmp_path):
