@@ -34,11 +34,11 @@ from jobs.search import SearchConfig  # noqa: E402
 from jobs.search_queries import build_context  # noqa: E402
 from jobs.search_rankings import asmk_search, fusion_candidates, global_search  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
-from operators.fusion import fuse  # noqa: E402
+from operators.fusion import fuse, null_level  # noqa: E402
 from operators.metrics import evaluate  # noqa: E402
 from storage.collection import load_collection  # noqa: E402
 
-MODES = ("score", "rank")
+MODES = ("z", "score", "rank")
 
 
 def per_query_ap(ids: np.ndarray, positives: list[np.ndarray]) -> np.ndarray:
@@ -49,7 +49,8 @@ def candidates(cfg: SearchConfig, shortlist: int):
     """Described queries, their ASMK and global rankings and the union of both with every score."""
     ctx = build_context(cfg, JobSummary("fusion-cv"))
     a, g = asmk_search(ctx, shortlist), global_search(ctx, ctx.xq, shortlist)
-    return ctx, a, g, fusion_candidates(ctx, a, g)
+    null = (null_level(a.scores, ctx.n_database, absent=0.0), null_level(g.scores, ctx.n_database))
+    return ctx, a, g, (*fusion_candidates(ctx, a, g), null)
 
 
 def cross_validate(ap: dict, groups: np.ndarray) -> tuple[np.ndarray, list]:
@@ -88,14 +89,18 @@ def main() -> None:
             index=a.index, queries=a.queries, out="/tmp/fusion-cv", center_crop=None if crop == "whole" else float(crop)
         )
         t0 = time.time()
-        ctx, ra, rg, (cand, asmk_s, glob) = candidates(cfg, a.shortlist)
+        ctx, ra, rg, (cand, asmk_s, glob, null) = candidates(cfg, a.shortlist)
         names = ctx.queries.set_index("image_id").loc[ctx.qids, "name"].tolist()
         positives = group_ground_truth(gt, ctx.database, names)["all"][0]
         group_of = dict(zip(gt["name"], gt["group"]))
         groups = np.array([group_of.get(n, "?") if len(p) else "?" for n, p in zip(names, positives)], object)
         ap = {("asmk", 0): per_query_ap(ra.ids, positives), ("global", 0): per_query_ap(rg.ids, positives)}
         ap.update(
-            {(m, b): per_query_ap(fuse(cand, asmk_s, glob, b, 100, m)[0], positives) for m in MODES for b in betas}
+            {
+                (m, b): per_query_ap(fuse(cand, asmk_s, glob, b, 100, m, null)[0], positives)
+                for m in MODES
+                for b in betas
+            }
         )
         print(
             f"\n== {crop} queries: {int((groups != '?').sum())} with positives in {len(set(groups) - {'?'})} groups "

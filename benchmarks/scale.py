@@ -8,11 +8,14 @@ images are the real database and the queries (whole, and 40% centre crops; a que
 the other images of its group). Every step is a job of the product, run as a subprocess on an embedded
 local Ray:
 
-1. ``DIR/donors``: ``jobs.index`` of the donor images (RootSIFT, ``--sift-n`` = 1,000 features an image as R1M's
-   ~1,000; global; a codebook of up to ``--codebook-k`` words trained on them, at least ``--min-points``
-   descriptors a word: the codebook comes from other images than the indexed ones, as in the papers);
+1. ``DIR/donors``: ``jobs.index`` of the donor images (with ``--donor-photos PHOTOS``: also the photographs of
+   ``benchmarks/donor_photos.sh PHOTOS``, cut into tiles as ``benchmarks/distractor_calibration.py`` cuts them;
+   RootSIFT, ``--sift-n`` = 1,000 features an image as R1M's ~1,000; global; a codebook of up to ``--codebook-k``
+   words trained on them, at least ``--min-points`` descriptors a word: the codebook comes from other images than
+   the indexed ones, as in the papers);
 2. ``DIR/n<N>``: ``jobs.index --set local_store=entries`` of the real database (ASMK* entries of the donors'
-   codebook, no descriptors stored), ``jobs.distractors`` up to N database images, then ``jobs.index``
+   codebook, no descriptors stored), ``jobs.distractors`` up to N database images (``--distractors``: ``mosaic``,
+   the default, with the calibrated :data:`MOSAIC` parameters, or ``mix``), then ``jobs.index``
    stages global, codebook, asmk, graph (k = ``--graph-k``), spectral (rank ``--rank``);
 3. ``--train gss,gradnet``: ``jobs.train_reranker`` on the root's graph (GRAD-Net's K = ``--graph-k``);
 4. searches: global, asmk, fused; dfs and SHybrid (hybrid, sparse U 1%) re-ranking of the global ranking (and
@@ -43,16 +46,27 @@ sys.path.insert(0, str(REPO))
 from benchmarks.memory import run_job  # noqa: E402
 
 DONOR_GROUPS = ("strecha_herz", "ocv_calib")
+# The distractors' parameters (operators.distractors), calibrated against real unrelated photos by
+# benchmarks/distractor_calibration.py; ``--distractors mix`` gives the first scheme's defaults.
+MOSAIC = {"kind": "mosaic", "grid": 3, "window": 1.0, "flip": 0.0, "global_noise": 0.8}
 DATA = REPO.parent / "shared" / "data" / "instance-mini" / "images.csv"
 
 
-def split(collection: Path, out: Path) -> tuple[Path, Path]:
-    """donors.csv (donor groups + distr_*) and database.csv (the rest), absolute paths."""
+def split(collection: Path, out: Path, photos: Path | None = None) -> tuple[Path, Path]:
+    """donors.csv (donor groups + distr_*, + the tiles of ``photos/photos.csv`` when given) and database.csv (the
+    rest), absolute paths."""
     df = pd.read_csv(collection)
     df["file"] = [str((collection.parent / f).resolve()) for f in df["file"]]
     donor = df["group"].isin(DONOR_GROUPS) | df["group"].astype(str).str.startswith("distr_")
     out.mkdir(parents=True, exist_ok=True)
-    df[donor].to_csv(out / "donors.csv", index=False)
+    donors = df[donor]
+    if photos is not None:
+        from benchmarks.distractor_calibration import tiles
+
+        donors = pd.concat(
+            [donors[["file", "group"]], tiles(photos / "photos.csv", out / "donor-tiles", 640, 12)], ignore_index=True
+        )
+    donors.to_csv(out / "donors.csv", index=False)
     df[~donor].to_csv(out / "database.csv", index=False)
     return out / "donors.csv", out / "database.csv"
 
@@ -130,6 +144,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
     ap.add_argument("--collection", default=str(DATA))
+    ap.add_argument("--distractors", choices=["mosaic", "mix"], default="mosaic", help="the distractors' kind")
+    ap.add_argument("--donor-photos", help="a folder of benchmarks/donor_photos.sh: its photos' tiles join the donors")
     ap.add_argument(
         "--index-stages",
         default="global,codebook,asmk,graph,spectral",
@@ -155,7 +171,8 @@ def main() -> None:
         print(report(Path(a.root).resolve() / f"n{a.n}").to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         return
     base = Path(a.root).resolve()
-    donors_csv, db_csv = split(Path(a.collection).resolve(), base)
+    photos = Path(a.donor_photos).resolve() if a.donor_photos else None
+    donors_csv, db_csv = split(Path(a.collection).resolve(), base, photos)
     n_real = len(pd.read_csv(db_csv))
     root = base / f"n{a.n}"
     steps = Steps(root / "logs")
@@ -203,7 +220,14 @@ def main() -> None:
     if a.n > n_real:
         steps.run(
             "distractors",
-            ["-m", "jobs.distractors", "--donors", str(donors), "--out", str(root), "--n", str(a.n - n_real)],
+            [
+                *("-m", "jobs.distractors", "--donors", str(donors), "--out", str(root), "--n", str(a.n - n_real)),
+                *(
+                    x
+                    for k, v in (MOSAIC if a.distractors == "mosaic" else {}).items()
+                    for x in ("--set", f"params.{k}={v}")
+                ),
+            ],
         )
     if a.index_stages != "none":
         steps.run(

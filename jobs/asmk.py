@@ -41,7 +41,7 @@ from storage.schemas import local_arrays
 @dataclass
 class AsmkConfig:
     params: AsmkParams = field(default_factory=AsmkParams)
-    buffer_mb: Count = 256  # search: score buffer per task (queries × images × 8 B)
+    buffer_mb: Count = 1024  # search: score buffer per task (queries × images × 8 B): 128 queries a pass at 1M
     query_block: Count = 256  # search: query images per Ray task
     assign: AssignConfig = field(default_factory=AssignConfig)  # words of database (and query) descriptors:
     # exact flat search, or HNSW (≥ 5× faster at k = 65,536, benchmarks/assignment.py)

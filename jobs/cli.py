@@ -14,6 +14,7 @@ which is what ``ray job submit --working-dir . -- python -m jobs.JOB …`` uses.
     retrieval report    --results RES1,RES2 --out DIR      comparison page of evaluated results
     retrieval synthetic --out DIR                          a small synthetic collection
     retrieval distractors --donors D --out ROOT --n N      R1M-like synthetic distractors joining an index root
+    retrieval serve     --index ROOT [--port P]            warm query service (Ray Serve, HTTP POST /search)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ JOBS = {
     "report": "compare evaluated results: table, mAP-per-method plot, time per stage",
     "synthetic": "write a small synthetic instance collection",
     "distractors": "synthetic distractors (ASMK* entries + global) drawn around real donor images into a root",
+    "serve": "a warm query service over an index: batches of query images over HTTP (Ray Serve, 127.0.0.1)",
 }
 
 

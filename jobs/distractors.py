@@ -4,9 +4,11 @@
 
 Each distractor (:mod:`operators.distractors`) is drawn around real *donor* images (the committed shards of
 ``DONORS``: their global descriptors and ASMK* entries, quantised with the codebook when the donors hold
-descriptors): a mix of two donors' entries with flipped sign bits and words drawn from the pool, and a
-noisy mix of their global descriptors. Donors must be unrelated to the queries the index will be
-evaluated on (``benchmarks/scale.py`` uses instance-mini groups that are never queried).
+descriptors), of ``--set params.kind=``: ``mix`` (the default) a mix of two donors' entries with flipped sign
+bits and words drawn from the pool, and a noisy mix of their global descriptors; ``mosaic`` spatial regions of
+several donors with their real local descriptors, re-aggregated (the donors' shards must hold descriptors and
+positions), and the donors' global descriptors mixed by region area. Donors must be unrelated to the queries the
+index will be evaluated on (``benchmarks/scale.py`` uses instance-mini groups that are never queried).
 
 The distractors join ``ROOT``'s image table (ids after its largest, files ``synthetic:distractor/<seed>/…``,
 shards after its last) and are written by Ray tasks as feature shards of ASMK* entries (no local
@@ -34,10 +36,10 @@ from jobs.summary import JobSummary
 from operators.asmk import image_entries
 from operators.codebook import AssignConfig, Quantizer
 from operators.constraints import Count, Seed
-from operators.distractors import DistractorParams, DonorPool, make_distractor
+from operators.distractors import DistractorParams, DonorFeatures, DonorPool, feature_entries, make
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
-from storage.entries import append_synthetic, donor_images, entries_record, write_synthetic_shard
+from storage.entries import append_synthetic, donor_features, donor_images, entries_record, write_synthetic_shard
 from storage.errors import CollectionError
 
 
@@ -56,9 +58,12 @@ class DistractorConfig:
     storage: dict = field(default_factory=dict)
 
 
-def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig) -> DonorPool:
+def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig, features: bool = False) -> DonorPool:
     """Global descriptors and ASMK* entries of every described donor image (entries of ``centroids``: read
-    from the shards that hold them, else made from the stored descriptors)."""
+    from the shards that hold them, else made from the stored descriptors); ``features``: with the donors' local
+    features too (words, residuals and positions, for ``mosaic``; the shards must hold descriptors)."""
+    if features:
+        return feature_pool(donors, centroids, assign)
     quantizer = None
     globs, per_image = [], []
     for glob, images, kind in donor_images(donors, codebook_hash(centroids)):
@@ -67,6 +72,10 @@ def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig
             images = image_entries(images, quantizer, centroids)
         globs.append(glob)
         per_image += images
+    return pool_of(donors, globs, per_image)
+
+
+def pool_of(donors: ArtifactRoot, globs: list, per_image: list, features: DonorFeatures | None = None) -> DonorPool:
     counts = [len(w) for w, _ in per_image]
     if not counts or sum(counts) == 0:
         raise CollectionError(f"{donors.uri}: no described donor image with local features")
@@ -75,7 +84,27 @@ def donor_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig
         np.r_[0, np.cumsum(counts)].astype(np.int64),
         np.concatenate([w for w, _ in per_image]).astype(np.int32),
         np.concatenate([c for _, c in per_image]),
+        features,
     )
+
+
+def feature_pool(donors: ArtifactRoot, centroids: np.ndarray, assign: AssignConfig) -> DonorPool:
+    """The pool with its :class:`DonorFeatures`: each descriptor's word q(x) (single assignment) and x − q(x)."""
+    quantizer = Quantizer(centroids, assign)
+    globs, per_image, feats, counts = [], [], [], []
+    for glob, desc, xy in donor_features(donors):
+        x = np.concatenate(desc) if desc else np.zeros((0, centroids.shape[1]), np.float32)
+        words = quantizer(x, 1)[:, 0].astype(np.int32)
+        residuals = (x - centroids[words]).astype(np.float32)
+        cuts = np.cumsum([len(d) for d in desc])[:-1]
+        per_image += [feature_entries(w, r) for w, r in zip(np.split(words, cuts), np.split(residuals, cuts))]
+        globs.append(glob)
+        counts += [len(d) for d in desc]
+        feats.append((words, residuals, np.concatenate(xy) if xy else np.zeros((0, 2), np.float32)))
+    if not sum(counts):
+        raise CollectionError(f"{donors.uri}: mosaic distractors need donors whose shards hold local descriptors")
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
+    return pool_of(donors, globs, per_image, DonorFeatures(offsets, *(np.concatenate(c) for c in zip(*feats))))
 
 
 def shard_task(
@@ -95,7 +124,7 @@ def shard_task(
         t0, rng = time.time(), np.random.default_rng([seed, shard])
         rows = []
         for image_id in range(first, first + count):
-            g, words, codes = make_distractor(pool, p, rng)
+            g, words, codes = make(pool, p, rng)
             rows.append({"image_id": image_id, "global": g, "asmk_words": words, "asmk_codes": codes})
         write_synthetic_shard(root, shard, rows, pool.globals.shape[1], local_dim, record, time.time() - t0)
         written += count
@@ -106,8 +135,10 @@ def generate(cfg: DistractorConfig, summary: JobSummary) -> None:
     donors, root = ArtifactRoot(cfg.donors, cfg.storage), ArtifactRoot(cfg.out, cfg.storage)
     centroids = load_codebook(ArtifactRoot(cfg.codebook or cfg.donors, cfg.storage))
     with summary.stage("donor pool"):
-        pool = donor_pool(donors, centroids, cfg.assign)
+        pool = donor_pool(donors, centroids, cfg.assign, features=cfg.params.kind == "mosaic")
     summary.add(donors=len(pool), donor_entries=len(pool.words))
+    if pool.features is not None:
+        summary.add(donor_features=len(pool.features.words))
     table, first_id = append_synthetic(root, f"distractor/{cfg.seed}", cfg.n, cfg.shard_size)
     mine = table[(table["image_id"] >= first_id) & (table["image_id"] < first_id + cfg.n)]
     by_shard = mine.groupby("shard")["image_id"].agg(["min", "size"])

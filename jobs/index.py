@@ -4,7 +4,8 @@
 
 - ``extract``: multi-scale GeM global + local features into Parquet shards (:mod:`jobs.extract`);
 - ``global``: the global descriptors gathered into one float32 matrix (optionally PCA-whitened to
-  ``global_whiten_dim``), memory-mapped by ``jobs.search``;
+  ``global_whiten_dim``), memory-mapped by ``jobs.search``, and its approximate index (``global_index``:
+  exact below 50,000 rows, else a faiss IVF chosen by a memory budget, :mod:`operators.ann`);
 - ``codebook``: k-means visual codebook on a sample of local descriptors (:mod:`jobs.codebook`);
 - ``asmk``: the ASMK / ASMK* inverted file, built in parallel and merged (:mod:`jobs.asmk`);
 - ``graph``: the kNN graph of the database (global or ASMK similarities) and its affinity W;
@@ -16,6 +17,7 @@ Extraction resumes (committed shards are skipped); the cheap ``global`` stage is
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,11 +33,13 @@ from jobs.extract import ExtractConfig, extract
 from jobs.graph import GraphConfig, GraphJobConfig, SpectralConfig
 from jobs.graph import run_stages as run_graph_stages
 from jobs.summary import JobSummary
+from operators.ann import AnnConfig, build_ann, plan
+from operators.ann import fingerprint as ann_fingerprint
 from operators.constraints import AtLeast2, Count, NonNegFinite, Probability
 from operators.whitening import Whitening, learn_lw, learn_pca_whitening
 from storage.artifacts import ArtifactRoot
 from storage.errors import CollectionError, ConfigError
-from storage.global_index import GlobalMeta, global_writer
+from storage.global_index import GlobalMeta, ann_params, global_writer, open_global, remove_ann, write_ann
 from storage.pairs import read_pairs
 from storage.schemas import global_matrix
 from storage.whitening import remove_whitening, write_whitening
@@ -57,6 +61,7 @@ class IndexConfig(ExtractConfig):
     # collection (C_D = 2Σ, as cirtorch) or the mined negatives
     global_whiten_reg: NonNegFinite = 10.0  # Lw: C_S + reg · tr(C_S)/D · I (few pairs, many dimensions;
     # leave-one-group-out CV on instance-mini, benchmarks/lw_cv.py)
+    global_index: AnnConfig = field(default_factory=AnnConfig)  # approximate index of the global matrix
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -95,6 +100,30 @@ def build_global(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> N
         at += len(x)
     commit(GlobalMeta(count=n, dim=dim, whitened=bool(whitening)))
     summary.add(global_vectors=n)
+
+
+def build_global_ann(cfg: AnnConfig, root: ArtifactRoot, summary: JobSummary) -> dict:
+    """The approximate index of ``global/`` chosen by :func:`operators.ann.plan` (none when it says exact).
+
+    Resumable: an index whose plan, settings and matrix fingerprint match is kept (``global/`` is rewritten
+    with the same rows each run); otherwise the old one is retired before the new one is written."""
+    g = open_global(root)
+    p = plan(len(g.ids), g.vectors.shape[1], cfg)
+    info = {"kind": p.kind, "n": p.n}
+    if p.kind == "exact":
+        remove_ann(root)
+        summary.info["global_index"] = info
+        return info
+    info.update(factory=p.factory, nprobe=p.nprobe, code_gb=round(p.code_bytes / 2**30, 3))
+    fp, old = ann_fingerprint(g.ids, g.vectors), ann_params(root)
+    settings = {"plan": dataclasses.asdict(p), "config": dataclasses.asdict(cfg), "fingerprint": fp}
+    if old is not None and all(old.get(key) == value for key, value in settings.items()):
+        summary.info["global_index"] = {**info, "resumed": True}
+        return info
+    remove_ann(root)
+    write_ann(root, build_ann(g.vectors, p, cfg, g.ids))
+    summary.info["global_index"] = info
+    return info
 
 
 def learn_from_pairs(cfg: IndexConfig, root: ArtifactRoot, summary: JobSummary) -> Whitening:
@@ -182,7 +211,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     if "global" in cfg.stages:
         with summary.stage("global"):
             build_global(cfg, root, summary)
-        root.record_stage("global", "index", {k: v for k, v in to_dict(cfg).items() if k.startswith("global_whiten")})
+        with summary.stage("global index"):
+            ann = build_global_ann(cfg.global_index, root, summary)
+        settings = {k: v for k, v in to_dict(cfg).items() if k.startswith(("global_whiten", "global_index"))}
+        root.record_stage("global", "index", settings, global_index=ann)
     stages = [st for st in LOCAL_STAGES if st in cfg.stages and cfg.describe.local != "none"]
     if "codebook" in stages:
         with summary.stage("codebook"):

@@ -57,7 +57,7 @@ from jobs.search_rankings import asmk_config, asmk_search, fused_search, global_
 from jobs.search_rerank import initial_depth, query_expansion, rerank_in_tasks
 from jobs.summary import JobSummary
 from operators.cas import CasParams
-from operators.constraints import Count, Fraction, NonNegFinite
+from operators.constraints import Count, Fraction, NonNegFinite, NonNegInt
 from operators.fusion import Mode as FusionMode
 from operators.ranking import Ranking
 from operators.rerank import DIFFUSION, LEARNED, SHORTLIST, RerankParams
@@ -78,7 +78,7 @@ class SearchConfig:
     queries: str  # query collection (required)
     out: str  # results folder (required)
     method: Method = "global"
-    topk: Count = 100
+    topk: Count = 1000  # results kept per query; a shorter list than the database is scored as truncated
     distractors: list[str] = field(default_factory=list)  # more index roots searched with ``index``
     role: Literal["queries", "database"] = "queries"  # revisited .pkl: queries (qimlist + bbx) or database
     center_crop: Fraction | None = None  # crop queries without a box to this central fraction
@@ -90,9 +90,11 @@ class SearchConfig:
     )
     query_block: Count = 1024  # queries per Ray search task (global)
     db_block: Count = 65536  # database rows per faiss call
+    global_search: Literal["auto", "exact"] = "auto"  # auto: a partition's approximate index when it has a fresh one
+    global_nprobe: NonNegInt = 0  # cells an approximate index visits per query (0: the index's own choice)
     asmk: AsmkConfig | None = None  # ASMK search parameters (None: those the index was built with)
-    fusion: FusionMode = "rank"  # fused: rank (reciprocal rank fusion) or score (normalised sum)
-    fusion_beta: NonNegFinite = 1.5  # fused: weight of the global term (group-wise cross-validated, README "Fusion")
+    fusion: FusionMode = "z"  # fused: z (each channel standardised by its own null level), rank (RRF) or score
+    fusion_beta: NonNegFinite = 2.0  # fused: weight of the global term (z: leave-one-group-out on instance-mini)
     fusion_shortlist: Count = 1000  # fused: shortlist of each method
     rerank: Rerank = "none"
     rerank_params: RerankParams = field(default_factory=RerankParams)
@@ -128,6 +130,7 @@ def write_results(ctx: SearchContext, table: pa.Table, timings: dict) -> str:
         "center_crop": cfg.center_crop,
         "timings_s": timings,
         "task_seconds": ctx.task_seconds,
+        "global_search": ctx.global_used,
     }
     return store_results(cfg.out, table, run, cfg.storage)
 

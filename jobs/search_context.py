@@ -41,6 +41,7 @@ class SearchContext:
     lookup: GlobalLookup  # global descriptors by database id, over every partition
     db_lookup: GlobalLookup  # the database vectors the method ranks (``os``: the saliency-based ones)
     task_seconds: dict = field(default_factory=dict)  # step -> [[queries, seconds]] of each Ray task (run.json)
+    global_used: dict = field(default_factory=dict)  # vector set -> how each partition was ranked (run.json)
 
     @property
     def root(self) -> ArtifactRoot:

@@ -16,16 +16,18 @@ from jobs.asmk import AsmkConfig
 from jobs.asmk import search_task as asmk_search_task
 from jobs.config import from_dict
 from jobs.search_context import SearchContext, query_locals, vector_set
+from operators.ann import fingerprint as ann_fingerprint
+from operators.ann import merge_top
 from operators.asmk import aggregate
 from operators.codebook import Quantizer
-from operators.fusion import fuse, union_candidates
+from operators.fusion import fuse, null_level, union_candidates
 from operators.global_index import iter_blocks
 from operators.knn import knn_blocks
 from operators.ranking import Ranking
 from storage.artifacts import ArtifactRoot
 from storage.codebook import codebook_hash, load_codebook
 from storage.errors import ConfigError, SettingsMismatch
-from storage.global_index import open_global
+from storage.global_index import ann_params, open_global, read_ann
 from storage.iasmk import iasmk_meta
 
 if typing.TYPE_CHECKING:
@@ -51,24 +53,61 @@ def gather(ctx: SearchContext, step: str, futures: list, sizes: list[int]) -> li
 
 
 def global_search_task(
-    roots: list[tuple[str, dict]], xq: np.ndarray, exclude: np.ndarray, k: int, db_block: int, name: str = "global"
+    roots: list[tuple[str, dict]],
+    xq: np.ndarray,
+    exclude: np.ndarray,
+    k: int,
+    db_block: int,
+    name: str = "global",
+    ann: list[bool] | None = None,
+    nprobe: int = 0,
 ):
-    """Rank the memory-mapped descriptors ``name`` of every partition for one block of queries (a Ray task)."""
+    """Rank the memory-mapped descriptors ``name`` of every partition for one block of queries (a Ray task):
+    by brute force, or where ``ann[p]`` through partition p's approximate index, whose shortlist is re-scored
+    exactly (:meth:`operators.ann.GlobalAnn.search`); the partitions' top-k merged, ``exclude`` left out."""
+    parts = []
+    for p, (uri, options) in enumerate(roots):
+        root = ArtifactRoot(uri, options)
+        g = open_global(root, name)
+        if ann and ann[p]:
+            scores, rows = read_ann(root, name).search(xq, g.vectors, k + 1, nprobe)
+            parts.append((scores, np.where(rows >= 0, np.asarray(g.ids)[np.maximum(rows, 0)], -1)))
+        else:
+            parts.append(knn_blocks(xq, iter_blocks(g.ids, g.vectors, db_block), k + 1))
+    return merge_top(parts, k, exclude)
 
-    def blocks():
-        for uri, options in roots:
-            g = open_global(ArtifactRoot(uri, options), name)
-            yield from iter_blocks(g.ids, g.vectors, db_block)
 
-    return knn_blocks(xq, blocks(), k, exclude)
+def global_plan(ctx: SearchContext, name: str) -> list[bool]:
+    """Per partition, whether its approximate index ranks it (``global_search=auto`` and a fresh index: one built
+    over the matrix as it is now); decided once per search, recorded in ``ctx.global_used`` (run.json)."""
+    if name in ctx.global_used:
+        return [p["used"] != "exact" for p in ctx.global_used[name]["partitions"]]
+    used = []
+    for part in ctx.parts:
+        params = ann_params(part, name) if ctx.cfg.global_search == "auto" else None
+        entry = {"root": part.uri, "used": "exact"}
+        if params is not None:
+            g = open_global(part, name)
+            if params.get("fingerprint") == ann_fingerprint(g.ids, g.vectors):
+                p = params["plan"]
+                entry.update(used=p["kind"], nlist=p["nlist"], dim=p["dim"])
+                entry["nprobe"] = ctx.cfg.global_nprobe or p["nprobe"]
+            else:
+                entry["note"] = "approximate index stale (built over another matrix): rebuild the global stage"
+        used.append(entry)
+    ctx.global_used[name] = {"mode": ctx.cfg.global_search, "partitions": used}
+    return [e["used"] != "exact" for e in used]
 
 
 def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
     """Top-``k`` by global-descriptor similarity of query vectors ``xq`` (one per ``ctx.qids``)."""
     task = ray.remote(num_cpus=1)(timed(global_search_task))
-    b = ctx.cfg.query_block
+    b, name = ctx.cfg.query_block, vector_set(ctx.cfg.method)
+    ann = global_plan(ctx, name)
     futures = [
-        task.remote(ctx.roots, xq[s : s + b], ctx.exclude[s : s + b], k, ctx.cfg.db_block, vector_set(ctx.cfg.method))
+        task.remote(
+            ctx.roots, xq[s : s + b], ctx.exclude[s : s + b], k, ctx.cfg.db_block, name, ann, ctx.cfg.global_nprobe
+        )
         for s in ctx.block_starts(b)
     ]
     got = gather(ctx, "global", futures, [len(xq[s : s + b]) for s in ctx.block_starts(b)])
@@ -136,7 +175,14 @@ def fused_search(ctx: SearchContext, k: int) -> Ranking:
     shortlist = min(max(ctx.cfg.fusion_shortlist, k), ctx.n_database)
     layout = "iasmk" if ctx.cfg.method == "fused-iasmk" else "asmk"
     a, g = asmk_search(ctx, shortlist, layout), global_search(ctx, ctx.xq, shortlist)
-    ids, scores = fuse(*fusion_candidates(ctx, a, g), ctx.cfg.fusion_beta, k, ctx.cfg.fusion)
+    return fuse_rankings(ctx, a, g, k, ctx.cfg.fusion, ctx.cfg.fusion_beta)
+
+
+def fuse_rankings(ctx: SearchContext, a: Ranking, g: Ranking, k: int, mode: str, beta: float) -> Ranking:
+    """The fused top-``k`` of an ASMK and a global ranking of the same queries (shortlists of equal length); ``z``
+    mode standardises each channel by its own null level (:func:`operators.fusion.null_level`)."""
+    null = (null_level(a.scores, ctx.n_database, absent=0.0), null_level(g.scores, ctx.n_database))
+    ids, scores = fuse(*fusion_candidates(ctx, a, g), beta, k, mode, null)
     return Ranking(ctx.qids, ids, scores)
 
 

@@ -48,8 +48,6 @@ def demo(collection: str, out: str, index_args: list[str]) -> None:
                     collection,
                     "--out",
                     res,
-                    "--topk",
-                    "1000",
                     "--method",
                     method,
                     "--rerank",

@@ -1,5 +1,6 @@
 """ASMK* entries in feature shards (``local_store`` entries/both, synthetic distractors): what a shard's
-commit record says about them, reading them per image, and writing distractor shards and image rows.
+commit record says about them, reading them (or donors' descriptors and positions) per image, and writing
+distractor shards and image rows.
 
 Commit-record keys: ``entries_codebook_sha1`` (the codebook the words belong to) and ``synthetic`` (a shard
 of :mod:`jobs.distractors`). Columns: ``asmk_words``, ``asmk_codes`` (:mod:`storage.schemas`).
@@ -52,6 +53,31 @@ def donor_images(root: ArtifactRoot, codebook_sha1: str) -> Iterator[tuple[np.nd
         else:
             desc, _, counts = local_arrays(table)
             yield global_matrix(table), np.split(desc.astype(np.float32), np.cumsum(counts)[:-1]), "descriptors"
+
+
+def donor_features(root: ArtifactRoot) -> Iterator[tuple[np.ndarray, list, list]]:
+    """Per committed shard of descriptors, its described images: (global (n, D), per image its float32 descriptors
+    (m_i, d), per image their positions normalised to [0, 1)² by the image's size, or its crop box's when it has
+    one). Shards without descriptors (``local_store=entries``) yield nothing."""
+    shards = root.shards()
+    cols = ["image_id", "status", "global", "local_desc", "local_xy", "width", "height", *BOX_COLUMNS]
+    for table in shards.iter_tables(cols):
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+        desc, _, counts = local_arrays(table)
+        xy_col = table.column("local_xy").combine_chunks()
+        xy = xy_col.values.values.to_numpy(zero_copy_only=False).reshape(-1, 2)
+        xy = xy[xy_col.offsets.to_numpy()[0] : xy_col.offsets.to_numpy()[-1]].astype(np.float64)
+        box = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in BOX_COLUMNS], axis=1)
+        size = np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], axis=1).astype(float)
+        cropped = np.isfinite(box).all(axis=1)
+        size[cropped] = box[cropped, 2:] - box[cropped, :2]
+        xy = np.clip(
+            xy / np.maximum(np.repeat(size, counts, axis=0), 1.0),
+            0.0,
+            float(np.nextafter(np.float32(1), np.float32(0))),
+        )
+        cuts = np.cumsum(counts)[:-1]
+        yield global_matrix(table), np.split(desc.astype(np.float32), cuts), np.split(xy.astype(np.float32), cuts)
 
 
 def append_synthetic(root: ArtifactRoot, tag: str, n: int, shard_size: int) -> tuple[pd.DataFrame, int]:

@@ -1,5 +1,7 @@
 """The global descriptor matrix: ``ROOT/global/vectors.npy`` (n, D) float32, ``ids.npy`` (n,) int64
-(row i ↔ image ids[i]; these rows are also the nodes of the kNN graph) and ``meta.json``.
+(row i ↔ image ids[i]; these rows are also the nodes of the kNN graph) and ``meta.json``; optionally its
+approximate index ``global/ann/`` (:class:`operators.ann.GlobalAnn` as a state: ``index.npy``, the
+``faiss.serialize_index`` bytes, and ``state.json`` with the plan and the fingerprint of the matrix).
 
 Written once per ``global`` stage by streaming shards into a memory-mapped file
 (:func:`global_writer`); read memory-mapped by search and graph tasks (:func:`open_global`).
@@ -13,8 +15,10 @@ from typing import Callable
 
 import numpy as np
 
+from operators.ann import GlobalAnn
 from storage.artifacts import ArtifactRoot
 from storage.errors import ArtifactError
+from storage.state import MANIFEST, has_state, load, read_state, save
 
 
 @dataclass
@@ -125,3 +129,34 @@ class GlobalLookup:
                 f"(not indexed, or their extraction failed), e.g. {ids[~found][:5].tolist()}"
             )
         return out
+
+
+def ann_folder(name: str = "global") -> str:
+    return f"{name}/ann"
+
+
+def has_ann(root: ArtifactRoot, name: str = "global") -> bool:
+    """Whether a complete approximate index exists (its manifest is written last)."""
+    return has_state(root, ann_folder(name))
+
+
+def ann_params(root: ArtifactRoot, name: str = "global") -> dict | None:
+    """The parameters (plan, build config, fingerprint) of the approximate index; None when there is none."""
+    return dict(read_state(root, ann_folder(name)).params) if has_ann(root, name) else None
+
+
+def remove_ann(root: ArtifactRoot, name: str = "global") -> None:
+    """Retire the approximate index: its manifest first (a half-removed index is no index)."""
+    root.remove(f"{ann_folder(name)}/{MANIFEST}")
+    root.remove(f"{ann_folder(name)}/index.npy")
+
+
+def write_ann(root: ArtifactRoot, ann: GlobalAnn, name: str = "global") -> None:
+    """Write the index once: the old manifest is removed first, the new one written last (commit)."""
+    remove_ann(root, name)
+    save(root, ann_folder(name), ann)
+
+
+def read_ann(root: ArtifactRoot, name: str = "global") -> GlobalAnn | None:
+    """The approximate index (deserialised into memory), or None when the root has none."""
+    return load(root, ann_folder(name), GlobalAnn) if has_ann(root, name) else None

@@ -225,6 +225,11 @@ ZERO_ALLOWED = {
     "hybrid_iters": "0: the low-rank part of hybrid alone",
     "tasks": "iasmk.tasks 0: 4 per CPU",
     "steps": "gss.steps 0: the untrained network (README)",
+    "exact_below": "global_index.exact_below 0: never exact under auto",
+    "pca_dim": "global_index.pca_dim 0: chosen from the memory budget",
+    "pq_bytes": "global_index.pq_bytes 0: the most that fit the budget",
+    "default_nprobe": "global_index.default_nprobe 0: max(16, nlist / 64)",
+    "global_nprobe": "0: the approximate index's own nprobe",
 }
 
 

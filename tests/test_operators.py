@@ -189,6 +189,40 @@ def test_union_candidates_keeps_each_id_once_with_both_scores():
     assert np.isneginf(got[4][0]) and got[5][1] == pytest.approx(0.1)
 
 
+def test_null_level_is_the_tail_of_the_shortlist():
+    from operators.fusion import NULL_START, null_level
+
+    scores = np.array([[9.0, 8.0, *np.linspace(1.0, 0.0, 98)]])  # two related items above a tail of unrelated ones
+    level = null_level(scores, n_database=100)
+    tail = scores[0, int(np.ceil(NULL_START * 100)) :]
+    assert level.mu[0] == pytest.approx(tail.mean()) and level.sd[0] == pytest.approx(tail.std())
+    # padding: left out, or counted as the channel's floor (ASMK: 0) when told
+    padded = np.array([[3.0, 2.0, 1.0, -np.inf, -np.inf]])
+    assert null_level(padded, 5).mu[0] == pytest.approx(1.5)  # ranks from ⌈0.05 · 5⌉ = 1 on
+    assert null_level(padded, 5, absent=0.0).mu[0] == pytest.approx(np.mean([2.0, 1.0, 0, 0]))
+    assert np.all(level.z(np.array([[tail.mean(), -5.0]])) == 0)  # at or below the null level: no evidence
+
+
+def test_z_fusion_follows_the_channel_that_stands_out_of_its_null_level():
+    """Per query, a channel whose candidates do not rise above its own unrelated images adds nothing: fused ranks
+    follow the other channel, whichever it is, with no weight set for it."""
+    from operators.fusion import fuse, null_level
+
+    rng = np.random.default_rng(0)
+    n = 200
+    cand = np.tile(np.arange(n), (2, 1))
+    sharp = np.where(np.arange(n) < 5, 10.0, 0.0) + rng.normal(0, 0.1, n)  # five items far above the rest
+    flat = rng.normal(0.5, 0.05, n)  # nothing stands out
+    asmk = np.stack([sharp, flat])  # query 0: ASMK is sure; query 1: global is (below)
+    glob = np.stack([flat[::-1], sharp[::-1]])
+    srt = lambda x: -np.sort(-x, axis=1)  # noqa: E731  the channels' own shortlists, best first
+    null = (null_level(srt(asmk), n, absent=0.0), null_level(srt(glob), n))
+    ids, _ = fuse(cand, asmk, glob, 1.0, 5, "z", null)
+    assert set(ids[0]) == set(range(5)) and set(ids[1]) == set(range(n - 5, n))
+    with pytest.raises(ValueError, match="null levels"):
+        fuse(cand, asmk, glob, 1.0, 5, "z")
+
+
 def test_expand_ranked_gathers_the_top_results_and_masks_padding():
     from operators.qe import expand, expand_ranked
 
