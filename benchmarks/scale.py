@@ -24,7 +24,8 @@ local Ray:
 Prints each step's wall time and peak RSS of its process tree (Ray workers included), bytes on disk per
 artifact, per method mAP, throughput (queries / search wall time of the search stage) and latency p50/p95
 (the service time of one query: searches run one query per Ray task; diffusion tasks take blocks, whose
-time is divided by their queries). Last line:
+time is divided by their queries). Before the last line, one per searched method (crop queries):
+``latency METHOD: p50_ms P, map_crops M`` (METHOD ``global``, ``fused``, ``global+dfs``, …). Last line:
 ``scale N: peak_rss_gb X, index_gb Y, build_s Z, map_crops M`` (M: fused, 40% crops; Y: DIR/n<N> without its
 query cache; Z: the root's jobs, the donors' index left out). State the machine when quoting.
 """
@@ -320,9 +321,22 @@ def main() -> None:
             {"n": a.n, "steps": steps.rows, "disk_gb": sizes, "table": table, "index_stages_s": stages}, indent=1
         )
     )
+    for line in latency_lines(df):
+        print(line)
     print(
         f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, map_crops {crops:.2f}"
     )
+
+
+def latency_lines(df: pd.DataFrame) -> list[str]:
+    """``latency METHOD: p50_ms P, map_crops M`` per searched method (``global+dfs`` for a re-ranking), of its 40%
+    crop queries: p50 of one query's service time (batched runs: its block's time over the block's queries)."""
+    crops = df[df.queries == "0.4"]
+    return [
+        f"latency {r.method if r.rerank == 'none' else f'{r.method}+{r.rerank}'}: p50_ms {r.p50_ms:.1f}, "
+        f"map_crops {r.mAP:.2f}"
+        for r in crops.itertuples()
+    ]
 
 
 if __name__ == "__main__":
