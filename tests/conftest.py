@@ -42,8 +42,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_session():
+def _start_session_ray():
+    """This process's own local Ray (``address="local"``: never the machine's latest cluster, which under
+    pytest-xdist is another worker's)."""
     import ray
 
     ray.init(
@@ -54,8 +55,26 @@ def ray_session():
         ignore_reinit_error=True,
         log_to_driver=False,
     )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = _start_session_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_up(request):
+    """A test on the session's Ray finds it up, even after an earlier test's job shut it down (else Ray's
+    implicit init would join whatever cluster the machine started last)."""
+    if "ray_session" in request.fixturenames:
+        import ray
+
+        if not ray.is_initialized():
+            _start_session_ray()
+    yield
 
 
 @contextlib.contextmanager

@@ -117,8 +117,7 @@ def test_a_killed_index_job_on_s3_resumes_and_ends_byte_identical(six, six_index
     fs.invalidate_cache()
     shards = fs.ls(f"{s3_server['bucket']}/killed/features")
     assert len([s for s in shards if s.endswith(".parquet")]) >= s3_commits("features")
-    assert run(cmd, tmp_path / "2.log", lambda _: s3_commits("asmk/partials") >= 1)
-    run(cmd, tmp_path / "3.log")
+    run(cmd, tmp_path / "2.log")  # (a kill among the partial inverted files: the local test above)
     fs.get(f"{s3_server['bucket']}/killed/", str(tmp_path / "got"), recursive=True)
     # the uninterrupted local run's artifacts of the same stages (those stages write nothing else)
     ref = {k: v for k, v in artifact_bytes(six_index).items() if k.split("/", 1)[0] not in ("graph", "spectral")}
