@@ -2,7 +2,7 @@
 :class:`IndexDeployment` runs ``replicas`` replica actors, each holding a :class:`jobs.serve.QueryEngine`
 (the describer loaded once, the index memory-mapped). Ray Serve's HTTP proxy binds ``cfg.host`` (127.0.0.1
 unless told otherwise) and routes every path to the deployment, which answers ``POST /search``
-(:func:`jobs.serve.respond`); Ray Serve replaces a replica that dies.
+(:func:`storage.search_requests.respond`); Ray Serve replaces a replica that dies.
 
 Imported by ``jobs.serve`` when it serves (Ray Serve loads starlette and uvicorn), never for ``--help``.
 """
@@ -19,7 +19,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from jobs.serve import QueryEngine, ServeConfig, respond
+from jobs.serve import QueryEngine, ServeConfig
+from storage.search_requests import respond
 from storage.validation import from_dict
 
 APP = "retrieval"
@@ -41,7 +42,14 @@ class IndexDeployment:
         body = await request.body()
         loop = asyncio.get_running_loop()
         status, payload = await loop.run_in_executor(
-            self.worker, respond, self.engine, request.method, request.url.path, body, self.cfg
+            self.worker,
+            respond,
+            self.engine,
+            request.method,
+            request.url.path,
+            body,
+            self.cfg.max_queries,
+            self.cfg.max_body_kb * 1024,
         )
         return JSONResponse(payload, status_code=status)
 

@@ -22,8 +22,9 @@ import psutil
 import pytest
 
 from jobs.config import parse
-from jobs.serve import FLAGS, RequestError, ServeConfig, parse_request, respond
+from jobs.serve import FLAGS, ServeConfig
 from storage.errors import CollectionError, ConfigError
+from storage.search_requests import RequestError, parse_request, respond
 from tests.conftest import REPO, free_port
 
 GOOD = {"queries": ["/data/a.jpg", "s3://bucket/b.jpg"], "topk": 5}
@@ -86,22 +87,20 @@ class FakeEngine:
 
 
 def test_respond_statuses():
-    cfg = ServeConfig(index="ROOT")
     engine = FakeEngine()
-    status, answer = respond(engine, "POST", "/search", body(GOOD), cfg)
+    status, answer = respond(engine, "POST", "/search", body(GOOD))
     assert status == 200 and [r["query"] for r in answer["results"]] == GOOD["queries"]
     assert engine.calls == [(GOOD["queries"], 5)]
-    assert respond(engine, "POST", "/search", b"{", cfg)[0] == 400
-    assert respond(engine, "GET", "/search", b"", cfg)[0] == 405
-    assert respond(engine, "POST", "/admin", body(GOOD), cfg)[0] == 404
-    small = ServeConfig(index="ROOT", max_queries=1)
-    assert "at most 1 per request" in respond(engine, "POST", "/search", body(GOOD), small)[1]["error"]
+    assert respond(engine, "POST", "/search", b"{")[0] == 400
+    assert respond(engine, "GET", "/search", b"")[0] == 405
+    assert respond(engine, "POST", "/admin", body(GOOD))[0] == 404
+    assert "at most 1 per request" in respond(engine, "POST", "/search", body(GOOD), max_queries=1)[1]["error"]
     for fail, code in [
         (RequestError("query 0 (/a.jpg) cannot be read"), 400),
         (CollectionError("a bad image\nsecond line"), 400),
         (KeyError("a bug"), 500),
     ]:
-        status, answer = respond(FakeEngine(fail), "POST", "/search", body(GOOD), cfg)
+        status, answer = respond(FakeEngine(fail), "POST", "/search", body(GOOD))
         assert status == code and list(answer) == ["error"] and "\n" not in answer["error"], (fail, answer)
 
 
