@@ -115,7 +115,7 @@ def latency(run: dict) -> tuple[float, float, float]:
 def report(root: Path) -> pd.DataFrame:
     """The method table of a finished run, read back from its results (``--report``: no job runs)."""
     rows = []
-    for res in sorted((root / "search").iterdir()):
+    for res in sorted((root / "search").iterdir()) if (root / "search").is_dir() else []:
         if not (res / "metrics.json").exists():
             continue
         run = json.loads((res / "run.json").read_text())
@@ -315,7 +315,8 @@ def main() -> None:
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     build_s = sum(r["wall_s"] for r in steps.rows if r["build"])
     peak_gb = max(r["peak_rss_mb"] for r in steps.rows) / 1024
-    crops = df[(df.queries == "0.4") & (df.method == "fused") & (df.rerank == "none")]["mAP"].iloc[0]
+    fused = df[(df.queries == "0.4") & (df.method == "fused") & (df.rerank == "none")] if len(df) else df
+    crops = f"{fused['mAP'].iloc[0]:.2f}" if len(fused) else "-"  # no fused crop search (--methods, --crops)
     (root / "scale.json").write_text(
         json.dumps(
             {"n": a.n, "steps": steps.rows, "disk_gb": sizes, "table": table, "index_stages_s": stages}, indent=1
@@ -323,15 +324,13 @@ def main() -> None:
     )
     for line in latency_lines(df):
         print(line)
-    print(
-        f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, map_crops {crops:.2f}"
-    )
+    print(f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, map_crops {crops}")
 
 
 def latency_lines(df: pd.DataFrame) -> list[str]:
     """``latency METHOD: p50_ms P, map_crops M`` per searched method (``global+dfs`` for a re-ranking), of its 40%
     crop queries: p50 of one query's service time (batched runs: its block's time over the block's queries)."""
-    crops = df[df.queries == "0.4"]
+    crops = df[df.queries == "0.4"] if len(df) else df
     return [
         f"latency {r.method if r.rerank == 'none' else f'{r.method}+{r.rerank}'}: p50_ms {r.p50_ms:.1f}, "
         f"map_crops {r.mAP:.2f}"
