@@ -5,7 +5,7 @@
 - ``extract``: multi-scale GeM global + local features into Parquet shards (:mod:`jobs.extract`);
 - ``global``: the global descriptors gathered into one float32 matrix (optionally PCA-whitened to
   ``global_whiten_dim``), memory-mapped by ``jobs.search``, and its approximate index (``global_index``:
-  exact below 50,000 rows, else a faiss IVF chosen by a memory budget, :mod:`operators.ann`);
+  exact below 200,000 rows, else a faiss IVF chosen by a memory budget, :mod:`operators.ann`);
 - ``codebook``: k-means visual codebook on a sample of local descriptors (:mod:`jobs.codebook`);
 - ``asmk``: the ASMK / ASMK* inverted file, built in parallel and merged (:mod:`jobs.asmk`);
 - ``graph``: the kNN graph of the database (global or ASMK similarities) and its affinity W;
