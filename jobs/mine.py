@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     table = read_pairs(cfg.out, cfg.storage)
     count_pairs(table, summary)
     with summary.stage("page"):
-        from jobs.report import pairs_page
+        from jobs.report_pages import pairs_page
 
         summary.info["page"] = write_pairs_page(cfg.out, pairs_page(table, cfg.page_anchors, cfg.storage), cfg.storage)
     summary.info["config"] = to_dict(cfg)
