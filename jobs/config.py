@@ -14,6 +14,7 @@ silently). Every such mistake is a :class:`storage.errors.ConfigError`: one line
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import dataclasses
@@ -22,6 +23,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import types
 import typing
 from typing import Any, Callable, Literal, TypeVar
@@ -228,15 +230,48 @@ def parse(
 
 
 class Interrupted(BaseException):
-    """The job was asked to stop (SIGTERM); like ``KeyboardInterrupt``, no ``except Exception`` catches it."""
+    """The job was asked to stop (SIGINT / SIGTERM); like ``KeyboardInterrupt``, no ``except Exception`` catches it.
+    Code that stops on it by itself (the service) calls :meth:`acknowledge`."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, acknowledge: Callable[[], None] | None = None) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.acknowledge = acknowledge or (lambda: None)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
+class StopSignals:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, and again every ``every`` seconds until
+    the job acknowledges or ends: library code that swallows one interrupt cannot keep a stopped job running (it
+    happened once in the suite: a SIGINT at the start of extraction, and the job ran to its end). ``pending`` is
+    a signal that nothing acknowledged."""
+
+    def __init__(self, every: float = 3.0) -> None:
+        self.every, self.signum, self.saved = every, None, {}
+        self.acknowledged = threading.Event()
+
+    def __enter__(self) -> StopSignals:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.saved[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.acknowledged.set()
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+    @property
+    def pending(self) -> int | None:
+        return None if self.acknowledged.is_set() else self.signum
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            threading.Thread(target=self._redeliver, name="stop-signals", daemon=True).start()
+        raise Interrupted(self.signum, self.acknowledged.set)
+
+    def _redeliver(self) -> None:
+        while not self.acknowledged.wait(self.every):
+            _thread.interrupt_main(self.signum)  # nothing when the handler is SIG_IGN (the exit is under way)
 
 
 def run_cli(main: Callable[[], Any]) -> None:
@@ -251,19 +286,22 @@ def run_cli(main: Callable[[], Any]) -> None:
 
     The embedded Ray is shut down before the exit in every case.
     """
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with contextlib.redirect_stdout(Reporting(sys.stdout)):  # stdout: what the job reports, nothing else
-            main()
-    except KeyboardInterrupt:
-        _exit(130, "interrupted (SIGINT); run the same command again to resume")
-    except Interrupted as e:
-        _exit(128 + e.signum, f"interrupted ({e}); run the same command again to resume")
-    except Exception as e:  # noqa: BLE001 - known failures become one line; anything else is re-raised
-        known = failure_line(e)
-        if known is None:
-            raise
-        _exit(*known)
+    with StopSignals() as stop:
+        try:
+            with contextlib.redirect_stdout(Reporting(sys.stdout)):  # stdout: what the job reports, nothing else
+                main()
+        except KeyboardInterrupt:
+            _exit(130, "interrupted (SIGINT); run the same command again to resume")
+        except Interrupted as e:
+            _exit(128 + e.signum, f"interrupted ({e}); run the same command again to resume")
+        except Exception as e:  # noqa: BLE001 - known failures become one line; anything else is re-raised
+            known = failure_line(e)
+            if known is None:
+                raise
+            _exit(*known)
+        if stop.pending:  # a signal that something inside the job swallowed: the job still stops as asked
+            name = signal.Signals(stop.pending).name
+            _exit(128 + stop.pending, f"interrupted ({name}); run the same command again to resume")
 
 
 def failure_line(e: BaseException) -> tuple[int, str] | None:

@@ -313,11 +313,14 @@ class QueryEngine:
 # The job
 # ------------------------------------------------------------------------------------------
 def wait_until_stopped() -> None:
-    """Sleep until SIGINT or SIGTERM (``jobs.config.run_cli`` turns SIGTERM into :class:`Interrupted`)."""
+    """Sleep until SIGINT or SIGTERM (``jobs.config.run_cli`` turns both into :class:`Interrupted`); stopping on
+    it is this job's answer, not a failure (exit 0)."""
     try:
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, Interrupted) as e:
+        if isinstance(e, Interrupted):
+            e.acknowledge()
         print(f"[serve] stopping ({type(e).__name__})", file=sys.stderr, flush=True)
 
 

@@ -165,6 +165,29 @@ def test_storage_and_ray_failures_are_one_line_with_their_exit_code(capsys):
         assert got == code and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], lines
 
 
+def test_a_swallowed_interrupt_still_stops_the_job(capsys):
+    """A library that catches the first SIGINT (``except BaseException``) cannot keep the job running: the
+    interrupt is raised again until the job stops, and it exits 130 with the one line."""
+    import os
+    import time
+
+    steps = []
+
+    def job():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except BaseException:  # noqa: BLE001 - the library under the job swallows it
+            pass
+        for i in range(40):  # 20 s of work, were it not stopped
+            steps.append(i)
+            time.sleep(0.5)
+
+    code, lines = _run_cli(capsys, job)
+    assert code == 130 and lines == ["error: interrupted (SIGINT); run the same command again to resume"]
+    assert len(steps) < 12, steps  # stopped within seconds, not at the end of the work
+
+
 def test_a_failed_stage_is_never_said_done(capsys):
     from jobs.summary import JobSummary
 
