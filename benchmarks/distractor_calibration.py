@@ -21,7 +21,8 @@ Self-contained under ``DIR``:
 
 ``--growth-max M``: the top-1 scores (median over queries) as N grows from 100 to M for both synthetic kinds
 (and the real held-out set up to its size), written to ``DIR/growth.csv`` and ``DIR/growth.png``.
-Last line: ``calibration: global top1 ratio R, asmk top1 ratio A`` (the ``mosaic`` kind).
+Last line: ``calibration: global top1 ratio R, asmk top1 ratio A`` (the ``mosaic`` kind). ``--mosaic grid=2 …``
+overrides :data:`benchmarks.scale.MOSAIC` to try other parameters.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -261,7 +263,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--growth-max", type=int, default=0, help="top-1 growth with N up to this many (0: none)")
     ap.add_argument("--collection", default=str(DATA))
+    ap.add_argument("--mosaic", nargs="*", default=[], help="KEY=VALUE overrides of the mosaic parameters (MOSAIC)")
     a = ap.parse_args()
+    mosaic = {**MOSAIC, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.mosaic)}}
     base = Path(a.root).resolve()
     t0 = time.time()
     prepare(a, base)
@@ -277,7 +281,7 @@ def main() -> None:
     real = (glob[hi], entries_of([desc[i] for i in hi], quantizer, centroids, 1))
     n = len(hi)
     print(f"codebook k = {k}; donor pool {len(pool)} images, {len(pool.features.words):,} features; N = {n}")
-    kinds = {"mix": DistractorParams(), "mosaic": DistractorParams(**MOSAIC)}
+    kinds = {"mix": DistractorParams(), "mosaic": DistractorParams(**mosaic)}
     table = {"real": scores(*real, qg, qa, k)}
     for kind, p in kinds.items():
         table[kind] = scores(*as_aggregated(synthetic(pool, p, 0, n, a.seed)), qg, qa, k)
@@ -296,7 +300,7 @@ def main() -> None:
     if a.growth_max:
         growth(pool, kinds, real, qg, qa, k, a.growth_max, base)
         print(f"  growth: {base / 'growth.csv'}, {base / 'growth.png'}")
-    print(f"wall {time.time() - t0:.0f} s; mosaic parameters {MOSAIC}")
+    print(f"wall {time.time() - t0:.0f} s; mosaic parameters {mosaic}")
     print(
         f"calibration: global top1 ratio {ratios['mosaic', 'global top1']:.3f}, "
         f"asmk top1 ratio {ratios['mosaic', 'asmk top1']:.3f}"

@@ -167,12 +167,21 @@ def s3_server():
 SLOW_FIXTURES = {"ray_session", "s3_server"}  # and every fixture that depends on one (built_index, …)
 
 
+# The files that take longest, longest first (seconds on one process, 2 cores): under pytest-xdist (--dist
+# loadfile, ./scripts/test.sh) a file goes to whichever worker is free, so the long ones start first and the
+# short ones fill in after them, instead of one long file running alone at the end.
+LONG_FILES = ("test_pipeline.py", "test_faults.py", "test_cluster.py", "test_security.py", "test_serve.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
 def pytest_collection_modifyitems(config, items):
-    """Safety net: a test that uses Ray's or moto's session fixture (directly or through another fixture) is slow."""
+    """Safety net: a test that uses Ray's or moto's session fixture (directly or through another fixture) is slow.
+    Then the long files first (:data:`LONG_FILES`), each file's tests in their order."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
 
 
 # The guard: while a test that is not marked slow sets up or runs, starting Ray or a process fails it.
