@@ -283,8 +283,11 @@ def main() -> None:
     print(f"codebook k = {k}; donor pool {len(pool)} images, {len(pool.features.words):,} features; N = {n}")
     kinds = {"mix": DistractorParams(), "mosaic": DistractorParams(**mosaic)}
     table = {"real": scores(*real, qg, qa, k)}
+    entries = {"real": len(real[1].words) / n}
     for kind, p in kinds.items():
-        table[kind] = scores(*as_aggregated(synthetic(pool, p, 0, n, a.seed)), qg, qa, k)
+        made = as_aggregated(synthetic(pool, p, 0, n, a.seed))
+        table[kind], entries[kind] = scores(*made, qg, qa, k), len(made[1].words) / n
+    print("ASMK* entries an image (mean): " + ", ".join(f"{kind} {e:.0f}" for kind, e in entries.items()))
     ratios = {}
     for kind in kinds:
         for col in table["real"]:

@@ -15,7 +15,7 @@ for a in "$@"; do
   if [ "$a" = --quick ]; then args+=(-m "not slow"); else args+=("$a"); fi
 done
 workers=${TEST_WORKERS:-2}
-[ $# != 0 ] || [ "$workers" = 0 ] || args+=(-n "$workers" --dist loadfile)  # the whole suite only
+[ $# != 0 ] || [ "$workers" = 0 ] || args+=(-n "$workers" --dist loadfile --no-loadscope-reorder)  # the whole suite only
 lint=0
 .venv/bin/ruff check --quiet . && .venv/bin/ruff format --check --quiet . || lint=$?
 [ "$lint" = 0 ] || echo "lint failed: run .venv/bin/ruff format . && .venv/bin/ruff check --fix . and fix what is left" >&2

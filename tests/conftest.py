@@ -167,9 +167,9 @@ def s3_server():
 SLOW_FIXTURES = {"ray_session", "s3_server"}  # and every fixture that depends on one (built_index, …)
 
 
-# The files that take longest, longest first (seconds on one process, 2 cores): under pytest-xdist (--dist
-# loadfile, ./scripts/test.sh) a file goes to whichever worker is free, so the long ones start first and the
-# short ones fill in after them, instead of one long file running alone at the end.
+# The files that take longest, longest first: under pytest-xdist (./scripts/test.sh: --dist loadfile
+# --no-loadscope-reorder) a file goes to whichever worker is free, in this order, so the long ones start first and
+# the short ones fill in after them, instead of one long file running alone at the end.
 LONG_FILES = ("test_pipeline.py", "test_faults.py", "test_cluster.py", "test_security.py", "test_serve.py")
 
 
