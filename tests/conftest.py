@@ -21,7 +21,8 @@ REVISITED = DATA / "revisited"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# Small, fast describer settings for tests (the defaults are the papers').
+# Small, fast describer settings for tests (the defaults are the papers'), and one extraction actor: each actor
+# starts torch and builds the model (~3 CPU-seconds), more than a test's few images take to describe.
 FAST = [
     "--set",
     "describe.global_max_side=256",
@@ -33,6 +34,8 @@ FAST = [
     "shard_size=4",
     "--set",
     "batch_size=4",
+    "--set",
+    "ray.actors=1",
 ]
 
 
@@ -115,23 +118,41 @@ def mini_subset(instance_mini, tmp_path_factory) -> Path:
 SMALL = [*FAST, "--set", "shard_size=1", "--set", "codebook.k=16", "--set", "graph.k=3", "--set", "spectral.rank=3"]
 
 
+@contextlib.contextmanager
+def shared_across_workers(tmp_path_factory, worker_id: str, name: str):
+    """A folder ``name`` that every pytest-xdist worker of this run shares (one process: the session's own), held
+    under a file lock while the caller builds or reads it: the first worker builds, the others find it built."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if worker_id != "master" else base  # a run's workers have their basetemps side by side
+    with FileLock(str(base / f"{name}.lock")):
+        yield base / name
+
+
 @pytest.fixture(scope="session")
-def six(mini_subset, tmp_path_factory) -> Path:
-    """The first six images of the subset (two groups), as a manifest."""
-    path = tmp_path_factory.mktemp("six") / "six.csv"
-    pd.read_csv(mini_subset).head(6).to_csv(path, index=False)
+def six(mini_subset, tmp_path_factory, worker_id) -> Path:
+    """The first six images of the subset (two groups), as a manifest (one file for all workers: the indexes
+    built from it are compared byte for byte)."""
+    with shared_across_workers(tmp_path_factory, worker_id, "six") as folder:
+        path = folder / "six.csv"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            pd.read_csv(mini_subset).head(6).to_csv(path, index=False)
     return path
 
 
 @pytest.fixture(scope="session")
-def six_index(ray_session, six, tmp_path_factory) -> Path:
-    """An uninterrupted SMALL index of ``six`` (every stage), built once on the session's Ray: the reference that
-    killed, resumed and multi-node runs must equal, and the root that re-ranking faults start from. Read-only:
-    a test that writes into a root works on a copy."""
+def six_index(ray_session, six, tmp_path_factory, worker_id) -> Path:
+    """An uninterrupted SMALL index of ``six`` (every stage), built once per run on a session's Ray (the first
+    worker's that asks; the others wait for it): the reference that killed, resumed and multi-node runs must equal,
+    and the root that re-ranking faults start from. Read-only: a test that writes into a root works on a copy."""
     from jobs import index as index_job
 
-    out = tmp_path_factory.mktemp("six-index") / "root"
-    index_job.main(["--collection", str(six), "--out", str(out), *SMALL])
+    with shared_across_workers(tmp_path_factory, worker_id, "six-index") as folder:
+        out = folder / "root"
+        if not (out / "summary-index.json").exists():
+            index_job.main(["--collection", str(six), "--out", str(out), *SMALL])
     return out
 
 

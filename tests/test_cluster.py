@@ -125,8 +125,8 @@ def cluster_run(six, tmp_path_factory) -> dict:
                 lost.append([folder, len(list((out / folder / "_commits").glob("*.json")))])
                 cluster.remove_node(node, allow_graceful=False)
         threading.Thread(target=watch, daemon=True).start()
-        s = index.main(["--collection", {str(six)!r}, *{SMALL!r}, "--set", "ray.actor_resources={{extract: 1}}",
-                        "--out", str(out)])
+        pinned = ["--set", "ray.actor_resources={{extract: 1}}", "--set", "ray.actors=3"]  # one actor a node
+        s = index.main(["--collection", {str(six)!r}, *{SMALL!r}, *pinned, "--out", str(out)])
         print("SUMMARY", json.dumps({{"lost": lost, **s["counts"]}}), flush=True)
         os._exit(0)  # the removed nodes' processes are gone: Cluster.shutdown would trip over them
     """)
