@@ -203,6 +203,20 @@ class ActorPlan:
         return self.actors
 
 
+# Images an extraction actor should have to describe before another one is worth starting: an actor's start-up
+# (importing torch, building the model) costs several CPU-seconds, about what describing tens of images takes.
+IMAGES_PER_ACTOR = 32
+
+
+def fit_to_work(plan: ActorPlan, cfg: RayConfig, shards: int, images: int) -> ActorPlan:
+    """``plan`` with no more actors than ``shards``, and, unless the pool was set (``actors``, ``max_actors``,
+    ``actor_resources``), no more than one actor per :data:`IMAGES_PER_ACTOR` images: a few queries take one."""
+    actors = min(plan.actors, max(1, shards))
+    if not (cfg.actors or cfg.max_actors or cfg.actor_resources):
+        actors = min(actors, max(1, -(-images // IMAGES_PER_ACTOR)))
+    return dataclasses.replace(plan, actors=actors)
+
+
 def plan_actors(cfg: RayConfig, resources: dict | None = None, prefer_gpu: bool = True) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs; else CPU actors with fractional CPUs.
 

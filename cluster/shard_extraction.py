@@ -155,6 +155,11 @@ class ShardExtractor:
 # ------------------------------------------------------------------------------------------
 # Driver side
 # ------------------------------------------------------------------------------------------
+def shard_of(images: pd.DataFrame, shard_size: int) -> np.ndarray:
+    """Each image's shard: the recorded ``shard`` column, else consecutive runs of ``shard_size`` images."""
+    return images["shard"].to_numpy() if "shard" in images else np.arange(len(images)) // max(1, shard_size)
+
+
 def shard_items(images: pd.DataFrame, shard_size: int) -> list[tuple[int, str]]:
     """(shard index, JSON list of image records) per shard.
 
@@ -162,7 +167,7 @@ def shard_items(images: pd.DataFrame, shard_size: int) -> list[tuple[int, str]]:
     recorded, so reruns and grown collections cut identically); tables recorded without it are cut
     into consecutive runs of ``shard_size`` images.
     """
-    shard = images["shard"].to_numpy() if "shard" in images else np.arange(len(images)) // max(1, shard_size)
+    shard = shard_of(images, shard_size)
     boxes = images[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist()
     records = [
         {"image_id": i, "file": f, "box": b}

@@ -21,9 +21,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from cluster.ray_env import RayConfig, connect, plan_actors
+from cluster.ray_env import RayConfig, connect, fit_to_work, plan_actors
 from cluster.runner import run_tasks
-from cluster.shard_extraction import extract_shards, shard_items
+from cluster.shard_extraction import extract_shards, shard_items, shard_of
 from jobs.config import parse, run_cli, to_dict
 from jobs.summary import JobSummary
 from operators.constraints import Count, Fraction, ImageId, NonNegInt
@@ -134,8 +134,8 @@ def run_extraction(
         return
     check_checkpoint(cfg.describe)
     items = [{"shard": s, "items": it} for s, it in all_items if s in pending]
-    plan = plan_actors(cfg.ray, prefer_gpu=cfg.describe.device != "cpu")
-    plan.actors = min(plan.actors, len(items))
+    todo = int(np.isin(shard_of(images, cfg.shard_size), list(pending)).sum())
+    plan = fit_to_work(plan_actors(cfg.ray, prefer_gpu=cfg.describe.device != "cpu"), cfg.ray, len(items), todo)
     summary.info["actors"] = dataclasses.asdict(plan)
     with tqdm(total=len(items), desc="shards", unit="shard") as bar:
         for row in extract_shards(to_dict(cfg), items, shards.uri, whitening, plan):

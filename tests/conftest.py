@@ -21,8 +21,8 @@ REVISITED = DATA / "revisited"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# Small, fast describer settings for tests (the defaults are the papers'), and one extraction actor: each actor
-# starts torch and builds the model (~3 CPU-seconds), more than a test's few images take to describe.
+# Small, fast describer settings for tests (the defaults are the papers'). (A test's few images take one
+# extraction actor: cluster.ray_env.fit_to_work.)
 FAST = [
     "--set",
     "describe.global_max_side=256",
@@ -34,8 +34,6 @@ FAST = [
     "shard_size=4",
     "--set",
     "batch_size=4",
-    "--set",
-    "ray.actors=1",
 ]
 
 

@@ -198,6 +198,21 @@ def test_plan_actors_sizes_to_the_cluster():
     assert plan_actors(RayConfig(actor_gpus=0.5), {"CPU": 16, "GPU": 2, "memory": 64 * gib}).actors == 4
 
 
+def test_a_small_extraction_starts_few_actors():
+    """No more actors than shards; one per IMAGES_PER_ACTOR images unless the pool was set by the user."""
+    from cluster.ray_env import IMAGES_PER_ACTOR, RayConfig, fit_to_work, plan_actors
+
+    big = plan_actors(RayConfig(), {"CPU": 16, "memory": 64 * 2**30})
+    assert big.actors >= 4
+    assert fit_to_work(big, RayConfig(), shards=3, images=12).actors == 1  # a few queries: one start-up
+    assert fit_to_work(big, RayConfig(), shards=50, images=3 * IMAGES_PER_ACTOR).actors == 3
+    assert fit_to_work(big, RayConfig(), shards=2, images=10_000).actors == 2
+    assert fit_to_work(big, RayConfig(), shards=500, images=10_000).actors == big.actors
+    assert fit_to_work(big, RayConfig(actors=6), shards=3, images=12).actors == 3  # set by the user: shards only
+    pinned = RayConfig(actor_resources={"extract": 1})
+    assert fit_to_work(plan_actors(pinned, {"CPU": 8, "extract": 3}), pinned, shards=6, images=6).actors == 3
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A local head with token authentication; ``env`` holds the token (the server's and a rightful client's)."""
