@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow  # every test runs jobs in subprocesses, each with
 
 def run_here(args: list[str]) -> None:
     """``python -m MODULE ARGS…`` uninterrupted, in this process on the session's Ray (no interpreter and Ray to start):
-    the reference a killed and resumed run must equal."""
+    the reference a killed and resumed run must equal, and the run that resumes a killed one (only the killed run
+    needs a process of its own)."""
     import importlib
 
     assert args[0] == "-m", args
@@ -78,7 +79,7 @@ def test_a_killed_index_job_resumes_each_stage_and_ends_byte_identical(six, six_
     assert run(cmd, tmp_path / "3.log", lambda _: commits(out / "asmk" / "partials") >= 1)
     partials = commits(out / "asmk" / "partials")
     # (the graph and spectral stages commit as one piece, as the codebook does: a kill there is the codebook's case)
-    run(cmd, tmp_path / "4.log")
+    run_here(cmd)
     summary = json.loads((out / "summary-index.json").read_text())["counts"]
     assert summary["shards_skipped"] == 6 and summary["asmk_partials_skipped"] >= partials
     assert artifact_bytes(out) == artifact_bytes(six_index)  # the same command, uninterrupted
@@ -92,7 +93,7 @@ def test_a_killed_offline_rerank_resumes_from_its_committed_parts(six_index, tmp
     run_here([*rerank, "--out", str(ref)])
     assert run([*rerank, "--out", str(out)], tmp_path / "1.log", lambda _: commits(out / "parts") >= 1)
     done = commits(out / "parts")
-    run([*rerank, "--out", str(out)], tmp_path / "2.log")
+    run_here([*rerank, "--out", str(out)])
     summary = json.loads((out / "summary-rerank.json").read_text())["counts"]
     assert summary["parts_skipped"] >= done and summary["parts_total"] == 6
     assert artifact_bytes(out / "parts") == artifact_bytes(ref / "parts")  # run.json names its own --out
@@ -117,7 +118,7 @@ def test_a_killed_index_job_on_s3_resumes_and_ends_byte_identical(six, six_index
     fs.invalidate_cache()
     shards = fs.ls(f"{s3_server['bucket']}/killed/features")
     assert len([s for s in shards if s.endswith(".parquet")]) >= s3_commits("features")
-    run(cmd, tmp_path / "2.log")  # (a kill among the partial inverted files: the local test above)
+    run_here(cmd)  # (a kill among the partial inverted files: the local test above)
     fs.get(f"{s3_server['bucket']}/killed/", str(tmp_path / "got"), recursive=True)
     # the uninterrupted local run's artifacts of the same stages (those stages write nothing else)
     ref = {k: v for k, v in artifact_bytes(six_index).items() if k.split("/", 1)[0] not in ("graph", "spectral")}
@@ -150,7 +151,7 @@ def test_a_killed_reranker_training_resumes_from_its_checkpoint_and_ends_identic
         lambda _: (out / "gss" / "checkpoint" / "state.json").exists(),
     )
     assert not (out / "gss" / "meta.json").exists()
-    run([*train, "--index", str(out)], tmp_path / "2.log")
+    run_here([*train, "--index", str(out)])
     meta = json.loads((out / "gss" / "meta.json").read_text())
     assert meta["resumed_at"] >= 25 and meta["steps_run"] == 100 - meta["resumed_at"]
     assert meta["early_stop"]["curve"] == json.loads((ref / "gss" / "meta.json").read_text())["early_stop"]["curve"]
