@@ -12,7 +12,8 @@ local Ray:
    ``benchmarks/donor_photos.sh PHOTOS``, cut into tiles as ``benchmarks/distractor_calibration.py`` cuts them;
    RootSIFT, ``--sift-n`` = 1,000 features an image as R1M's ~1,000; global; a codebook of up to ``--codebook-k``
    words trained on them, at least ``--min-points`` descriptors a word: the codebook comes from other images than
-   the indexed ones, as in the papers);
+   the indexed ones, as in the papers; with ``--codebook-sift-n`` above ``--sift-n``, the codebook is trained in
+   ``DIR/codebook`` on the donors described with that many features, for a codebook of ≥ 32k real words);
 2. ``DIR/n<N>``: ``jobs.index --set local_store=entries`` of the real database (ASMK* entries of the donors'
    codebook, no descriptors stored), ``jobs.distractors`` up to N database images (``--distractors``: ``mosaic``,
    the default, with the calibrated :data:`MOSAIC` parameters, or ``mix``), then ``jobs.index``
@@ -144,6 +145,9 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=8, help="graph: IVF lists searched per item (above 200,000 items)")
     ap.add_argument("--rank", type=int, default=400)
     ap.add_argument("--sift-n", type=int, default=1000, help="RootSIFT features per image (R1M-like: ~1,000)")
+    ap.add_argument(
+        "--codebook-sift-n", type=int, help="RootSIFT features per donor for the codebook (default: --sift-n)"
+    )
     ap.add_argument("--collection", default=str(DATA))
     ap.add_argument("--distractors", choices=["mosaic", "mix"], default="mosaic", help="the distractors' kind")
     ap.add_argument("--donor-photos", help="a folder of benchmarks/donor_photos.sh: its photos' tiles join the donors")
@@ -183,27 +187,22 @@ def main() -> None:
         flush=True,
     )
     donors = base / "donors"
+    codebook_root = train_codebook(steps, a, base, donors_csv)
     steps.run(
         "donors: index",
         [
-            "-m",
-            "jobs.index",
-            "--collection",
-            str(donors_csv),
-            "--out",
-            str(donors),
-            "--set",
-            f"describe.sift_n={a.sift_n}",
-            "--set",
-            "stages=[extract,global,codebook]",
-            "--set",
-            f"codebook.k={a.codebook_k}",
-            "--set",
-            f"codebook.min_points={a.min_points}",
+            *("-m", "jobs.index", "--collection", str(donors_csv), "--out", str(donors)),
+            *("--set", f"describe.sift_n={a.sift_n}"),
+            *(
+                ("--set", "stages=[extract,global,codebook]", "--set", f"codebook.k={a.codebook_k}")
+                if codebook_root == donors
+                else ("--set", "stages=[extract,global]")
+            ),
+            *("--set", f"codebook.min_points={a.min_points}"),
         ],
         build=False,
     )
-    k = json.loads((donors / "codebook" / "meta.json").read_text())["k"]
+    k = json.loads((codebook_root / "codebook" / "meta.json").read_text())["k"]
     print(f"  codebook: k = {k} trained on the donors' descriptors", flush=True)
     common = [
         "--collection",
@@ -215,7 +214,7 @@ def main() -> None:
         "--set",
         f"describe.sift_n={a.sift_n}",
         "--set",
-        f"codebook.source={donors}",
+        f"codebook.source={codebook_root}",
     ]
     steps.run("extract (entries)", ["-m", "jobs.index", *common, "--set", "stages=[extract]"])
     if a.n > n_real:
@@ -223,6 +222,7 @@ def main() -> None:
             "distractors",
             [
                 *("-m", "jobs.distractors", "--donors", str(donors), "--out", str(root), "--n", str(a.n - n_real)),
+                *("--set", f"codebook={codebook_root}"),
                 *(
                     x
                     for k, v in (MOSAIC if a.distractors == "mosaic" else {}).items()
@@ -325,6 +325,24 @@ def main() -> None:
     for line in latency_lines(df):
         print(line)
     print(f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, map_crops {crops}")
+
+
+def train_codebook(steps: Steps, a: argparse.Namespace, base: Path, donors_csv: Path) -> Path:
+    """The root whose codebook indexes everything: the donors' own (``DIR/donors``), or with ``--codebook-sift-n``
+    above ``--sift-n`` a root ``DIR/codebook`` of the donors described with more features, trained there."""
+    if (a.codebook_sift_n or a.sift_n) <= a.sift_n:
+        return base / "donors"
+    root = base / "codebook"
+    steps.run(
+        "codebook: index",
+        [
+            *("-m", "jobs.index", "--collection", str(donors_csv), "--out", str(root)),
+            *("--set", f"describe.sift_n={a.codebook_sift_n}", "--set", "stages=[extract,codebook]"),
+            *("--set", f"codebook.k={a.codebook_k}", "--set", f"codebook.min_points={a.min_points}"),
+        ],
+        build=False,
+    )
+    return root
 
 
 def latency_lines(df: pd.DataFrame) -> list[str]:
