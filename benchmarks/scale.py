@@ -113,6 +113,29 @@ def latency(run: dict) -> tuple[float, float, float]:
     return p50, p95, run["queries"] / max(search_s, 1e-9)
 
 
+def exact_global(run: dict) -> bool:
+    """Whether a search ranked by brute force on request (``global_search=exact``) in a root with an approximate
+    global index (run.json's ``global_search``: the mode asked and what ranked each partition)."""
+    return any(v.get("mode") == "exact" for v in run.get("global_search", {}).values())
+
+
+def recall_at(root: Path, crop: str, k: int = 100) -> float | None:
+    """Mean over queries of |top-k approximate ∩ top-k exact| / min(k, exact list): the global search by the root's
+    approximate index against brute force, when both ran (``--exact-global``)."""
+    runs = [root / "search" / f"{crop}-global-none", root / "search" / f"{crop}-global_exact-none"]
+    if not all((r / "results.parquet").exists() for r in runs):
+        return None
+    approx, exact = (pd.read_parquet(r / "results.parquet").set_index("query_id")["ids"] for r in runs)
+    hits = [len(set(approx[q][:k]) & set(e[:k])) / max(1, min(k, len(e))) for q, e in exact.items()]
+    return float(np.mean(hits))
+
+
+def print_recall(root: Path, crops: str) -> None:
+    for crop in crops.split(","):
+        if (r := recall_at(root, crop)) is not None:
+            print(f"recall@100 global ({crop} queries): {r:.4f} (the approximate index against brute force)")
+
+
 def report(root: Path) -> pd.DataFrame:
     """The method table of a finished run, read back from its results (``--report``: no job runs)."""
     rows = []
@@ -124,7 +147,7 @@ def report(root: Path) -> pd.DataFrame:
         rows.append(
             {
                 "queries": "whole" if run["center_crop"] is None else str(run["center_crop"]),
-                "method": run["method"],
+                "method": run["method"] + ("/exact" if exact_global(run) else ""),
                 "rerank": run["rerank"],
                 "mAP": 100 * json.loads((res / "metrics.json").read_text())["mAP"],
                 "p50_ms": p50,
@@ -170,10 +193,17 @@ def main() -> None:
         help="searches in the jobs' default query blocks (one pass "
         "over the database for many queries) instead of one query per task; latency is then per block",
     )
+    ap.add_argument(
+        "--exact-global",
+        action="store_true",
+        help="also the global search by brute force (global_search=exact): its latency, and recall@100 of the default",
+    )
     ap.add_argument("--report", action="store_true", help="print the table of a finished run (no job runs)")
     a = ap.parse_args()
     if a.report:
-        print(report(Path(a.root).resolve() / f"n{a.n}").to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        root = Path(a.root).resolve() / f"n{a.n}"
+        print(report(root).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        print_recall(root, a.crops)
         return
     base = Path(a.root).resolve()
     photos = Path(a.donor_photos).resolve() if a.donor_photos else None
@@ -269,6 +299,7 @@ def main() -> None:
             ["-m", "jobs.train_reranker", "--index", str(root), "--method", method, "--set", f"gradnet.k={a.graph_k}"],
         )
     runs = [*((m, "none") for m in a.methods.split(",") if m), *(("global", r) for r in a.reranks.split(",") if r)]
+    runs += [("global_exact", "none")] if a.exact_global else []
     for crop in a.crops.split(","):
         for method, rerank in runs:
             name = f"{crop}-{method}-{rerank}"
@@ -285,12 +316,14 @@ def main() -> None:
                 "--topk",
                 "100",
                 "--method",
-                method,
+                method.removesuffix("_exact"),
                 "--rerank",
                 rerank,
             ]
             if not a.batched:
                 args += ["--set", "query_block=1", "--set", "asmk.query_block=1", "--set", "rerank_params.block=4"]
+            if method.endswith("_exact"):
+                args += ["--set", "global_search=exact"]
             if rerank == "hybrid":
                 args += ["--set", "rerank_params.sparse_keep=0.01"]
             if crop != "whole":
@@ -324,6 +357,7 @@ def main() -> None:
     )
     for line in latency_lines(df):
         print(line)
+    print_recall(root, a.crops)
     print(f"scale {a.n}: peak_rss_gb {peak_gb:.2f}, index_gb {index_gb:.2f}, build_s {build_s:.0f}, map_crops {crops}")
 
 
