@@ -14,7 +14,9 @@ Self-contained under ``DIR``:
    tiles and of the queries (instance-mini's other 113 images, whole);
 3. N = the held-out count synthetic distractors of each kind (``mix``: the first scheme; ``mosaic``:
    :mod:`operators.distractors`, with ``benchmarks/scale.py``'s ``MOSAIC`` parameters) drawn from the donor pool
-   exactly as ``jobs.distractors`` draws them (shard s of 1,000 from ``default_rng([seed, s])``);
+   exactly as ``jobs.distractors`` draws them (shard s of 1,000 from ``default_rng([seed, s])``); ``--pool photos``
+   draws them from the donor photos' tiles only, the held-out photos' own population (the generator judged apart
+   from which images it is given);
 4. per query, the top-1 and the 10th best distractor score among the N synthetic and among the N real held-out
    images: global cosine (raw GeM descriptors) and the ASMK* score (query multiple assignment 5, no IDF: the
    index's defaults). Ratios synthetic / real per query, median over the queries with local features.
@@ -263,6 +265,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--growth-max", type=int, default=0, help="top-1 growth with N up to this many (0: none)")
     ap.add_argument("--collection", default=str(DATA))
+    ap.add_argument(
+        "--pool",
+        choices=["all", "photos"],
+        default="all",
+        help="the donors drawn from: all (instance-mini's never-queried images and the donor photos' tiles, as "
+        "scale.py draws them) or photos (the donor photos' tiles only: the held-out photos' own population)",
+    )
     ap.add_argument("--mosaic", nargs="*", default=[], help="KEY=VALUE overrides of the mosaic parameters (MOSAIC)")
     a = ap.parse_args()
     mosaic = {**MOSAIC, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.mosaic)}}
@@ -273,6 +282,8 @@ def main() -> None:
     centroids = load_codebook(donors_root)
     k = len(centroids)
     pool = donor_pool(donors_root, centroids, AssignConfig(), features=True)
+    if a.pool == "photos":  # read_root walks the shards as donor_pool does: its files are in pool order
+        pool = pool.subset(read_root(donors_root)[0].str.contains("/tiles/").to_numpy())
     files, glob, desc = read_root(ArtifactRoot(str(base / "others")))
     role = pd.read_csv(base / "others.csv").set_index("file")["role"].reindex(files.to_numpy()).to_numpy()
     quantizer = Quantizer(centroids)
@@ -303,7 +314,7 @@ def main() -> None:
     if a.growth_max:
         growth(pool, kinds, real, qg, qa, k, a.growth_max, base)
         print(f"  growth: {base / 'growth.csv'}, {base / 'growth.png'}")
-    print(f"wall {time.time() - t0:.0f} s; mosaic parameters {mosaic}")
+    print(f"wall {time.time() - t0:.0f} s; mosaic parameters {mosaic}; donor pool: {a.pool}")
     print(
         f"calibration: global top1 ratio {ratios['mosaic', 'global top1']:.3f}, "
         f"asmk top1 ratio {ratios['mosaic', 'asmk top1']:.3f}"

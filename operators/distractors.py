@@ -72,6 +72,23 @@ class DonorPool:
     def __len__(self) -> int:
         return len(self.globals)
 
+    def subset(self, keep: np.ndarray) -> DonorPool:
+        """The donors of the mask ``keep`` (pool order): their globals, entries and local features."""
+        idx = np.flatnonzero(keep)
+        e, offsets = _rows_of(self.offsets, idx)
+        features = None
+        if self.features is not None:
+            f, f_offsets = _rows_of(self.features.offsets, idx)
+            features = DonorFeatures(f_offsets, self.features.words[f], self.features.residuals[f], self.features.xy[f])
+        return DonorPool(self.globals[idx], offsets, self.words[e], self.codes[e], features)
+
+
+def _rows_of(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of groups ``idx`` of a grouping by ``offsets``, and the offsets of those groups alone."""
+    counts = np.diff(offsets)[idx]
+    new = np.r_[0, np.cumsum(counts)].astype(np.int64)
+    return np.repeat(offsets[idx] - new[:-1], counts) + np.arange(new[-1]), new
+
 
 def flip_bits(codes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """``codes`` with round(fraction · bits) random bit positions of each row toggled (a position may repeat)."""

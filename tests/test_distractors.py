@@ -144,3 +144,18 @@ def test_smaller_windows_take_fewer_features():
         for w in (1.0, 0.5)
     ]
     assert sizes[1] < 0.8 * sizes[0]
+
+
+def test_a_subset_of_the_pool_keeps_each_kept_donors_entries_and_features():
+    pool = feature_pool(n=4)
+    sub = pool.subset(np.array([True, False, False, True]))
+    assert len(sub) == 2 and np.array_equal(sub.globals, pool.globals[[0, 3]])
+    for new, old in ((0, 0), (1, 3)):
+        a, b = pool.offsets[old : old + 2]
+        assert np.array_equal(sub.words[sub.offsets[new] : sub.offsets[new + 1]], pool.words[a:b])
+        assert np.array_equal(sub.codes[sub.offsets[new] : sub.offsets[new + 1]], pool.codes[a:b])
+        f, g = pool.features.offsets[old : old + 2]
+        s, t = sub.features.offsets[new : new + 2]
+        assert np.array_equal(sub.features.residuals[s:t], pool.features.residuals[f:g])
+        assert np.array_equal(sub.features.xy[s:t], pool.features.xy[f:g])
+    assert len(pool.subset(np.zeros(4, bool)).words) == 0
