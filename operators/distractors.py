@@ -6,7 +6,8 @@ two kinds (:class:`DistractorParams` ``kind``).
 
 ``mosaic`` (:func:`make_mosaic`): real local structure. The unit square is cut into a ``grid`` × ``grid`` of
 cells (cut positions drawn: widths, heights ~ Dirichlet(2, …, 2)); cell c (w_c × h_c, area a_c = w_c h_c) takes a
-window of ``window`` · (w_c × h_c) at a uniform position of a donor d_c (drawn without replacement while donors last),
+window of ``window`` · (w_c × h_c) at a uniform position of a donor d_c (drawn without replacement while donors last;
+with ``sources`` = m > 0, each d_c uniform among m donors drawn for the distractor),
 and with it every local feature of d_c whose normalised position lies in the window, each with its real word
 q(x) and residual x − q(x) (single assignment to the codebook, made once for the pool). Then
 
@@ -34,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from operators.constraints import Count, NonNegFinite, Probability
+from operators.constraints import Count, NonNegFinite, NonNegInt, Probability
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DistractorParams:
     kind: Literal["mix", "mosaic"] = "mix"  # mix: donors' entries with flipped bits; mosaic: donors' real regions
     grid: Count = 2  # mosaic: grid × grid cells, each a region of a donor
     window: Probability = 1.0  # mosaic: a cell's window side in its donor, relative to the cell's (area: window²)
+    sources: NonNegInt = 0  # mosaic: donors a distractor's cells are drawn from (0: a donor a cell, while they last)
     mix: Count = 2  # mix: donor images per distractor
     flip: Probability = 0.1  # fraction of each entry's sign bits flipped
     foreign: Probability = 0.1  # mix: entries drawn from the whole pool, as a fraction of the kept ones
@@ -147,7 +149,11 @@ def make_mosaic(
     if f is None:
         raise ValueError("mosaic distractors need the donors' local features (shards holding descriptors)")
     cells = mosaic_cells(p.grid, rng)
-    donors = rng.choice(len(pool), len(cells), replace=len(cells) > len(pool))
+    if p.sources:  # cells of few donors: regions of the same photo, as a real photo repeats its own structure
+        chosen = rng.choice(len(pool), min(p.sources, len(pool)), replace=False)
+        donors = chosen[rng.integers(0, len(chosen), len(cells))]
+    else:
+        donors = rng.choice(len(pool), len(cells), replace=len(cells) > len(pool))
     size = cells[:, 2:] * p.window
     origin = rng.random((len(cells), 2)) * (1 - size)  # the window's corner in the donor
     take = []

@@ -159,3 +159,15 @@ def test_a_subset_of_the_pool_keeps_each_kept_donors_entries_and_features():
         assert np.array_equal(sub.features.residuals[s:t], pool.features.residuals[f:g])
         assert np.array_equal(sub.features.xy[s:t], pool.features.xy[f:g])
     assert len(pool.subset(np.zeros(4, bool)).words) == 0
+
+
+def test_a_mosaic_of_one_source_takes_every_cell_from_one_donor():
+    pool = feature_pool(n=6, k=10)
+    pool.features.words[:] = pool.features.words % 10 + 10 * np.repeat(np.arange(6), np.diff(pool.features.offsets))
+    one = DistractorParams(kind="mosaic", grid=3, sources=1, flip=0.0)
+    spread = DistractorParams(kind="mosaic", grid=3, flip=0.0)
+    for seed in range(5):
+        _, w, _ = make(pool, one, np.random.default_rng(seed))
+        assert len(np.unique(w // 10)) == 1  # the words of a single donor
+        _, w, _ = make(pool, spread, np.random.default_rng(seed))
+        assert len(np.unique(w // 10)) > 1
