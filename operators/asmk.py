@@ -29,6 +29,8 @@ import numpy as np
 from operators.constraints import Count, PosFinite, Similarity
 from operators.state import State
 
+CACHE_BYTES = 4 * 2**20  # search: the score buffer's columns filled at a time (queries × images × 8 B): in cache
+
 
 @dataclass
 class AsmkParams:
@@ -482,7 +484,10 @@ def _accumulate_numba(
     word_weight: np.ndarray | None,
     inv_sqrt_norm: np.ndarray,
 ) -> np.ndarray:
-    """The same buffer as :func:`_accumulate_numpy` for packed codes, by a compiled loop over pairs."""
+    """The same buffer as :func:`_accumulate_numpy` for packed codes, by a compiled loop over pairs.
+
+    Without i-ASMK* members, over the images in tiles whose buffer columns fit ``CACHE_BYTES``
+    (:func:`_binary_kernel_tiled`; benchmarks/asmk_kernel.py)."""
     acc = np.zeros((nq, len(ivf.images)), np.float64)
     bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True]).astype(np.int64)
     table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, params.alpha, params.tau)
@@ -495,7 +500,8 @@ def _accumulate_numba(
         np.asarray(ivf.offsets, np.int64),
     )
     if ivf.entry_indptr is None:
-        _binary_kernel(*args, ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc)
+        tile = max(256, CACHE_BYTES // (8 * max(nq, 1)))
+        _binary_kernel_tiled(*args, ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc, tile)
     else:
         _binary_kernel_members(
             *args,
@@ -558,6 +564,48 @@ def _binary_kernel(bounds, words, q_local, qcodes, offsets, entry_image, pcodes,
                     h += np.int64(_popcount64(qcodes[e, j] ^ pcodes[p, j]))
                 img = entry_image[p]
                 row[img] += table[h] * inv_sqrt_norm[img] * ww  # branch-free: σ = 0 adds nothing
+
+
+@numba.njit(cache=True, nogil=True)
+def _binary_kernel_tiled(
+    bounds, words, q_local, qcodes, offsets, entry_image, pcodes, table, inv_sqrt_norm, weight, acc, tile
+):
+    """:func:`_binary_kernel` over the images in tiles of ``tile``: every word's postings of one tile, then the
+    next tile's (a cursor per word; postings are sorted by image within a word). A tile's scores fill a compact
+    image-major buffer (tile × nq: a posting's image meets every query entry of its word in one place) that stays
+    in cache, then are copied into ``acc``; each posting is still read once, and each (query, image) sum is
+    added in the same order (by word), so ``acc`` equals the untiled kernel's to the last bit."""
+    lanes = qcodes.shape[1]
+    groups = len(bounds) - 1
+    nq, n_img = acc.shape
+    cursor = np.empty(groups, np.int64)
+    for g in range(groups):
+        cursor[g] = offsets[words[bounds[g]]]
+    buf = np.zeros((tile, nq), np.float64)
+    for t0 in range(0, n_img, tile):
+        t1 = min(t0 + tile, n_img)
+        for g in range(groups):
+            a, b = bounds[g], bounds[g + 1]
+            w = words[a]
+            ww = weight[w] if weight.size else 1.0
+            p, hi = cursor[g], offsets[w + 1]
+            while p < hi and entry_image[p] < t1:
+                img = entry_image[p]
+                inv = inv_sqrt_norm[img]
+                row = buf[img - t0]
+                for e in range(a, b):
+                    h = np.int64(0)
+                    for j in range(lanes):
+                        h += np.int64(_popcount64(qcodes[e, j] ^ pcodes[p, j]))
+                    s = table[h]
+                    if s != 0.0:
+                        row[q_local[e]] += s * inv * ww
+                p += 1
+            cursor[g] = p
+        for i in range(t1 - t0):
+            for q in range(nq):
+                acc[q, t0 + i] = buf[i, q]
+                buf[i, q] = 0.0
 
 
 @numba.njit(cache=True, nogil=True)

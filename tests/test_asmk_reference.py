@@ -188,3 +188,27 @@ def test_postings_read_back_per_image_equal_the_aggregation(random_data):
         assert np.array_equal(got.words[mine][order], agg.words[theirs])
         assert np.array_equal(got.codes[mine][order], agg.codes[theirs])
     assert set(got.image_ids.tolist()) == set(ivf.images[dense].tolist())
+
+
+@pytest.mark.parametrize("tile_images", [256, 7, 1])
+def test_the_tiled_kernel_fills_the_buffer_of_the_untiled_one_bit_for_bit(random_data, tile_images):
+    """Over the images in tiles (the search's kernel) or in one sweep: the same sums, added in the same order."""
+    from operators.asmk import _binary_kernel, _binary_kernel_tiled, aggregate, image_norms, selectivity
+
+    centroids, xb, ib, xq, iq = random_data
+    quant = Quantizer(centroids)
+    ivf = build_inverted_file(aggregate(xb, ib, quant(xb), centroids), len(centroids))
+    q = aggregate(xq, iq, quant(xq, 5), centroids)
+    order = np.lexsort((q.image_ids, q.words))
+    words, qimg = q.words[order].astype(np.int64), np.unique(q.image_ids, return_inverse=True)[1][order]
+    bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True]).astype(np.int64)
+    table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, 3.0, 0.0)
+    weight = idf_weights(ivf.counts, len(ivf.images))
+    args = (bounds, words, qimg.astype(np.int64), np.ascontiguousarray(q.codes[order]).view(np.uint64))
+    rest = (np.asarray(ivf.offsets, np.int64), ivf.entry_image, ivf.codes.view(np.uint64), table)
+    rest += (1.0 / np.sqrt(image_norms(ivf, weight)), weight)
+    nq = int(qimg.max()) + 1
+    a, b = np.zeros((nq, len(ivf.images))), np.zeros((nq, len(ivf.images)))
+    _binary_kernel(*args, *rest, a)
+    _binary_kernel_tiled(*args, *rest, b, tile_images)
+    assert np.array_equal(a, b) and (a > 0).any()
