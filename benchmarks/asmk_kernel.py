@@ -92,11 +92,11 @@ def main() -> None:
     small = (bounds[:2], *args[1:])  # compile both on one word first
     _binary_kernel(*small, *rest, np.zeros((a.queries, n_img)))
     tile = max(256, int(a.cache_mb * 2**20) // (8 * a.queries))
-    _binary_kernel_tiled(*small, *rest, np.zeros((a.queries, n_img)), tile)
+    _binary_kernel_tiled(*small, *rest, np.zeros((a.queries, n_img)), tile, 0, n_img)
     seconds = {}
     for name, fn, extra in (
         ("untiled", _binary_kernel, ()),
-        ("tiled", _binary_kernel_tiled, (tile,)),
+        ("tiled", _binary_kernel_tiled, (tile, 0, n_img)),
     ):
         acc = np.zeros((a.queries, n_img))
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cluster.ray_env import task_cpus
 from cluster.runner import run_tasks
 from jobs.config import from_dict
 from jobs.summary import JobSummary
@@ -173,7 +174,10 @@ def search_task(
     if p.use_idf:  # IDF over all partitions together
         weight = idf_weights(sum(ivf.word_images for ivf in ivfs), sum(len(ivf.images) for ivf in ivfs))
     query = Aggregated(qimg, words, codes)
-    results = [search(ivf, query, p, k, exclude, weight, buffer_bytes=buffer_mb * 2**20) for ivf in ivfs]
+    threads = task_cpus()  # the kernel's threads: the CPUs Ray gave this task
+    results = [
+        search(ivf, query, p, k, exclude, weight, buffer_bytes=buffer_mb * 2**20, threads=threads) for ivf in ivfs
+    ]
     qids = results[0][0]
     scores = np.concatenate([r[1] for r in results], axis=1)
     ids = np.concatenate([r[2] for r in results], axis=1)

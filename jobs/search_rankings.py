@@ -12,6 +12,7 @@ import typing
 import numpy as np
 import ray
 
+from cluster.ray_env import largest_node_cpus
 from jobs.asmk import AsmkConfig
 from jobs.asmk import search_task as asmk_search_task
 from jobs.config import from_dict
@@ -145,7 +146,9 @@ def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
     exclude = dict(zip(ctx.qids.tolist(), ctx.exclude.tolist()))
     uq = np.unique(agg.image_ids)
     block = (ctx.cfg.asmk or AsmkConfig()).query_block
-    task = ray.remote(num_cpus=1)(timed(asmk_search_task))
+    tasks = -(-len(uq) // block)  # each threads its kernel over the CPUs the others leave (at most one node's)
+    cpus = max(1, min(largest_node_cpus(), int(ray.cluster_resources().get("CPU", 1)) // max(tasks, 1)))
+    task = ray.remote(num_cpus=cpus)(timed(asmk_search_task))
     futures = []
     for s in range(0, len(uq), block):
         m = np.isin(agg.image_ids, uq[s : s + block])

@@ -21,6 +21,7 @@ and only the top-k per query is kept.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -382,11 +383,13 @@ def search(
     norms: np.ndarray | None = None,
     buffer_bytes: int = 256 * 2**20,
     use_numba: bool = True,
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` database images for each query image in ``query`` (aggregated, MA applied).
 
     ``exclude`` maps a query id to a database id left out of its ranking. ``word_weight`` is the
-    IDF (None: 1), ``norms`` the images' Σ w_c (computed when not given). Returns query ids (sorted),
+    IDF (None: 1), ``norms`` the images' Σ w_c (computed when not given); ``threads``: the compiled kernel's
+    threads (disjoint ranges of images). Returns query ids (sorted),
     scores (nq, k) and image ids (nq, k), padded with (-inf, -1).
     """
     norms = image_norms(ivf, word_weight) if norms is None else norms
@@ -401,10 +404,8 @@ def search(
         sel = sel[np.argsort(query.words[sel], kind="stable")]  # word order: sequential reads of the postings
         nq = min(chunk, len(qids) - q0)
         compiled = ivf.binary and ivf.codes.shape[1] % 8 == 0 and (use_numba or ivf.entry_indptr is not None)
-        accumulate = _accumulate_numba if compiled else _accumulate_numpy
-        acc = accumulate(
-            ivf, query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params, word_weight, inv_sqrt_norm
-        )
+        entries = (query.words[sel], query.codes[sel], q_of_entry[sel] - q0, nq, params, word_weight, inv_sqrt_norm)
+        acc = _accumulate_numba(ivf, *entries, threads) if compiled else _accumulate_numpy(ivf, *entries)
         qw = np.ones(len(sel)) if word_weight is None else word_weight[query.words[sel]]
         acc /= np.sqrt(np.bincount(q_of_entry[sel] - q0, weights=qw, minlength=nq))[:, None]
         if exclude:
@@ -483,11 +484,12 @@ def _accumulate_numba(
     params: AsmkParams,
     word_weight: np.ndarray | None,
     inv_sqrt_norm: np.ndarray,
+    threads: int = 1,
 ) -> np.ndarray:
     """The same buffer as :func:`_accumulate_numpy` for packed codes, by a compiled loop over pairs.
 
     Without i-ASMK* members, over the images in tiles whose buffer columns fit ``CACHE_BYTES``
-    (:func:`_binary_kernel_tiled`; benchmarks/asmk_kernel.py)."""
+    (:func:`_binary_kernel_tiled`; benchmarks/asmk_kernel.py), ``threads`` ranges of images at once."""
     acc = np.zeros((nq, len(ivf.images)), np.float64)
     bounds = np.flatnonzero(np.r_[True, words[1:] != words[:-1], True]).astype(np.int64)
     table = selectivity(1.0 - 2.0 * np.arange(ivf.dim + 1) / ivf.dim, params.alpha, params.tau)
@@ -501,7 +503,10 @@ def _accumulate_numba(
     )
     if ivf.entry_indptr is None:
         tile = max(256, CACHE_BYTES // (8 * max(nq, 1)))
-        _binary_kernel_tiled(*args, ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc, tile)
+        rest = (ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc, tile)
+        cuts = np.linspace(0, acc.shape[1], max(1, threads) + 1).astype(np.int64)
+        with ThreadPoolExecutor(len(cuts) - 1) as pool:  # the kernel releases the GIL: disjoint image ranges
+            list(pool.map(lambda r: _binary_kernel_tiled(*args, *rest, *r), zip(cuts[:-1], cuts[1:])))
     else:
         _binary_kernel_members(
             *args,
@@ -568,22 +573,24 @@ def _binary_kernel(bounds, words, q_local, qcodes, offsets, entry_image, pcodes,
 
 @numba.njit(cache=True, nogil=True)
 def _binary_kernel_tiled(
-    bounds, words, q_local, qcodes, offsets, entry_image, pcodes, table, inv_sqrt_norm, weight, acc, tile
+    bounds, words, q_local, qcodes, offsets, entry_image, pcodes, table, inv_sqrt_norm, weight, acc, tile, first, last
 ):
     """:func:`_binary_kernel` over the images in tiles of ``tile``: every word's postings of one tile, then the
     next tile's (a cursor per word; postings are sorted by image within a word). A tile's scores fill a compact
     image-major buffer (tile × nq: a posting's image meets every query entry of its word in one place) that stays
     in cache, then are copied into ``acc``; each posting is still read once, and each (query, image) sum is
-    added in the same order (by word), so ``acc`` equals the untiled kernel's to the last bit."""
+    added in the same order (by word), so ``acc`` equals the untiled kernel's to the last bit. Only the images
+    ``first ≤ i < last`` (their columns of ``acc``): threads take disjoint ranges."""
     lanes = qcodes.shape[1]
     groups = len(bounds) - 1
-    nq, n_img = acc.shape
+    nq = acc.shape[0]
     cursor = np.empty(groups, np.int64)
     for g in range(groups):
-        cursor[g] = offsets[words[bounds[g]]]
+        w = words[bounds[g]]
+        cursor[g] = offsets[w] + np.searchsorted(entry_image[offsets[w] : offsets[w + 1]], first)
     buf = np.zeros((tile, nq), np.float64)
-    for t0 in range(0, n_img, tile):
-        t1 = min(t0 + tile, n_img)
+    for t0 in range(first, last, tile):
+        t1 = min(t0 + tile, last)
         for g in range(groups):
             a, b = bounds[g], bounds[g + 1]
             w = words[a]

@@ -168,6 +168,8 @@ def test_compiled_and_numpy_accumulation_agree(random_data, use_idf, tau):
     a = search(ivf, q, p, k=10, word_weight=weight, use_numba=True)
     b = search(ivf, q, p, k=10, word_weight=weight, use_numba=False)
     assert np.array_equal(a[2], b[2]) and np.allclose(a[1], b[1], atol=1e-12)
+    c = search(ivf, q, p, k=10, word_weight=weight, threads=3)
+    assert np.array_equal(a[1], c[1]) and np.array_equal(a[2], c[2])
 
 
 def test_postings_read_back_per_image_equal_the_aggregation(random_data):
@@ -210,5 +212,9 @@ def test_the_tiled_kernel_fills_the_buffer_of_the_untiled_one_bit_for_bit(random
     nq = int(qimg.max()) + 1
     a, b = np.zeros((nq, len(ivf.images))), np.zeros((nq, len(ivf.images)))
     _binary_kernel(*args, *rest, a)
-    _binary_kernel_tiled(*args, *rest, b, tile_images)
+    _binary_kernel_tiled(*args, *rest, b, tile_images, 0, len(ivf.images))
     assert np.array_equal(a, b) and (a > 0).any()
+    c = np.zeros_like(b)  # two threads' disjoint image ranges, each from its own cursors
+    for first, last in ((0, 17), (17, len(ivf.images))):
+        _binary_kernel_tiled(*args, *rest, c, tile_images, first, last)
+    assert np.array_equal(a, c)
