@@ -20,8 +20,9 @@ For query q and candidate image i (row j of the candidate matrix):
   ASMK term); scores do not enter, only orders, so a method whose scores are peaked on wrong items
   cannot outweigh the other.
 
-The default, z fusion with β = 2 (``NULL_START`` = 0.05), is never below the better of its two channels at any
-database size measured, because its weights follow each query's score distributions rather than one constant:
+The default, z fusion with β = 2 (``NULL_START`` = 0.05), stays above the better of its two channels at every
+database size measured but one (0.22 below global, whole images, among 2,000 mosaic distractors; above both at 1M:
+docs/results.md), because its weights follow each query's score distributions rather than one constant:
 rank fusion with β = 1.5 (chosen by leave-one-group-out cross-validation on instance-mini's 186 images,
 ``benchmarks/fusion_cv.py``) fell 1.6 / 2.7 points below ASMK* alone among 10k distractors (whole / crops) and
 11.9 on crops at 1M, where the global channel's positives drown among look-alike distractors. β was chosen by the
