@@ -230,6 +230,7 @@ ZERO_ALLOWED = {
     "pq_bytes": "global_index.pq_bytes 0: the most that fit the budget",
     "default_nprobe": "global_index.default_nprobe 0: max(16, nlist / 64)",
     "global_nprobe": "0: the approximate index's own nprobe",
+    "sources": "distractors params.sources 0: a donor a mosaic cell",
 }
 
 
