@@ -218,3 +218,18 @@ def test_the_tiled_kernel_fills_the_buffer_of_the_untiled_one_bit_for_bit(random
     for first, last in ((0, 17), (17, len(ivf.images))):
         _binary_kernel_tiled(*args, *rest, c, tile_images, first, last)
     assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 40, 60])
+def test_topk_is_a_stable_sort_cut_at_k_ties_by_smaller_column(k):
+    from operators.asmk import _topk
+
+    rng = np.random.default_rng(k)
+    acc = rng.integers(0, 4, (6, 50)).astype(np.float64)  # many ties, at the cut too
+    acc[0] = 0.0
+    acc[1, 3] = -np.inf  # an excluded image
+    scores, idx = _topk(acc, k)
+    ref = np.argsort(-acc, axis=1, kind="stable")[:, : min(k, 50)]
+    assert np.array_equal(np.where(idx >= 0, idx, ref), ref)
+    assert np.array_equal(scores, np.take_along_axis(acc, ref, 1))
+    assert ((idx == -1) == ~np.isfinite(scores)).all()
