@@ -9,7 +9,9 @@ random 128-bit codes). Queries: ``--queries`` images of ``--query-entries`` entr
 by the database's word frequencies, random codes; a query's entries with multiple assignment are ~3,000 at
 1,000 features). Both kernels fill the score buffer of all queries at once (one pass over the postings, as the
 search does within its buffer); the buffers must be equal to the last bit. Prints each kernel's seconds and
-ms a query, and the ratio. Last line: ``asmk kernel: untiled S1 s, tiled S2 s, speed-up R``.
+ms a query, and the ratio; then the top-k of that buffer (k = ``--topk``) by :func:`operators.asmk._topk` (one
+partition a row) against a stable full argsort of each row, which must give the same columns. Last line:
+``asmk kernel: untiled S1 s, tiled S2 s, speed-up R``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from operators.asmk import (  # noqa: E402
     InvertedFile,
     _binary_kernel,
     _binary_kernel_tiled,
+    _topk,
     image_norms,
     selectivity,
 )
@@ -64,6 +67,19 @@ def queries(ivf: InvertedFile, nq: int, per_query: int, seed: int = 1) -> tuple[
     return words[order].astype(np.int64), q[order], np.ascontiguousarray(codes[order]).view(np.uint64)
 
 
+def topk_line(acc: np.ndarray, k: int) -> None:
+    """Times the search's top-k of the score buffer against a stable full argsort of each row (the reference)."""
+    t0 = time.perf_counter()
+    scores, cols = _topk(acc, k)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = np.stack([np.argsort(-row, kind="stable")[:k] for row in acc])
+    full = time.perf_counter() - t0
+    assert np.array_equal(np.where(np.isfinite(scores), cols, ref), ref), "top-k differs from the full sort"
+    per_query = 1000 * ours / len(acc)
+    print(f"  top-{k}: {ours:.2f} s (full sort {full:.2f} s, {full / ours:.1f}x), {per_query:.1f} ms a query")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", help="an index root (its inverted file); else synthetic")
@@ -72,6 +88,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32768)
     ap.add_argument("--queries", type=int, default=113)
     ap.add_argument("--query-entries", type=int, default=3000)
+    ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--cache-mb", type=float, default=CACHE_BYTES / 2**20, help="the tiled kernel's buffer columns")
     a = ap.parse_args()
     if a.root:
@@ -107,6 +124,7 @@ def main() -> None:
             reference = acc
         else:
             assert np.array_equal(reference, acc), "the two kernels' buffers differ"
+    topk_line(acc, a.topk)
     ratio = seconds["untiled"] / seconds["tiled"]
     print(f"asmk kernel: untiled {seconds['untiled']:.2f} s, tiled {seconds['tiled']:.2f} s, speed-up {ratio:.2f}")
 
