@@ -12,7 +12,7 @@ import typing
 import numpy as np
 import ray
 
-from cluster.ray_env import largest_node_cpus
+from cluster.ray_env import largest_node_cpus, task_cpus
 from jobs.asmk import AsmkConfig
 from jobs.asmk import search_task as asmk_search_task
 from jobs.config import from_dict
@@ -53,6 +53,12 @@ def gather(ctx: SearchContext, step: str, futures: list, sizes: list[int]) -> li
     return [r for r, _ in got]
 
 
+def search_cpus(tasks: int) -> int:
+    """CPUs for each of ``tasks`` search tasks: its share of the cluster's, at most one node's (a task threads its
+    kernel over them), at least 1."""
+    return max(1, min(largest_node_cpus(), int(ray.cluster_resources().get("CPU", 1)) // max(tasks, 1)))
+
+
 def global_search_task(
     roots: list[tuple[str, dict]],
     xq: np.ndarray,
@@ -65,7 +71,11 @@ def global_search_task(
 ):
     """Rank the memory-mapped descriptors ``name`` of every partition for one block of queries (a Ray task):
     by brute force, or where ``ann[p]`` through partition p's approximate index, whose shortlist is re-scored
-    exactly (:meth:`operators.ann.GlobalAnn.search`); the partitions' top-k merged, ``exclude`` left out."""
+    exactly (:meth:`operators.ann.GlobalAnn.search`); the partitions' top-k merged, ``exclude`` left out.
+    faiss runs on the CPUs Ray gave the task."""
+    import faiss
+
+    faiss.omp_set_num_threads(task_cpus())
     parts = []
     for p, (uri, options) in enumerate(roots):
         root = ArtifactRoot(uri, options)
@@ -102,8 +112,8 @@ def global_plan(ctx: SearchContext, name: str) -> list[bool]:
 
 def global_search(ctx: SearchContext, xq: np.ndarray, k: int) -> Ranking:
     """Top-``k`` by global-descriptor similarity of query vectors ``xq`` (one per ``ctx.qids``)."""
-    task = ray.remote(num_cpus=1)(timed(global_search_task))
     b, name = ctx.cfg.query_block, vector_set(ctx.cfg.method)
+    task = ray.remote(num_cpus=search_cpus(len(ctx.block_starts(b))))(timed(global_search_task))
     ann = global_plan(ctx, name)
     futures = [
         task.remote(
@@ -146,9 +156,7 @@ def asmk_search(ctx: SearchContext, k: int, layout: str = "asmk") -> Ranking:
     exclude = dict(zip(ctx.qids.tolist(), ctx.exclude.tolist()))
     uq = np.unique(agg.image_ids)
     block = (ctx.cfg.asmk or AsmkConfig()).query_block
-    tasks = -(-len(uq) // block)  # each threads its kernel over the CPUs the others leave (at most one node's)
-    cpus = max(1, min(largest_node_cpus(), int(ray.cluster_resources().get("CPU", 1)) // max(tasks, 1)))
-    task = ray.remote(num_cpus=cpus)(timed(asmk_search_task))
+    task = ray.remote(num_cpus=search_cpus(-(-len(uq) // block)))(timed(asmk_search_task))
     futures = []
     for s in range(0, len(uq), block):
         m = np.isin(agg.image_ids, uq[s : s + block])

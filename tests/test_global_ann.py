@@ -50,11 +50,12 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 )
 def test_plan_follows_size_and_memory_budget(n, budget, kind, dim):
     p = plan(n, 1280, AnnConfig(memory_gb=budget, exact_below=50_000))  # the budget's steps, 100k included
-    assert plan(n, 1280, AnnConfig()).kind == {10_000: "exact", 100_000: "exact", 1_000_000: "ivf-sq8"}[n]
+    assert plan(n, 1280, AnnConfig()).kind == "exact"  # the default: brute force up to 1.5M rows
+    assert plan(2 * n, 1280, AnnConfig()).kind == {10_000: "exact", 100_000: "exact", 1_000_000: "ivf-sq8"}[n]
     assert (p.kind, p.dim) == (kind, dim)
     if kind != "exact":
         assert p.code_bytes <= budget * 2**30 and p.nlist == int(4 * np.sqrt(n)) and 16 <= p.nprobe <= p.nlist
-        assert p.shortlist(100) == 200 and p.shortlist(1000) == 1001
+        assert p.shortlist(100) == 1000 and p.shortlist(1000) == 1001
 
 
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "ivf-pq"])
