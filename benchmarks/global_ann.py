@@ -15,17 +15,24 @@ Exact: :func:`operators.knn.knn_blocks` over the memory-mapped rows in 65,536-ro
 then :meth:`GlobalAnn.search` (shortlist re-scored exactly from the memory-mapped rows), all queries at once, at
 depth k = 100 and k = 1,000 (the search job's default ``topk``); recall@100 = |top-100 ∩ exact top-100| / 100.
 The last line: ``global_ann N: kind K, build_s B, ms_whole W, ms_crop C, recall_whole R, recall_crop R, exact_ms E``.
+
+``--root DIR`` measures on an index root's own global matrix instead (``global/vectors.npy``, memory-mapped): its
+real images (those with a file that is not ``synthetic:``) are the queries, whole only; ``--kind`` and
+``--shortlist`` (comma-separated L) choose what to try, e.g. ``--root R --kind ivf-sq8 --nprobe 62,256
+--shortlist 200,1000``. ``--threads``: faiss's threads for every search, exact included (the search task's CPUs).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,22 +89,38 @@ def exact(x: np.ndarray, queries: dict) -> tuple[dict, dict]:
     return truth, ms
 
 
-def approximate(ann, x: np.ndarray, queries: dict, truth: dict, exact_ms: dict, nprobes: list[int]) -> dict:
-    """ms/query and recall@100 of every query set at depths 100 and 1,000, for each nprobe (the last kept)."""
+def approximate(
+    ann, x: np.ndarray, queries: dict, truth: dict, exact_ms: dict, nprobes: list[int], shortlists: list[int]
+) -> dict:
+    """ms/query and recall@100 of every query set at depths 100 and 1,000, for each nprobe and shortlist L (0: the
+    plan's) (the last kept)."""
     last = {}
-    for nprobe in nprobes:
-        for k in (100, 1000):
-            for name, q in queries.items():
-                ann.search(q[:8], x, k, nprobe)  # warm
-                t0 = time.perf_counter()
-                _, rows = ann.search(q, x, k, nprobe)
-                ms = (time.perf_counter() - t0) / len(q) * 1e3
-                last[name] = (ms, recall_at(rows, truth[name]))
-                print(
-                    f"nprobe {nprobe} k {k} {name}: {ms:.2f} ms/query, recall@100 {last[name][1]:.4f}, "
-                    f"{exact_ms[name] / ms:.0f}× faster than exact"
-                )
+    for nprobe, L, k in itertools.product(nprobes, shortlists, (100, 1000)):
+        for name, q in queries.items():
+            ann.search(q[:8], x, k, nprobe, L)  # warm
+            t0 = time.perf_counter()
+            _, rows = ann.search(q, x, k, nprobe, L)
+            ms = (time.perf_counter() - t0) / len(q) * 1e3
+            last[name] = (ms, recall_at(rows, truth[name]))
+            print(
+                f"nprobe {nprobe} L {L or ann.plan.shortlist(k)} k {k} {name}: {ms:.2f} ms/query, "
+                f"recall@100 {last[name][1]:.4f}, {exact_ms[name] / ms:.1f}× faster than exact"
+            )
     return last
+
+
+def root_rows(root: str) -> tuple[np.ndarray, dict]:
+    """An index root's memory-mapped global rows and its real images' rows as ``whole`` queries."""
+    import pandas as pd
+
+    from storage.artifacts import ArtifactRoot
+    from storage.global_index import open_global
+
+    g = open_global(ArtifactRoot(root), "global")
+    images = pd.read_parquet(Path(root) / "images.parquet", columns=["image_id", "file"])
+    real = images.image_id[~images.file.str.startswith("synthetic:")].to_numpy()
+    rows = np.flatnonzero(np.isin(np.asarray(g.ids), real))
+    return g.vectors, {"whole": np.ascontiguousarray(g.vectors[rows], np.float32)}
 
 
 def main() -> None:
@@ -111,14 +134,22 @@ def main() -> None:
     ap.add_argument("--kind", default="auto")
     ap.add_argument("--nprobe", default="", help="comma-separated nprobe values to try (default: the plan's)")
     ap.add_argument("--work", default="/tmp/global-ann-bench")
+    ap.add_argument("--root", help="an index root: its own global rows, its real images as queries")
+    ap.add_argument("--shortlist", default="0", help="comma-separated shortlist lengths L (0: the plan's)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="faiss's threads")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    pool = donors(args.donors, args.dim, rng, args.decay)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    faiss.omp_set_num_threads(args.threads)
     t0 = time.perf_counter()
-    x = database(Path(args.work) / f"x-{args.n}-{args.dim}-{args.donors}-{args.decay}.npy", args.n, pool, 1)
+    if args.root:
+        x, queries = root_rows(args.root)
+        args.n, args.dim = x.shape
+    else:
+        rng = np.random.default_rng(0)
+        pool = donors(args.donors, args.dim, rng, args.decay)
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        x = database(Path(args.work) / f"x-{args.n}-{args.dim}-{args.donors}-{args.decay}.npy", args.n, pool, 1)
+        queries = {"whole": mixes(pool, args.queries, 0.1, rng), "crop": mixes(pool, args.queries, 0.5, rng)}
     print(f"rows: {args.n} × {args.dim} ({x.nbytes / 2**30:.2f} GB) ready in {time.perf_counter() - t0:.1f} s")
-    queries = {"whole": mixes(pool, args.queries, 0.1, rng), "crop": mixes(pool, args.queries, 0.5, rng)}
     truth, exact_ms = exact(x, queries)
     cfg = AnnConfig(kind=args.kind, memory_gb=args.memory_gb)
     p = plan(args.n, args.dim, cfg)
@@ -133,8 +164,9 @@ def main() -> None:
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"build: {build_s:.1f} s, serialised index {blob_gb:.3f} GB, peak RSS {rss_gb:.2f} GB")
     nprobes = [int(v) for v in args.nprobe.split(",") if v] or [p.nprobe]
-    last = approximate(ann, x, queries, truth, exact_ms, nprobes)
-    (mw, rw), (mc, rc) = last["whole"], last["crop"]
+    shortlists = [int(v) for v in args.shortlist.split(",")]
+    last = approximate(ann, x, queries, truth, exact_ms, nprobes, shortlists)
+    (mw, rw), (mc, rc) = last["whole"], last.get("crop", (float("nan"), float("nan")))
     print(
         f"global_ann {args.n}: kind {p.kind} {p.factory}, build_s {build_s:.0f}, ms_whole {mw:.2f}, ms_crop {mc:.2f}, "
         f"recall_whole {rw:.4f}, recall_crop {rc:.4f}, exact_ms {exact_ms['whole']:.1f}"
