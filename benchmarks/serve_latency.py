@@ -8,9 +8,9 @@ views) and indexes it (the tests' small describer: 256 px global, 512 px local; 
 codebook + asmk for ``--method asmk|fused``) under a temporary folder. It starts ``python -m jobs.serve`` (its own
 embedded Ray), waits until it is ready, sends one warm-up request, then runs ``--clients`` closed-loop clients for
 ``--seconds``: each posts ``{"queries": [--batch files], "topk": 100}`` and sends the next request once answered.
-Queries are the index's own images, described from their pixels (the service runs with
-``reuse_database_features=false``, so no query is a look-up of stored features; each is still left out of its
-own ranking). Prints the machine, the counts and one line
+Queries are the index's own real images (never a ``synthetic:`` distractor), described from their pixels (the
+service runs with ``reuse_database_features=false``, so no query is a look-up of stored features; each is still
+left out of its own ranking). Prints the machine, the counts and one line
 
     serve_latency METHOD: clients C, batch B, p50_ms X, p95_ms Y, requests_per_s R, queries_per_s Q, errors E
 
@@ -144,7 +144,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-latency-") as tmp:
         index = a.index or str(build_index(Path(tmp), a.method))
-        files = ArtifactRoot(index).images()["file"].astype(str).tolist()
+        files = [f for f in ArtifactRoot(index).images()["file"].astype(str) if not f.startswith("synthetic:")]
         port = a.port or free_port()
         proc = start_service(index, a.method, port, a.replicas)
         try:

@@ -123,6 +123,7 @@ class QueryEngine:
         from operators.describe import Describer
         from operators.descriptor_config import DescriptorConfig
         from storage.codebook import load_codebook
+        from storage.collection import file_index
         from storage.extraction import recorded_describer
         from storage.global_index import GlobalLookup, open_global
         from storage.whitening import read_whitening
@@ -136,6 +137,7 @@ class QueryEngine:
         self.n_database = max(1, sum(len(g.ids) for g in self.globals))
         self.anns = self._approximate_indexes()
         self.files = self._files()
+        self.by_file = file_index(self.database)  # a query's own database image, found without rescanning 1M files
         self.white = read_whitening(root, "global")
         self.describer: Describer = Describer(
             from_dict(DescriptorConfig, recorded_describer(root, cfg.checkpoint)),
@@ -184,7 +186,7 @@ class QueryEngine:
         table = pd.DataFrame(
             {"image_id": np.arange(len(queries)), "name": queries, "file": queries, "x0": nan, "y0": nan}
         ).assign(x1=nan, y1=nan)
-        table["own"] = self_ids(table, self.database)
+        table["own"] = self_ids(table, self.by_file)
         uncropped = self.cfg.center_crop is None
         table["reuse"] = np.isin(table["own"], self.globals[0].ids) & uncropped & self.reusable
         table["source"] = first_of_same(table)

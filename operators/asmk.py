@@ -33,6 +33,8 @@ from operators.constraints import Count, PosFinite, Similarity
 from operators.state import State
 
 CACHE_BYTES = 4 * 2**20  # search: the score buffer's columns filled at a time (queries × images × 8 B): in cache
+TILE_IMAGES = 16_384  # ... and at most this many images a tile: for a few queries (a service's batch), a tile's
+# norms and buffer rows stay in L2 (1M images, 4 queries: 131,072 → 16,384 a tile, 20-40% faster, /tmp harness)
 
 
 @dataclass
@@ -504,7 +506,7 @@ def _accumulate_numba(
         np.asarray(ivf.offsets, np.int64),
     )
     if ivf.entry_indptr is None:
-        tile = max(256, CACHE_BYTES // (8 * max(nq, 1)))
+        tile = max(256, min(TILE_IMAGES, CACHE_BYTES // (8 * max(nq, 1))))
         rest = (ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc, tile)
         cuts = np.linspace(0, acc.shape[1], max(1, threads) + 1).astype(np.int64)
         with ThreadPoolExecutor(len(cuts) - 1) as pool:  # the kernel releases the GIL: disjoint image ranges

@@ -246,6 +246,15 @@ def test_identical_queries_point_at_their_first():
     assert first_of_same(q).tolist() == [5, 5, 5, 8, 9]
 
 
+def test_a_query_finds_its_own_database_image_by_any_spelling_through_a_prebuilt_index():
+    from storage.collection import file_index, self_ids
+
+    db = pd.DataFrame({"image_id": [10, 11, 12], "file": ["a.jpg", "d/b.jpg", "s3://bucket/c.jpg"]})
+    q = pd.DataFrame({"file": ["./a.jpg", "d/../d/b.jpg", "s3://bucket/c.jpg", "e.jpg"]})
+    assert self_ids(q, db).tolist() == [10, 11, 12, -1]
+    assert self_ids(q, file_index(db)).tolist() == [10, 11, 12, -1]  # the service builds the index once
+
+
 def test_a_root_whose_ids_disagree_with_its_images_is_refused(tmp_path):
     from storage.artifacts import ArtifactRoot
     from storage.errors import ArtifactError
