@@ -9,8 +9,10 @@ random 128-bit codes). Queries: ``--queries`` images of ``--query-entries`` entr
 by the database's word frequencies, random codes; a query's entries with multiple assignment are ~3,000 at
 1,000 features). Both kernels fill the score buffer of all queries at once (one pass over the postings, as the
 search does within its buffer); the buffers must be equal to the last bit. Prints each kernel's seconds and
-ms a query, and the ratio; then the top-k of that buffer (k = ``--topk``) by :func:`operators.asmk._topk` (one
-partition a row) against a stable full argsort of each row, which must give the same columns. Last line:
+ms a query, and the ratio (the tile as the search sizes it, :func:`operators.asmk.tile_images`; ``--cache-mb``
+and ``--max-tile`` override its two bounds); then the top-k of that buffer (k = ``--topk``) by
+:func:`operators.asmk._topk` (one partition a row) against a stable full argsort of each row, which must give the
+same columns. Last line:
 ``asmk kernel: untiled S1 s, tiled S2 s, speed-up R``.
 """
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from operators.asmk import (  # noqa: E402
     CACHE_BYTES,
+    TILE_IMAGES,
     AsmkParams,
     InvertedFile,
     _binary_kernel,
@@ -35,6 +38,7 @@ from operators.asmk import (  # noqa: E402
     _topk,
     image_norms,
     selectivity,
+    tile_images,
 )
 
 
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--query-entries", type=int, default=3000)
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--cache-mb", type=float, default=CACHE_BYTES / 2**20, help="the tiled kernel's buffer columns")
+    ap.add_argument("--max-tile", type=int, default=TILE_IMAGES, help="the tiled kernel's most images a tile")
     a = ap.parse_args()
     if a.root:
         from storage.artifacts import ArtifactRoot
@@ -108,7 +113,7 @@ def main() -> None:
     rest = (ivf.entry_image, ivf.codes.view(np.uint64), table, inv, np.zeros(0))
     small = (bounds[:2], *args[1:])  # compile both on one word first
     _binary_kernel(*small, *rest, np.zeros((a.queries, n_img)))
-    tile = max(256, int(a.cache_mb * 2**20) // (8 * a.queries))
+    tile = tile_images(a.queries, int(a.cache_mb * 2**20), a.max_tile)
     _binary_kernel_tiled(*small, *rest, np.zeros((a.queries, n_img)), tile, 0, n_img)
     seconds = {}
     for name, fn, extra in (

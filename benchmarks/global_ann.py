@@ -111,14 +111,13 @@ def approximate(
 
 def root_rows(root: str) -> tuple[np.ndarray, dict]:
     """An index root's memory-mapped global rows and its real images' rows as ``whole`` queries."""
-    import pandas as pd
-
     from storage.artifacts import ArtifactRoot
+    from storage.collection import is_synthetic
     from storage.global_index import open_global
 
     g = open_global(ArtifactRoot(root), "global")
-    images = pd.read_parquet(Path(root) / "images.parquet", columns=["image_id", "file"])
-    real = images.image_id[~images.file.str.startswith("synthetic:")].to_numpy()
+    images = ArtifactRoot(root).images()
+    real = images["image_id"][~is_synthetic(images["file"])].to_numpy()
     rows = np.flatnonzero(np.isin(np.asarray(g.ids), real))
     return g.vectors, {"whole": np.ascontiguousarray(g.vectors[rows], np.float32)}
 

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from storage.artifacts import ArtifactRoot  # noqa: E402
+from storage.collection import is_synthetic  # noqa: E402
 
 SMALL = ["describe.global_max_side=256", "describe.max_side=512", "describe.sift_n=300", "shard_size=8"]
 
@@ -144,7 +145,8 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-latency-") as tmp:
         index = a.index or str(build_index(Path(tmp), a.method))
-        files = [f for f in ArtifactRoot(index).images()["file"].astype(str) if not f.startswith("synthetic:")]
+        files = ArtifactRoot(index).images()["file"].astype(str)
+        files = files[~is_synthetic(files)].tolist()
         port = a.port or free_port()
         proc = start_service(index, a.method, port, a.replicas)
         try:

@@ -506,7 +506,7 @@ def _accumulate_numba(
         np.asarray(ivf.offsets, np.int64),
     )
     if ivf.entry_indptr is None:
-        tile = max(256, min(TILE_IMAGES, CACHE_BYTES // (8 * max(nq, 1))))
+        tile = tile_images(nq)
         rest = (ivf.entry_image, ivf.codes.view(np.uint64), table, inv_sqrt_norm, weight, acc, tile)
         cuts = np.linspace(0, acc.shape[1], max(1, threads) + 1).astype(np.int64)
         with ThreadPoolExecutor(len(cuts) - 1) as pool:  # the kernel releases the GIL: disjoint image ranges
@@ -525,6 +525,12 @@ def _accumulate_numba(
     return acc
 
 
+def tile_images(nq: int, cache_bytes: int = CACHE_BYTES, most: int = TILE_IMAGES) -> int:
+    """Images a tile of the tiled kernel covers for ``nq`` queries: its buffer (tile × nq × 8 B) within
+    ``cache_bytes``, at most ``most`` images, at least 256."""
+    return max(256, min(most, cache_bytes // (8 * max(nq, 1))))
+
+
 def _lanes(codes: np.ndarray, contiguous: bool = True) -> list[np.ndarray]:
     """Columns of packed codes as 64-bit words when the width allows (else bytes)."""
     view = codes.view(np.uint64) if codes.shape[1] % 8 == 0 else codes
@@ -539,9 +545,7 @@ def _topk(acc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = acc.shape[1]
     k = min(k, n)
     scores, idx = np.full((len(acc), k), -np.inf), np.full((len(acc), k), -1, np.int64)
-    for r, row in enumerate(acc):
-        if k == 0:
-            break
+    for r, row in enumerate(acc if k else []):
         if k < n:
             t = np.partition(row, n - k)[n - k]
             above = np.flatnonzero(row > t)
