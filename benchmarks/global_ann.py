@@ -124,7 +124,7 @@ def root_rows(root: str) -> tuple[np.ndarray, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--n", type=int, help="rows (synthetic; required without --root)")
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--donors", type=int, default=1000)
     ap.add_argument("--decay", type=float, default=1.0, help="donor variances decay as j^-decay")
@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--shortlist", default="0", help="comma-separated shortlist lengths L (0: the plan's)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="faiss's threads")
     args = ap.parse_args()
+    if not (args.root or args.n):
+        ap.error("--n is required without --root")
     faiss.omp_set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.root:

@@ -49,14 +49,14 @@ class AnnConfig:
 
     kind: Kind = "auto"  # auto: exact below ``exact_below`` rows, else the most faithful IVF that fits the budget
     memory_gb: PosFinite = 0.5  # RAM for the index's codes and ids (the float32 matrix stays memory-mapped)
-    exact_below: NonNegInt = 1_500_000  # auto: brute force below (24 ms/query at 1M, 2 threads; IVF recall@100 on
-    # the real 1M root 0.78-0.89 at 8-9 ms, 0.91 at 26: docs/results.md "Global search at scale")
+    exact_below: NonNegInt = 1_500_000  # auto: brute force below (24-31 ms/query at 1M, 2 threads; recall@100 on
+    # the real 1M root: PCA512 IVF-SQ8 0.78-0.91, full-dim IVF-SQ8 0.946 at 9 ms, 0.989 at 20: docs/results.md)
     pca_dim: NonNegInt = 0  # PCA dimensions of sq8 / pq codes (0: D for sq8 when it fits, else the largest fitting)
     pq_bytes: NonNegInt = 0  # ivf-pq: bytes (sub-quantisers) per row (0: the most that fit, at most dim / 2)
     nlist: NonNegInt = 0  # coarse cells (0: 4·√n)
     default_nprobe: NonNegInt = 0  # cells visited per query, the search default (0: max(16, nlist / 64))
     rescore: PosFinite = 1.0  # shortlist re-scored exactly: L = ⌈rescore · k⌉ rows (at least k + 1)
-    min_shortlist: Count = 1000  # ... and at least this many rows (200: recall@100 0.78 on the 1M root, 1,000: 0.89)
+    min_shortlist: Count = 1000  # ... and at least this many rows (behind PCA512, 1M root: 200 → 0.78, 1,000 → 0.89)
     train_per_list: Count = 39  # training rows per cell (faiss's minimum without a warning)
     niter: Count = 10  # k-means iterations (the cells need to be compact, not converged)
     seed: Seed = 0

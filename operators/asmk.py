@@ -34,7 +34,7 @@ from operators.state import State
 
 CACHE_BYTES = 4 * 2**20  # search: the score buffer's columns filled at a time (queries × images × 8 B): in cache
 TILE_IMAGES = 16_384  # ... and at most this many images a tile: for a few queries (a service's batch), a tile's
-# norms and buffer rows stay in L2 (1M images, 4 queries: 131,072 → 16,384 a tile, 20-40% faster, /tmp harness)
+# norms and buffer rows stay in L2 (1M images, 4 queries: 131,072 → 16,384 a tile, 3.73 → 2.47 s, asmk_kernel.py)
 
 
 @dataclass
